@@ -1,0 +1,7 @@
+"""Activation store: token activations written once in shards, read sequentially."""
+from .format import FORMAT, FORMAT_VERSION
+from .importer import import_embeddings
+from .reader import ActivationStore
+from .writer import ExtractConfig, ExtractResult, extract
+
+__all__ = ["ActivationStore", "ExtractConfig", "ExtractResult", "extract", "import_embeddings", "FORMAT", "FORMAT_VERSION"]

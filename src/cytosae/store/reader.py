@@ -1,0 +1,130 @@
+"""Sequential, bounded-memory reading of an activation store."""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator, Literal
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+
+from .format import IMAGES, read_manifest
+
+TokenSelection = Literal["all", "cls", "patch"]
+
+
+class ActivationStore:
+    """Read-only view of a store written by `extract` or `import_embeddings`.
+
+    Shards are memory-mapped by safetensors and read a slice at a time, so memory
+    stays bounded by the batch size whatever the store's size.
+    """
+
+    def __init__(self, path: str | Path, allow_incomplete: bool = False) -> None:
+        self.path = Path(path)
+        self.meta = read_manifest(self.path)
+        if not self.meta.get("complete") and not allow_incomplete:
+            raise ValueError(
+                f"store {self.path} is incomplete (an extraction was interrupted). "
+                "Run the same `cytosae extract` command again to finish it."
+            )
+        self._shards = [s for s in self.meta["shards"] if s.get("file")]
+        for s in self._shards:
+            if not (self.path / s["file"]).is_file():
+                raise FileNotFoundError(f"{self.path / s['file']} is listed in {self.path}/manifest.json but missing")
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def n_images(self) -> int:
+        return sum(s["n_images"] for s in self._shards)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.meta["n_tokens"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.meta["d_model"])
+
+    @property
+    def grid(self) -> int | None:
+        return self.meta.get("grid")
+
+    @property
+    def has_cls(self) -> bool:
+        return bool(self.meta.get("has_cls", True))
+
+    @cached_property
+    def image_ids(self) -> list[str]:
+        return [i for s in self._shards for i in s["image_ids"]]
+
+    @cached_property
+    def images(self) -> pd.DataFrame:
+        """The data manifest rows of the stored images, in store order."""
+        path = self.path / IMAGES
+        if path.is_file():
+            return pd.read_parquet(path)
+        return pd.DataFrame({"image_id": self.image_ids})
+
+    @cached_property
+    def _index(self) -> dict[str, tuple[str, int]]:
+        return {img: (s["file"], j) for s in self._shards for j, img in enumerate(s["image_ids"])}
+
+    def __len__(self) -> int:
+        return self.n_images
+
+    def __repr__(self) -> str:
+        s = self.meta.get("settings", {})
+        return (f"ActivationStore({str(self.path)!r}, images={self.n_images}, tokens={self.n_tokens}, "
+                f"d_model={self.d_model}, backbone={s.get('backbone')!r}, layer={s.get('layer')})")
+
+    # ------------------------------------------------------------------ reading
+    def _token_slice(self, tokens: TokenSelection) -> slice:
+        if tokens == "all":
+            return slice(None)
+        if tokens == "cls":
+            if not self.has_cls:
+                raise ValueError(f"store {self.path} has no CLS token; use tokens='all'")
+            return slice(0, 1)
+        if tokens == "patch":
+            return slice(1 if self.has_cls else 0, None)
+        raise ValueError(f"tokens must be 'all', 'cls' or 'patch', got {tokens!r}")
+
+    def iter_images(self, batch_size: int = 32, tokens: TokenSelection = "all") -> Iterator[tuple[list[str], torch.Tensor]]:
+        """Yield (image_ids, float32 tensor (b, n_selected_tokens, d_model)) in store order."""
+        sel = self._token_slice(tokens)
+        for s in self._shards:
+            with safe_open(self.path / s["file"], framework="pt") as fh:
+                view = fh.get_slice("tokens")
+                for start in range(0, s["n_images"], batch_size):
+                    stop = min(start + batch_size, s["n_images"])
+                    block = view[start:stop][:, sel].to(torch.float32)
+                    yield s["image_ids"][start:stop], block
+
+    def iter_tokens(self, tokens: TokenSelection = "all", batch_size: int = 4096) -> Iterator[torch.Tensor]:
+        """Yield float32 (batch_size, d_model) token rows in store order (the last batch may be smaller)."""
+        per_image = len(range(self.n_tokens)[self._token_slice(tokens)])
+        images_per_read = max(1, batch_size // per_image)
+        pending: list[torch.Tensor] = []
+        n_pending = 0
+        for _, block in self.iter_images(batch_size=images_per_read, tokens=tokens):
+            rows = block.reshape(-1, self.d_model)
+            pending.append(rows)
+            n_pending += rows.shape[0]
+            while n_pending >= batch_size:
+                flat = torch.cat(pending)
+                yield flat[:batch_size]
+                rest = flat[batch_size:]
+                pending, n_pending = ([rest] if rest.shape[0] else []), rest.shape[0]
+        if n_pending:
+            yield torch.cat(pending)
+
+    def get_image(self, image_id: str) -> torch.Tensor:
+        """(n_tokens, d_model) float32 tokens of one image."""
+        try:
+            file, row = self._index[image_id]
+        except KeyError:
+            raise KeyError(f"image {image_id!r} is not in store {self.path}") from None
+        with safe_open(self.path / file, framework="pt") as fh:
+            return fh.get_slice("tokens")[row:row + 1][0].to(torch.float32)

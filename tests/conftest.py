@@ -1,0 +1,19 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+
+# Two cores: one intra-op thread per test process keeps timings predictable when pytest runs beside other work.
+torch.set_num_threads(int(os.environ.get("CYTOSAE_TEST_THREADS", "2")))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real images beside the repo (../shared/data); tests using them skip when it is absent."""
+    if not (SHARED_DATA / "acevedo" / "manifest.csv").is_file():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
