@@ -81,7 +81,7 @@ def import_embeddings(
     shards = []
     for index, start in enumerate(range(0, n, shard_size)):
         stop = min(start + shard_size, n)
-        block = torch.from_numpy(np.ascontiguousarray(arr[start:stop])).to(getattr(torch, dtype))
+        block = torch.from_numpy(np.array(arr[start:stop], copy=True)).to(getattr(torch, dtype))
         if not torch.isfinite(block).all():
             bad = start + int((~torch.isfinite(block)).flatten(1).any(1).nonzero()[0, 0])
             raise ValueError(f"{array_path}: row {bad} ({ids[bad]}) holds NaN or inf after conversion to {dtype}")

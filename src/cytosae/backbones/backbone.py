@@ -1,0 +1,85 @@
+"""A ViT backbone that returns the residual stream after a chosen block."""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+
+from .loading import load_into, read_state_dict, sha256_file, to_timm_keys
+
+log = logging.getLogger(__name__)
+
+# DinoBloom = DINOv2 ViT/14 fine-tuned on blood cells at 224 px (1 CLS + 16x16 patch tokens).
+DINOBLOOM = {
+    "dinobloom-s": "vit_small_patch14_dinov2",
+    "dinobloom-b": "vit_base_patch14_dinov2",
+    "dinobloom-l": "vit_large_patch14_dinov2",
+    "dinobloom-g": "vit_giant_patch14_dinov2",
+}
+
+
+class Backbone:
+    def __init__(self, name: str, model: torch.nn.Module, weights_sha256: str | None, resize: str = "squash") -> None:
+        from cytosae.data import Preprocess
+
+        self.name = name
+        self.model = model.eval()
+        self.weights_sha256 = weights_sha256
+        self.random_weights = weights_sha256 is None
+        self.embed_dim = int(model.embed_dim)
+        self.n_blocks = len(model.blocks)
+        size = model.patch_embed.img_size[0]
+        self.grid = model.patch_embed.grid_size[0]
+        self.n_prefix = int(getattr(model, "num_prefix_tokens", 1))
+        self.n_tokens = self.n_prefix + self.grid * self.grid
+        self.preprocess_config = Preprocess(size=size, resize=resize)
+
+    def preprocess(self, pil_image) -> torch.Tensor:
+        return self.preprocess_config(pil_image)
+
+    def tokens(self, x: torch.Tensor, layer: int = -2) -> torch.Tensor:
+        """(B, n_tokens, D) residual stream after block `layer` (before the final norm), CLS first."""
+        if not -self.n_blocks <= layer < self.n_blocks:
+            raise ValueError(f"layer {layer} out of range for {self.name} with {self.n_blocks} blocks "
+                             f"(valid {-self.n_blocks}..{self.n_blocks - 1})")
+        last = layer % self.n_blocks
+        m = self.model
+        with torch.inference_mode():
+            h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+            for blk in m.blocks[: last + 1]:  # later blocks would be wasted compute
+                h = blk(h)
+        return h.float()
+
+    def __repr__(self) -> str:
+        w = "RANDOM weights" if self.random_weights else f"weights sha256 {self.weights_sha256[:12]}"
+        return f"Backbone({self.name}, {self.n_blocks} blocks, d={self.embed_dim}, {self.n_tokens} tokens, {w})"
+
+
+def load_backbone(name: str, weights: str | Path | None = None, device: str = "cpu", resize: str = "squash",
+                  **timm_kwargs) -> Backbone:
+    """`dinobloom-s|b|l|g` or any timm ViT name, with weights from a file (or random, with a warning)."""
+    arch = DINOBLOOM.get(name, name)
+    kwargs = {"img_size": 224, "num_classes": 0, **timm_kwargs}
+    if name in DINOBLOOM:
+        kwargs.setdefault("init_values", 1.0)  # LayerScale is present in every DINOv2 checkpoint
+    try:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown backbone {name!r}: use dinobloom-s|b|l|g or a timm ViT name ({exc})") from exc
+    if not hasattr(model, "blocks") or not hasattr(model, "_pos_embed"):
+        raise ValueError(f"{name!r} is not a timm VisionTransformer; cytosae reads tokens from ViT blocks")
+    sha = None
+    if weights is not None:
+        path = Path(weights)
+        sd = to_timm_keys(read_state_dict(path), model.patch_embed.grid_size[0])
+        load_into(model, sd, path, arch)
+        sha = sha256_file(path)
+    else:
+        msg = (f"{name}: no weights given, using RANDOM weights; activations and concepts will mean nothing "
+               "about blood cells. Pass weights=PATH.")
+        warnings.warn(msg, stacklevel=2)
+        log.warning(msg)
+    return Backbone(name, model.to(device), sha, resize=resize)

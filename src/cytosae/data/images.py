@@ -1,0 +1,161 @@
+"""Decoding blood-cell images to RGB and preprocessing them for a ViT.
+
+Every image type a slide scanner or a dataset may hand us (grayscale, palette,
+RGBA, CMYK, 16-bit TIFF) becomes 8-bit RGB. Anything that cannot be decoded
+raises `ImageDecodeError` so a caller can record it and move on.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_POLICIES = ("squash", "pad", "crop")
+
+
+class ImageDecodeError(Exception):
+    def __init__(self, path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit microscopy TIFFs rarely use the full range; stretching by the image's own
+        # min..max keeps the contrast visible instead of an almost black picture.
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
+        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Smear backgrounds are bright; compositing on white keeps transparent margins background-like.
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Fully decode `path` to 8-bit RGB, or raise ImageDecodeError saying why."""
+    p = Path(path)
+    try:
+        if p.stat().st_size == 0:
+            raise ImageDecodeError(p, "zero-byte file")
+        with Image.open(p) as img:
+            img.load()  # force full decode so truncated files fail here, not later
+            return _to_rgb(img).copy()
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError(p, "file not found") from None
+    except PermissionError:
+        raise ImageDecodeError(p, "permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(p, "not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(p, f"corrupt or truncated image ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """PIL RGB -> normalised float tensor (3, size, size).
+
+    squash: resize to size x size ignoring aspect ratio (CytoSAE's choice; cells stay whole).
+    pad:    fit the longer side, pad with white (a smear's background) to a square.
+    crop:   fit the shorter side, centre crop (may cut the cell's edge).
+    All resizing is bicubic with PIL's antialiasing.
+    """
+
+    size: int = 224
+    resize: str = "squash"
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
+    std: tuple[float, float, float] = field(default=IMAGENET_STD)
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+
+    def resize_image(self, img: Image.Image) -> Image.Image:
+        s = self.size
+        if self.resize == "squash":
+            return img.resize((s, s), Image.BICUBIC)
+        w, h = img.size
+        if self.resize == "pad":
+            scale = s / max(w, h)
+            inner = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+            canvas = Image.new("RGB", (s, s), (255, 255, 255))
+            canvas.paste(inner, ((s - inner.width) // 2, (s - inner.height) // 2))
+            return canvas
+        scale = s / min(w, h)
+        big = img.resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.BICUBIC)
+        left, top = (big.width - s) // 2, (big.height - s) // 2
+        return big.crop((left, top, left + s, top + s))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        arr = np.asarray(self.resize_image(img.convert("RGB")), dtype=np.float32) / 255.0
+        x = torch.from_numpy(arr).permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+        return ((x - mean) / std).contiguous()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(size=int(d["size"]), resize=d["resize"], mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+
+class ImageDataset(Dataset):
+    """Manifest rows -> (row index, tensor or None, reason or None); a bad image never raises."""
+
+    def __init__(self, manifest, preprocess: Preprocess) -> None:
+        self.paths = list(manifest["path"])
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocess(open_rgb(self.paths[i])), None
+        except ImageDecodeError as exc:
+            return i, None, exc.reason
+
+
+def collate_skipping(items: Sequence[tuple]):
+    good = [(i, x) for i, x, _ in items if x is not None]
+    skipped = [(i, reason) for i, x, reason in items if x is None]
+    if good:
+        images = torch.stack([x for _, x in good])
+    else:
+        images = torch.zeros((0, 3, 1, 1))
+    return torch.tensor([i for i, _ in good], dtype=torch.long), images, skipped
+
+
+def write_skipped_csv(path: str | os.PathLike, rows: Sequence[tuple[str, str]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "reason"])
+    w.writerows(rows)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(buf.getvalue())
+    os.replace(tmp, path)

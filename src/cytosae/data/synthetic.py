@@ -1,0 +1,117 @@
+"""A built-in synthetic sample: single-cell images with known generating factors.
+
+Each cell is drawn from its class's factor values (nucleus shape and lobes,
+granule colour and density, cytoplasm colour, size) with per-cell variation;
+patients differ in class mix by diagnosis. The factors are written to the
+manifest, so they are ground truth for checking what SAE latents found.
+Every image has its own RNG seeded by (seed, index): deterministic and order-free.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+GRANULE_RGB = {"none": None, "pink": (225, 120, 160), "orange": (230, 90, 30), "purple": (70, 30, 120)}
+CYTOPLASM_RGB = {"pale": (235, 215, 225), "blue": (150, 170, 220), "grey": (190, 185, 200)}
+
+
+@dataclass(frozen=True)
+class CellClass:
+    name: str
+    nucleus_shape: str  # round | kidney | lobed
+    lobes: int
+    granule_colour: str
+    granule_density: float  # granules per 100 px^2 of cytoplasm
+    cytoplasm_colour: str
+    size_px: int  # cell radius at 224 px
+
+
+CLASSES = (
+    CellClass("neutrophil", "lobed", 3, "pink", 0.6, "pale", 52),
+    CellClass("eosinophil", "lobed", 2, "orange", 2.0, "pale", 56),
+    CellClass("lymphocyte", "round", 1, "none", 0.0, "blue", 36),
+    CellClass("monocyte", "kidney", 1, "none", 0.0, "grey", 66),
+    CellClass("blast", "round", 1, "none", 0.0, "blue", 58),
+    CellClass("promyelocyte", "round", 1, "purple", 2.5, "pale", 64),
+)
+# Class mix per diagnosis: APL-like samples are dominated by granular promyelocytes.
+DIAGNOSES = {
+    "APL": (0.15, 0.05, 0.1, 0.05, 0.15, 0.5),
+    "AML": (0.15, 0.05, 0.15, 0.1, 0.5, 0.05),
+}
+FACTORS = ("nucleus_shape", "lobes", "granule_colour", "granule_density", "cytoplasm_colour", "size_px")
+
+
+def _draw_cell(cls: CellClass, rng: np.random.Generator, size: int) -> tuple[Image.Image, dict]:
+    s = size / 224
+    img = Image.new("RGB", (size, size), (238, 214, 222))
+    d = ImageDraw.Draw(img)
+    cx, cy = size / 2 + rng.normal(0, 4 * s), size / 2 + rng.normal(0, 4 * s)
+    r = cls.size_px * s * rng.uniform(0.92, 1.08)
+    cyto = np.array(CYTOPLASM_RGB[cls.cytoplasm_colour]) + rng.integers(-8, 9, 3)
+    d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in cyto), outline=(170, 140, 170))
+    nuc = (80 + int(rng.integers(-10, 10)), 40, 120 + int(rng.integers(-10, 10)))
+    if cls.nucleus_shape == "round":
+        nr = r * rng.uniform(0.62, 0.72)
+        d.ellipse([cx - nr, cy - nr, cx + nr, cy + nr], fill=nuc)
+    elif cls.nucleus_shape == "kidney":
+        nr = r * 0.55
+        d.ellipse([cx - nr, cy - nr * 0.8, cx + nr, cy + nr * 0.8], fill=nuc)
+        d.ellipse([cx - nr * 0.4, cy - nr * 0.2 - nr * 0.9, cx + nr * 0.4, cy - nr * 0.2], fill=tuple(cyto.astype(int)))
+    else:  # lobed: lobes on an arc joined by thin strands
+        angle0 = rng.uniform(0, 2 * np.pi)
+        pts = []
+        for j in range(cls.lobes):
+            a = angle0 + j * 2 * np.pi / (cls.lobes + 1.5)
+            pts.append((cx + 0.45 * r * np.cos(a), cy + 0.45 * r * np.sin(a)))
+        for p, q in zip(pts, pts[1:]):
+            d.line([p, q], fill=nuc, width=max(2, int(4 * s)))
+        lr = r * 0.28
+        for x, y in pts:
+            d.ellipse([x - lr, y - lr, x + lr, y + lr], fill=nuc)
+    if cls.granule_colour != "none":
+        n = int(cls.granule_density * np.pi * r * r / 100 * rng.uniform(0.8, 1.2))
+        g = np.array(GRANULE_RGB[cls.granule_colour])
+        gr = max(1.0, 1.6 * s)
+        for _ in range(n):
+            rho, th = r * np.sqrt(rng.uniform(0, 0.9)), rng.uniform(0, 2 * np.pi)
+            x, y = cx + rho * np.cos(th), cy + rho * np.sin(th)
+            col = tuple(int(v) for v in np.clip(g + rng.integers(-15, 16, 3), 0, 255))
+            d.ellipse([x - gr, y - gr, x + gr, y + gr], fill=col)
+    img = img.filter(ImageFilter.GaussianBlur(0.6 * s))
+    factors = {"nucleus_shape": cls.nucleus_shape, "lobes": cls.lobes, "granule_colour": cls.granule_colour,
+               "granule_density": cls.granule_density, "cytoplasm_colour": cls.cytoplasm_colour,
+               "size_px": cls.size_px}
+    return img, factors
+
+
+def make_sample(out_dir: str | Path, seed: int = 0, n_patients: int = 12, cells_per_patient: int = 24,
+                size: int = 224) -> Path:
+    """Draw the sample into `out_dir` (images, manifest.csv, patients.csv); returns the manifest path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    diagnoses = list(DIAGNOSES)
+    rows, patients = [], []
+    for p in range(n_patients):
+        pid = f"P{p:03d}"
+        dx = diagnoses[p % len(diagnoses)]
+        patients.append({"patient_id": pid, "diagnosis": dx})
+        (out / pid).mkdir(exist_ok=True)
+        for c in range(cells_per_patient):
+            index = p * cells_per_patient + c
+            rng = np.random.default_rng([seed, index])
+            cls = CLASSES[int(rng.choice(len(CLASSES), p=DIAGNOSES[dx]))]
+            img, factors = _draw_cell(cls, rng, size)
+            rel = f"{pid}/cell_{c:03d}.png"
+            img.save(out / rel, optimize=False)
+            rows.append({"path": rel, "label": cls.name, "patient_id": pid, "diagnosis": dx, **factors})
+    for name, table in (("manifest.csv", rows), ("patients.csv", patients)):
+        with open(out / name, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(table[0]))
+            w.writeheader()
+            w.writerows(table)
+    return out / "manifest.csv"
