@@ -1,0 +1,120 @@
+"""Sparse kernels for the TopK family: only the selected latents cost anything.
+
+The encoder pre-activations must be computed densely (to pick the top k), but
+the backward pass through the encoder and the whole decoder only involve the
+M = N*k selected (token, latent) pairs. Dense autograd would instead run two
+more (N, n_latents) x (n_latents, d) matmuls and materialise (N, n) gradients.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# rows per chunk when forming (M, d) outer products, bounding peak memory
+_CHUNK_PAIRS = 1 << 16
+
+
+class SparseEncoderGather(torch.autograd.Function):
+    """vals[m] = (x_c @ W_enc + b_enc)[rows[m], cols[m]], with sparse gradients.
+
+    `pre_vals` are the already computed values (the dense pre-activations were
+    needed to select the pairs), so forward does no work.
+    """
+
+    @staticmethod
+    def forward(ctx, x_c, w_enc, b_enc, rows, cols, pre_vals):
+        ctx.save_for_backward(x_c, w_enc, rows, cols)
+        ctx.n_latents = b_enc.shape[0]
+        return pre_vals.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x_c, w_enc, rows, cols = ctx.saved_tensors
+        n, d = ctx.n_latents, x_c.shape[1]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        if ctx.needs_input_grad[1]:
+            grad_wt = torch.zeros(n, d, dtype=g.dtype, device=g.device)
+            for s in range(0, rows.numel(), _CHUNK_PAIRS):
+                r, c, gg = rows[s:s + _CHUNK_PAIRS], cols[s:s + _CHUNK_PAIRS], g[s:s + _CHUNK_PAIRS]
+                grad_wt.index_add_(0, c, x_c.index_select(0, r).mul_(gg[:, None]))
+            grad_w = grad_wt.t()
+        if ctx.needs_input_grad[0]:
+            w_t = w_enc.t().contiguous()
+            grad_x = torch.zeros_like(x_c)
+            for s in range(0, rows.numel(), _CHUNK_PAIRS):
+                r, c, gg = rows[s:s + _CHUNK_PAIRS], cols[s:s + _CHUNK_PAIRS], g[s:s + _CHUNK_PAIRS]
+                grad_x.index_add_(0, r, w_t.index_select(0, c).mul_(gg[:, None]))
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def sparse_decode(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, w_dec: torch.Tensor,
+                  n_rows: int) -> torch.Tensor:
+    """sum_m vals[m] * W_dec[cols[m]] into row rows[m]; `rows` must be sorted ascending."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    offsets = torch.zeros(n_rows, dtype=torch.long, device=rows.device)
+    offsets[1:] = torch.cumsum(counts, 0)[:-1]
+    return F.embedding_bag(cols, w_dec, offsets, mode="sum", per_sample_weights=vals,
+                           include_last_offset=False)
+
+
+class JumpReLUFn(torch.autograd.Function):
+    """z * H(z - theta); d/dtheta by a rectangle-kernel straight-through estimator (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = g * (pre > threshold)
+        kernel = ((pre - threshold).abs() < eps / 2).to(g.dtype) / eps
+        grad_thr = (-(threshold / 1.0) * kernel * g).sum(0)
+        return grad_pre, grad_thr, None
+
+
+class StepFn(torch.autograd.Function):
+    """H(z - theta) with the same estimator; used for the L0 penalty."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel = ((pre - threshold).abs() < eps / 2).to(g.dtype) / eps
+        return torch.zeros_like(pre), (-kernel * g).sum(0), None
+
+
+class EncoderLinear(torch.autograd.Function):
+    """(x - b_dec) @ W_enc + b_enc without a gradient for x.
+
+    Autograd would compute d/d(x - b_dec) = g @ W_enc^T, a full (N, n) x (n, d) matmul, only
+    to sum it over tokens for b_dec. Summing g first makes that a vector-matrix product:
+    one of the six big matmuls of a dense step disappears.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, w_enc, b_enc):
+        x_c = x - b_dec
+        ctx.save_for_backward(x_c, w_enc)
+        return torch.addmm(b_enc, x_c, w_enc)
+
+    @staticmethod
+    def backward(ctx, g):
+        x_c, w_enc = ctx.saved_tensors
+        g_sum = g.sum(0)
+        grad_w = x_c.t() @ g if ctx.needs_input_grad[2] else None
+        grad_b_dec = -(w_enc @ g_sum) if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[0]:
+            raise RuntimeError("EncoderLinear does not propagate gradients to the SAE input")
+        return None, grad_b_dec, grad_w, g_sum

@@ -1,0 +1,343 @@
+"""The SAE: five architectures behind one interface (encode, decode, forward, save, load).
+
+Parameters live in the *normalised* space (x * input_scale); encode() takes raw
+store units and decode() returns raw units, so users never see the scale.
+Layout follows CytoSAE: W_enc (d_in, n_latents), W_dec (n_latents, d_in), unit-norm decoder rows.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .config import FORMAT_VERSION, SAEConfig
+from .kernels import EncoderLinear, JumpReLUFn, SparseEncoderGather, StepFn, sparse_decode
+
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+
+
+@dataclass
+class SAEOutput:
+    """Result of SAE.forward on raw inputs. Loss terms are in normalised units."""
+    recon: torch.Tensor             # (N, d_in), raw units
+    loss: torch.Tensor              # scalar total training loss
+    mse: torch.Tensor               # reconstruction term as optimised (see docs/sae.md per architecture)
+    sparsity: torch.Tensor          # l1 (relu-l1) or l0 (jumprelu) penalty term, already multiplied by its coefficient
+    aux: torch.Tensor               # ghost-grad (relu-l1) or AuxK (topk family) term, weighted
+    fvu: torch.Tensor               # ||x - x_hat||^2 / ||x - mean(x)||^2 over the batch (detached)
+    l0: torch.Tensor                # mean active latents per token (detached)
+    fired: torch.Tensor             # (n_latents,) bool: latent fired on this batch
+    _dense: torch.Tensor | None = None
+    _sparse: tuple | None = None    # (rows, cols, vals, n_rows)
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """(N, n_latents) activations; built on demand from the sparse form for the TopK family."""
+        if self._dense is None:
+            rows, cols, vals, n_rows, n = self._sparse
+            z = torch.zeros(n_rows, n, dtype=vals.dtype, device=vals.device)
+            z[rows, cols] = vals
+            self._dense = z
+        return self._dense
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def _atomic_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+class SAE(nn.Module):
+    def __init__(self, cfg: SAEConfig, seed: int | None = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, n = cfg.d_in, cfg.n_latents
+        gen = torch.Generator().manual_seed(seed if seed is not None else 0)
+        # HugoFry/CytoSAE init: kaiming-uniform encoder and decoder, decoder rows scaled to unit norm.
+        w_dec = torch.empty(n, d)
+        w_enc = torch.empty(d, n)
+        bound_dec = 1.0 / math.sqrt(d)
+        w_dec.uniform_(-bound_dec, bound_dec, generator=gen)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        if cfg.arch == "relu-l1":
+            w_enc.uniform_(-1.0 / math.sqrt(n), 1.0 / math.sqrt(n), generator=gen)
+            w_enc.mul_(math.sqrt(n / d))  # kaiming-uniform on fan_in = d_in
+        else:
+            w_enc.copy_(w_dec.t())  # Gao et al.: encoder initialised as the decoder transpose
+        self.W_enc = nn.Parameter(w_enc)
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(w_dec)
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("input_scale", torch.ones(()))
+        if cfg.arch == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((n,), math.log(cfg.jumprelu_init_threshold)))
+        if cfg.arch in ("batchtopk", "matryoshka"):
+            # running estimate of the smallest activation BatchTopK keeps: the inference (JumpReLU) threshold
+            self.register_buffer("threshold", torch.zeros(()))
+
+    # ------------------------------------------------------------------ raw-unit interface
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d_in) raw store units -> (N, n_latents) latent activations (inference semantics)."""
+        self._check_input(x)
+        pre = self._pre(x.float() * self.input_scale)
+        arch = self.cfg.arch
+        if arch == "relu-l1":
+            return F.relu(pre)
+        if arch == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=1)
+            return torch.zeros_like(pre).scatter_(1, idx, F.relu(vals))
+        if arch == "jumprelu":
+            return pre * (pre > self.log_threshold.exp())
+        if self.training:  # batchtopk / matryoshka during training: top k*N over the batch
+            return self._batch_topk_dense(pre)
+        return pre * (pre > self.threshold)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, n_latents) -> (N, d_in) reconstruction in raw store units."""
+        return (z @ self.W_dec + self.b_dec) / self.input_scale
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        """Reconstruct raw inputs and compute the training loss terms."""
+        self._check_input(x)
+        xn = x.float() * self.input_scale
+        out = self._forward_normalised(xn)
+        out.recon = out.recon / self.input_scale
+        return out
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x).loss
+
+    # ------------------------------------------------------------------ internals
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.cfg.d_in:
+            raise ValueError(f"SAE expects (N, {self.cfg.d_in}) inputs, got shape {tuple(x.shape)}")
+
+    def _pre(self, xn: torch.Tensor) -> torch.Tensor:
+        if xn.requires_grad or not torch.is_grad_enabled():
+            return torch.addmm(self.b_enc, xn - self.b_dec, self.W_enc)
+        return EncoderLinear.apply(xn, self.b_dec, self.W_enc, self.b_enc)
+
+    def _batch_topk_dense(self, pre: torch.Tensor) -> torch.Tensor:
+        flat = F.relu(pre).flatten()
+        vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()))
+        return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
+
+    def _forward_normalised(self, x: torch.Tensor) -> SAEOutput:
+        arch = self.cfg.arch
+        if arch == "relu-l1":
+            return self._forward_relu_l1(x)
+        if arch == "jumprelu":
+            return self._forward_jumprelu(x)
+        return self._forward_topk_family(x)
+
+    @staticmethod
+    def _fvu(x, x_hat):
+        with torch.no_grad():
+            return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+    def _forward_relu_l1(self, x: torch.Tensor) -> SAEOutput:
+        # HugoFry sae_training / CytoSAE loss, term by term (docs/sae.md).
+        pre = self._pre(x)
+        z = F.relu(pre)
+        x_hat = torch.addmm(self.b_dec, z, self.W_dec)
+        x_norm = (x - x.mean(0, keepdim=True)).pow(2).sum(-1, keepdim=True).sqrt()
+        mse_el = (x_hat - x).pow(2) / x_norm
+        mse = mse_el.mean()
+        l1 = self.cfg.l1_coeff * z.sum() / z.shape[0]  # z >= 0, so the L1 norm is a plain sum
+        aux = torch.zeros((), device=x.device)
+        dead = getattr(self, "_dead_mask", None)
+        if self.training and self.cfg.use_ghost_grads and dead is not None and bool(dead.any()):
+            resid = x - x_hat
+            ghost_acts = torch.exp(pre[:, dead])
+            ghost_out = ghost_acts @ self.W_dec[dead]
+            scale = resid.norm(dim=-1) / (1e-6 + ghost_out.norm(dim=-1) * 2)
+            ghost_out = ghost_out * scale[:, None].detach()
+            r = resid.detach()
+            ghost_el = (ghost_out - r).pow(2) / r.pow(2).sum(-1, keepdim=True).sqrt()
+            ghost_el = (mse_el / (ghost_el + 1e-6)).detach() * ghost_el
+            aux = ghost_el.mean()
+        active = z > 0
+        fired = active.any(0)
+        l0 = active.sum().float().detach() / z.shape[0]
+        return SAEOutput(recon=x_hat, loss=mse + l1 + aux, mse=mse.detach(), sparsity=l1.detach(), aux=aux.detach(),
+                         fvu=self._fvu(x, x_hat), l0=l0, fired=fired, _dense=z)
+
+    def _forward_jumprelu(self, x: torch.Tensor) -> SAEOutput:
+        pre = self._pre(x)
+        thr = self.log_threshold.exp()
+        bw = self.cfg.jumprelu_bandwidth
+        z = JumpReLUFn.apply(pre, thr, bw)
+        x_hat = torch.addmm(self.b_dec, z, self.W_dec)
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        l0_term = self.cfg.l0_coeff * StepFn.apply(pre, thr, bw).sum(1).mean()
+        active = z > 0
+        return SAEOutput(recon=x_hat, loss=mse + l0_term, mse=mse.detach(), sparsity=l0_term.detach(),
+                         aux=torch.zeros(()), fvu=self._fvu(x, x_hat), l0=active.sum(1).float().mean(),
+                         fired=active.any(0), _dense=z)
+
+    def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) of the kept (token, latent) pairs, rows ascending."""
+        n_rows, n = pre.shape
+        if self.cfg.arch == "topk":
+            idx = pre.topk(self.cfg.k, dim=1).indices
+            rows = torch.arange(n_rows, device=pre.device).repeat_interleave(self.cfg.k)
+            return rows, idx.flatten()
+        if self.training:
+            flat_idx = pre.flatten().topk(min(self.cfg.k * n_rows, pre.numel())).indices.sort().values
+        else:
+            flat_idx = (pre.flatten() > self.threshold).nonzero().squeeze(1)
+        return flat_idx // n, flat_idx % n
+
+    def _forward_topk_family(self, x: torch.Tensor) -> SAEOutput:
+        cfg, n_rows, n = self.cfg, x.shape[0], self.cfg.n_latents
+        x_c = x - self.b_dec
+        if cfg.sparse_kernels:
+            with torch.no_grad():
+                pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+                rows, cols = self._select(pre)
+            vals = F.relu(SparseEncoderGather.apply(x_c, self.W_enc, self.b_enc, rows, cols, pre[rows, cols]))
+            recon_of = lambda v: sparse_decode(rows, cols, v, self.W_dec, n_rows) + self.b_dec  # noqa: E731
+            gather = lambda r, c: SparseEncoderGather.apply(x_c, self.W_enc, self.b_enc, r, c, pre[r, c])  # noqa: E731
+        else:
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            with torch.no_grad():
+                rows, cols = self._select(pre)
+            vals = F.relu(pre[rows, cols])
+
+            def recon_of(v):
+                z = torch.zeros(n_rows, n, dtype=v.dtype, device=v.device).index_put((rows, cols), v)
+                return torch.addmm(self.b_dec, z, self.W_dec)
+            gather = lambda r, c: pre[r, c]  # noqa: E731
+        x_hat = recon_of(vals)
+        if cfg.arch == "matryoshka":
+            # nested prefixes: each prefix of the dictionary must reconstruct on its own
+            mse = x.new_zeros(())
+            for m in cfg.matryoshka_prefixes:
+                xm = x_hat if m == n else recon_of(vals * (cols < m))
+                mse = mse + (xm - x).pow(2).sum(-1).mean()
+        else:
+            mse = (x_hat - x).pow(2).sum(-1).mean()
+        active = vals > 0
+        fired = torch.zeros(n, dtype=torch.bool, device=x.device)
+        fired[cols[active]] = True
+        aux = x.new_zeros(())
+        dead = getattr(self, "_dead_mask", None)
+        if self.training and dead is not None and bool(dead.any()):
+            aux = cfg.aux_coeff * self._auxk(x, x_hat, pre, dead, gather)
+        if self.training and cfg.arch in ("batchtopk", "matryoshka"):
+            with torch.no_grad():
+                kept = vals[active]
+                if kept.numel():
+                    m = cfg.threshold_momentum if float(self.threshold) > 0 else 0.0  # first batch: no zero bias
+                    self.threshold.mul_(m).add_((1 - m) * kept.min())
+        return SAEOutput(recon=x_hat, loss=mse + aux, mse=mse.detach(), sparsity=torch.zeros(()), aux=aux.detach(),
+                         fvu=self._fvu(x, x_hat), l0=active.sum().float().detach() / n_rows, fired=fired,
+                         _sparse=(rows, cols, vals.detach(), n_rows, n))
+
+    def _auxk(self, x, x_hat, pre, dead, gather) -> torch.Tensor:
+        """Gao et al. AuxK: the top k_aux dead latents reconstruct the residual (normalised MSE)."""
+        k_aux = min(self.cfg.aux_k_effective, int(dead.sum()))
+        with torch.no_grad():
+            masked = pre.masked_fill(~dead, float("-inf"))
+            idx = masked.topk(k_aux, dim=1).indices
+            rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
+            cols = idx.flatten()
+        v = F.relu(gather(rows, cols))
+        e = (x - x_hat).detach()
+        e_hat = sparse_decode(rows, cols, v, self.W_dec, x.shape[0])
+        return (e_hat - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-12)
+
+    # ------------------------------------------------------------------ decoder constraint
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Drop the gradient component along each decoder row, so the step keeps rows near unit norm."""
+        g = self.W_dec.grad
+        if g is not None:
+            g.sub_((g * self.W_dec).sum(1, keepdim=True) * self.W_dec)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    # ------------------------------------------------------------------ export
+    def to_jumprelu(self) -> "SAE":
+        """BatchTopK/Matryoshka -> an equivalent JumpReLU SAE using the learned running threshold."""
+        if self.cfg.arch not in ("batchtopk", "matryoshka"):
+            raise ValueError(f"to_jumprelu needs a batchtopk or matryoshka SAE, this one is {self.cfg.arch!r}")
+        d = self.cfg.to_dict()
+        d.update(arch="jumprelu", matryoshka_prefixes=[])
+        out = SAE(SAEConfig(**d))
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec", "input_scale"):
+                getattr(out, name).copy_(getattr(self, name))
+            out.log_threshold.fill_(math.log(max(float(self.threshold), 1e-30)))
+        return out.eval()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        t = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec,
+             "input_scale": self.input_scale}
+        if self.cfg.arch == "jumprelu":
+            t["threshold"] = self.log_threshold.exp()
+        elif self.cfg.arch in ("batchtopk", "matryoshka"):
+            t["threshold"] = self.threshold
+        return {k: v.detach().float().contiguous() for k, v in t.items()}
+
+    def load_tensors(self, t: dict[str, torch.Tensor], source: str = "tensors") -> None:
+        expected = set(self.tensors())
+        if set(t) != expected:
+            raise ValueError(f"{source}: tensors {sorted(t)} do not match arch {self.cfg.arch!r} "
+                             f"(expects {sorted(expected)})")
+        with torch.no_grad():
+            for k, v in t.items():
+                if k == "threshold" and self.cfg.arch == "jumprelu":
+                    dst = self.log_threshold
+                    v = v.clamp_min(1e-30).log()
+                else:
+                    dst = getattr(self, k)
+                if tuple(dst.shape) != tuple(v.shape):
+                    raise ValueError(f"{source}: tensor {k} has shape {tuple(v.shape)}, config implies {tuple(dst.shape)}")
+                dst.copy_(v)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write sae.safetensors + config.json (atomically) into out_dir."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_safetensors(out / "sae.safetensors", self.tensors())
+        _atomic_json(out / "config.json", {"format_version": FORMAT_VERSION, **self.cfg.to_dict()})
+        return out
+
+    @classmethod
+    def load(cls, sae_dir: str | Path, device: str = "cpu") -> "SAE":
+        d = Path(sae_dir)
+        cfg_path, w_path = d / "config.json", d / "sae.safetensors"
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} does not exist: not an SAE directory written by cytosae (sae.save)")
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{cfg_path} is not valid JSON ({exc}); rewrite it with sae.save()") from exc
+        version = raw.pop("format_version", None) if isinstance(raw, dict) else None
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{cfg_path}: expected format_version {FORMAT_VERSION}, got {version!r}; "
+                             f"written by another tool or cytosae version (import it, or upgrade cytosae)")
+        cfg = SAEConfig.from_dict(raw, source=str(cfg_path))
+        sae = cls(cfg)
+        sae.load_tensors(load_file(str(w_path)), source=str(w_path))
+        return sae.to(device).eval()
