@@ -28,13 +28,220 @@ def _fail(message: str) -> None:
 # ---------------------------------------------------------------- backbones / store (extract, import)
 
 
+@app.command()
+def extract(
+    data: Path = typer.Argument(..., help="Class-per-folder tree, patient-per-folder tree (with --patients) or manifest CSV."),
+    out: Path = typer.Option(..., "--out", help="Store directory (created; rerun the same command to resume)."),
+    backbone: str = typer.Option("dinobloom-b", help="dinobloom-s|b|l|g or any timm ViT name."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint file; without it the backbone has RANDOM weights."),
+    layer: int = typer.Option(-2, help="Block whose output (residual stream) is stored; -2 = second-to-last."),
+    patients: Optional[Path] = typer.Option(None, help="Patients table (CSV with patient_id) for a patient-per-folder tree."),
+    resize: str = typer.Option("squash", help="squash (CytoSAE) | pad | crop, to 224x224."),
+    dtype: str = typer.Option("float16", help="float16 | float32 | bfloat16 on disk."),
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    shard_size: int = typer.Option(512, help="Images per shard file (the unit of resumption)."),
+    workers: int = typer.Option(1, help="DataLoader worker processes decoding images while the model computes."),
+) -> None:
+    """Write a backbone's token activations (CLS + patches) for every image to a sharded store."""
+    from cytosae.backbones import load_backbone
+    from cytosae.data import load_manifest
+    from cytosae.store import ExtractConfig
+    from cytosae.store import extract as run_extract
+
+    manifest = load_manifest(data, patients=patients)
+    bb = load_backbone(backbone, weights=weights, resize=resize)
+    if bb.random_weights:
+        typer.secho("WARNING: no --weights given: the backbone has RANDOM weights; its activations mean nothing "
+                    "about blood cells. Fine for a demo, never for a study.", fg=typer.colors.YELLOW, err=True)
+    res = run_extract(manifest, bb, out, ExtractConfig(layer=layer, dtype=dtype, batch_size=batch_size,
+                                                       shard_size=shard_size, num_workers=workers))
+    typer.echo(f"store {res.out_dir}: {res.n_images} images x {bb.n_tokens} tokens x {bb.embed_dim} dims "
+               f"({dtype}) from {bb.name} block {layer}; {res.n_skipped} unreadable images skipped "
+               f"(listed in {res.out_dir / 'skipped.csv'}); {res.shards_reused} of {res.n_shards} shards reused from "
+               f"an earlier run; {res.images_per_second:.1f} images/s over the images computed now.")
+
+
+@app.command("import-embeddings")
+def import_embeddings_cmd(
+    array: Path = typer.Argument(..., help=".npy or .safetensors array, (N, D) or (N, T, D); row i = image in manifest row i."),
+    manifest_csv: Path = typer.Argument(..., help="CSV naming each row's image (image_id or path column, plus any labels)."),
+    out: Path = typer.Option(..., "--out", help="Store directory to create."),
+    key: Optional[str] = typer.Option(None, help="Tensor name inside a .safetensors file holding several."),
+    no_cls: bool = typer.Option(False, "--no-cls", help="Token 0 is a patch, not a CLS token."),
+    source: str = typer.Option("imported", help="Name of the model that produced the embeddings (recorded)."),
+) -> None:
+    """Import precomputed embeddings of any model as an activation store."""
+    import pandas as pd
+
+    from cytosae.store import ActivationStore, import_embeddings
+
+    table = pd.read_csv(manifest_csv)
+    if "image_id" not in table.columns:
+        if "path" not in table.columns:
+            _fail(f"{manifest_csv} needs an 'image_id' or 'path' column; it has {list(table.columns)}")
+        table.insert(0, "image_id", table["path"].astype(str))
+    store = ActivationStore(import_embeddings(array, table, out, key=key, has_cls=not no_cls, source=source))
+    typer.echo(f"store {out}: {store.n_images} images x {store.n_tokens} tokens x {store.d_model} dims from {array}")
+
+
 # ---------------------------------------------------------------- sae (train, evaluate, import-cytosae)
+
+
+@app.command()
+def train(
+    store: Path = typer.Argument(..., help="Activation store directory (from `cytosae extract`)."),
+    out: Path = typer.Option(..., "--out", help="SAE directory: checkpoints and the final sae.safetensors + config.json. "
+                                                "Rerun the same command to resume."),
+    arch: str = typer.Option("topk", help="relu-l1 (CytoSAE) | topk | batchtopk | jumprelu | matryoshka"),
+    expansion: int = typer.Option(64, help="n_latents = expansion x d_model (64 x 768 = 49,152 as in CytoSAE)."),
+    tokens: str = typer.Option("all", help="Train on all | cls | patch tokens."),
+    total_tokens: int = typer.Option(0, help="Tokens to train on; 0 = one pass over the store."),
+    k: int = typer.Option(32, help="Active latents per token (topk family)."),
+    l1_coeff: float = typer.Option(8e-5, help="L1 coefficient (relu-l1)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default per architecture)."),
+    batch_size: int = typer.Option(4096, help="Tokens per step."),
+    shuffle: int = typer.Option(262144, help="Shuffle buffer in tokens (mixes tokens across images); 0 = off."),
+    checkpoint_every: int = typer.Option(5_000_000, help="Tokens between checkpoints."),
+    seed: int = typer.Option(0, help="Random seed (init and shuffling)."),
+) -> None:
+    """Train a sparse autoencoder on a store's token activations (resumable)."""
+    from cytosae.sae import ShuffleBuffer, TrainingDiverged, train_sae
+    from cytosae.store import ActivationStore
+
+    st = ActivationStore(store)
+    per_image = {"all": st.n_tokens, "cls": 1, "patch": st.n_tokens - 1}.get(tokens)
+    if per_image is None:
+        _fail(f"--tokens must be all, cls or patch, got {tokens!r}")
+    total = total_tokens or st.n_images * per_image
+    batches = st.iter_tokens(tokens=tokens, batch_size=batch_size)
+    if shuffle:
+        batches = ShuffleBuffer(shuffle, seed)(batches, batch_size=batch_size)
+    opts = {"k": k} if arch in ("topk", "batchtopk", "matryoshka") else {"l1_coeff": l1_coeff} if arch == "relu-l1" else {}
+    try:
+        sae = train_sae(batches, st.d_model, arch, expansion * st.d_model, total, seed=seed, batch_size=batch_size,
+                        lr=lr, checkpoint_dir=out, checkpoint_every=checkpoint_every, **opts)
+    except (ValueError, TrainingDiverged) as exc:
+        _fail(str(exc))
+    s = sae.training_summary
+    typer.echo(f"SAE {arch} ({sae.cfg.n_latents} latents on d={sae.cfg.d_in}) trained on {s['tokens_seen']:,} "
+               f"{tokens} tokens of {store} in {s['steps']} steps -> {out}")
+
+
+@app.command()
+def evaluate(
+    sae_dir: Path = typer.Argument(..., help="SAE directory (sae.safetensors + config.json)."),
+    store: Path = typer.Argument(..., help="Activation store to measure on."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON here."),
+    max_images: Optional[int] = typer.Option(None, help="Only the first N images of the store."),
+) -> None:
+    """Reconstruction and sparsity of an SAE on a store, for all, CLS and patch tokens."""
+    import json
+    import os
+
+    from cytosae.sae import SAE, evaluate_sae
+    from cytosae.store import ActivationStore
+
+    try:
+        sae, st = SAE.load(sae_dir), ActivationStore(store)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    res = evaluate_sae(sae, st, max_images=max_images)
+    res["sae_dir"], res["store"] = str(sae_dir), str(store)
+    if out is not None:
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        os.replace(tmp, out)
+    typer.echo(f"SAE {sae_dir} ({sae.cfg.arch}, {sae.cfg.n_latents} latents) measured on store {store}:")
+    cols = ["tokens", "fvu", "explained_variance", "cosine_similarity", "l0", "dead_fraction", "dense_fraction", "shrinkage"]
+    typer.echo(f"{'tokens':<8}" + "".join(f"{c:>20}" for c in cols))
+    for group in ("all", "cls", "patch"):
+        if group in res:
+            typer.echo(f"{group:<8}" + "".join(f"{res[group].get(c, float('nan')):>20.4g}" for c in cols))
+    typer.echo("fvu = unexplained variance fraction; dead = never fired on these tokens; dense = fires on >10% of them"
+               + (f"; JSON -> {out}" if out else ""))
+
+
+@app.command("import-cytosae")
+def import_cytosae(
+    pt: Path = typer.Argument(..., help="Published CytoSAE checkpoint (.pt); read without running its code."),
+    out_dir: Path = typer.Argument(..., help="SAE directory to write (sae.safetensors + config.json)."),
+) -> None:
+    """Convert a CytoSAE / PatchSAE checkpoint to cytosae's SAE format."""
+    from cytosae.sae import import_cytosae_checkpoint
+
+    try:
+        sae = import_cytosae_checkpoint(pt, out_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"imported {pt}: relu-l1 SAE, {sae.cfg.n_latents} latents on d={sae.cfg.d_in} "
+               f"(l1_coeff={sae.cfg.l1_coeff:g}) -> {out_dir}")
 
 
 # ---------------------------------------------------------------- analysis (stats, patients, compare, classify)
 
 
 # ---------------------------------------------------------------- explorer (explore, report, annotations)
+
+
+annotations_app = typer.Typer(no_args_is_help=True, help="Latent annotations made in the explorer (annotations.sqlite).")
+app.add_typer(annotations_app, name="annotations")
+
+
+@app.command()
+def explore(
+    run_dir: Path = typer.Argument(..., help="Run directory (run.json, stores/, sae/, stats/, ...)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on; 127.0.0.1 keeps it private to this machine."),
+    port: int = typer.Option(8000, help="TCP port."),
+    data_root: list[Path] = typer.Option([], "--data-root", help="Extra folder images may be read from (repeatable)."),
+) -> None:
+    """Browse, inspect and name the SAE's latents in a web page (JSON API described at /openapi.json)."""
+    import uvicorn
+
+    from cytosae.explorer import create_app
+
+    try:
+        web = create_app(run_dir, data_roots=data_root, preload=True)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"cytosae explorer for {run_dir.resolve()}: http://{host}:{port}/  "
+               f"(API schema: http://{host}:{port}/openapi.json; Ctrl-C stops)")
+    uvicorn.run(web, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    out: Path = typer.Option(..., "--out", help="Folder for the static site (created)."),
+    latents: int = typer.Option(200, help="How many latent pages to include (annotated first, then most frequent)."),
+    images: int = typer.Option(12, help="How many image pages (each with all its patches clickable) to include."),
+) -> None:
+    """Write the explorer's pages as a static site that opens without a server (index.html)."""
+    from cytosae.explorer import build_report
+
+    try:
+        res = build_report(run_dir, out, n_latents=latents, n_images=images)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"static report of {run_dir}: {res['latent_pages']} latent pages, {res['image_pages']} image pages, "
+               f"{res['files']} files -> {out / 'index.html'}")
+
+
+@annotations_app.command("export")
+def annotations_export(
+    run_dir: Path = typer.Argument(..., help="Run directory holding annotations.sqlite."),
+    format: str = typer.Option("csv", "--format", help="csv | json"),
+    out: Path = typer.Option(..., "--out", help="File to write."),
+) -> None:
+    """Export every latent annotation (name, tags, note, status, author, time)."""
+    from cytosae.explorer.annotations import AnnotationStore, export
+
+    db = run_dir / "annotations.sqlite"
+    if not db.is_file():
+        _fail(f"{db} does not exist: no annotations have been made in this run yet")
+    if format not in ("csv", "json"):
+        _fail(f"--format must be csv or json, got {format!r}")
+    n = export(AnnotationStore(db), out, format)
+    typer.echo(f"{n} annotations from {db} -> {out} ({format})")
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -1,0 +1,181 @@
+"""Explorer latency at CytoSAE scale: latent page API for a 49,152-latent SAE (d = 768 decoder).
+
+Synthetic run tables of realistic size (one dataset, 13 classes, top-20 images per latent
+ranked two ways, 20-bin histograms, barcodes of --patients patients, one disease comparison)
+are written to a temp run; the explorer is served by uvicorn in this process and queried
+over HTTP with httpx. Reported: cold first latent page (loads and indexes tables + decoder),
+warm p50/p95 over --requests random latents (target p95 < 200 ms), and the overview table.
+
+    python bench/explorer.py [--latents 49152] [--d 768] [--patients 40] [--requests 200]
+
+Writes bench/results/explorer.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet",
+           "blast", "promyelocyte", "myelocyte", "metamyelocyte", "smudge"]
+
+
+def write_run(root: Path, n_latents: int, d: int, n_patients: int, k: int = 20, n_images: int = 48, seed: int = 0) -> Path:
+    from safetensors.numpy import save_file
+
+    from cytosae.store import import_embeddings
+
+    rng = np.random.default_rng(seed)
+    run = root / "run"
+    (run / "sae").mkdir(parents=True)
+    (run / "stats").mkdir()
+    (run / "patients").mkdir()
+    (run / "classify").mkdir()
+    w_dec = rng.normal(size=(n_latents, d)).astype(np.float32) / np.sqrt(d)
+    save_file({"W_dec": w_dec, "W_enc": np.ascontiguousarray(w_dec.T), "b_enc": np.full(n_latents, -0.5, np.float32),
+               "b_dec": np.zeros(d, np.float32)}, str(run / "sae" / "sae.safetensors"))
+    (run / "sae" / "config.json").write_text(json.dumps({"arch": "topk", "d_in": d, "n_latents": n_latents, "k": 64}))
+    ids = np.array([f"{CLASSES[i % 13]}/img_{i:05d}.jpg" for i in range(n_images)])
+    np.save(root / "tokens.npy", rng.normal(size=(n_images, 257, d)).astype(np.float32))
+    import_embeddings(root / "tokens.npy", pd.DataFrame({"image_id": ids, "label": [CLASSES[i % 13] for i in range(n_images)]}),
+                      run / "stores" / "mll", dtype="float16")
+    lat = np.arange(n_latents)
+    freq = 10 ** rng.uniform(-5, -0.5, n_latents)
+    pd.DataFrame({"dataset": "mll", "latent": lat, "freq_image": freq, "freq_token": freq / 3,
+                  "mean_act": 10 ** rng.uniform(-1, 1, n_latents), "max_act": 10 ** rng.uniform(0, 1.5, n_latents),
+                  "label_entropy": rng.uniform(0, np.log2(13), n_latents), "top_label": rng.choice(CLASSES, n_latents),
+                  "noisy": rng.random(n_latents) < 0.05}).to_parquet(run / "stats" / "latents.parquet", index=False)
+    n_top = n_latents * 2 * k
+    pd.DataFrame({"dataset": "mll", "latent": np.repeat(lat, 2 * k), "by": np.tile(np.repeat(["image", "patch"], k), n_latents),
+                  "rank": np.tile(np.arange(k), 2 * n_latents), "image_id": ids[rng.integers(0, n_images, n_top)],
+                  "value": rng.random(n_top), "patch": rng.integers(-1, 256, n_top),
+                  "label": rng.choice(CLASSES, n_top)}).to_parquet(run / "stats" / "top_images.parquet", index=False)
+    pd.DataFrame({"dataset": "mll", "latent": np.repeat(lat, 13), "class": np.tile(CLASSES, n_latents),
+                  "mean_act": rng.random(13 * n_latents), "freq": rng.random(13 * n_latents)}).to_parquet(
+        run / "stats" / "class_profile.parquet", index=False)
+    edges = np.linspace(0, 10, 21)
+    pd.DataFrame({"dataset": "mll", "latent": lat, "bin_edges": [edges] * n_latents,
+                  "counts": list(rng.integers(0, 500, (n_latents, 20)))}).to_parquet(run / "stats" / "histograms.parquet", index=False)
+    pats = np.array([f"P{i:03d}" for i in range(n_patients)])
+    n_bc = n_patients * n_latents
+    pd.DataFrame({"patient_id": np.repeat(pats, n_latents), "diagnosis": np.repeat(rng.choice(["AML", "APL", "CLL", "control"], n_patients), n_latents),
+                  "latent": np.tile(lat, n_patients), "frac": rng.random(n_bc).astype(np.float32),
+                  "count": rng.integers(0, 100, n_bc), "n_cells": 100}).to_parquet(run / "patients" / "barcodes.parquet", index=False)
+    pd.DataFrame({"latent": lat, "group_a": "AML", "group_b": "control", "statistic": rng.normal(size=n_latents),
+                  "p": rng.random(n_latents), "q": rng.random(n_latents), "effect": rng.normal(size=n_latents) / 10}).to_parquet(
+        run / "patients" / "compare.parquet", index=False)
+    (run / "classify" / "results.json").write_text(json.dumps({"models": {}}))
+    (run / "run.json").write_text(json.dumps({"datasets": {"mll": {"store": "stores/mll", "data": None}}, "sae": "sae"}))
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latents", type=int, default=49_152)
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--patients", type=int, default=40)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "explorer.json")
+    args = ap.parse_args()
+
+    import httpx
+    import uvicorn
+
+    from cytosae.explorer import create_app
+
+    tmp = Path(tempfile.mkdtemp(prefix="cytosae-bench-explorer-"))
+    srv = None
+    try:
+        t0 = time.perf_counter()
+        run = write_run(tmp, args.latents, args.d, args.patients)
+        write_s = time.perf_counter() - t0
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        t0 = time.perf_counter()
+        web = create_app(run)
+        srv = uvicorn.Server(uvicorn.Config(web, host="127.0.0.1", port=port, log_level="warning"))
+        threading.Thread(target=srv.run, daemon=True).start()
+        while not srv.started:
+            time.sleep(0.01)
+        start_s = time.perf_counter() - t0
+        rng = np.random.default_rng(1)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+            def timed(url):
+                t = time.perf_counter()
+                r = c.get(url)
+                r.raise_for_status()
+                return (time.perf_counter() - t) * 1000, len(r.content)
+            cold_ms, _ = timed("/api/latents/0")  # loads + sorts the tables and the decoder
+            warm, sizes = [], []
+            for j in rng.integers(0, args.latents, args.requests):
+                ms, size = timed(f"/api/latents/{int(j)}")
+                warm.append(ms)
+                sizes.append(size)
+            overview_cold, overview_bytes = timed("/api/latents?dataset=mll")
+            overview = [timed("/api/latents?dataset=mll")[0] for _ in range(5)]
+            barcodes_cold, _ = timed("/api/patients/barcodes")
+            barcodes_warm = [timed("/api/patients/barcodes")[0] for _ in range(5)]
+            # overlays of 12 top images: TopK needs the full encoder per image (then cached), ReLU one column
+            heat = {}
+            heat["topk_cold"], _ = timed("/api/latents/1/heatmaps?dataset=mll&by=image&k=12")
+            heat["topk_cold_other_latent"], _ = timed("/api/latents/2/heatmaps?dataset=mll&by=image&k=12")
+        cfg = json.loads((run / "sae" / "config.json").read_text())
+        (run / "sae" / "config.json").write_text(json.dumps({**cfg, "arch": "relu"}))
+        srv.should_exit = True
+        srv2 = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port + 1 if port < 65535 else port - 1,
+                                             log_level="warning"))
+        threading.Thread(target=srv2.run, daemon=True).start()
+        while not srv2.started:
+            time.sleep(0.01)
+        with httpx.Client(base_url=f"http://127.0.0.1:{srv2.config.port}", timeout=120) as c:
+            def timed(url):
+                t = time.perf_counter()
+                c.get(url).raise_for_status()
+                return (time.perf_counter() - t) * 1000, 0
+            timed("/api/latents/0")
+            heat["relu_cold"], _ = timed("/api/latents/3/heatmaps?dataset=mll&by=image&k=12")
+            heat["relu_warm_other_latent"], _ = timed("/api/latents/4/heatmaps?dataset=mll&by=image&k=12")
+        srv2.should_exit = True
+        warm = np.array(warm)
+        result = {
+            "what": "GET /api/latents/{id} (latent page JSON: stats, top-20 images x2 rankings, class profile, histogram, "
+                    "20 enriched patients, disease comparison, 10 decoder-cosine neighbours) over HTTP, random latents",
+            "n_latents": args.latents, "d_decoder": args.d, "n_patients": args.patients, "requests": args.requests,
+            "latent_page_ms": {"cold_first": round(cold_ms, 1), "p50": round(float(np.percentile(warm, 50)), 2),
+                               "p95": round(float(np.percentile(warm, 95)), 2), "max": round(float(warm.max()), 2)},
+            "latent_page_bytes_mean": int(np.mean(sizes)),
+            "overview_ms": {"cold_first": round(overview_cold, 1), "warm_median": round(float(np.median(overview)), 1),
+                            "bytes": overview_bytes},
+            "patients_barcodes_ms": {"cold_first": round(barcodes_cold, 1), "warm_median": round(float(np.median(barcodes_warm)), 1)},
+            "heatmaps_12_images_ms": {k2: round(v, 1) for k2, v in heat.items()},
+            "target_p95_ms": 200, "meets_target": bool(np.percentile(warm, 95) < 200),
+            "setup_s": {"write_synthetic_run": round(write_s, 1), "start_app": round(start_s, 2)},
+            "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
+                        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+                        "note": "shared machine: other jobs were running while this was measured"},
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    finally:
+        if srv is not None:
+            srv.should_exit = True
+        shutil.rmtree(tmp, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Latent annotations (name, tags, note, review status) in the run's annotations.sqlite.
+
+One row per latent. Each write is one SQLite transaction, so a crash never leaves a
+half-written annotation, and the file survives explorer restarts.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from cytosae.store.format import atomic_write_bytes
+
+STATUSES = ("unreviewed", "validated", "rejected")
+MAX_NAME, MAX_NOTE, MAX_TAGS, MAX_TAG, MAX_AUTHOR = 200, 10_000, 32, 64, 100
+FIELDS = ("latent", "name", "tags", "note", "status", "author", "updated")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS annotations (
+    latent  INTEGER PRIMARY KEY CHECK (latent >= 0),
+    name    TEXT NOT NULL DEFAULT '',
+    tags    TEXT NOT NULL DEFAULT '[]',
+    note    TEXT NOT NULL DEFAULT '',
+    status  TEXT NOT NULL DEFAULT 'unreviewed' CHECK (status IN ('unreviewed', 'validated', 'rejected')),
+    author  TEXT NOT NULL DEFAULT '',
+    updated TEXT NOT NULL
+);
+"""
+
+
+class InvalidAnnotation(ValueError):
+    pass
+
+
+@dataclass
+class Annotation:
+    latent: int
+    name: str = ""
+    tags: list[str] | None = None
+    note: str = ""
+    status: str = "unreviewed"
+    author: str = ""
+    updated: str = ""
+
+    def to_dict(self) -> dict:
+        return {"latent": self.latent, "name": self.name, "tags": list(self.tags or []), "note": self.note,
+                "status": self.status, "author": self.author, "updated": self.updated}
+
+
+def validate(name: str, tags: list[str], note: str, status: str, author: str) -> tuple[str, list[str], str, str, str]:
+    """Trimmed, checked values; raises InvalidAnnotation with a message a person can act on."""
+    name, note, author = (name or "").strip(), (note or "").strip(), (author or "").strip()
+    if len(name) > MAX_NAME:
+        raise InvalidAnnotation(f"name is {len(name)} characters; at most {MAX_NAME}")
+    if len(note) > MAX_NOTE:
+        raise InvalidAnnotation(f"note is {len(note)} characters; at most {MAX_NOTE}")
+    if len(author) > MAX_AUTHOR:
+        raise InvalidAnnotation(f"author is {len(author)} characters; at most {MAX_AUTHOR}")
+    if status not in STATUSES:
+        raise InvalidAnnotation(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    clean: list[str] = []
+    for t in tags or []:
+        if not isinstance(t, str):
+            raise InvalidAnnotation("tags must be strings")
+        t = t.strip()
+        if len(t) > MAX_TAG:
+            raise InvalidAnnotation(f"tag {t[:20]!r}... is {len(t)} characters; at most {MAX_TAG}")
+        if t and t not in clean:
+            clean.append(t)
+    if len(clean) > MAX_TAGS:
+        raise InvalidAnnotation(f"{len(clean)} tags; at most {MAX_TAGS}")
+    for text in (name, note, author, *clean):
+        if "\x00" in text:
+            raise InvalidAnnotation("text must not contain NUL characters")
+    return name, clean, note, status, author
+
+
+class AnnotationStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with self._connect() as con:
+            con.executescript(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        # A connection per call: FastAPI runs handlers on a thread pool and sqlite3 connections are per-thread.
+        con = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        return con
+
+    @staticmethod
+    def _row(r) -> Annotation:
+        return Annotation(latent=r[0], name=r[1], tags=json.loads(r[2]), note=r[3], status=r[4], author=r[5], updated=r[6])
+
+    def get(self, latent: int) -> Annotation | None:
+        con = self._connect()
+        try:
+            r = con.execute(f"SELECT {', '.join(FIELDS)} FROM annotations WHERE latent = ?", (latent,)).fetchone()
+        finally:
+            con.close()
+        return self._row(r) if r else None
+
+    def all(self) -> list[Annotation]:
+        con = self._connect()
+        try:
+            rows = con.execute(f"SELECT {', '.join(FIELDS)} FROM annotations ORDER BY latent").fetchall()
+        finally:
+            con.close()
+        return [self._row(r) for r in rows]
+
+    def put(self, latent: int, name: str = "", tags: list[str] | None = None, note: str = "",
+            status: str = "unreviewed", author: str = "") -> Annotation:
+        if latent < 0:
+            raise InvalidAnnotation("latent must be >= 0")
+        name, tags, note, status, author = validate(name, tags or [], note, status, author)
+        updated = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        con = self._connect()
+        try:
+            with con:  # one transaction
+                con.execute("BEGIN IMMEDIATE")
+                con.execute(
+                    "INSERT INTO annotations (latent, name, tags, note, status, author, updated) VALUES (?,?,?,?,?,?,?) "
+                    "ON CONFLICT(latent) DO UPDATE SET name=excluded.name, tags=excluded.tags, note=excluded.note, "
+                    "status=excluded.status, author=excluded.author, updated=excluded.updated",
+                    (latent, name, json.dumps(tags), note, status, author, updated))
+        finally:
+            con.close()
+        return Annotation(latent, name, tags, note, status, author, updated)
+
+    def delete(self, latent: int) -> bool:
+        con = self._connect()
+        try:
+            with con:
+                n = con.execute("DELETE FROM annotations WHERE latent = ?", (latent,)).rowcount
+        finally:
+            con.close()
+        return n > 0
+
+    def search(self, text: str) -> list[Annotation]:
+        """Annotations whose name, tags or note contain `text` (case-insensitive)."""
+        needle = text.strip().lower()
+        return [a for a in self.all() if needle in a.name.lower() or needle in a.note.lower()
+                or any(needle in t.lower() for t in a.tags or [])]
+
+
+def export(store: AnnotationStore, out: str | Path, fmt: str = "csv") -> int:
+    """Write every annotation to `out` (atomic) as csv or json; returns the number written."""
+    rows = [a.to_dict() for a in store.all()]
+    if fmt == "json":
+        data = (json.dumps({"annotations": rows, "statuses": list(STATUSES)}, indent=1) + "\n").encode()
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(FIELDS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "tags": ";".join(r["tags"])})
+        data = buf.getvalue().encode()
+    else:
+        raise ValueError(f"format must be csv or json, got {fmt!r}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, data)
+    return len(rows)

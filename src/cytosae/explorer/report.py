@@ -1,0 +1,144 @@
+"""Static report: the explorer's pages without a server.
+
+Every API response a page would request is rendered once (in-process, through the
+same FastAPI app) and saved as data/<fnv1a(url)>.js, which the unchanged app.js loads
+with a <script> tag (fetch() is blocked on file://). Images are saved the same way (as JPEG).
+A report holds a chosen subset: all overview tables, the latent pages of annotated and
+most frequent latents, and a few image pages with every patch clickable.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cytosae.store.format import atomic_write_bytes
+
+from .api import STATIC_DIR, create_app
+
+
+def canonical_url(path: str, params: dict | None = None) -> str:
+    """Same as u() in app.js: sorted params, None dropped, encodeURIComponent escaping."""
+    items = sorted((k, v) for k, v in (params or {}).items() if v is not None and v != "")
+    q = "&".join(f"{quote(str(k), safe='-_.!~*()' + chr(39))}={quote(str(v), safe='-_.!~*()' + chr(39))}" for k, v in items)
+    return f"/api/{path}" + (f"?{q}" if q else "")
+
+
+def fnv1a(s: str) -> str:
+    h = 0x811C9DC5
+    for b in s.encode():
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return f"{h:08x}"
+
+
+class _Site:
+    def __init__(self, out: Path, client: TestClient) -> None:
+        self.out, self.client = out, client
+        self.keys: dict[str, str] = {}
+        (out / "data").mkdir(parents=True, exist_ok=True)
+
+    def _key(self, url: str) -> str:
+        key = fnv1a(url)
+        if self.keys.setdefault(key, url) != url:
+            raise RuntimeError(f"hash collision between {url} and {self.keys[key]}")
+        return key
+
+    def json(self, path: str, params: dict | None = None) -> dict | None:
+        url = canonical_url(path, params)
+        r = self.client.get(url)
+        if r.status_code != 200:
+            return None  # absent analysis: the page shows "not included in this static report"
+        key = self._key(url)
+        body = r.content.decode()
+        atomic_write_bytes(self.out / "data" / f"{key}.js",
+                           f"CYTOSAE_DATA[{json.dumps(key)}]={body};\n".encode())
+        return r.json()
+
+    def image(self, path: str, params: dict) -> bool:
+        """The PNG the API serves, re-encoded as JPEG (q=92): a report holds thousands of tiles."""
+        url = canonical_url(path, params)
+        r = self.client.get(url)
+        if r.status_code != 200:
+            return False
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(r.content)).convert("RGB").save(buf, format="JPEG", quality=92)
+        atomic_write_bytes(self.out / "data" / f"{self._key(url)}.jpg", buf.getvalue())
+        return True
+
+
+def _choose_latents(overview: dict, annotated: list[int], n: int) -> list[int]:
+    """Annotated latents first (someone cared about them), then the most frequently firing ones."""
+    cols = overview["columns"]
+    firing = [(f, j) for j, f in zip(cols["latent"], cols["freq_image"]) if f]
+    by_freq = [j for f, j in sorted(firing, key=lambda t: (-t[0], t[1]))]
+    return list(dict.fromkeys(annotated + by_freq))[:n]
+
+
+def build_report(run_dir, out, n_latents: int = 200, n_images: int = 12, k: int = 12) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    client = TestClient(create_app(run_dir, static=False))
+    site = _Site(out, client)
+
+    run = site.json("run")
+    if run is None:
+        raise ValueError(f"{run_dir} could not be read as a run")
+    datasets = [d["name"] for d in run["datasets"]]
+    annotated = [a["latent"] for a in site.client.get("/api/annotations").json()["annotations"]]
+    overviews = {ds: site.json("latents", {"dataset": ds}) for ds in datasets}
+    for ds in datasets:
+        site.json("images", {"dataset": ds, "limit": 200})
+    for part in ("patients/barcodes", "classify"):
+        site.json(part)
+    cmp_ = site.json("patients/compare")
+    for a, b in (cmp_ or {}).get("pairs", []):
+        site.json("patients/compare", {"group_a": a, "group_b": b})
+
+    first = next((o for o in overviews.values() if o), None)
+    latents = _choose_latents(first, annotated, n_latents) if first else []
+    images: list[tuple[str, str]] = []
+    pngs: set[tuple[str, str]] = set()
+    for j in latents:
+        page = site.json(f"latents/{j}")
+        if page is None:
+            continue
+        for ds, by_map in page["top_images"].items():
+            for by, items in by_map.items():
+                site.json(f"latents/{j}/heatmaps", {"by": by, "dataset": ds})
+                for it in items[:k]:
+                    key = (ds, it["image_id"])
+                    if key not in pngs:
+                        pngs.add(key)
+                        site.image("image/file", {"dataset": ds, "image_id": it["image_id"]})
+                    if key not in images and len(images) < n_images:
+                        images.append(key)
+
+    for ds, image_id in images:
+        info = site.json("image", {"dataset": ds, "image_id": image_id})
+        if info is None:
+            continue
+        overlay = {t["latent"] for t in info["top_cls"] + info["top_patch_max"]}
+        for p in range(info["n_patches"]):
+            patch = site.json("image/patch", {"dataset": ds, "image_id": image_id, "patch": p})
+            if patch and patch["top"]:
+                overlay.add(patch["top"][0]["latent"])
+        for j in sorted(overlay):
+            site.json("image/heatmap", {"dataset": ds, "image_id": image_id, "latent": j})
+        if (ds, image_id) not in pngs:
+            site.image("image/file", {"dataset": ds, "image_id": image_id})
+
+    # the same page and scripts as the live explorer, plus a flag that switches app.js to data/*.js
+    shutil.copytree(STATIC_DIR, out / "static", dirs_exist_ok=True)
+    index = (STATIC_DIR / "index.html").read_text().replace(
+        '<script src="static/app.js"></script>', '<script src="data/static.js"></script>\n<script src="static/app.js"></script>')
+    atomic_write_bytes(out / "index.html", index.encode())
+    atomic_write_bytes(out / "data" / "static.js", ("window.CYTOSAE_STATIC = " + json.dumps(
+        {"latents": latents, "images": [list(x) for x in images]}) + ";\nwindow.CYTOSAE_DATA = {};\n").encode())
+    files = sum(1 for _ in out.rglob("*") if _.is_file())
+    return {"out": str(out), "latent_pages": len(latents), "image_pages": len(images), "latents": latents,
+            "images": images, "files": files}

@@ -1,0 +1,177 @@
+"""Run summary, overview table, search, latent page and its heatmaps."""
+from __future__ import annotations
+
+from fastapi import HTTPException, Query
+from fastapi import Path as PathParam
+
+from .annotations import STATUSES
+from .rundir import MissingData
+from .state import MAX_K, MAX_LATENT_QUERY, Explorer, FastJSON, nan_none, search_latents
+from .tables import records, to_json
+
+
+def register(app, ex: Explorer) -> None:
+    # ------------------------------------------------------------------ run
+    @app.get("/api/run", summary="What this run holds: datasets, SAE, which analyses exist")
+    def run_info():
+        run = ex.run
+        datasets = []
+        for name in run.datasets:
+            entry = {"name": name, "n_images": None, "labels": []}
+            try:
+                imgs = run.images(name)
+                entry["n_images"] = len(imgs)
+                if "label" in imgs:
+                    entry["labels"] = sorted(str(x) for x in imgs["label"].dropna().unique())
+            except MissingData:
+                pass
+            datasets.append(entry)
+        lat = run.latents
+        try:
+            sae = run.sae_config
+        except MissingData:
+            sae = None
+        return to_json({
+            "run": str(run.path.name), "created": run.meta.get("created"),
+            "cytosae_version": run.meta.get("cytosae_version"),
+            "datasets": datasets, "n_latents": run.n_latents, "sae": sae,
+            "preprocessing": run.preprocessing(), "backbone": run.backbone_spec(),
+            "stats_summary": run.summary("stats"), "patients_summary": run.summary("patients"),
+            # file checks, not loads: the first page should not wait for every table to be read
+            "has": {"stats": lat is not None, "top_images": (run.path / "stats/top_images.parquet").is_file(),
+                    "patients": (run.path / "patients/barcodes.parquet").is_file(),
+                    "compare": (run.path / "patients/compare.parquet").is_file(),
+                    "classify": (run.path / "classify/results.json").is_file()},
+            "statuses": list(STATUSES),
+        })
+
+    # ------------------------------------------------------------------ overview
+    @app.get("/api/latents", summary="All latents of one dataset as columns (overview scatter), optionally filtered")
+    def latents(dataset: str | None = None, cls: str | None = Query(None, description="top_label equals this class"),
+                entropy_min: float | None = None, entropy_max: float | None = None,
+                freq_min: float | None = Query(None, ge=0, le=1), freq_max: float | None = Query(None, ge=0, le=1),
+                annotated: bool | None = None, status: str | None = None, q: str | None = Query(None, max_length=200)):
+        dataset = ex.dataset(dataset)
+        lat = ex.run.latents
+        if lat is None:
+            raise MissingData(f"{ex.run.path}/stats/latents.parquet is missing: run `cytosae stats {ex.run.path}`")
+        df = lat[lat["dataset"] == dataset]
+        ann = ex.annotation_names()
+        if cls is not None:
+            df = df[df["top_label"].astype(str) == cls]
+        if entropy_min is not None:
+            df = df[df["label_entropy"] >= entropy_min]
+        if entropy_max is not None:
+            df = df[df["label_entropy"] <= entropy_max]
+        if freq_min is not None:
+            df = df[df["freq_image"] >= freq_min]
+        if freq_max is not None:
+            df = df[df["freq_image"] <= freq_max]
+        if annotated is not None:
+            has = df["latent"].isin(list(ann))
+            df = df[has if annotated else ~has]
+        if status is not None:
+            if status not in STATUSES:
+                raise HTTPException(400, f"status must be one of {', '.join(STATUSES)}")
+            st = df["latent"].map(lambda j: ann.get(j, {}).get("status", "unreviewed"))
+            df = df[st == status]
+        if q:
+            df = df[df["latent"].isin([m["latent"] for m in search_latents(ex, q, len(df) + 1)])]
+        cols = {c: nan_none(df[c]) for c in ("latent", "freq_image", "freq_token", "mean_act", "max_act",
+                                                 "label_entropy", "top_label", "noisy") if c in df}
+        cols["name"] = [ann.get(j, {}).get("name", "") for j in cols.get("latent", [])]
+        cols["status"] = [ann.get(j, {}).get("status", "") for j in cols.get("latent", [])]
+        # returned as a Response: FastAPI's jsonable_encoder would walk 400k values one by one (~0.7 s at 49k latents)
+        return FastJSON({"dataset": dataset, "n": len(df), "n_latents": ex.run.n_latents, "columns": cols,
+                "measured": "per latent on this dataset's images: freq_image = fraction of images where the latent fires "
+                            "(CLS token), mean_act = mean activation where it fires, label_entropy = entropy (bits) of "
+                            "the class distribution of the images where it fires"})
+
+    @app.get("/api/search", summary="Find latents by id or by annotation name/tag/note")
+    def search(q: str = Query(..., min_length=1, max_length=200), limit: int = Query(50, ge=1, le=1000)):
+        return {"q": q, "results": search_latents(ex, q, limit)}
+
+    # ------------------------------------------------------------------ latent
+    @app.get("/api/latents/{latent}", summary="Everything about one latent: stats, top images, class profile, "
+                                              "histogram, enriched patients, neighbours, annotation")
+    def latent_page(latent: int = PathParam(..., ge=0, le=MAX_LATENT_QUERY), k: int = Query(12, ge=1, le=MAX_K),
+                    n_neighbours: int = Query(10, ge=1, le=100)):
+        latent = ex.latent(latent)
+        run = ex.run
+        out: dict = {"latent": latent, "n_latents": run.n_latents}
+        a = ex.annotations.get(latent)
+        out["annotation"] = a.to_dict() if a else None
+        li = run.latents_indexed()
+        out["stats"] = records(li.rows(latent)) if li is not None else []
+
+        top = run.table("stats/top_images")
+        out["top_images"] = {}
+        if top is not None:
+            rows = top.rows(latent)
+            for (ds, by), g in rows.groupby(["dataset", "by"], sort=False):
+                out["top_images"].setdefault(str(ds), {})[str(by)] = records(
+                    g.head(k)[[c for c in ("rank", "image_id", "value", "patch", "label") if c in g]])
+        cp = run.table("stats/class_profile")
+        out["class_profile"] = {}
+        if cp is not None:
+            for ds, g in cp.rows(latent).groupby("dataset", sort=False):
+                out["class_profile"][str(ds)] = records(g[[c for c in ("class", "mean_act", "freq") if c in g]])
+        hist = run.table("stats/histograms")
+        out["histogram"] = {}
+        if hist is not None:
+            for r in records(hist.rows(latent)):
+                out["histogram"][str(r["dataset"])] = {"bin_edges": r["bin_edges"], "counts": r["counts"]}
+
+        bc = run.table("patients/barcodes")
+        out["patients"] = []
+        if bc is not None:
+            g = bc.rows(latent)
+            if len(g):
+                mean = float(g["frac"].mean())
+                g = g.sort_values("frac", ascending=False, kind="stable").head(20)
+                pts = records(g[[c for c in ("patient_id", "diagnosis", "frac", "count", "n_cells") if c in g]])
+                for p in pts:
+                    p["enrichment"] = (p["frac"] / mean) if mean > 0 and p["frac"] is not None else None
+                out["patients"] = pts
+                out["patients_mean_frac"] = mean
+        cmp_ = run.table("patients/compare")
+        out["compare"] = records(cmp_.rows(latent)) if cmp_ is not None else []
+
+        out["neighbours"] = []
+        try:
+            nb = ex.neighbours.get()
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            out["neighbours_error"] = str(exc)
+        else:
+            names = {}
+            for j, s in nb.query(latent, n_neighbours):
+                names.setdefault(j, ex.annotations.get(j))
+                out["neighbours"].append({"latent": j, "cosine": s,
+                                          "name": names[j].name if names[j] else ""})
+        out["measured"] = {
+            "top_images": "images with the highest activation of this latent: by=image on the CLS token, "
+                          "by=patch on the best patch token",
+            "class_profile": "per class: mean CLS activation and fraction of images where the latent fires",
+            "histogram": "distribution of non-zero CLS activations over the dataset's images",
+            "patients": "patients with the largest fraction of cells where the latent fires (barcodes)",
+            "neighbours": "latents whose decoder direction has the highest cosine similarity",
+        }
+        return out
+
+    @app.get("/api/latents/{latent}/heatmaps", summary="Per-patch activation of a latent on its top images")
+    def latent_heatmaps(latent: int = PathParam(..., ge=0, le=MAX_LATENT_QUERY), dataset: str | None = None,
+                        by: str = Query("image", pattern="^(image|patch)$"), k: int = Query(12, ge=1, le=50)):
+        latent = ex.latent(latent)
+        dataset = ex.dataset(dataset)
+        top = ex.run.table("stats/top_images")
+        if top is None:
+            raise MissingData(f"{ex.run.path}/stats/top_images.parquet is missing: run `cytosae stats`")
+        rows = top.rows(latent)
+        rows = rows[(rows["dataset"] == dataset) & (rows["by"] == by)].head(k)
+        items = []
+        for r in records(rows):
+            image_id = str(r["image_id"])
+            cls, values, grid = ex.latent_map(dataset, image_id, latent)
+            items.append({"image_id": image_id, "rank": r["rank"], "value": r["value"], "label": r.get("label"),
+                          "patch": r.get("patch"), "grid": grid, "cls": cls, "values": values})
+        return {"latent": latent, "dataset": dataset, "by": by, "items": to_json(items)}

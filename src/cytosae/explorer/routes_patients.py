@@ -1,0 +1,72 @@
+"""Patients: barcodes, disease comparison (volcano), classifier results."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from fastapi import HTTPException, Query
+
+from .rundir import MissingData
+from .state import Explorer, FastJSON, nan_none
+from .tables import records, to_json
+
+
+def register(app, ex: Explorer) -> None:
+    # ------------------------------------------------------------------ patients
+    @app.get("/api/patients/barcodes", summary="Patient barcodes: fraction of each patient's cells where a latent fires")
+    def barcodes(top: int = Query(48, ge=1, le=512),
+                 latents: str | None = Query(None, max_length=4000, description="comma-separated latent ids")):
+        idx = ex.run.table("patients/barcodes")
+        if idx is None:
+            raise MissingData(f"{ex.run.path}/patients/barcodes.parquet is missing: run `cytosae patients`")
+        raw = idx.df  # one copy in memory, sorted by latent
+        if latents:
+            try:
+                chosen = [int(x) for x in latents.split(",") if x.strip()]
+            except ValueError:
+                raise HTTPException(400, "latents must be comma-separated integers") from None
+            for j in chosen:
+                ex.latent(j)
+            chosen = chosen[:512]
+        else:
+            chosen = [int(j) for j in _latents_by_variance(ex, raw)[:top]]
+        pats = ex.run.cached("barcode_patients", lambda: (
+            raw.drop_duplicates("patient_id")[[c for c in ("patient_id", "diagnosis", "n_cells") if c in raw]]
+            .sort_values([c for c in ("diagnosis", "patient_id") if c in raw], kind="stable").reset_index(drop=True)))
+        sub = pd.concat([idx.rows(j) for j in chosen]) if chosen else raw.iloc[:0]
+        mat = sub.pivot_table(index="patient_id", columns="latent", values="frac", aggfunc="first")
+        mat = mat.reindex(index=pats["patient_id"], columns=chosen).fillna(0.0)
+        return {"patients": records(pats), "latents": chosen,
+                "frac": np.round(mat.to_numpy(dtype=float), 5).tolist(),
+                "measured": "fraction of each patient's cells in which the latent fires (CLS token)"}
+
+    @app.get("/api/patients/compare", summary="Disease comparison per latent (volcano: effect vs -log10 q)")
+    def compare(group_a: str | None = None, group_b: str | None = None):
+        raw = ex.run.raw_table("patients/compare")
+        if raw is None:
+            raise MissingData(f"{ex.run.path}/patients/compare.parquet is missing: run `cytosae compare`")
+        pairs = sorted({(str(a), str(b)) for a, b in zip(raw["group_a"], raw["group_b"])})
+        if group_a is None and group_b is None and pairs:
+            group_a, group_b = pairs[0]
+        df = raw[(raw["group_a"].astype(str) == group_a) & (raw["group_b"].astype(str) == group_b)]
+        if not len(df):
+            raise HTTPException(404, f"no comparison {group_a!r} vs {group_b!r}; available: {pairs}")
+        cols = {c: nan_none(df[c]) for c in ("latent", "statistic", "p", "q", "effect") if c in df}
+        return FastJSON({"group_a": group_a, "group_b": group_b, "pairs": [list(p) for p in pairs], "n": len(df),
+                "columns": cols, "measured": (ex.run.summary("patients") or {}).get("compare") or
+                "per latent: difference between patient groups of the fraction of cells where it fires; "
+                "q = Benjamini-Hochberg adjusted p"})
+
+    @app.get("/api/classify", summary="Patient-level diagnosis classifiers: results.json")
+    def classify():
+        res = ex.run.classify_results
+        if res is None:
+            raise MissingData(f"{ex.run.path}/classify/results.json is missing: run `cytosae classify`")
+        return to_json(res)
+
+
+def _latents_by_variance(ex: Explorer, raw: pd.DataFrame) -> list[int]:
+    """Latents ordered by how much their fraction varies between patients: the informative barcode columns."""
+    def order():
+        var = raw.groupby("latent")["frac"].var().fillna(0).sort_values(ascending=False, kind="stable")
+        return [int(j) for j in var.index]
+    return ex.run.cached("barcode_variance_order", order)

@@ -1,0 +1,180 @@
+"""Read-only access to a run directory (docs/run-layout.md), loading each table once, on first use.
+
+Every table is optional: a run that has only `cytosae stats` shows stats pages, and
+the API answers 404 with the command that would produce a missing table.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .safety import is_safe_name
+from .tables import LatentIndexed
+
+
+class MissingData(LookupError):
+    """A table or file the request needs is not in the run; the message says which command writes it."""
+
+
+class RunDir:
+    def __init__(self, path: str | Path, data_roots: list[Path] | None = None) -> None:
+        self.path = Path(path).resolve()
+        if not (self.path / "run.json").is_file():
+            raise FileNotFoundError(f"{self.path} has no run.json: not a cytosae run directory (see docs/run-layout.md)")
+        try:
+            self.meta = json.loads((self.path / "run.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.path / 'run.json'} is not valid JSON: {exc}") from exc
+        self.datasets: dict[str, dict] = dict(self.meta.get("datasets") or {})
+        for name in self.datasets:
+            if not is_safe_name(name):
+                raise ValueError(f"run.json: dataset name {name!r} is not a plain name")
+        self._extra_roots = [Path(p).resolve() for p in (data_roots or [])]
+        self._lock = threading.RLock()
+        self._cache: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ locations
+    @property
+    def sae_dir(self) -> Path:
+        return self.path / (self.meta.get("sae") or "sae")
+
+    def store_dir(self, dataset: str) -> Path:
+        self.check_dataset(dataset)
+        return (self.path / self.datasets[dataset].get("store", f"stores/{dataset}")).resolve()
+
+    def data_dir(self, dataset: str) -> Path | None:
+        """The dataset's data folder (a manifest CSV counts as its folder), if it exists."""
+        src = self.datasets[dataset].get("data")
+        if not src:
+            return None
+        p = Path(src)
+        for cand in ([p] if p.is_absolute() else [self.path / p, self.path.parent / p, Path.cwd() / p]):
+            if cand.exists():
+                return (cand if cand.is_dir() else cand.parent).resolve()
+        return None
+
+    @cached_property
+    def roots(self) -> list[Path]:
+        """Folders images may be read from: the run, each dataset's data folder, and any given on the command line."""
+        roots = [self.path] + self._extra_roots
+        roots += [d for d in (self.data_dir(n) for n in self.datasets) if d is not None]
+        return roots
+
+    def check_dataset(self, dataset: str) -> None:
+        if dataset not in self.datasets:
+            raise KeyError(f"unknown dataset {dataset!r}; this run has {sorted(self.datasets)}")
+
+    # ------------------------------------------------------------------ lazy tables
+    def cached(self, key: str, load):
+        """`load()` once per key for the life of the explorer (tables do not change under a running explorer)."""
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = load()
+            return self._cache[key]
+
+    def _json(self, rel: str):
+        p = self.path / rel
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    @property
+    def sae_config(self) -> dict:
+        cfg = self.cached("sae_config", lambda: self._json(f"{self.sae_dir.name}/config.json"))
+        if cfg is None:
+            raise MissingData(f"{self.sae_dir}/config.json is missing: train an SAE with `cytosae train`")
+        return cfg
+
+    @property
+    def n_latents(self) -> int:
+        if (self.sae_dir / "config.json").is_file():
+            return int(self.sae_config["n_latents"])
+        lat = self.latents
+        return int(lat["latent"].max()) + 1 if lat is not None and len(lat) else 0
+
+    @property
+    def latents(self) -> pd.DataFrame | None:
+        def load():
+            p = self.path / "stats" / "latents.parquet"
+            return pd.read_parquet(p).sort_values(["dataset", "latent"]).reset_index(drop=True) if p.is_file() else None
+        return self.cached("latents", load)
+
+    def latents_indexed(self) -> LatentIndexed | None:
+        return self.cached("latents_idx", lambda: None if self.latents is None else LatentIndexed(self.latents, ["dataset"]))
+
+    def table(self, name: str) -> LatentIndexed | None:
+        """One of stats/top_images, stats/class_profile, stats/histograms, patients/barcodes, patients/compare."""
+        order = {"stats/top_images": ["dataset", "by", "rank"], "stats/class_profile": ["dataset", "class"],
+                 "stats/histograms": ["dataset"], "patients/barcodes": ["patient_id"],
+                 "patients/compare": ["group_a", "group_b"]}[name]
+        return self.cached(name, lambda: LatentIndexed.read(self.path / f"{name}.parquet", order))
+
+    def raw_table(self, name: str) -> pd.DataFrame | None:
+        def load():
+            p = self.path / f"{name}.parquet"
+            return pd.read_parquet(p) if p.is_file() else None
+        return self.cached("raw:" + name, load)
+
+    def summary(self, part: str) -> dict | None:
+        return self.cached("summary:" + part, lambda: self._json(f"{part}/summary.json"))
+
+    @property
+    def classify_results(self) -> dict | None:
+        return self.cached("classify", lambda: self._json("classify/results.json"))
+
+    # ------------------------------------------------------------------ images
+    def images(self, dataset: str) -> pd.DataFrame:
+        """The dataset's images.parquet (store order), indexed by image_id."""
+        def load():
+            p = self.store_dir(dataset) / "images.parquet"
+            if not p.is_file():
+                raise MissingData(f"{p} is missing: extract the dataset with `cytosae extract`")
+            df = pd.read_parquet(p)
+            df["image_id"] = df["image_id"].astype(str)
+            return df.set_index("image_id", drop=False)
+        self.check_dataset(dataset)
+        return self.cached("images:" + dataset, load)
+
+    def image_row(self, dataset: str, image_id: str) -> dict:
+        df = self.images(dataset)
+        if image_id not in df.index:
+            raise KeyError(f"image {image_id!r} is not in dataset {dataset!r}")
+        row = df.loc[image_id]
+        return {k: (None if (isinstance(v, float) and np.isnan(v)) else v) for k, v in row.items()}
+
+    def store(self, dataset: str):
+        def load():
+            from cytosae.store import ActivationStore
+            return ActivationStore(self.store_dir(dataset))
+        self.check_dataset(dataset)
+        return self.cached("store:" + dataset, load)
+
+    def preprocessing(self, dataset: str | None = None) -> dict:
+        """How images were squashed/padded/cropped to the model's input, so overlays line up with patches."""
+        names = [dataset] if dataset else list(self.datasets)
+        for name in names:
+            p = self.store_dir(name) / "manifest.json"
+            if p.is_file():
+                settings = json.loads(p.read_text()).get("settings", {})
+                if settings.get("preprocessing"):
+                    return settings["preprocessing"]
+        return {"size": 224, "resize": "squash"}
+
+    def backbone_spec(self) -> dict:
+        """Backbone name, weights and layer for encoding uploads: run.json first, else the first store's settings."""
+        spec = dict(self.meta.get("backbone") or {}) if isinstance(self.meta.get("backbone"), dict) else (
+            {"name": self.meta["backbone"]} if self.meta.get("backbone") else {})
+        for name in self.datasets:
+            p = self.store_dir(name) / "manifest.json"
+            if p.is_file():
+                meta = json.loads(p.read_text())
+                s = meta.get("settings", {})
+                spec.setdefault("name", s.get("backbone"))
+                spec.setdefault("layer", s.get("layer"))
+                spec.setdefault("weights_sha256", s.get("weights_sha256"))
+                spec.setdefault("grid", meta.get("grid"))
+                break
+        return spec

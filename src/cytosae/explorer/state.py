@@ -1,0 +1,152 @@
+"""State the routes share: the run, encoder cache, neighbours, annotations, uploads; and the checks that
+turn bad ids into clear 4xx answers."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import pandas as pd
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+
+from .activations import Encoder, ImageActivations
+from .annotations import AnnotationStore
+from .imaging import MAX_UPLOAD_BYTES
+from .neighbours import LazyNeighbours
+from .rundir import RunDir
+from .safety import resolve_inside
+
+log = logging.getLogger(__name__)
+
+MAX_K = 200
+MAX_LATENT_QUERY = 2**31  # anything larger is answered 422, without int overflow in numpy
+
+
+class FastJSON(JSONResponse):
+    """JSON without NaN (browsers reject it): callers sanitise with to_json/records first."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
+
+
+def nan_none(values) -> list:
+    arr = pd.Series(values)
+    return arr.astype(object).where(arr.notna(), None).tolist()
+
+
+class Explorer:
+    """State shared by the routes: the run, the encoder cache, neighbours, annotations, uploads."""
+
+    def __init__(self, run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
+        self.run = RunDir(run_dir, data_roots)
+        self.annotations = AnnotationStore(self.run.path / "annotations.sqlite")
+        self.encoder = Encoder(self.run)
+        self.neighbours = LazyNeighbours(self.run.sae_dir)
+        self.max_upload_bytes = max_upload_bytes
+        self.uploads: OrderedDict[str, dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def preload(self) -> threading.Thread:
+        """Load and index the tables and the decoder in the background, so the first page is not the slow one."""
+        def work():
+            run = self.run
+            try:
+                run.latents_indexed()
+                for name in ("stats/top_images", "stats/class_profile", "stats/histograms",
+                             "patients/barcodes", "patients/compare"):
+                    run.table(name)
+                self.neighbours.get()
+            except Exception as exc:  # a missing or broken table is reported when a page asks for it
+                log.info("preload stopped: %s", exc)
+        t = threading.Thread(target=work, name="cytosae-preload", daemon=True)
+        t.start()
+        return t
+
+    # ------------------------------------------------------------------ checks
+    def dataset(self, name: str | None) -> str:
+        if name is None:
+            if not self.run.datasets:
+                raise HTTPException(404, "this run has no datasets")
+            return next(iter(self.run.datasets))
+        if name not in self.run.datasets:
+            raise HTTPException(404, f"unknown dataset {name!r}; this run has {sorted(self.run.datasets)}")
+        return name
+
+    def latent(self, latent: int) -> int:
+        n = self.run.n_latents
+        if not 0 <= latent < n:
+            raise HTTPException(404, f"latent {latent} does not exist; this SAE has latents 0..{n - 1}")
+        return latent
+
+    def image_acts(self, dataset: str, image_id: str) -> ImageActivations:
+        dataset = self.dataset(dataset)
+        try:
+            self.run.image_row(dataset, image_id)
+        except KeyError as exc:
+            raise HTTPException(404, str(exc.args[0])) from None
+        try:
+            return self.encoder.for_store_image(dataset, image_id)
+        except (FileNotFoundError, ValueError) as exc:  # missing/incomplete store or SAE, width mismatch
+            raise HTTPException(503, f"activations of {image_id!r} unavailable: {exc}") from None
+
+    def latent_map(self, dataset: str, image_id: str, latent: int):
+        try:
+            self.run.image_row(dataset, image_id)
+        except KeyError as exc:
+            raise HTTPException(404, str(exc.args[0])) from None
+        try:
+            return self.encoder.latent_map(dataset, image_id, latent)
+        except KeyError as exc:
+            raise HTTPException(404, f"the store lacks an image its tables name: {exc.args[0]}") from None
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            raise HTTPException(503, f"activations of {image_id!r} unavailable: {exc}") from None
+
+    def upload(self, upload_id: str) -> dict:
+        with self._lock:
+            up = self.uploads.get(upload_id)
+        if up is None:
+            raise HTTPException(404, f"upload {upload_id!r} is unknown or expired; upload the image again")
+        return up
+
+    def annotation_names(self) -> dict[int, dict]:
+        return {a.latent: a.to_dict() for a in self.annotations.all()}
+
+
+def patch_index(acts: ImageActivations, patch: int) -> int:
+    if acts.n_patches == 0:
+        raise HTTPException(400, "this store holds one embedding per image (no patch tokens), so there are no patches")
+    if not 0 <= patch < acts.n_patches:
+        raise HTTPException(400, f"patch must be in 0..{acts.n_patches - 1} (grid {acts.grid}x{acts.grid}), got {patch}")
+    return patch
+
+
+def search_latents(ex: Explorer, q: str, limit: int) -> list[dict]:
+    q = q.strip()
+    out: list[dict] = []
+    seen: set[int] = set()
+    if q.lstrip("#").isdigit():
+        j = int(q.lstrip("#"))
+        if j < ex.run.n_latents:
+            a = ex.annotations.get(j)
+            out.append({"latent": j, "name": a.name if a else "", "match": "id"})
+            seen.add(j)
+    for a in ex.annotations.search(q):
+        if a.latent not in seen:
+            out.append({"latent": a.latent, "name": a.name, "match": "annotation"})
+            seen.add(a.latent)
+    return out[:limit]
+
+
+def safe_image_path(ex: Explorer, dataset: str, path: str) -> Path:
+    """The image file if it is inside the run or data folders (after following symlinks), else 403."""
+    p = Path(path)
+    if not p.is_absolute():
+        base = ex.run.data_dir(dataset) or ex.run.path
+        p = base / p
+    real = resolve_inside(p, ex.run.roots)
+    if not real.is_file():
+        raise HTTPException(404, "the image file is missing on disk")
+    return real
