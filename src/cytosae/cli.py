@@ -210,6 +210,34 @@ def import_cytosae(
 # ---------------------------------------------------------------- analysis (stats, patients, compare, classify)
 
 
+@app.command()
+def stats(
+    sae_dir: Path = typer.Argument(..., help="SAE directory (sae.safetensors + config.json)."),
+    stores: list[Path] = typer.Argument(..., help="One or more activation stores (datasets), named by folder."),
+    out: Path = typer.Option(..., "--out", help="Folder for the tables (usually RUN/stats)."),
+    k: int = typer.Option(16, help="Top images kept per latent."),
+    label_column: str = typer.Option("label", help="Manifest column holding (possibly 'a|b' multi-) labels."),
+    noisy_threshold: float = typer.Option(0.1, help="CytoSAE's noisy-latent rule: mean activation above this."),
+) -> None:
+    """Per-latent firing frequencies, mean activations, top images, label entropy and class profiles."""
+    from cytosae.analysis import compute_latent_stats, write_stats
+    from cytosae.sae import SAE
+    from cytosae.store import ActivationStore
+
+    sae = SAE.load(sae_dir)
+    results = []
+    for path in stores:
+        st = ActivationStore(path)
+        results.append(compute_latent_stats(sae.encode, st.iter_images(8), st.images, sae.cfg.n_latents, k=k,
+                                            label_column=label_column, noisy_threshold=noisy_threshold,
+                                            dataset=path.name))
+        s = results[-1].summary
+        typer.echo(f"{path.name}: {s['n_images']} images, {s['n_latents']} latents; {s['n_dead_on_dataset']} never fire "
+                   f"on it; {s['n_noisy']} noisy (mean image activation > {noisy_threshold})")
+    write_stats(results, out)
+    typer.echo(f"tables -> {out} (definitions in {out / 'summary.json'})")
+
+
 # ---------------------------------------------------------------- explorer (explore, report, annotations)
 
 

@@ -1,0 +1,82 @@
+"""Latent statistics: exact values on hand-made activations, streaming equals brute force."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cytosae.analysis import compute_latent_stats, entropy, factor_purity, write_stats
+
+
+def _identity_batches(acts: torch.Tensor, ids, batch):
+    """Tokens are the activations themselves (encode = ReLU identity), so every statistic is hand-checkable."""
+    for s in range(0, len(ids), batch):
+        yield ids[s:s + batch], acts[s:s + batch]
+
+
+def _data(seed=0, n=23, grid=3, n_latents=5):
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.relu(torch.randn(n, 1 + grid * grid, n_latents, generator=g) - 0.5)
+    acts[:, :, 4] = 0  # latent 4 never fires
+    ids = [f"img{i:02d}" for i in range(n)]
+    labels = ["a", "b", "a|b"] * (n // 3) + ["a"] * (n % 3)
+    return acts, ids, pd.DataFrame({"image_id": ids, "label": labels})
+
+
+@pytest.mark.parametrize("batch", [1, 4, 23])
+def test_stats_match_brute_force_for_any_batch_size(batch):
+    acts, ids, manifest = _data()
+    s = compute_latent_stats(torch.relu, _identity_batches(acts, ids, batch), manifest, 5, k=4, dataset="d")
+    img = acts[:, 1:].mean(1)
+    fires = (acts > 0).any(1)
+    lat = s.latents.set_index("latent")
+    np.testing.assert_allclose(lat.freq_image, fires.float().mean(0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(lat.freq_token, (acts > 0).float().mean((0, 1)).numpy(), rtol=1e-6)
+    expected_mean = [(img[:, j][fires[:, j]].mean().item() if fires[:, j].any() else 0.0) for j in range(5)]
+    np.testing.assert_allclose(lat.mean_act, expected_mean, rtol=1e-5)
+    assert lat.loc[4, "mean_act"] == 0.0 and lat.loc[4, "freq_image"] == 0.0 and math.isnan(lat.loc[4, "label_entropy"])
+    for j in range(4):
+        top = s.top_images[(s.top_images.latent == j) & (s.top_images.by == "image")].sort_values("rank")
+        want = torch.argsort(img[:, j], descending=True)[:4]
+        assert top.image_id.tolist() == [ids[i] for i in want]
+        labs = [c for l in top.label for c in l.split("|")]
+        assert lat.loc[j, "label_entropy"] == pytest.approx(entropy(labs))
+        ptop = s.top_images[(s.top_images.latent == j) & (s.top_images.by == "patch")].sort_values("rank").iloc[0]
+        flat = acts[:, 1:, j]
+        best = int(flat.flatten().argmax())
+        assert (ptop.image_id, ptop.patch) == (ids[best // 9], best % 9)
+    prof = s.class_profile.set_index(["latent", "class"])
+    is_a = torch.tensor(["a" in l.split("|") for l in manifest.label])
+    assert prof.loc[(0, "a"), "mean_act"] == pytest.approx(img[is_a, 0].mean().item(), rel=1e-5)
+
+
+def test_patch_index_is_row_major_and_skips_cls():
+    acts = torch.zeros(2, 1 + 16 * 16, 2)
+    acts[1, 0, 0] = 100.0  # CLS must not count as a patch
+    acts[1, 1 + 3 * 16 + 5, 0] = 2.0  # row 3, col 5
+    acts[0, 1, 1] = 1.0
+    s = compute_latent_stats(torch.relu, [(["x", "y"], acts)], pd.DataFrame({"image_id": ["x", "y"], "label": ["p", "q"]}), 2, k=2)
+    row = s.top_images[(s.top_images.latent == 0) & (s.top_images.by == "patch")].iloc[0]
+    assert (row.image_id, row.patch) == ("y", 3 * 16 + 5)
+    assert len(s.top_images[(s.top_images.latent == 1) & (s.top_images.by == "image")]) == 1  # non-firing images are not "top"
+
+
+def test_entropy_and_noisy_flag_and_writing(tmp_path):
+    assert entropy(["a", "a"]) == 0.0 and entropy(["a", "b"]) == pytest.approx(math.log(2))
+    acts, ids, manifest = _data()
+    acts[:, 1:, 0] += 1.0  # latent 0 always strongly on: noisy by CytoSAE's rule
+    s = compute_latent_stats(torch.relu, _identity_batches(acts, ids, 5), manifest, 5, noisy_threshold=0.5, dataset="d")
+    assert s.latents.noisy.tolist()[0] and not s.latents.noisy.tolist()[4]
+    out = write_stats([s], tmp_path / "stats")
+    for name in ["latents", "top_images", "class_profile", "histograms"]:
+        assert len(pd.read_parquet(out / f"{name}.parquet")) > 0
+    with pytest.raises(ValueError, match="no images"):
+        compute_latent_stats(torch.relu, [], manifest, 5)
+
+
+def test_factor_purity_counts_missing_top_images_against_purity():
+    tops = pd.DataFrame({"by": "image", "rank": [0, 1, 0], "latent": [0, 0, 1], "image_id": ["a", "b", "c"]})
+    manifest = pd.DataFrame({"image_id": ["a", "b", "c"], "colour": ["red", "red", "blue"]})
+    p = factor_purity(tops, manifest, "colour", k=2).set_index("value")
+    assert p.loc["red", "purity"] == 1.0 and p.loc["blue", "purity"] == 0.5

@@ -1,0 +1,24 @@
+"""End to end: the demo pipeline writes a run the explorer can serve."""
+import json
+
+import pandas as pd
+from fastapi.testclient import TestClient
+
+from cytosae.demo import run_demo
+from cytosae.explorer.api import create_app
+
+
+def test_demo_writes_a_complete_run_the_explorer_serves(tmp_path):
+    lines = []
+    ev = run_demo(tmp_path / "run", n_patients=2, cells_per_patient=4, expansion=2, k=4, say=lines.append)
+    run = tmp_path / "run"
+    assert ev["all"]["l0"] <= 4.0 + 1e-6 and 0 <= ev["all"]["fvu"] < 2
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["datasets"]["sample"]["store"] == "stores/sample"
+    latents = pd.read_parquet(run / "stats" / "latents.parquet")
+    assert len(latents) == 2 * 384 and latents.freq_image.between(0, 1).all()
+    assert (run / "stats" / "factor_purity.csv").is_file() and (run / "sae" / "eval.json").is_file()
+    assert any("RANDOM weights" in l for l in lines) and lines[-1].endswith(f"cytosae explore {run}")
+    with TestClient(create_app(run)) as c:
+        assert c.get("/api/latents/0").status_code == 200
+        assert c.get("/api/image", params={"dataset": "sample", "image_id": "P000/cell_000.png"}).status_code == 200
