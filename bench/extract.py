@@ -12,9 +12,6 @@ Writes bench/results/extract.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -22,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from _report import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 ACEVEDO = (REPO / ".." / "shared" / "data" / "acevedo").resolve()
@@ -85,12 +84,8 @@ def main() -> None:
         "fraction_of_ceiling": round(ours / ceiling, 3),
         "target_fraction": 0.85,
         "workers": args.workers,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_1m": os.getloadavg()[0],
-                    "python": platform.python_version(), "torch": torch.__version__},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ Writes bench/results/sae.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+
+from _report import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,12 +84,8 @@ def main() -> None:
         "speedup_sparse_vs_dense": {
             a: round(rows[f"{a} sparse"]["tokens_per_s"] / rows[f"{a} dense"]["tokens_per_s"], 2) for a in ("topk", "batchtopk")},
         "targets": {"relu-l1 fraction": 0.6, "sparse vs dense": 2.0},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_1m": os.getloadavg()[0],
-                    "python": platform.python_version(), "torch": torch.__version__},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
