@@ -19,6 +19,8 @@ def test_demo_writes_a_complete_run_the_explorer_serves(tmp_path):
     assert len(latents) == 2 * 384 and latents.freq_image.between(0, 1).all()
     assert (run / "stats" / "factor_purity.csv").is_file() and (run / "sae" / "eval.json").is_file()
     assert any("RANDOM weights" in l for l in lines) and lines[-1].endswith(f"cytosae explore {run}")
+    assert pd.read_parquet(run / "patients" / "barcodes.parquet").frac.between(0, 1).all()
     with TestClient(create_app(run)) as c:
+        assert c.get("/api/patients/barcodes").status_code == 200
         assert c.get("/api/latents/0").status_code == 200
         assert c.get("/api/image", params={"dataset": "sample", "image_id": "P000/cell_000.png"}).status_code == 200

@@ -238,6 +238,31 @@ def stats(
     typer.echo(f"tables -> {out} (definitions in {out / 'summary.json'})")
 
 
+@app.command()
+def patients(
+    sae_dir: Path = typer.Argument(..., help="SAE directory."),
+    store: Path = typer.Argument(..., help="Activation store whose manifest has patient_id (and the target column)."),
+    out: Path = typer.Option(..., "--out", help="Folder for barcodes and comparison (usually RUN/patients)."),
+    threshold: float = typer.Option(0.0, help="A latent counts as firing in a cell above this activation."),
+    token_policy: str = typer.Option("cls", help="cls | any_patch | mean: which tokens decide a cell's activation."),
+    target: str = typer.Option("diagnosis", help="Patient column that defines the groups compared."),
+) -> None:
+    """Patient barcodes (fraction of each patient's cells where each latent fires) and a rank test between groups."""
+    from cytosae.analysis import patient_barcodes, write_patients
+    from cytosae.sae import SAE
+    from cytosae.store import ActivationStore
+
+    sae, st = SAE.load(sae_dir), ActivationStore(store)
+    try:
+        bc = patient_barcodes(sae.encode, st.iter_images(8), st.images, sae.cfg.n_latents, threshold=threshold,
+                              token_policy=token_policy, target=target)
+    except ValueError as exc:
+        _fail(f"{store}: {exc}")
+    write_patients(bc, out, target, {"threshold": threshold, "token_policy": token_policy, "store": str(store)})
+    typer.echo(f"barcodes of {bc.patient_id.nunique()} patients x {sae.cfg.n_latents} latents "
+               f"(token policy {token_policy}, threshold {threshold}) -> {out}")
+
+
 # ---------------------------------------------------------------- explorer (explore, report, annotations)
 
 

@@ -65,6 +65,13 @@ def run_demo(out: str | Path, seed: int = 0, n_patients: int = 12, cells_per_pat
         f"(n={len(table)} values): {int((table.purity >= 0.9).sum())} reach 90%; median {table.purity.median():.0%} "
         f"-> {run / 'stats'}. Note: in this sample each class has fixed factor values, so factors and classes coincide.")
 
+    from cytosae.analysis import patient_barcodes, write_patients
+
+    bc = patient_barcodes(sae.encode, store.iter_images(8), store.images, sae.cfg.n_latents, token_policy="any_patch")
+    write_patients(bc, run / "patients", summary={"threshold": 0.0, "token_policy": "any_patch"})
+    say(f"      patients: barcodes of {bc.patient_id.nunique()} patients (fraction of their cells where each latent "
+        f"fires on any patch) and an APL vs AML rank test with BH q-values -> {run / 'patients'}")
+
     atomic_write_json(run / "run.json", {
         "datasets": {"sample": {"store": "stores/sample", "data": str(manifest_csv)}},
         "sae": "sae",
