@@ -84,8 +84,8 @@ def register(app, ex: Explorer) -> None:
         # returned as a Response: FastAPI's jsonable_encoder would walk 400k values one by one (~0.7 s at 49k latents)
         return FastJSON({"dataset": dataset, "n": len(df), "n_latents": ex.run.n_latents, "columns": cols,
                 "measured": "per latent on this dataset's images: freq_image = fraction of images where the latent fires "
-                            "(CLS token), mean_act = mean activation where it fires, label_entropy = entropy (bits) of "
-                            "the class distribution of the images where it fires"})
+                            "on any token, mean_act = mean image activation (mean over patch tokens) where it fires, "
+                            "label_entropy = entropy (nats) of the labels of its top-k images (stats/summary.json)"})
 
     @app.get("/api/search", summary="Find latents by id or by annotation name/tag/note")
     def search(q: str = Query(..., min_length=1, max_length=200), limit: int = Query(50, ge=1, le=1000)):
@@ -149,10 +149,10 @@ def register(app, ex: Explorer) -> None:
                 out["neighbours"].append({"latent": j, "cosine": s,
                                           "name": names[j].name if names[j] else ""})
         out["measured"] = {
-            "top_images": "images with the highest activation of this latent: by=image on the CLS token, "
+            "top_images": "images with the highest activation of this latent: by=image = mean over the patch tokens, "
                           "by=patch on the best patch token",
-            "class_profile": "per class: mean CLS activation and fraction of images where the latent fires",
-            "histogram": "distribution of non-zero CLS activations over the dataset's images",
+            "class_profile": "per class: mean image activation (mean over patch tokens) and fraction of images where the latent fires",
+            "histogram": "distribution of non-zero image activations (mean over patch tokens) over the dataset's images",
             "patients": "patients with the largest fraction of cells where the latent fires (barcodes)",
             "neighbours": "latents whose decoder direction has the highest cosine similarity",
         }

@@ -37,7 +37,7 @@ def register(app, ex: Explorer) -> None:
         mat = mat.reindex(index=pats["patient_id"], columns=chosen).fillna(0.0)
         return {"patients": records(pats), "latents": chosen,
                 "frac": np.round(mat.to_numpy(dtype=float), 5).tolist(),
-                "measured": "fraction of each patient's cells in which the latent fires (CLS token)"}
+                "measured": "fraction of each patient's cells in which the latent fires (token policy: patients/summary.json)"}
 
     @app.get("/api/patients/compare", summary="Disease comparison per latent (volcano: effect vs -log10 q)")
     def compare(group_a: str | None = None, group_b: str | None = None):

@@ -144,7 +144,7 @@ async function viewOverview(params) {
   const controls = h("div", { class: "controls" },
     h("label", {}, "dataset", sel("f-dataset", run.datasets.map(d => [d.name, d.name]), ds)),
     h("label", {}, "top class", sel("f-class", [["", "any"], ...classes.map(c => [c, c])], "")),
-    h("label", {}, "entropy ≥ (bits)", num("f-emin", "min")), h("label", {}, "entropy ≤", num("f-emax", "max")),
+    h("label", {}, "entropy ≥ (nats)", num("f-emin", "min")), h("label", {}, "entropy ≤", num("f-emax", "max")),
     h("label", {}, "log10 freq ≥", num("f-fmin", "min")), h("label", {}, "log10 freq ≤", num("f-fmax", "max")),
     h("label", {}, "annotated", sel("f-ann", [["", "any"], ["yes", "annotated"], ["no", "not annotated"],
       ["validated", "validated"], ["rejected", "rejected"]], "")),
@@ -155,7 +155,7 @@ async function viewOverview(params) {
   const nImg = ((run.stats_summary || {}).n_images || {})[ds];
   const caption = h("p", { class: "caption" }, `Each dot is one of ${data.n_latents} SAE latents measured on dataset “${ds}”` +
     (typeof nImg === "number" ? ` (${nImg} images)` : "") + ": " +
-    "x = log10 fraction of images where it fires (CLS token), y = log10 mean activation when firing, colour = entropy " +
+    "x = log10 fraction of images where it fires (any token), y = log10 mean activation when firing, colour = entropy " +
     "of the class labels of those images (dark = class-specific, yellow = mixed). Latents that never fire are not drawn. Click a dot to open it.");
   $app.replaceChildren(h("h1", {}, "Latents"), controls, count, canvas, caption);
 
@@ -251,7 +251,7 @@ async function viewLatent(j) {
     for (const by of ["image", "patch"]) {
       const list = byMap[by]; if (!list || !list.length) continue;
       const tiles = h("div", { class: "tiles" });
-      topWrap.append(h("h3", {}, `${ds} — ranked by ${by === "image" ? "CLS (image) activation" : "best patch activation"}`), tiles);
+      topWrap.append(h("h3", {}, `${ds} — ranked by ${by === "image" ? "image activation (mean over patches)" : "best patch activation"}`), tiles);
       const byId = {};
       for (const it of list) {
         const img = h("img", { src: fileUrl(u("image/file", { dataset: ds, image_id: it.image_id })), alt: it.image_id, loading: "lazy" });
