@@ -24,3 +24,11 @@ def test_demo_writes_a_complete_run_the_explorer_serves(tmp_path):
         assert c.get("/api/patients/barcodes").status_code == 200
         assert c.get("/api/latents/0").status_code == 200
         assert c.get("/api/image", params={"dataset": "sample", "image_id": "P000/cell_000.png"}).status_code == 200
+
+
+def test_demo_is_reproducible(tmp_path):
+    evs = [run_demo(tmp_path / f"run{i}", n_patients=2, cells_per_patient=3, expansion=2, k=4, say=lambda s: None)
+           for i in range(2)]
+    shard = "stores/sample/shard_00000.safetensors"
+    assert (tmp_path / "run0" / shard).read_bytes() == (tmp_path / "run1" / shard).read_bytes()
+    assert evs[0]["all"]["fvu"] == evs[1]["all"]["fvu"]
