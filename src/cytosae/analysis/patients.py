@@ -8,7 +8,6 @@ counts and cell counts are kept beside the fractions.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -96,7 +95,7 @@ def compare_groups(barcodes: pd.DataFrame, target: str = "diagnosis") -> pd.Data
 
 
 def write_patients(barcodes: pd.DataFrame, out_dir: str | Path, target: str = "diagnosis", summary: dict | None = None) -> Path:
-    from cytosae.store.format import atomic_write_bytes, atomic_write_json
+    from cytosae.store.format import atomic_write_json, atomic_write_parquet
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,9 +103,7 @@ def write_patients(barcodes: pd.DataFrame, out_dir: str | Path, target: str = "d
     if barcodes[target].nunique() >= 2:
         tables["compare"] = compare_groups(barcodes, target)
     for name, table in tables.items():
-        buf = io.BytesIO()
-        table.to_parquet(buf, index=False)
-        atomic_write_bytes(out / f"{name}.parquet", buf.getvalue())
+        atomic_write_parquet(out / f"{name}.parquet", table)
     atomic_write_json(out / "summary.json", {
         "n_patients": int(barcodes.patient_id.nunique()), "target": target,
         "definition": "frac = cells of the patient where the latent fires above threshold / cells of the patient",

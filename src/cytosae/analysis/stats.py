@@ -13,7 +13,6 @@ Definitions (also written to summary.json, so every number says what it is):
 """
 from __future__ import annotations
 
-import io
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -161,15 +160,13 @@ def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images:
 
 def write_stats(stats: list[LatentStats], out_dir: str | Path) -> Path:
     """Write the tables of one or more datasets as docs/run-layout.md's stats/ folder."""
-    from cytosae.store.format import atomic_write_bytes, atomic_write_json
+    from cytosae.store.format import atomic_write_json, atomic_write_parquet
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("latents", "top_images", "class_profile", "histograms"):
         table = pd.concat([getattr(s, name) for s in stats], ignore_index=True)
-        buf = io.BytesIO()
-        table.to_parquet(buf, index=False)
-        atomic_write_bytes(out / f"{name}.parquet", buf.getvalue())
+        atomic_write_parquet(out / f"{name}.parquet", table)
     atomic_write_json(out / "summary.json", {"datasets": [s.summary for s in stats]})
     return out
 

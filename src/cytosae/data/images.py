@@ -6,10 +6,7 @@ raises `ImageDecodeError` so a caller can record it and move on.
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -148,14 +145,3 @@ def collate_skipping(items: Sequence[tuple]):
         images = torch.zeros((0, 3, 1, 1))
     return torch.tensor([i for i, _ in good], dtype=torch.long), images, skipped
 
-
-def write_skipped_csv(path: str | os.PathLike, rows: Sequence[tuple[str, str]]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "reason"])
-    w.writerows(rows)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(buf.getvalue())
-    os.replace(tmp, path)

@@ -8,6 +8,7 @@ A store is one directory:
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -40,6 +41,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_parquet(path: Path, table) -> None:
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import math
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from .format import DTYPES, FORMAT, FORMAT_VERSION, IMAGES, MANIFEST, SKIPPED, atomic_write_bytes, atomic_write_json, shard_name
+from .format import DTYPES, FORMAT, FORMAT_VERSION, IMAGES, MANIFEST, SKIPPED, atomic_write_bytes, atomic_write_json, atomic_write_parquet, shard_name
 
 
 def _load_array(path: Path, key: str | None) -> np.ndarray:
@@ -89,9 +88,7 @@ def import_embeddings(
         shards.append({"file": shard_name(index), "index": index, "image_ids": ids[start:stop],
                        "rows": list(range(start, stop)), "skipped": [], "n_images": stop - start})
 
-    buf = io.BytesIO()
-    manifest.reset_index(drop=True).to_parquet(buf, index=False)
-    atomic_write_bytes(out / IMAGES, buf.getvalue())
+    atomic_write_parquet(out / IMAGES, manifest.reset_index(drop=True))
     atomic_write_bytes(out / SKIPPED, b"path,reason\n")
     digest = hashlib.sha256()
     with open(array_path, "rb") as fh:

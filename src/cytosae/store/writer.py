@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from .format import (
     SKIPPED,
     atomic_write_bytes,
     atomic_write_json,
+    atomic_write_parquet,
     read_manifest,
     shard_name,
 )
@@ -214,9 +214,7 @@ def _finalise(out: Path, meta: dict, manifest: pd.DataFrame) -> None:
     rows = [r for s in meta["shards"] for r in s["rows"]]
     skipped = [s for shard in meta["shards"] for s in shard["skipped"]]
     images = manifest.iloc[rows].reset_index(drop=True)
-    buf = io.BytesIO()
-    images.to_parquet(buf, index=False)
-    atomic_write_bytes(out / IMAGES, buf.getvalue())
+    atomic_write_parquet(out / IMAGES, images)
     skipped_df = pd.DataFrame(skipped, columns=["path", "reason"])
     atomic_write_bytes(out / SKIPPED, skipped_df.to_csv(index=False).encode())
     meta["n_images"] = len(rows)
