@@ -1,4 +1,6 @@
 """Patient barcodes (fractions of cells, not of latents) and the disease comparison."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -55,5 +57,29 @@ def test_comparison_finds_the_separating_latent_with_bh_q(tmp_path):
     assert (cmp.q >= cmp.p - 1e-12).all() and (cmp[cmp.latent != 7].q > 0.05).all()
     out = write_patients(bc, tmp_path / "patients")
     assert {p.name for p in out.iterdir()} >= {"barcodes.parquet", "disease_barcodes.parquet", "compare.parquet", "summary.json"}
+    figs = {p.name for p in (out / "figures").iterdir()}
+    assert figs == {"barcodes.png", "patient_correlation.png", "volcano_AML_vs_APL.png"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["comparisons"][0]["top_latents"][0]["latent"] == 7 and summary["groups"] == {"AML": 10, "APL": 10}
     with pytest.raises(ValueError, match="needs two or more"):
         compare_groups(bc[bc.diagnosis == "APL"])
+
+
+def test_three_groups_get_one_vs_rest_and_kruskal_wallis(tmp_path):
+    rng = np.random.default_rng(1)
+    groups = ["APL", "AML-NPM1", "AML-CBF"]
+    rows = [(f"P{p}", groups[p % 3], j, rng.uniform(0, 0.2) + (0.7 if j == 4 and p % 3 == 1 else 0.0), 0, 10)
+            for p in range(18) for j in range(12)]
+    bc = pd.DataFrame(rows, columns=["patient_id", "diagnosis", "latent", "frac", "count", "n_cells"])
+    cmp = compare_groups(bc)
+    assert set(zip(cmp.group_a, cmp.group_b)) == {(g, "rest") for g in groups} | {("all", "kruskal_wallis")}
+    kw = cmp[cmp.group_b == "kruskal_wallis"].set_index("latent")
+    x = bc.pivot(index="patient_id", columns="latent", values="frac")
+    g = bc.drop_duplicates("patient_id").set_index("patient_id").diagnosis.reindex(x.index)
+    ref = sps.kruskal(*[x[4][g == name] for name in groups])
+    assert kw.loc[4, "p"] == pytest.approx(ref.pvalue) and kw.loc[4, "q"] < 0.05 and kw.loc[4, "effect"] > 0.5
+    assert (kw.drop(index=4).q > 0.05).all()
+    np.testing.assert_allclose(kw.q.sort_values(), np.sort(sps.false_discovery_control(kw.p, method="bh")))
+    out = write_patients(bc, tmp_path / "p")
+    assert (out / "figures" / "volcano_all_vs_kruskal_wallis.png").is_file()
+    assert len(list((out / "figures").glob("volcano_*.png"))) == 4

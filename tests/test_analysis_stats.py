@@ -1,4 +1,5 @@
 """Latent statistics: exact values on hand-made activations, streaming equals brute force."""
+import json
 import math
 
 import numpy as np
@@ -71,6 +72,10 @@ def test_entropy_and_noisy_flag_and_writing(tmp_path):
     out = write_stats([s], tmp_path / "stats")
     for name in ["latents", "top_images", "class_profile", "histograms"]:
         assert len(pd.read_parquet(out / f"{name}.parquet")) > 0
+    ds = s.summary["dataset"]
+    for fig in (f"frequency_vs_activation_{ds}.png", f"class_profile_{ds}.png"):
+        assert (out / "figures" / fig).stat().st_size > 3000
+    assert json.loads((out / "summary.json").read_text())["figures"] == sorted(p.name for p in (out / "figures").iterdir())
     with pytest.raises(ValueError, match="no images"):
         compute_latent_stats(torch.relu, [], manifest, 5)
 

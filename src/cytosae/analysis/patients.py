@@ -72,40 +72,91 @@ def disease_barcodes(barcodes: pd.DataFrame, target: str = "diagnosis") -> pd.Da
 
 
 def compare_groups(barcodes: pd.DataFrame, target: str = "diagnosis") -> pd.DataFrame:
-    """Per latent and group: Mann-Whitney U of the group's patients against all others (one-vs-rest),
-    Benjamini-Hochberg q over all tests, effect = difference of mean fractions (group - rest)."""
+    """Per latent, rank tests of the patients' firing fractions between the groups of `target`.
+
+    Two groups: Mann-Whitney U, effect = mean(a) - mean(b). More than two: each group against the rest
+    (Mann-Whitney, effect = mean(group) - mean(rest)) and one Kruskal-Wallis test over all groups
+    (group_a "all", group_b "kruskal_wallis", effect = largest minus smallest group mean).
+    q = Benjamini-Hochberg within each comparison (one (group_a, group_b) pair = one family of tests).
+    """
     wide = barcodes.pivot(index="patient_id", columns="latent", values="frac")
     groups = barcodes.drop_duplicates("patient_id").set_index("patient_id")[target].reindex(wide.index)
     labels = sorted(groups.dropna().unique())
     if len(labels) < 2:
         raise ValueError(f"column {target!r} has {len(labels)} group(s) among the patients; a comparison needs two or more")
+    x = wide.to_numpy()
     rows = []
     pairs = [(labels[0], labels[1])] if len(labels) == 2 else [(g, "rest") for g in labels]
     for a, b in pairs:
         in_a = (groups == a).to_numpy()
         in_b = (groups == b).to_numpy() if b != "rest" else ~in_a & groups.notna().to_numpy()
-        xa, xb = wide.to_numpy()[in_a], wide.to_numpy()[in_b]
-        test = sps.mannwhitneyu(xa, xb, axis=0, alternative="two-sided")
-        p = np.where(np.isnan(test.pvalue), 1.0, test.pvalue)  # a latent constant in both groups shows no difference
-        rows.append(pd.DataFrame({"latent": wide.columns.to_numpy(), "group_a": a, "group_b": b,
-                                  "statistic": test.statistic, "p": p, "effect": xa.mean(0) - xb.mean(0)}))
+        test = sps.mannwhitneyu(x[in_a], x[in_b], axis=0, alternative="two-sided")
+        rows.append(_family(wide.columns, a, b, test.statistic, test.pvalue, x[in_a].mean(0) - x[in_b].mean(0)))
+    if len(labels) > 2:
+        samples = [x[(groups == g).to_numpy()] for g in labels]
+        means = np.stack([s.mean(0) for s in samples])
+        varying = np.ptp(x, axis=0) > 0  # scipy refuses all-identical values; such a latent shows no difference
+        stat, p = np.zeros(x.shape[1]), np.ones(x.shape[1])
+        if varying.any():
+            kw = sps.kruskal(*[s[:, varying] for s in samples], axis=0)
+            stat[varying], p[varying] = kw.statistic, kw.pvalue
+        rows.append(_family(wide.columns, "all", "kruskal_wallis", stat, p, means.max(0) - means.min(0)))
     table = pd.concat(rows, ignore_index=True)
-    table["q"] = sps.false_discovery_control(table["p"].to_numpy(), method="bh")
-    return table[["latent", "group_a", "group_b", "statistic", "p", "q", "effect"]].sort_values(["q", "p"]).reset_index(drop=True)
+    return table[["latent", "group_a", "group_b", "statistic", "p", "q", "effect"]].sort_values(
+        ["group_a", "group_b", "q", "p"], kind="stable").reset_index(drop=True)
 
 
-def write_patients(barcodes: pd.DataFrame, out_dir: str | Path, target: str = "diagnosis", summary: dict | None = None) -> Path:
+def _family(latents, a, b, statistic, p, effect) -> pd.DataFrame:
+    p = np.where(np.isnan(p), 1.0, p)  # a latent constant in both groups shows no difference
+    return pd.DataFrame({"latent": np.asarray(latents), "group_a": str(a), "group_b": str(b), "statistic": statistic,
+                         "p": p, "q": sps.false_discovery_control(p, method="bh"), "effect": effect})
+
+
+def write_patients(barcodes: pd.DataFrame, out_dir: str | Path, target: str = "diagnosis", summary: dict | None = None,
+                   q_max: float = 0.05, top_barcode_latents: int = 48) -> Path:
+    """Tables, figures (barcodes, patient correlation, one volcano per comparison) and summary.json."""
+    from cytosae.analysis import figures
     from cytosae.store.format import atomic_write_json, atomic_write_parquet
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables = {"barcodes": barcodes, "disease_barcodes": disease_barcodes(barcodes, target)}
-    if barcodes[target].nunique() >= 2:
+    n_groups = barcodes.drop_duplicates("patient_id")[target].nunique()
+    if n_groups >= 2:
         tables["compare"] = compare_groups(barcodes, target)
     for name, table in tables.items():
         atomic_write_parquet(out / f"{name}.parquet", table)
+
+    variable = barcodes.groupby("latent")["frac"].var().fillna(0).sort_values(ascending=False, kind="stable")
+    shown = [int(j) for j in variable.index[:top_barcode_latents]]
+    figures.save_figure(figures.barcode_figure(barcodes, target, shown), out / "figures" / "barcodes.png")
+    figures.save_figure(figures.patient_correlation_heatmap(barcodes, target), out / "figures" / "patient_correlation.png")
+    comparisons = []
+    if "compare" in tables:
+        cmp = tables["compare"]
+        for (a, b), fam in cmp.groupby(["group_a", "group_b"], sort=True):
+            fig_path = out / "figures" / f"volcano_{_slug(a)}_vs_{_slug(b)}.png"
+            figures.save_figure(figures.volcano(cmp, a, b, q_max=q_max), fig_path)
+            top = fam.nsmallest(10, ["q", "p"])
+            comparisons.append({
+                "group_a": a, "group_b": b, "n_latents": int(len(fam)), f"n_q_below_{q_max}": int((fam.q < q_max).sum()),
+                "figure": str(fig_path.relative_to(out)),
+                "top_latents": [{"latent": int(r.latent), "effect": float(r.effect), "p": float(r.p), "q": float(r.q)}
+                                for r in top.itertuples()]})
     atomic_write_json(out / "summary.json", {
         "n_patients": int(barcodes.patient_id.nunique()), "target": target,
+        "groups": barcodes.drop_duplicates("patient_id")[target].astype(str).value_counts().sort_index().to_dict(),
         "definition": "frac = cells of the patient where the latent fires above threshold / cells of the patient",
+        "compare": ("per latent, rank test of the patients' firing fractions between groups (Mann-Whitney U; "
+                    "Kruskal-Wallis over all groups when more than two); q = Benjamini-Hochberg within each comparison; "
+                    "effect = difference of mean fractions"),
+        "comparisons": comparisons,
+        "figures": {"barcodes": "figures/barcodes.png (the most variable latents between patients)",
+                    "patient_correlation": "figures/patient_correlation.png (Pearson r of barcodes, ordered by "
+                                           f"{target})"},
         **(summary or {})})
     return out
+
+
+def _slug(name) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name))

@@ -167,7 +167,17 @@ def write_stats(stats: list[LatentStats], out_dir: str | Path) -> Path:
     for name in ("latents", "top_images", "class_profile", "histograms"):
         table = pd.concat([getattr(s, name) for s in stats], ignore_index=True)
         atomic_write_parquet(out / f"{name}.parquet", table)
-    atomic_write_json(out / "summary.json", {"datasets": [s.summary for s in stats]})
+    from cytosae.analysis import figures
+
+    for s in stats:
+        name = s.summary["dataset"]
+        figures.save_figure(figures.frequency_activation_scatter(s.latents, name),
+                            out / "figures" / f"frequency_vs_activation_{name}.png")
+        if s.summary["classes"]:
+            figures.save_figure(figures.class_profile_heatmap(s.class_profile, s.latents, name),
+                                out / "figures" / f"class_profile_{name}.png")
+    atomic_write_json(out / "summary.json", {"datasets": [s.summary for s in stats],
+                                             "figures": sorted(p.name for p in (out / "figures").glob("*.png"))})
     return out
 
 

@@ -1,0 +1,154 @@
+"""Patient-level classification: cross-validation over patients, baselines, importance, external cohorts."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cytosae.analysis.classify import (ClassifyConfig, ablation, barcode_features, classify_patients,
+                                       composition_features, concept_importance, cross_validate, external_validation,
+                                       mean_embedding_features, write_classify)
+
+
+def _barcodes(n_apl=10, n_aml=20, n_latents=10, signal=(3,), seed=0, prefix="P"):
+    """Long barcode table where the `signal` latents fire in more APL cells."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_apl + n_aml):
+        dx = "APL" if p < n_apl else "AML"
+        for j in range(n_latents):
+            frac = rng.uniform(0, 0.4) + (0.5 if j in signal and dx == "APL" else 0.0)
+            rows.append((f"{prefix}{p:02d}", dx, j, frac, int(frac * 20), 20))
+    return pd.DataFrame(rows, columns=["patient_id", "diagnosis", "latent", "frac", "count", "n_cells"])
+
+
+FAST = ClassifyConfig(n_splits=5, n_repeats=3, n_bootstrap=200, ablation_repeats=2, ablate=(1, 5), n_trees=40)
+
+
+def test_cross_validation_separates_signal_from_noise():
+    x, y = barcode_features(_barcodes())
+    assert x.shape == (30, 10) and set(y) == {"APL", "AML"}
+    good = cross_validate(x, y, "logreg_l2", FAST)["scores"]
+    assert good["auroc"] > 0.95 and good["macro_f1"] > 0.85 and good["positive"] == "APL"  # the rarer class
+    assert good["folds"] == 5 and good["repeats"] == 3 and set(good["per_class_f1"]) == {"APL", "AML"}
+    lo, hi = good["auroc_ci"]
+    assert 0.5 < lo <= hi <= 1.0
+    noise = cross_validate(x.drop(columns=[3]), y, "logreg_l2", FAST)["scores"]
+    assert 0.15 < noise["auroc"] < 0.85  # no information: near chance, never the signal's score
+    rf = cross_validate(x, y, "random_forest", FAST)["scores"]
+    assert rf["auroc"] > 0.9
+
+
+def test_every_patient_gets_exactly_one_prediction_per_repeat_and_duplicates_are_refused():
+    x, y = barcode_features(_barcodes())
+    cv = cross_validate(x, y, "logreg_l1", FAST)
+    assert cv["oof_proba"].shape == (30, 2) and np.allclose(cv["oof_proba"].sum(1), 1.0)
+    assert cv["patients"] == list(x.index)
+    with pytest.raises(ValueError, match="one row per patient"):
+        cross_validate(pd.concat([x, x.iloc[:1]]), y, "logreg_l2", FAST)
+    with pytest.raises(ValueError, match="at least 2 patients"):
+        cross_validate(x.iloc[[0, 10, 11, 12, 13]], y, "logreg_l2", FAST)
+
+
+def test_importance_finds_the_signal_latent_and_ablation_costs_score():
+    x, y = barcode_features(_barcodes())
+    imp = concept_importance(x, y, FAST, kind="logreg_l2")
+    assert imp.iloc[0].feature == 3 and imp.iloc[0].coef > 0 and imp.iloc[0]["class"] == "APL"
+    rows = {r["removed_top"]: r for r in ablation(x, y, FAST)}
+    assert rows[0]["auroc"] > 0.95 and rows[1]["auroc_drop"] > 0.2  # the one informative concept is gone
+
+
+def test_external_cohort_and_mismatched_features():
+    x, y = barcode_features(_barcodes(seed=0))
+    xe, ye = barcode_features(_barcodes(seed=1, prefix="Q"))
+    res = external_validation(x, y, xe, ye, "logreg_l2", FAST)
+    assert res["n_train"] == 30 and res["n_test"] == 30 and res["auroc"] > 0.95 and res["auroc_ci"][0] > 0.8
+    with pytest.raises(ValueError, match="lacks 1 feature"):
+        external_validation(x, y, xe.drop(columns=[5]), ye, "logreg_l2", FAST)
+
+
+class _FakeStore:
+    """The two things the baselines read from an activation store: the image table and CLS tokens."""
+
+    def __init__(self, n_patients=12, cells=6, seed=0):
+        rng = np.random.default_rng(seed)
+        rows, cls = [], []
+        for p in range(n_patients):
+            dx = "APL" if p % 3 == 0 else "AML"
+            for c in range(cells):
+                t = "promyelocyte" if (dx == "APL" and c < 4) or (dx == "AML" and c == 0) else "blast"
+                rows.append({"image_id": f"P{p:02d}/{c}", "patient_id": f"P{p:02d}", "diagnosis": dx, "cell_type": t})
+                cls.append(rng.normal(size=8) + (2.0 if dx == "APL" else 0.0))
+        self.images = pd.DataFrame(rows)
+        self._cls = torch.tensor(np.array(cls), dtype=torch.float32)
+
+    def iter_images(self, batch_size, tokens="all"):
+        ids = self.images.image_id.tolist()
+        for s in range(0, len(ids), batch_size):
+            yield ids[s:s + batch_size], self._cls[s:s + batch_size, None, :]
+
+
+def test_baselines_from_the_same_cells_and_results_json_for_the_explorer(tmp_path):
+    store = _FakeStore()
+    emb = mean_embedding_features(store)
+    assert emb.shape == (12, 8)
+    first = store.images.patient_id == "P00"
+    np.testing.assert_allclose(emb.loc["P00"].to_numpy(), store._cls[torch.from_numpy(first.to_numpy().copy())].double().mean(0).numpy(), atol=1e-6)
+    comp = composition_features(store.images, "cell_type")
+    assert comp.loc["P00", "promyelocyte"] == pytest.approx(4 / 6) and comp.loc["P01", "promyelocyte"] == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="no cell-type column 'stage'"):
+        composition_features(store.images, "stage")
+
+    pats = store.images.drop_duplicates("patient_id")
+    rng = np.random.default_rng(3)
+    bc = pd.DataFrame([(p, d, j, rng.uniform(0, 1), 1, 6) for p, d in zip(pats.patient_id, pats.diagnosis)
+                       for j in range(10)], columns=["patient_id", "diagnosis", "latent", "frac", "count", "n_cells"])
+    cfg = ClassifyConfig(n_splits=3, n_repeats=2, n_bootstrap=100, ablate=(1,), ablation_repeats=1, n_trees=40)
+    res = classify_patients(bc, cfg, store=store, proportion="Promyelocyte", dataset="toy")
+    models = res["models"]
+    assert set(models) == {"concepts_logreg_l1", "concepts_logreg_l2", "concepts_random_forest",
+                           "baseline_mean_embedding_logreg_l2", "baseline_cell_type_composition_logreg_l2",
+                           "baseline_promyelocyte_proportion"}
+    assert models["baseline_promyelocyte_proportion"]["auroc"] == 1.0  # 4/6 vs 1/6: a perfect single feature
+    assert models["concepts_logreg_l2"]["auroc"] < 0.95  # random barcodes carry nothing
+    out = write_classify(res, tmp_path / "classify")
+    saved = json.loads((out / "results.json").read_text())
+    for v in saved["models"].values():  # what the explorer's table reads
+        assert {"macro_f1", "auroc", "auroc_ci", "per_class_f1", "folds", "repeats"} <= set(v)
+    assert saved["task"] == "diagnosis" and saved["dataset"] == "toy" and saved["protocol"]["folds"] == 3
+    assert (out / "figures" / "roc.png").stat().st_size > 5000
+    preds = pd.read_parquet(out / "predictions.parquet")
+    assert len(preds) == 6 * 12 and set(preds.patient_id) == set(pats.patient_id)
+    with pytest.raises(ValueError, match="not in column"):
+        classify_patients(bc, cfg, store=store, proportion="myeloblast")
+
+
+def test_three_classes_use_one_vs_rest_auroc():
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(24):
+        dx = ["APL", "AML-NPM1", "AML-other"][p % 3]
+        for j in range(12):
+            frac = rng.uniform(0, 0.3) + (0.6 if j == p % 3 else 0.0)
+            rows.append((f"P{p}", dx, j, frac, 0, 10))
+    x, y = barcode_features(pd.DataFrame(rows, columns=["patient_id", "diagnosis", "latent", "frac", "count", "n_cells"]))
+    s = cross_validate(x, y, "logreg_l2", FAST)["scores"]
+    assert s["positive"] is None and s["auroc"] > 0.9 and len(s["per_class_f1"]) == 3
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_bootstrap_scores_equal_scikit_learns(n_classes):
+    from cytosae.analysis.classify import _fast_scores, _scores
+
+    rng = np.random.default_rng(n_classes)
+    classes = ["A", "B", "C"][:n_classes]
+    for _ in range(20):
+        y = rng.choice(classes, 25)
+        proba = rng.dirichlet(np.ones(n_classes), 25)
+        proba[:5] = proba[5:10]  # ties in the scores
+        y[:n_classes] = classes  # every class present
+        positive = "B" if n_classes == 2 else None
+        ref = _scores(y, proba, classes, positive)
+        f1, auc = _fast_scores(np.searchsorted(classes, y), proba, classes.index(positive) if positive else None)
+        assert f1 == pytest.approx(ref["macro_f1"], abs=1e-12) and auc == pytest.approx(ref["auroc"], abs=1e-12)
