@@ -121,13 +121,25 @@ def test_synthetic_sample_is_deterministic_and_records_factors(tmp_path):
     digest = lambda root, m: [hashlib.sha256((root / p).read_bytes()).hexdigest() for p in m.path]
     assert digest(a.parent, ma) == digest(b.parent, mb)
     for col in ["label", "patient_id", "diagnosis", "nucleus_shape", "lobes", "granule_colour", "granule_density",
-                "cytoplasm_colour", "size_px"]:
+                "cytoplasm_colour", "background", "size_px"]:
         assert ma[col].notna().all(), col
     assert set(ma.diagnosis) == {"APL", "AML"} and ma.groupby("patient_id").diagnosis.nunique().max() == 1
     m = load_manifest(a)
     assert len(m) == 20 and m.image_id[0] == "P000/cell_000.png"
     c = make_sample(tmp_path / "c", seed=4, n_patients=4, cells_per_patient=5)
     assert digest(c.parent, pd.read_csv(c)) != digest(a.parent, ma)
+
+
+def test_synthetic_independent_factors_are_not_the_class_in_disguise(tmp_path):
+    m = pd.read_csv(make_sample(tmp_path / "s", seed=0, n_patients=6, cells_per_patient=20))
+    for factor, values in (("cytoplasm_colour", {"pale", "blue", "grey"}), ("background", {"pink", "lilac", "white"})):
+        assert set(m[factor]) == values
+        per_class = m.groupby("label")[factor].nunique()
+        assert (per_class[m.label.value_counts()[per_class.index] >= 10] == 3).all(), (factor, per_class)
+    assert (m.groupby("label").nucleus_shape.nunique() == 1).all()  # class-bound factors stay bound
+    img = np.asarray(Image.open(tmp_path / "s" / m.path[0]))
+    from cytosae.data.synthetic import BACKGROUND_RGB
+    assert np.abs(img[2, 2].astype(int) - BACKGROUND_RGB[m.background[0]]).max() <= 2  # the corner shows the background
 
 
 def test_real_acevedo_manifest_decodes(shared_data):

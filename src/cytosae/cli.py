@@ -218,6 +218,7 @@ def stats(
     k: int = typer.Option(16, help="Top images kept per latent."),
     label_column: str = typer.Option("label", help="Manifest column holding (possibly 'a|b' multi-) labels."),
     noisy_threshold: float = typer.Option(0.1, help="CytoSAE's noisy-latent rule: mean activation above this."),
+    galleries: int = typer.Option(12, help="Gallery PNGs (top images with overlays) for this many label-specific latents."),
 ) -> None:
     """Per-latent firing frequencies, mean activations, top images, label entropy and class profiles."""
     from cytosae.analysis import compute_latent_stats, write_stats
@@ -235,7 +236,23 @@ def stats(
         typer.echo(f"{path.name}: {s['n_images']} images, {s['n_latents']} latents; {s['n_dead_on_dataset']} never fire "
                    f"on it; {s['n_noisy']} noisy (mean image activation > {noisy_threshold})")
     write_stats(results, out)
-    typer.echo(f"tables -> {out} (definitions in {out / 'summary.json'})")
+    if galleries:
+        from cytosae.analysis.heatmaps import CellViewer, write_latent_galleries
+
+        for path, res in zip(stores, results):
+            chosen = _gallery_latents(res.latents, galleries, k, res.summary["n_images"])
+            written = write_latent_galleries(CellViewer(ActivationStore(path), sae.encode), res.top_images, chosen,
+                                             out / "figures" / "galleries" / path.name, label_column=label_column)
+            typer.echo(f"{path.name}: galleries of the {len(written)} latents with the lowest label entropy among those "
+                       f"firing on >= {k} images -> {out / 'figures' / 'galleries' / path.name}")
+    typer.echo(f"tables and figures -> {out} (definitions in {out / 'summary.json'})")
+
+
+def _gallery_latents(latents, n: int, k: int, n_images: int) -> list[int]:
+    """The most label-specific latents among those with a full set of k top images."""
+    full = latents[(latents.freq_image * n_images >= k - 0.5) & latents.label_entropy.notna()]
+    return [int(j) for j in full.sort_values(["label_entropy", "mean_act"], ascending=[True, False], kind="stable")
+            .latent.head(n)]
 
 
 @app.command()
@@ -246,6 +263,7 @@ def patients(
     threshold: float = typer.Option(0.0, help="A latent counts as firing in a cell above this activation."),
     token_policy: str = typer.Option("cls", help="cls | any_patch | mean: which tokens decide a cell's activation."),
     target: str = typer.Option("diagnosis", help="Patient column that defines the groups compared."),
+    examples: int = typer.Option(5, help="Per comparison, draw example cells with overlays for this many enriched latents."),
 ) -> None:
     """Patient barcodes (fraction of each patient's cells where each latent fires) and a rank test between groups."""
     from cytosae.analysis import patient_barcodes, write_patients
@@ -261,6 +279,71 @@ def patients(
     write_patients(bc, out, target, {"threshold": threshold, "token_policy": token_policy, "store": str(store)})
     typer.echo(f"barcodes of {bc.patient_id.nunique()} patients x {sae.cfg.n_latents} latents "
                f"(token policy {token_policy}, threshold {threshold}) -> {out}")
+    if (out / "compare.parquet").is_file():
+        import json
+
+        summary = json.loads((out / "summary.json").read_text())
+        for c in summary["comparisons"]:
+            typer.echo(f"{target} {c['group_a']} vs {c['group_b']}: {c['n_q_below_0.05']} of {c['n_latents']} latents "
+                       f"with BH q < 0.05 -> {out / c['figure']}")
+        if examples:
+            from cytosae.analysis.patients import write_disease_examples
+
+            drawn = write_disease_examples(sae.encode, st, out, target, per_comparison=examples)
+            typer.echo(f"example cells with overlays for {sum(len(d['latents']) for d in drawn)} disease-specific "
+                       f"latents -> {out / 'figures' / 'examples'}")
+
+
+@app.command()
+def classify(
+    barcodes: Path = typer.Argument(..., help="Patients folder from `cytosae patients` (or its barcodes.parquet)."),
+    out: Path = typer.Option(..., "--out", help="Folder for results.json, predictions and ROC figure (usually RUN/classify)."),
+    target: str = typer.Option("diagnosis", help="Patient column to predict."),
+    store: Optional[Path] = typer.Option(None, help="The activation store of the same cells: enables the baselines "
+                                                    "(mean-pooled embedding, cell-type composition)."),
+    cell_type_column: Optional[str] = typer.Option(None, help="Manifest column of cell types (default: cell_type, else label)."),
+    proportion: Optional[str] = typer.Option(None, help="Also a one-feature baseline: the proportion of this cell type "
+                                                        "(e.g. Promyelocyte for APL)."),
+    external: Optional[Path] = typer.Option(None, help="Barcodes of another cohort (same SAE): train here, test there."),
+    folds: int = typer.Option(5, help="k of stratified k-fold (lowered to the smallest class's patient count)."),
+    repeats: int = typer.Option(10, help="Repeats of k-fold with different shuffles."),
+    positive: Optional[str] = typer.Option(None, help="Binary tasks: class whose AUROC and ROC are reported (default: rarer)."),
+    seed: int = typer.Option(0, help="Seed of the fold shuffles, bootstrap and forest."),
+) -> None:
+    """Patient-level diagnosis from concept barcodes, with baselines, in repeated cross-validation over patients."""
+    import pandas as pd
+
+    from cytosae.analysis.classify import ClassifyConfig, classify_patients, write_classify
+
+    def read_barcodes(path: Path):
+        file = path / "barcodes.parquet" if path.is_dir() else path
+        if not file.is_file():
+            _fail(f"{file} not found: give the folder written by `cytosae patients` or its barcodes.parquet")
+        return pd.read_parquet(file)
+
+    st = None
+    if store is not None:
+        from cytosae.store import ActivationStore
+
+        st = ActivationStore(store)
+    cfg = ClassifyConfig(target=target, n_splits=folds, n_repeats=repeats, seed=seed, positive=positive)
+    try:
+        res = classify_patients(read_barcodes(barcodes), cfg, store=st, cell_type_column=cell_type_column,
+                                proportion=proportion, external=read_barcodes(external) if external else None,
+                                dataset=store.name if store else None)
+    except ValueError as exc:
+        _fail(f"{barcodes}: {exc}")
+    write_classify(res, out)
+    p = res["protocol"]
+    typer.echo(f"{target} of {res['n_patients']} patients {res['class_counts']}, {p['repeats']} x {p['folds']}-fold CV "
+               f"over patients; AUROC and macro-F1 of out-of-fold predictions (95% CI: bootstrap over patients):")
+    for name, m in res["models"].items():
+        ci = m["auroc_ci"] or [float("nan")] * 2
+        typer.echo(f"  {name:<45} AUROC {m['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  macro-F1 {m['macro_f1']:.3f}")
+    for name, m in res.get("external", {}).items():
+        typer.echo(f"  external cohort, {name:<28} AUROC {m['auroc']:.3f}  macro-F1 {m['macro_f1']:.3f} "
+                   f"({m['n_train']} train / {m['n_test']} test patients)")
+    typer.echo(f"-> {out / 'results.json'}, {out / 'figures' / 'roc.png'}")
 
 
 # ---------------------------------------------------------------- explorer (explore, report, annotations)

@@ -52,12 +52,14 @@ class ClassifyConfig:
     extra: dict = field(default_factory=dict)
 
 
-def make_model(kind: str, seed: int = 0, C: float = 1.0, n_trees: int = 200):
+def make_model(kind: str, seed: int = 0, C: float = 1.0, n_trees: int = 200, n_classes: int = 2):
     """A fresh estimator. Features are standardised for the linear models so coefficients compare across latents."""
     if kind == "logreg_l1":
+        # liblinear solves binary L1 exactly and fast; it has no multinomial mode, where saga takes over.
+        solver = "liblinear" if n_classes == 2 else "saga"
         return make_pipeline(VarianceThreshold(0.0), StandardScaler(),
-                             LogisticRegression(C=C, l1_ratio=1.0, solver="saga", class_weight="balanced",
-                                                max_iter=5000, random_state=seed))
+                             LogisticRegression(C=C, l1_ratio=1.0, solver=solver, class_weight="balanced",
+                                                max_iter=10000, random_state=seed))
     if kind == "logreg_l2":
         return make_pipeline(VarianceThreshold(0.0), StandardScaler(),
                              LogisticRegression(C=C, l1_ratio=0.0, class_weight="balanced", max_iter=5000,
@@ -203,7 +205,7 @@ def cross_validate(x: pd.DataFrame, y: pd.Series, kind: str, cfg: ClassifyConfig
     xv = x.to_numpy(dtype=np.float64)
     oof = np.zeros((cfg.n_repeats, len(yv), len(classes)))
     for i, (train, test) in enumerate(cv.split(xv, yv)):
-        model = make_model(kind, cfg.seed, cfg.C, cfg.n_trees).fit(xv[train], yv[train])
+        model = make_model(kind, cfg.seed, cfg.C, cfg.n_trees, len(set(yv[train]))).fit(xv[train], yv[train])
         proba = model.predict_proba(xv[test])
         cols = [list(model.classes_).index(c) if c in model.classes_ else None for c in classes]
         oof[i // n_splits][test] = np.stack([proba[:, j] if j is not None else np.zeros(len(test)) for j in cols], 1)
@@ -226,7 +228,8 @@ def cross_validate(x: pd.DataFrame, y: pd.Series, kind: str, cfg: ClassifyConfig
 def concept_importance(x: pd.DataFrame, y: pd.Series, cfg: ClassifyConfig, kind: str = "logreg_l1",
                        top: int = 20) -> pd.DataFrame:
     """Coefficients (standardised features) of a linear model fitted on all patients; largest |coef| first."""
-    model = make_model(kind, cfg.seed, cfg.C, cfg.n_trees).fit(x.to_numpy(dtype=np.float64), y.reindex(x.index).to_numpy())
+    yv = y.reindex(x.index).to_numpy()
+    model = make_model(kind, cfg.seed, cfg.C, cfg.n_trees, len(set(yv))).fit(x.to_numpy(dtype=np.float64), yv)
     kept = x.columns[model[0].get_support()]
     coef = model[-1].coef_
     rows = []
@@ -253,7 +256,7 @@ def ablation(x: pd.DataFrame, y: pd.Series, cfg: ClassifyConfig, kind: str = "lo
     xv = x.to_numpy(dtype=np.float64)
     oof = {m: np.zeros((cfg.ablation_repeats, len(yv), len(classes))) for m in (0, *sizes)}
     for i, (train, test) in enumerate(cv.split(xv, yv)):
-        full = make_model(kind, cfg.seed, cfg.C, cfg.n_trees).fit(xv[train], yv[train])
+        full = make_model(kind, cfg.seed, cfg.C, cfg.n_trees, len(set(yv[train]))).fit(xv[train], yv[train])
         support = np.flatnonzero(full[0].get_support())
         order = support[np.argsort(-np.abs(full[-1].coef_).max(0), kind="stable")]
         for m in (0, *sizes):
@@ -288,7 +291,7 @@ def external_validation(x_train: pd.DataFrame, y_train: pd.Series, x_test: pd.Da
     if unseen:
         raise ValueError(f"the external cohort has classes the training cohort lacks: {unseen}")
     positive = _positive(classes, ytr, cfg)
-    model = make_model(kind, cfg.seed, cfg.C, cfg.n_trees).fit(x_train.to_numpy(dtype=np.float64), ytr)
+    model = make_model(kind, cfg.seed, cfg.C, cfg.n_trees, len(classes)).fit(x_train.to_numpy(dtype=np.float64), ytr)
     proba = model.predict_proba(x_test.to_numpy(dtype=np.float64))[:, [list(model.classes_).index(c) for c in classes]]
     s = _scores(yte, proba, classes, positive)
     return {"model": kind, "n_train": int(len(ytr)), "n_test": int(len(yte)), "classes": classes, "positive": positive,

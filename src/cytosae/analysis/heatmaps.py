@@ -150,3 +150,26 @@ def write_latent_galleries(viewer: CellViewer, top_images: pd.DataFrame, latents
         fig = gallery(viewer, j, r.image_id.tolist(), r.value.tolist(), label_column=label_column, title=title)
         written.append(save_figure(fig, out / f"latent_{j:06d}_{by}.png"))
     return written
+
+
+def top_cells(encode: Callable[[torch.Tensor], torch.Tensor], images, latents: list[int], k: int = 8,
+              keep: set[str] | None = None) -> pd.DataFrame:
+    """One streaming pass: for each chosen latent, the k cells (optionally only those in `keep`) with the highest
+    image-level activation (mean over patches). Rows like stats' top_images (by = "image")."""
+    best: dict[int, list[tuple[float, str]]] = {j: [] for j in latents}
+    cols = torch.as_tensor(latents, dtype=torch.long)
+    with torch.inference_mode():
+        for ids, tokens in images:
+            b, t, d = tokens.shape
+            z = torch.as_tensor(encode(tokens.reshape(-1, d))).reshape(b, t, -1)[:, 1:, cols].float().mean(1)
+            for i, image_id in enumerate(ids):
+                if keep is not None and image_id not in keep:
+                    continue
+                for c, j in enumerate(latents):
+                    v = float(z[i, c])
+                    if v > 0:
+                        best[j].append((v, image_id))
+            for j in latents:  # bounded memory: never more than k + batch candidates per latent
+                best[j] = sorted(best[j], key=lambda r: (-r[0], r[1]))[:k]
+    rows = [(j, "image", rank, image_id, v, -1) for j in latents for rank, (v, image_id) in enumerate(best[j])]
+    return pd.DataFrame(rows, columns=["latent", "by", "rank", "image_id", "value", "patch"])

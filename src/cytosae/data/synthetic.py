@@ -1,8 +1,10 @@
 """A built-in synthetic sample: single-cell images with known generating factors.
 
 Each cell is drawn from its class's factor values (nucleus shape and lobes,
-granule colour and density, cytoplasm colour, size) with per-cell variation;
-patients differ in class mix by diagnosis. The factors are written to the
+granule colour and density, size) with per-cell variation, plus two factors drawn
+independently of the class for every cell (cytoplasm colour and smear background),
+so that a latent can be checked against a factor that is not just the class in
+disguise. Patients differ in class mix by diagnosis. The factors are written to the
 manifest, so they are ground truth for checking what SAE latents found.
 Every image has its own RNG seeded by (seed, index): deterministic and order-free.
 """
@@ -17,6 +19,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 GRANULE_RGB = {"none": None, "pink": (225, 120, 160), "orange": (230, 90, 30), "purple": (70, 30, 120)}
 CYTOPLASM_RGB = {"pale": (235, 215, 225), "blue": (150, 170, 220), "grey": (190, 185, 200)}
+BACKGROUND_RGB = {"pink": (238, 214, 222), "lilac": (214, 206, 240), "white": (248, 248, 246)}
+# Drawn per cell, independently of the class (uniformly over these values).
+INDEPENDENT_FACTORS = {"cytoplasm_colour": tuple(CYTOPLASM_RGB), "background": tuple(BACKGROUND_RGB)}
 
 
 @dataclass(frozen=True)
@@ -26,33 +31,33 @@ class CellClass:
     lobes: int
     granule_colour: str
     granule_density: float  # granules per 100 px^2 of cytoplasm
-    cytoplasm_colour: str
     size_px: int  # cell radius at 224 px
 
 
 CLASSES = (
-    CellClass("neutrophil", "lobed", 3, "pink", 0.6, "pale", 52),
-    CellClass("eosinophil", "lobed", 2, "orange", 2.0, "pale", 56),
-    CellClass("lymphocyte", "round", 1, "none", 0.0, "blue", 36),
-    CellClass("monocyte", "kidney", 1, "none", 0.0, "grey", 66),
-    CellClass("blast", "round", 1, "none", 0.0, "blue", 58),
-    CellClass("promyelocyte", "round", 1, "purple", 2.5, "pale", 64),
+    CellClass("neutrophil", "lobed", 3, "pink", 0.6, 52),
+    CellClass("eosinophil", "lobed", 2, "orange", 2.0, 56),
+    CellClass("lymphocyte", "round", 1, "none", 0.0, 36),
+    CellClass("monocyte", "kidney", 1, "none", 0.0, 66),
+    CellClass("blast", "round", 1, "none", 0.0, 58),
+    CellClass("promyelocyte", "round", 1, "purple", 2.5, 64),
 )
 # Class mix per diagnosis: APL-like samples are dominated by granular promyelocytes.
 DIAGNOSES = {
     "APL": (0.15, 0.05, 0.1, 0.05, 0.15, 0.5),
     "AML": (0.15, 0.05, 0.15, 0.1, 0.5, 0.05),
 }
-FACTORS = ("nucleus_shape", "lobes", "granule_colour", "granule_density", "cytoplasm_colour", "size_px")
+FACTORS = ("nucleus_shape", "lobes", "granule_colour", "granule_density", "size_px", "cytoplasm_colour", "background")
 
 
 def _draw_cell(cls: CellClass, rng: np.random.Generator, size: int) -> tuple[Image.Image, dict]:
     s = size / 224
-    img = Image.new("RGB", (size, size), (238, 214, 222))
+    cytoplasm_colour, background = (str(rng.choice(v)) for v in INDEPENDENT_FACTORS.values())
+    img = Image.new("RGB", (size, size), BACKGROUND_RGB[background])
     d = ImageDraw.Draw(img)
     cx, cy = size / 2 + rng.normal(0, 4 * s), size / 2 + rng.normal(0, 4 * s)
     r = cls.size_px * s * rng.uniform(0.92, 1.08)
-    cyto = np.array(CYTOPLASM_RGB[cls.cytoplasm_colour]) + rng.integers(-8, 9, 3)
+    cyto = np.array(CYTOPLASM_RGB[cytoplasm_colour]) + rng.integers(-8, 9, 3)
     d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in cyto), outline=(170, 140, 170))
     nuc = (80 + int(rng.integers(-10, 10)), 40, 120 + int(rng.integers(-10, 10)))
     if cls.nucleus_shape == "round":
@@ -84,8 +89,8 @@ def _draw_cell(cls: CellClass, rng: np.random.Generator, size: int) -> tuple[Ima
             d.ellipse([x - gr, y - gr, x + gr, y + gr], fill=col)
     img = img.filter(ImageFilter.GaussianBlur(0.6 * s))
     factors = {"nucleus_shape": cls.nucleus_shape, "lobes": cls.lobes, "granule_colour": cls.granule_colour,
-               "granule_density": cls.granule_density, "cytoplasm_colour": cls.cytoplasm_colour,
-               "size_px": cls.size_px}
+               "granule_density": cls.granule_density, "size_px": cls.size_px,
+               "cytoplasm_colour": cytoplasm_colour, "background": background}
     return img, factors
 
 
