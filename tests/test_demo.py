@@ -2,6 +2,7 @@
 import json
 
 import pandas as pd
+import pytest
 from fastapi.testclient import TestClient
 
 from cytosae.demo import run_demo
@@ -32,3 +33,31 @@ def test_demo_is_reproducible(tmp_path):
     shard = "stores/sample/shard_00000.safetensors"
     assert (tmp_path / "run0" / shard).read_bytes() == (tmp_path / "run1" / shard).read_bytes()
     assert evs[0]["all"]["fvu"] == evs[1]["all"]["fvu"]
+
+
+@pytest.mark.slow
+def test_full_demo_finds_the_generating_factors_and_writes_every_analysis(tmp_path):
+    """`make demo` as shipped: on the synthetic sample the factors are ground truth (issue "Concepts")."""
+    lines = []
+    run_demo(tmp_path / "run", say=lines.append)
+    run = tmp_path / "run"
+    purity = pd.read_csv(run / "stats" / "factor_purity.csv")
+    assert (purity.purity >= 0.9).sum() >= 3
+    independent = purity[purity.factor.isin(["cytoplasm_colour", "background"])]  # drawn independently of the class
+    assert (independent.purity >= 0.9).sum() >= 2, independent
+    figs = {p.name for p in (run / "stats" / "figures").glob("*.png")}
+    assert figs == {"frequency_vs_activation_sample.png", "class_profile_sample.png"}
+    assert len(list((run / "stats" / "figures" / "galleries" / "sample").glob("latent_*.png"))) >= 3
+    assert {"barcodes.png", "patient_correlation.png", "volcano_AML_vs_APL.png"} <= {
+        p.name for p in (run / "patients" / "figures").glob("*.png")}
+    assert list((run / "patients" / "figures" / "examples").rglob("latent_*.png"))
+    res = json.loads((run / "classify" / "results.json").read_text())
+    assert {"concepts_logreg_l1", "baseline_mean_embedding_logreg_l2", "baseline_promyelocyte_proportion"} <= set(res["models"])
+    assert all(0 <= m["auroc"] <= 1 and 0 <= m["macro_f1"] <= 1 for m in res["models"].values())
+    assert (run / "classify" / "figures" / "roc.png").is_file()
+    assert any(l.startswith("[7/7] diagnosis") for l in lines) and lines[-1].endswith(f"cytosae explore {run}")
+    with TestClient(create_app(run)) as c:
+        r = c.get("/api/classify")
+        assert r.status_code == 200 and r.json()["models"]["concepts_logreg_l2"]["folds"] == 5
+        cmp = c.get("/api/patients/compare").json()
+        assert cmp["group_a"] == "AML" and cmp["group_b"] == "APL" and cmp["n"] == 8 * 384
