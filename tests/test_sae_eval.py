@@ -75,9 +75,13 @@ def test_cli_train_then_evaluate(store, tmp_path):
     path, _ = store
     runner = CliRunner()
     r = runner.invoke(app, ["train", str(path), "--out", str(tmp_path / "sae"), "--arch", "topk", "--expansion", "4",
-                            "--k", "4", "--batch-size", "32", "--shuffle", "64", "--checkpoint-every", "64"])
+                            "--k", "4", "--batch-size", "32", "--shuffle", "64", "--checkpoint-every", "64",
+                            "--log-every", "1"])
     assert r.exit_code == 0, r.output
     assert "trained on 120 all tokens" in r.output
+    logged = [json.loads(line) for line in (tmp_path / "sae" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4] and all(m["l0"] == pytest.approx(4.0) for m in logged)
+    assert logged[-1]["tokens"] == 120 and {"fvu", "dead_fraction", "tokens_per_s", "lr"} <= set(logged[0])
     sae = SAE.load(tmp_path / "sae")
     assert sae.cfg.n_latents == 64 and sae.cfg.arch == "topk"
     r = runner.invoke(app, ["evaluate", str(tmp_path / "sae"), str(path), "--out", str(tmp_path / "ev.json")])
@@ -87,3 +91,18 @@ def test_cli_train_then_evaluate(store, tmp_path):
     assert "measured on store" in r.output and "patch" in r.output
     r = runner.invoke(app, ["evaluate", str(tmp_path / "nope"), str(path)])
     assert r.exit_code == 2 and "config.json" in r.output
+
+
+def test_cli_train_logs_to_tensorboard_and_refuses_unknown_loggers(store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path, _ = store
+    args = ["train", str(path), "--arch", "topk", "--expansion", "2", "--k", "2", "--batch-size", "40", "--shuffle", "0",
+            "--log-every", "1"]
+    r = CliRunner().invoke(app, args + ["--out", str(tmp_path / "tb"), "--log", "tensorboard"])
+    assert r.exit_code == 0, r.output
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/fvu")] == [1, 2, 3]
+    assert all(e.value == pytest.approx(2.0) for e in events.Scalars("train/l0"))
+    r = CliRunner().invoke(app, args + ["--out", str(tmp_path / "x"), "--log", "mlflow"])
+    assert r.exit_code == 2 and "--log must be one of" in r.output

@@ -133,9 +133,13 @@ def train(
     shuffle: int = typer.Option(262144, help="Shuffle buffer in tokens (mixes tokens across images); 0 = off."),
     checkpoint_every: int = typer.Option(5_000_000, help="Tokens between checkpoints."),
     seed: int = typer.Option(0, help="Random seed (init and shuffling)."),
+    log: str = typer.Option("jsonl", help="Metrics log besides the progress bar: none | jsonl (OUT/metrics.jsonl) | "
+                                          "tensorboard (OUT/tensorboard) | wandb (optional packages)."),
+    log_every: int = typer.Option(50, help="Steps between logged metrics."),
 ) -> None:
     """Train a sparse autoencoder on a store's token activations (resumable)."""
     from cytosae.sae import ShuffleBuffer, TrainingDiverged, train_sae
+    from cytosae.sae.loggers import make_logger
     from cytosae.store import ActivationStore
 
     st = ActivationStore(store)
@@ -148,10 +152,19 @@ def train(
         batches = ShuffleBuffer(shuffle, seed)(batches, batch_size=batch_size)
     opts = {"k": k} if arch in ("topk", "batchtopk", "matryoshka") else {"l1_coeff": l1_coeff} if arch == "relu-l1" else {}
     try:
+        logger = make_logger(log, out, config={"arch": arch, "expansion": expansion, "tokens": tokens, "store": str(store),
+                                               "batch_size": batch_size, "seed": seed, **opts})
+    except ValueError as exc:
+        _fail(str(exc))
+    try:
         sae = train_sae(batches, st.d_model, arch, expansion * st.d_model, total, seed=seed, batch_size=batch_size,
-                        lr=lr, checkpoint_dir=out, checkpoint_every=checkpoint_every, **opts)
+                        lr=lr, checkpoint_dir=out, checkpoint_every=checkpoint_every, logger=logger,
+                        log_every=log_every, **opts)
     except (ValueError, TrainingDiverged) as exc:
         _fail(str(exc))
+    finally:
+        if logger is not None:
+            logger.close()
     s = sae.training_summary
     typer.echo(f"SAE {arch} ({sae.cfg.n_latents} latents on d={sae.cfg.d_in}) trained on {s['tokens_seen']:,} "
                f"{tokens} tokens of {store} in {s['steps']} steps -> {out}")
