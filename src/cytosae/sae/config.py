@@ -22,7 +22,7 @@ class SAEConfig:
     aux_k: int | None = None         # AuxK latents; None -> d_in // 2 (Gao et al. 2024)
     aux_coeff: float = 1.0 / 32
     dead_tokens: int = 10_000_000    # topk family: a latent is dead after this many tokens without firing
-    dead_feature_window: int = 5000  # relu-l1 ghost grads: dead after this many steps without firing
+    dead_feature_window: int = 64    # relu-l1 ghost grads: dead after this many steps without firing (CytoSAE: 64)
     use_ghost_grads: bool = True
     threshold_momentum: float = 0.99  # batchtopk running threshold (EMA of the smallest kept activation)
     matryoshka_prefixes: list[int] = field(default_factory=list)  # empty -> [n/64, n/16, n/4, n]
