@@ -17,3 +17,14 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "acevedo" / "manifest.csv").is_file():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    """The demo exactly as `make demo` runs it, made once per test session (a few minutes on 2 cores)."""
+    from cytosae.demo import run_demo
+
+    run = tmp_path_factory.mktemp("demo") / "run"
+    lines: list[str] = []
+    run_demo(run, say=lines.append)
+    return run, lines

@@ -36,11 +36,9 @@ def test_demo_is_reproducible(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_demo_finds_the_generating_factors_and_writes_every_analysis(tmp_path):
+def test_full_demo_finds_the_generating_factors_and_writes_every_analysis(demo_run):
     """`make demo` as shipped: on the synthetic sample the factors are ground truth (issue "Concepts")."""
-    lines = []
-    run_demo(tmp_path / "run", say=lines.append)
-    run = tmp_path / "run"
+    run, lines = demo_run
     purity = pd.read_csv(run / "stats" / "factor_purity.csv")
     assert (purity.purity >= 0.9).sum() >= 3
     independent = purity[purity.factor.isin(["cytoplasm_colour", "background"])]  # drawn independently of the class

@@ -1,4 +1,5 @@
 """The pages in a real browser (Debian chromium via Playwright): overview, latent, image patch click, annotation."""
+import contextlib
 import socket
 import threading
 import time
@@ -20,16 +21,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def _serve(run_dir: Path):
     import uvicorn
 
     from cytosae.explorer import create_app
-    from explorer_fixtures import make_run
 
-    fx = make_run(tmp_path_factory.mktemp("browser"))
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(fx.path), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(run_dir), host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
     for _ in range(200):
@@ -37,9 +36,20 @@ def server(tmp_path_factory):
             break
         time.sleep(0.05)
     assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}/", fx
-    srv.should_exit = True
-    t.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        srv.should_exit = True
+        t.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from explorer_fixtures import make_run
+
+    fx = make_run(tmp_path_factory.mktemp("browser"))
+    with _serve(fx.path) as url:
+        yield url, fx
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +169,24 @@ def test_patients_page(server, page):
     page.screenshot(path=str(ARTIFACTS / "patients.png"), full_page=True)
 
 
+@pytest.mark.slow
+def test_patients_page_on_the_real_demo_outputs(demo_run, page):
+    """What `cytosae patients` and `cytosae classify` really write, shown by the patients page."""
+    run, _ = demo_run
+    with _serve(run) as url:
+        page.goto(url + "#/patients")
+        page.wait_for_selector("#barcodes canvas")
+        page.wait_for_selector("#volcano-canvas")
+        page.wait_for_selector("#classify-table")
+        table = page.locator("#classify-table").inner_text()
+        for name in ("concepts_logreg_l1", "concepts_random_forest", "baseline_mean_embedding_logreg_l2",
+                     "baseline_promyelocyte_proportion"):
+            assert name in table
+        assert page.locator("#classify-table tr").count() == 1 + 6  # header + every model and baseline
+        assert page.locator("#compare-pair option").count() == 1  # AML vs APL
+        page.screenshot(path=str(ARTIFACTS / "patients_demo_run.png"), full_page=True)
+
+
 @pytest.fixture(scope="module")
 def big_server(tmp_path_factory):
     """A run with only stats for 49,152 latents (CytoSAE size): the overview must stay responsive."""
@@ -166,9 +194,6 @@ def big_server(tmp_path_factory):
 
     import numpy as np
     import pandas as pd
-    import uvicorn
-
-    from cytosae.explorer import create_app
 
     n = 49_152
     run = tmp_path_factory.mktemp("big") / "run"
@@ -181,15 +206,8 @@ def big_server(tmp_path_factory):
                   "label_entropy": rng.uniform(0, 3.7, n), "top_label": rng.choice(["blast", "neutrophil", "lymphocyte"], n),
                   "noisy": False}).to_parquet(run / "stats" / "latents.parquet", index=False)
     (run / "run.json").write_text(json.dumps({"datasets": {"mll": {"store": "stores/mll", "data": None}}, "sae": "sae"}))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
-    srv.should_exit = True
-    t.join(timeout=10)
+    with _serve(run) as url:
+        yield url
 
 
 def test_overview_with_49k_latents_stays_responsive(big_server, page):

@@ -15,14 +15,17 @@ _CHUNK_PAIRS = 1 << 16
 
 
 class SparseEncoderGather(torch.autograd.Function):
-    """vals[m] = (x_c @ W_enc + b_enc)[rows[m], cols[m]], with sparse gradients.
+    """vals[m] = ((x - b_dec) @ W_enc + b_enc)[rows[m], cols[m]], with sparse gradients.
 
     `pre_vals` are the already computed values (the dense pre-activations were
-    needed to select the pairs), so forward does no work.
+    needed to select the pairs), so forward does no work. `x_c` = x - b_dec is taken
+    as data: the SAE input needs no gradient, and b_dec's gradient is -W_enc @ (summed
+    gradient per latent), one matrix-vector product instead of an (N, d) gradient for x_c
+    that would only be summed over tokens.
     """
 
     @staticmethod
-    def forward(ctx, x_c, w_enc, b_enc, rows, cols, pre_vals):
+    def forward(ctx, x_c, b_dec, w_enc, b_enc, rows, cols, pre_vals):
         ctx.save_for_backward(x_c, w_enc, rows, cols)
         ctx.n_latents = b_enc.shape[0]
         return pre_vals.clone()
@@ -31,22 +34,21 @@ class SparseEncoderGather(torch.autograd.Function):
     def backward(ctx, g):
         x_c, w_enc, rows, cols = ctx.saved_tensors
         n, d = ctx.n_latents, x_c.shape[1]
-        grad_x = grad_w = grad_b = None
+        grad_b_dec = grad_w = grad_b = None
+        per_latent = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        if ctx.needs_input_grad[3]:
+            grad_b = per_latent
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-        if ctx.needs_input_grad[1]:
             grad_wt = torch.zeros(n, d, dtype=g.dtype, device=g.device)
             for s in range(0, rows.numel(), _CHUNK_PAIRS):
                 r, c, gg = rows[s:s + _CHUNK_PAIRS], cols[s:s + _CHUNK_PAIRS], g[s:s + _CHUNK_PAIRS]
                 grad_wt.index_add_(0, c, x_c.index_select(0, r).mul_(gg[:, None]))
             grad_w = grad_wt.t()
+        if ctx.needs_input_grad[1]:
+            grad_b_dec = -(w_enc @ per_latent)
         if ctx.needs_input_grad[0]:
-            w_t = w_enc.t().contiguous()
-            grad_x = torch.zeros_like(x_c)
-            for s in range(0, rows.numel(), _CHUNK_PAIRS):
-                r, c, gg = rows[s:s + _CHUNK_PAIRS], cols[s:s + _CHUNK_PAIRS], g[s:s + _CHUNK_PAIRS]
-                grad_x.index_add_(0, r, w_t.index_select(0, c).mul_(gg[:, None]))
-        return grad_x, grad_w, grad_b, None, None, None
+            raise RuntimeError("SparseEncoderGather does not propagate gradients to the SAE input")
+        return None, grad_b_dec, grad_w, grad_b, None, None, None
 
 
 def sparse_decode(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, w_dec: torch.Tensor,

@@ -211,9 +211,11 @@ class SAE(nn.Module):
             with torch.no_grad():
                 pre = torch.addmm(self.b_enc, x_c, self.W_enc)
                 rows, cols = self._select(pre)
-            vals = F.relu(SparseEncoderGather.apply(x_c, self.W_enc, self.b_enc, rows, cols, pre[rows, cols]))
+            vals = F.relu(SparseEncoderGather.apply(x_c.detach(), self.b_dec, self.W_enc, self.b_enc, rows, cols,
+                                                     pre[rows, cols]))
             recon_of = lambda v: sparse_decode(rows, cols, v, self.W_dec, n_rows) + self.b_dec  # noqa: E731
-            gather = lambda r, c: SparseEncoderGather.apply(x_c, self.W_enc, self.b_enc, r, c, pre[r, c])  # noqa: E731
+            gather = lambda r, c: SparseEncoderGather.apply(x_c.detach(), self.b_dec, self.W_enc, self.b_enc, r, c,  # noqa: E731
+                                                            pre[r, c])
         else:
             pre = torch.addmm(self.b_enc, x_c, self.W_enc)
             with torch.no_grad():
