@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-run
 
-.PHONY: demo test test-fast browser bench bench-extract bench-sae bench-explorer clean
+.PHONY: demo test test-fast browser bench bench-extract bench-sae bench-explorer bench-compare bench-deepapl clean
 
 # The venv is rebuilt when pyproject.toml changes. dinov2 (Meta's reference code, test-only) is installed
 # without its dependencies because it pins torch 2.0 and CUDA-only packages we neither need nor can use.
@@ -41,6 +41,16 @@ bench-sae: $(STAMP)
 
 bench-explorer: $(STAMP)
 	$(BIN)/python bench/explorer.py
+
+# The comparison library (overcomplete) is installed only in its own venv, never in .venv.
+bench-compare:
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install --quiet -r bench/requirements-compare.txt
+	.venv-bench/bin/python bench/compare.py
+
+# Real patients (../shared/data/deepapl): extract, SAE, concepts, patient-level diagnosis vs baselines.
+bench-deepapl: $(STAMP)
+	$(BIN)/python bench/deepapl.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache test-artifacts
