@@ -152,3 +152,16 @@ def test_bootstrap_scores_equal_scikit_learns(n_classes):
         ref = _scores(y, proba, classes, positive)
         f1, auc = _fast_scores(np.searchsorted(classes, y), proba, classes.index(positive) if positive else None)
         assert f1 == pytest.approx(ref["macro_f1"], abs=1e-12) and auc == pytest.approx(ref["auroc"], abs=1e-12)
+
+
+@pytest.mark.realdata
+def test_deepapl_cell_type_composition_predicts_apl_in_patient_level_cv(shared_data):
+    """Real patients (DeepAPL Discovery, 82): the technologists' cell-type counts carry the diagnosis."""
+    from cytosae.data import load_manifest
+
+    manifest = load_manifest(shared_data / "deepapl" / "manifest.csv")
+    comp = composition_features(manifest, "cell_type")
+    y = manifest.drop_duplicates("patient_id").set_index("patient_id").diagnosis.reindex(comp.index).astype(str)
+    assert comp.shape[0] == 82 and (y == "APL").sum() == 22 and np.allclose(comp.sum(1), 1.0)
+    s = cross_validate(comp, y, "logreg_l2", ClassifyConfig(n_repeats=3, n_bootstrap=200))["scores"]
+    assert s["positive"] == "APL" and s["auroc"] > 0.75 and s["auroc_ci"][0] > 0.6
