@@ -162,6 +162,6 @@ def test_deepapl_cell_type_composition_predicts_apl_in_patient_level_cv(shared_d
     manifest = load_manifest(shared_data / "deepapl" / "manifest.csv")
     comp = composition_features(manifest, "cell_type")
     y = manifest.drop_duplicates("patient_id").set_index("patient_id").diagnosis.reindex(comp.index).astype(str)
-    assert comp.shape[0] == 82 and (y == "APL").sum() == 22 and np.allclose(comp.sum(1), 1.0)
+    assert comp.shape[0] == 82 and (y == "APL").sum() == 22 and np.allclose(comp.sum(axis=1), 1.0)
     s = cross_validate(comp, y, "logreg_l2", ClassifyConfig(n_repeats=3, n_bootstrap=200))["scores"]
     assert s["positive"] == "APL" and s["auroc"] > 0.75 and s["auroc_ci"][0] > 0.6
