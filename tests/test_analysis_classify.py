@@ -165,3 +165,24 @@ def test_deepapl_cell_type_composition_predicts_apl_in_patient_level_cv(shared_d
     assert comp.shape[0] == 82 and (y == "APL").sum() == 22 and np.allclose(comp.sum(axis=1), 1.0)
     s = cross_validate(comp, y, "logreg_l2", ClassifyConfig(n_repeats=3, n_bootstrap=200))["scores"]
     assert s["positive"] == "APL" and s["auroc"] > 0.75 and s["auroc_ci"][0] > 0.6
+
+
+def test_cli_classify_with_an_external_cohort(tmp_path):
+    from typer.testing import CliRunner
+
+    from cytosae.cli import app
+
+    (tmp_path / "a").mkdir()
+    _barcodes(seed=0).to_parquet(tmp_path / "a" / "barcodes.parquet")
+    _barcodes(seed=1, prefix="Q").to_parquet(tmp_path / "b.parquet")
+    r = CliRunner().invoke(app, ["classify", str(tmp_path / "a"), "--out", str(tmp_path / "cls"), "--repeats", "2",
+                                 "--external", str(tmp_path / "b.parquet")])
+    assert r.exit_code == 0, r.output
+    assert "2 x 5-fold CV over patients" in r.output and "external cohort, concepts_logreg_l2" in r.output
+    res = json.loads((tmp_path / "cls" / "results.json").read_text())
+    assert res["external"]["concepts_logreg_l2"]["n_test"] == 30 and res["external"]["concepts_logreg_l2"]["auroc"] > 0.9
+    assert res["importance"]["logreg_l1"][0]["feature"] == 3
+    r = CliRunner().invoke(app, ["classify", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "nowhere not found: give the folder written by `cytosae patients`" in r.output
+    r = CliRunner().invoke(app, ["classify", str(tmp_path / "a"), "--out", str(tmp_path / "x"), "--target", "sex"])
+    assert r.exit_code == 2 and "no column 'sex'" in r.output
