@@ -77,12 +77,21 @@ def main() -> None:
         return
 
     t0 = time.perf_counter()
-    images = store.images.assign(label=store.images["cell_type"])  # the signed-off cell type is the label here
-    stats = compute_latent_stats(sae.encode, store.iter_images(16), images, sae.cfg.n_latents, dataset="deepapl")
-    write_stats([stats], run / "stats")
-    bc = patient_barcodes(sae.encode, store.iter_images(16), store.images, sae.cfg.n_latents,
-                          token_policy=args.token_policy)
-    write_patients(bc, run / "patients", summary={"threshold": 0.0, "token_policy": args.token_policy})
+    import pandas as pd
+
+    from cytosae.analysis.patients import write_disease_examples
+
+    if not (run / "stats" / "latents.parquet").is_file():
+        images = store.images.assign(label=store.images["cell_type"])  # the signed-off cell type is the label here
+        stats = compute_latent_stats(sae.encode, store.iter_images(16), images, sae.cfg.n_latents, dataset="deepapl")
+        write_stats([stats], run / "stats")
+    if not (run / "patients" / "barcodes.parquet").is_file():
+        bc = patient_barcodes(sae.encode, store.iter_images(16), store.images, sae.cfg.n_latents,
+                              token_policy=args.token_policy)
+        write_patients(bc, run / "patients", summary={"threshold": 0.0, "token_policy": args.token_policy})
+    bc = pd.read_parquet(run / "patients" / "barcodes.parquet")
+    if not (run / "patients" / "figures" / "examples").is_dir():
+        write_disease_examples(sae.encode, store, run / "patients", per_comparison=5, k=8, label_column="cell_type")
     timings["stats_patients_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -103,7 +112,8 @@ def main() -> None:
                 "eval_all_tokens": {m: ev["all"][m] for m in ("fvu", "l0", "dead_fraction")}},
         "token_policy": args.token_policy,
         "protocol": res["protocol"],
-        "models": {name: {m: s[m] for m in ("macro_f1", "macro_f1_ci", "auroc", "auroc_ci", "per_class_f1")}
+        "models": {name: {m: s[m] for m in ("macro_f1", "macro_f1_ci", "auroc", "auroc_ci", "per_class_f1",
+                                             "auroc_raw_feature") if m in s}
                    for name, s in res["models"].items()},
         "ablation": res["ablation"],
         "timings_s": timings,

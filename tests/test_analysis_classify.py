@@ -111,6 +111,7 @@ def test_baselines_from_the_same_cells_and_results_json_for_the_explorer(tmp_pat
                            "baseline_mean_embedding_logreg_l2", "baseline_cell_type_composition_logreg_l2",
                            "baseline_promyelocyte_proportion"}
     assert models["baseline_promyelocyte_proportion"]["auroc"] == 1.0  # 4/6 vs 1/6: a perfect single feature
+    assert models["baseline_promyelocyte_proportion"]["auroc_raw_feature"] == 1.0
     assert models["concepts_logreg_l2"]["auroc"] < 0.95  # random barcodes carry nothing
     out = write_classify(res, tmp_path / "classify")
     saved = json.loads((out / "results.json").read_text())

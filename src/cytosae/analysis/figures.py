@@ -120,7 +120,7 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: s
     ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=7.5)
     ax.legend(fontsize=7, loc="lower right")
     return fig
 
