@@ -164,8 +164,9 @@ def _slug(name) -> str:
 
 def write_disease_examples(encode, store, out_dir: str | Path, target: str = "diagnosis", per_comparison: int = 5,
                            k: int = 8, label_column: str = "label") -> list[dict]:
-    """For each comparison in OUT/compare.parquet: its top latents enriched in group_a (smallest q, effect > 0),
-    each shown on the k cells of group_a's patients where it is strongest, with patch overlays.
+    """For each comparison in OUT/compare.parquet: its top latents enriched in group_a (smallest q, effect > 0)
+    and, for two named groups, in group_b (effect < 0), each shown on the k cells of that group's patients where
+    it is strongest, with patch overlays.
     Galleries go to OUT/figures/examples/; the list of what was drawn is returned (and added to summary.json)."""
     from cytosae.analysis.heatmaps import CellViewer, top_cells, write_latent_galleries
     from cytosae.store.format import atomic_write_json
@@ -176,17 +177,22 @@ def write_disease_examples(encode, store, out_dir: str | Path, target: str = "di
     viewer = CellViewer(store, encode)
     drawn = []
     for (a, b), fam in compare[compare.group_b != "kruskal_wallis"].groupby(["group_a", "group_b"], sort=True):
-        chosen = fam[fam.effect > 0].sort_values(["q", "p"], kind="stable").head(per_comparison)
-        if chosen.empty:
-            continue
-        keep = set(images.loc[images[target].astype(str) == str(a), "image_id"])
-        latents = [int(j) for j in chosen.latent]
-        cells = top_cells(encode, store.iter_images(16), latents, k=k, keep=keep)
-        caption = {int(r.latent): f"{a} vs {b}: +{r.effect:.2f} of cells, q={r.q:.2g}" for r in chosen.itertuples()}
-        paths = write_latent_galleries(viewer, cells, latents, out / "figures" / "examples" / f"{_slug(a)}_vs_{_slug(b)}",
-                                       k=k, label_column=label_column, caption=caption)
-        drawn.append({"group_a": a, "group_b": b, "latents": latents,
-                      "figures": [str(p.relative_to(out)) for p in paths]})
+        # effect = mean(a) - mean(b): positive effects are a's concepts; for two named groups, negative ones are b's
+        sides = [(a, b, fam[fam.effect > 0], 1.0)] + ([(b, a, fam[fam.effect < 0], -1.0)] if b != "rest" else [])
+        for group, other, enriched, sign in sides:
+            chosen = enriched.sort_values(["q", "p"], kind="stable").head(per_comparison)
+            if chosen.empty:
+                continue
+            keep = set(images.loc[images[target].astype(str) == str(group), "image_id"])
+            latents = [int(j) for j in chosen.latent]
+            cells = top_cells(encode, store.iter_images(16), latents, k=k, keep=keep)
+            caption = {int(r.latent): f"{group} vs {other}: +{sign * r.effect:.2f} of cells, q={r.q:.2g}"
+                       for r in chosen.itertuples()}
+            paths = write_latent_galleries(viewer, cells, latents,
+                                           out / "figures" / "examples" / f"{_slug(group)}_vs_{_slug(other)}",
+                                           k=k, label_column=label_column, caption=caption)
+            drawn.append({"group": group, "versus": other, "latents": latents,
+                          "figures": [str(p.relative_to(out)) for p in paths]})
     summary_path = out / "summary.json"
     if summary_path.is_file():
         import json
