@@ -31,9 +31,8 @@ class _Acc:
         self.sse += (x - x_hat).pow(2).sum()
         self.cos += torch.nn.functional.cosine_similarity(x, x_hat, dim=1, eps=1e-12).sum()
         self.shrink += (x_hat.norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).sum()
-        active = z > 0
-        self.l0 += active.sum()
-        self.fire_counts += active.sum(0).double()
+        self.l0 += torch.count_nonzero(z)
+        self.fire_counts += (z > 0).sum(0).double()
 
     def result(self) -> dict:
         n = self.tokens
