@@ -5,7 +5,7 @@
 FLOPs per token of one dense training step = 10 * d * n_latents: five (batch x d x n) matmuls of
 2 FLOPs per multiply-add (encoder forward, decoder forward, decoder weight gradient, gradient into
 the latents, encoder weight gradient; no gradient flows into the inputs). The ceiling is the best
-torch.mm rate over the same shapes. Steps 2..steps are timed (the first includes initialisation), with logging at the trainer's default interval.
+torch.mm rate over the same shapes. Steps 2..steps are timed (the first includes initialisation) at the default logging interval.
 Writes bench/results/sae.json.
 """
 from __future__ import annotations
@@ -44,15 +44,16 @@ def train_rate(arch: str, d: int, n: int, batch: int, steps: int, **options) -> 
     stamps: list[float] = []
 
     def batches():
-        # The loop asks for batch i + 1 right after step i: a stamp per request times whole steps, with the
-        # trainer logging as it does by default (every 50 steps), not on every step.
+        # With init_batches=1 the trainer reads batch 1 for initialisation and asks for batch i + 1 right after
+        # step i, so a stamp per request times whole steps while the trainer logs at its default interval
+        # (logging every step would add metric computations, e.g. counting L0 over N x n_latents, to each step).
         for i in range(steps + 1):
             stamps.append(time.perf_counter())
             yield data[i % 2]
 
     train_sae(batches(), d, arch, n, (steps + 1) * batch, seed=0, batch_size=batch, progress=False,
-              init_b_dec="zeros", **options)
-    timed = stamps[1:steps + 1]  # from the end of step 1 (initialisation) to the end of step `steps`
+              init_b_dec="zeros", init_batches=1, **options)
+    timed = stamps[1:steps + 1]  # end of step 1 (initialisation included) .. end of step `steps`
     return batch * (len(timed) - 1) / (timed[-1] - timed[0])
 
 

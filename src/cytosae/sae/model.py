@@ -33,10 +33,19 @@ class SAEOutput:
     sparsity: torch.Tensor          # l1 (relu-l1) or l0 (jumprelu) penalty term, already multiplied by its coefficient
     aux: torch.Tensor               # ghost-grad (relu-l1) or AuxK (topk family) term, weighted
     fvu: torch.Tensor               # ||x - x_hat||^2 / ||x - mean(x)||^2 over the batch (detached)
-    l0: torch.Tensor                # mean active latents per token (detached)
     fired: torch.Tensor             # (n_latents,) bool: latent fired on this batch
     _dense: torch.Tensor | None = None
     _sparse: tuple | None = None    # (rows, cols, vals, n_rows)
+    _l0: torch.Tensor | None = None
+
+    @property
+    def l0(self) -> torch.Tensor:
+        """Mean active latents per token (detached). Counted on first use: counting 201 M dense activations
+        costs ~0.6 s, and training reads it only every log_every steps."""
+        if self._l0 is None:
+            with torch.no_grad():
+                self._l0 = torch.count_nonzero(self._dense).float() / self._dense.shape[0]
+        return self._l0
 
     @property
     def latents(self) -> torch.Tensor:
@@ -176,9 +185,8 @@ class SAE(nn.Module):
             ghost_el = (mse_el / (ghost_el + 1e-6)).detach() * ghost_el
             aux = ghost_el.mean()
         fired = col_sums.detach() > 0
-        l0 = torch.count_nonzero(z.detach()).float() / z.shape[0]
         return SAEOutput(recon=x_hat, loss=mse + l1 + aux, mse=mse.detach(), sparsity=l1.detach(), aux=aux.detach(),
-                         fvu=self._fvu(x, x_hat), l0=l0, fired=fired, _dense=z)
+                         fvu=self._fvu(x, x_hat), fired=fired, _dense=z)
 
     def _forward_jumprelu(self, x: torch.Tensor) -> SAEOutput:
         pre = self._pre(x)
@@ -188,11 +196,10 @@ class SAE(nn.Module):
         x_hat = torch.addmm(self.b_dec, z, self.W_dec)
         mse = (x_hat - x).pow(2).sum(-1).mean()
         l0_term = self.cfg.l0_coeff * StepFn.apply(pre, thr, bw).sum(1).mean()
-        with torch.no_grad():  # z >= 0: counting non-zeros avoids a boolean (N, n_latents) copy
-            l0 = torch.count_nonzero(z).float() / z.shape[0]
+        with torch.no_grad():  # z >= 0: a latent fired iff its column maximum is > 0; no boolean (N, n) mask
             fired = z.amax(0) > 0
         return SAEOutput(recon=x_hat, loss=mse + l0_term, mse=mse.detach(), sparsity=l0_term.detach(),
-                         aux=torch.zeros(()), fvu=self._fvu(x, x_hat), l0=l0, fired=fired, _dense=z)
+                         aux=torch.zeros(()), fvu=self._fvu(x, x_hat), fired=fired, _dense=z)
 
     def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, cols) of the kept (token, latent) pairs, rows ascending."""
@@ -270,7 +277,7 @@ class SAE(nn.Module):
                     m = cfg.threshold_momentum if float(self.threshold) > 0 else 0.0  # first batch: no zero bias
                     self.threshold.mul_(m).add_((1 - m) * kept.min())
         return SAEOutput(recon=x_hat, loss=mse + aux, mse=mse.detach(), sparsity=torch.zeros(()), aux=aux.detach(),
-                         fvu=self._fvu(x, x_hat), l0=active.sum().float().detach() / n_rows, fired=fired,
+                         fvu=self._fvu(x, x_hat), _l0=active.sum().float().detach() / n_rows, fired=fired,
                          _sparse=(rows, cols, vals.detach(), n_rows, n))
 
     def _auxk(self, x, x_hat, pre, dead, gather) -> torch.Tensor:
