@@ -187,3 +187,19 @@ def test_cli_classify_with_an_external_cohort(tmp_path):
     assert r.exit_code == 2 and "nowhere not found: give the folder written by `cytosae patients`" in r.output
     r = CliRunner().invoke(app, ["classify", str(tmp_path / "a"), "--out", str(tmp_path / "x"), "--target", "sex"])
     assert r.exit_code == 2 and "no column 'sex'" in r.output
+
+
+def test_cli_analysis_commands_name_a_missing_store(tmp_path):
+    from typer.testing import CliRunner
+
+    from cytosae.cli import app
+
+    (tmp_path / "images").mkdir()
+    for args in (["stats", str(tmp_path / "sae"), str(tmp_path / "images"), "--out", str(tmp_path / "o")],
+                 ["classify", str(tmp_path), "--store", str(tmp_path / "images"), "--out", str(tmp_path / "o")]):
+        if args[0] == "classify":
+            _barcodes().to_parquet(tmp_path / "barcodes.parquet")
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output, r.output
+    r = CliRunner().invoke(app, ["classify", str(tmp_path), "--store", str(tmp_path / "images"), "--out", str(tmp_path / "o")])
+    assert "images is not an activation store" in r.output.replace("\n", " ") and "cytosae extract" in r.output

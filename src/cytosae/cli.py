@@ -22,6 +22,25 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _open_store(path: Path):
+    """The activation store at `path`, or a one-line error saying what is wrong and how to make one."""
+    from cytosae.store import ActivationStore
+
+    try:
+        return ActivationStore(path)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _open_sae(path: Path):
+    from cytosae.sae import SAE
+
+    try:
+        return SAE.load(path)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
 # ---------------------------------------------------------------- data (sample)
 
 
@@ -142,7 +161,7 @@ def train(
     from cytosae.sae.loggers import make_logger
     from cytosae.store import ActivationStore
 
-    st = ActivationStore(store)
+    st = _open_store(store)
     per_image = {"all": st.n_tokens, "cls": 1, "patch": st.n_tokens - 1}.get(tokens)
     if per_image is None:
         _fail(f"--tokens must be all, cls or patch, got {tokens!r}")
@@ -235,13 +254,12 @@ def stats(
 ) -> None:
     """Per-latent firing frequencies, mean activations, top images, label entropy and class profiles."""
     from cytosae.analysis import compute_latent_stats, write_stats
-    from cytosae.sae import SAE
     from cytosae.store import ActivationStore
 
-    sae = SAE.load(sae_dir)
+    sae = _open_sae(sae_dir)
     results = []
     for path in stores:
-        st = ActivationStore(path)
+        st = _open_store(path)
         results.append(compute_latent_stats(sae.encode, st.iter_images(8), st.images, sae.cfg.n_latents, k=k,
                                             label_column=label_column, noisy_threshold=noisy_threshold,
                                             dataset=path.name))
@@ -280,10 +298,8 @@ def patients(
 ) -> None:
     """Patient barcodes (fraction of each patient's cells where each latent fires) and a rank test between groups."""
     from cytosae.analysis import patient_barcodes, write_patients
-    from cytosae.sae import SAE
-    from cytosae.store import ActivationStore
 
-    sae, st = SAE.load(sae_dir), ActivationStore(store)
+    sae, st = _open_sae(sae_dir), _open_store(store)
     try:
         bc = patient_barcodes(sae.encode, st.iter_images(8), st.images, sae.cfg.n_latents, threshold=threshold,
                               token_policy=token_policy, target=target)
@@ -336,9 +352,7 @@ def classify(
 
     st = None
     if store is not None:
-        from cytosae.store import ActivationStore
-
-        st = ActivationStore(store)
+        st = _open_store(store)
     cfg = ClassifyConfig(target=target, n_splits=folds, n_repeats=repeats, seed=seed, positive=positive)
     try:
         res = classify_patients(read_barcodes(barcodes), cfg, store=st, cell_type_column=cell_type_column,
