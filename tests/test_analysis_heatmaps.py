@@ -74,3 +74,19 @@ def test_gallery_of_top_images_from_a_real_store(tmp_path):
     written = write_latent_galleries(viewer, top, [3, 5], tmp_path / "gal", k=4)
     assert [p.name for p in written] == ["latent_000003_image.png"]  # latent 5 has no top images
     assert Image.open(written[0]).size[0] > 400
+
+
+def test_top_cells_rank_the_mean_patch_activation_of_chosen_latents_within_a_group():
+    from cytosae.analysis.heatmaps import cell_activations, top_cells
+
+    tokens = torch.zeros(4, 5, 3)  # 4 cells, CLS + 4 patches, 3 latents (encode = identity)
+    tokens[0, 1:, 2] = 1.0   # cell a: mean 1.0 on latent 2
+    tokens[1, 1, 2] = 2.0    # cell b: mean 0.5
+    tokens[2, 0, 2] = 9.0    # cell c: CLS only -> 0, not a top cell
+    tokens[3, 1:3, 2] = 3.0  # cell d: mean 1.5
+    ids = ["a", "b", "c", "d"]
+    acts = cell_activations(lambda x: x, [(ids[:2], tokens[:2]), (ids[2:], tokens[2:])], [2, 0])
+    assert acts.shape == (4, 2) and acts.loc["d", 2] == pytest.approx(1.5) and acts.loc["c", 2] == 0.0
+    top = top_cells(acts, [2, 0], k=2)
+    assert top.image_id.tolist() == ["d", "a"] and top["rank"].tolist() == [0, 1]  # latent 0 never fires: no rows
+    assert top_cells(acts, [2], k=5, keep={"a", "b", "c"}).image_id.tolist() == ["a", "b"]

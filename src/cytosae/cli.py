@@ -159,7 +159,6 @@ def train(
     """Train a sparse autoencoder on a store's token activations (resumable)."""
     from cytosae.sae import ShuffleBuffer, TrainingDiverged, train_sae
     from cytosae.sae.loggers import make_logger
-    from cytosae.store import ActivationStore
 
     st = _open_store(store)
     per_image = {"all": st.n_tokens, "cls": 1, "patch": st.n_tokens - 1}.get(tokens)
@@ -200,13 +199,9 @@ def evaluate(
     import json
     import os
 
-    from cytosae.sae import SAE, evaluate_sae
-    from cytosae.store import ActivationStore
+    from cytosae.sae import evaluate_sae
 
-    try:
-        sae, st = SAE.load(sae_dir), ActivationStore(store)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    sae, st = _open_sae(sae_dir), _open_store(store)
     res = evaluate_sae(sae, st, max_images=max_images)
     res["sae_dir"], res["store"] = str(sae_dir), str(store)
     if out is not None:
@@ -254,12 +249,12 @@ def stats(
 ) -> None:
     """Per-latent firing frequencies, mean activations, top images, label entropy and class profiles."""
     from cytosae.analysis import compute_latent_stats, write_stats
-    from cytosae.store import ActivationStore
 
     sae = _open_sae(sae_dir)
-    results = []
+    results, opened = [], []
     for path in stores:
         st = _open_store(path)
+        opened.append(st)
         results.append(compute_latent_stats(sae.encode, st.iter_images(8), st.images, sae.cfg.n_latents, k=k,
                                             label_column=label_column, noisy_threshold=noisy_threshold,
                                             dataset=path.name))
@@ -270,9 +265,9 @@ def stats(
     if galleries:
         from cytosae.analysis.heatmaps import CellViewer, write_latent_galleries
 
-        for path, res in zip(stores, results):
+        for path, st, res in zip(stores, opened, results):
             chosen = _gallery_latents(res.latents, galleries, k, res.summary["n_images"])
-            written = write_latent_galleries(CellViewer(ActivationStore(path), sae.encode), res.top_images, chosen,
+            written = write_latent_galleries(CellViewer(st, sae.encode), res.top_images, chosen,
                                              out / "figures" / "galleries" / path.name, label_column=label_column)
             typer.echo(f"{path.name}: galleries of the {len(written)} latents with the lowest label entropy among those "
                        f"firing on >= {k} images -> {out / 'figures' / 'galleries' / path.name}")

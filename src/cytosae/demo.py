@@ -96,9 +96,9 @@ def run_demo(out: str | Path, seed: int = 0, n_patients: int = 12, cells_per_pat
     })
     from cytosae.analysis.classify import ClassifyConfig, classify_patients, write_classify
 
-    folds = min(5, int(bc.drop_duplicates("patient_id").diagnosis.value_counts().min()))
-    if folds >= 2:
-        res = classify_patients(bc, ClassifyConfig(n_splits=folds, n_repeats=5, seed=seed), store=store,
+    # cross_validate lowers k to the smallest class itself; it cannot run below 2 patients per diagnosis
+    if int(bc.drop_duplicates("patient_id").diagnosis.value_counts().min()) >= 2:
+        res = classify_patients(bc, ClassifyConfig(n_repeats=5, seed=seed), store=store,
                                 cell_type_column="label", dataset="sample",
                                 proportion="promyelocyte" if (store.images.label == "promyelocyte").any() else None)
         write_classify(res, run / "classify")

@@ -17,7 +17,7 @@ cell type alone (the DeepAPL study's promyelocyte proportion).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,6 @@ class ClassifyConfig:
     C: float = 1.0
     n_trees: int = 200
     models: tuple[str, ...] = ("logreg_l1", "logreg_l2", "random_forest")
-    extra: dict = field(default_factory=dict)
 
 
 def make_model(kind: str, seed: int = 0, C: float = 1.0, n_trees: int = 200, n_classes: int = 2):
@@ -348,7 +347,7 @@ def classify_patients(barcodes: pd.DataFrame, cfg: ClassifyConfig, store=None, c
                      "folds": next(iter(models.values()))["folds"], "repeats": cfg.n_repeats, "seed": cfg.seed,
                      "ci": CI_METHOD, "n_bootstrap": cfg.n_bootstrap,
                      "auroc": "binary: of the positive class; more classes: one-vs-rest macro average",
-                     "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}},
+                     "config": asdict(cfg)},
         "models": models, "baselines": notes,
         "importance": {k: v.to_dict("records") for k, v in importance.items()},
         "ablation": ablation(x, y, cfg) if cfg.ablate else [],

@@ -152,24 +152,30 @@ def write_latent_galleries(viewer: CellViewer, top_images: pd.DataFrame, latents
     return written
 
 
-def top_cells(encode: Callable[[torch.Tensor], torch.Tensor], images, latents: list[int], k: int = 8,
-              keep: set[str] | None = None) -> pd.DataFrame:
-    """One streaming pass: for each chosen latent, the k cells (optionally only those in `keep`) with the highest
-    image-level activation (mean over patches). Rows like stats' top_images (by = "image")."""
-    best: dict[int, list[tuple[float, str]]] = {j: [] for j in latents}
+def cell_activations(encode: Callable[[torch.Tensor], torch.Tensor], images, latents: list[int]) -> pd.DataFrame:
+    """One streaming pass: image-level activation (mean over patches, as in the statistics) of the chosen latents
+    for every cell; cells x chosen latents, so memory stays small whatever the SAE's width."""
     cols = torch.as_tensor(latents, dtype=torch.long)
+    ids_all, parts = [], []
     with torch.inference_mode():
         for ids, tokens in images:
             b, t, d = tokens.shape
             z = torch.as_tensor(encode(tokens.reshape(-1, d))).reshape(b, t, -1)[:, 1:, cols].float().mean(1)
-            for i, image_id in enumerate(ids):
-                if keep is not None and image_id not in keep:
-                    continue
-                for c, j in enumerate(latents):
-                    v = float(z[i, c])
-                    if v > 0:
-                        best[j].append((v, image_id))
-            for j in latents:  # bounded memory: never more than k + batch candidates per latent
-                best[j] = sorted(best[j], key=lambda r: (-r[0], r[1]))[:k]
-    rows = [(j, "image", rank, image_id, v, -1) for j in latents for rank, (v, image_id) in enumerate(best[j])]
+            ids_all += list(ids)
+            parts.append(z.numpy())
+    values = np.concatenate(parts) if parts else np.zeros((0, len(latents)), np.float32)
+    return pd.DataFrame(values, index=pd.Index(ids_all, name="image_id"), columns=list(latents))
+
+
+def top_cells(acts: pd.DataFrame, latents: list[int], k: int = 8, keep: set[str] | None = None) -> pd.DataFrame:
+    """For each latent, the k cells (optionally only those in `keep`) with the highest activation in `acts`
+    (from `cell_activations`), firing cells only, ties by image id. Rows like stats' top_images (by = "image")."""
+    if keep is not None:
+        acts = acts[acts.index.isin(keep)]
+    rows = []
+    for j in latents:
+        v = acts[j]
+        best = (pd.DataFrame({"image_id": v.index, "value": v.to_numpy(dtype=float)})[v.to_numpy() > 0]
+                .sort_values(["value", "image_id"], ascending=[False, True], kind="stable").head(k))
+        rows += [(j, "image", rank, r.image_id, r.value, -1) for rank, r in enumerate(best.itertuples())]
     return pd.DataFrame(rows, columns=["latent", "by", "rank", "image_id", "value", "patch"])

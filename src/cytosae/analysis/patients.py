@@ -168,31 +168,35 @@ def write_disease_examples(encode, store, out_dir: str | Path, target: str = "di
     and, for two named groups, in group_b (effect < 0), each shown on the k cells of that group's patients where
     it is strongest, with patch overlays.
     Galleries go to OUT/figures/examples/; the list of what was drawn is returned (and added to summary.json)."""
-    from cytosae.analysis.heatmaps import CellViewer, top_cells, write_latent_galleries
+    from cytosae.analysis.heatmaps import CellViewer, cell_activations, top_cells, write_latent_galleries
     from cytosae.store.format import atomic_write_json
 
     out = Path(out_dir)
     compare = pd.read_parquet(out / "compare.parquet")
     images = store.images
     viewer = CellViewer(store, encode)
-    drawn = []
+    sides = []  # (group, other, its enriched latents, sign of their effect)
     for (a, b), fam in compare[compare.group_b != "kruskal_wallis"].groupby(["group_a", "group_b"], sort=True):
         # effect = mean(a) - mean(b): positive effects are a's concepts; for two named groups, negative ones are b's
-        sides = [(a, b, fam[fam.effect > 0], 1.0)] + ([(b, a, fam[fam.effect < 0], -1.0)] if b != "rest" else [])
-        for group, other, enriched, sign in sides:
+        for group, other, enriched, sign in [(a, b, fam[fam.effect > 0], 1.0)] + (
+                [(b, a, fam[fam.effect < 0], -1.0)] if b != "rest" else []):
             chosen = enriched.sort_values(["q", "p"], kind="stable").head(per_comparison)
-            if chosen.empty:
-                continue
-            keep = set(images.loc[images[target].astype(str) == str(group), "image_id"])
-            latents = [int(j) for j in chosen.latent]
-            cells = top_cells(encode, store.iter_images(16), latents, k=k, keep=keep)
-            caption = {int(r.latent): f"{group} vs {other}: +{sign * r.effect:.2f} of cells, q={r.q:.2g}"
-                       for r in chosen.itertuples()}
-            paths = write_latent_galleries(viewer, cells, latents,
-                                           out / "figures" / "examples" / f"{_slug(group)}_vs_{_slug(other)}",
-                                           k=k, label_column=label_column, caption=caption)
-            drawn.append({"group": group, "versus": other, "latents": latents,
-                          "figures": [str(p.relative_to(out)) for p in paths]})
+            if not chosen.empty:
+                sides.append((group, other, chosen, sign))
+    # one encoding pass over the store serves every side's latents
+    acts = cell_activations(encode, store.iter_images(16), sorted({int(j) for _, _, chosen, _ in sides for j in chosen.latent}))
+    drawn = []
+    for group, other, chosen, sign in sides:
+        keep = set(images.loc[images[target].astype(str) == str(group), "image_id"])
+        latents = [int(j) for j in chosen.latent]
+        cells = top_cells(acts, latents, k=k, keep=keep)
+        caption = {int(r.latent): f"{group} vs {other}: +{sign * r.effect:.2f} of cells, q={r.q:.2g}"
+                   for r in chosen.itertuples()}
+        paths = write_latent_galleries(viewer, cells, latents,
+                                       out / "figures" / "examples" / f"{_slug(group)}_vs_{_slug(other)}",
+                                       k=k, label_column=label_column, caption=caption)
+        drawn.append({"group": group, "versus": other, "latents": latents,
+                      "figures": [str(p.relative_to(out)) for p in paths]})
     summary_path = out / "summary.json"
     if summary_path.is_file():
         import json
