@@ -7,11 +7,11 @@ DEMO_OUT ?= demo-run
 
 .PHONY: demo test test-fast browser bench bench-extract bench-sae bench-explorer bench-compare bench-deepapl clean
 
-# The venv is rebuilt when pyproject.toml changes. dinov2 (Meta's reference code, test-only) is installed
+# The venv is rebuilt when pyproject.toml or constraints.txt changes; constraints.txt pins every version exactly. dinov2 (Meta's reference code, test-only) is installed
 # without its dependencies because it pins torch 2.0 and CUDA-only packages we neither need nor can use.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps dinov2==0.0.1.dev2
 	touch $(STAMP)
 

@@ -157,37 +157,44 @@ def test_bad_requests_are_4xx_with_message(client, url, params, status):
     assert r.json()["detail"]
 
 
-def _run_with_rows(fx, tmp_path, rows: dict[str, str]):
-    """A copy of the fixture run whose images.parquet points image ids at the given paths."""
+def _run_with_rows(fx, tmp_path, rows: dict[str, tuple[str, str]]):
+    """A copy of the fixture run whose images.parquet renames image ids and points them at the given paths."""
     import shutil
     run = tmp_path / "run"
     shutil.copytree(fx.path, run, symlinks=True)
     p = run / "stores" / "acevedo" / "images.parquet"
     df = pd.read_parquet(p)
-    for image_id, path in rows.items():
-        df.loc[df.image_id == image_id, "path"] = path
+    for image_id, (new_id, path) in rows.items():
+        df.loc[df.image_id == image_id, ["image_id", "path"]] = [new_id, path]
     df.to_parquet(p, index=False)
     return run
 
 
 def test_paths_outside_run_and_data_are_refused(fx, tmp_path):
+    """Images are found as ROOT/image_id, else by their recorded path; neither may lead out of the run and data."""
     outside = tmp_path / "secret"
     outside.mkdir()
     Image.new("RGB", (32, 32), "red").save(outside / "s.png")
     link = fx.data["acevedo"] / "neutrophil" / "link.png"
     if not link.exists():
         os.symlink(outside / "s.png", link)
-    run = _run_with_rows(fx, tmp_path, {
-        "neutrophil/cell_00.png": str(outside / "s.png"),                       # absolute path outside
-        "neutrophil/cell_03.png": str(fx.data["acevedo"] / ".." / ".." / "secret" / "s.png"),  # ../ traversal
-        "neutrophil/cell_06.png": str(link),                                       # symlink out of the data folder
-        "lymphocyte/cell_01.png": "../../../../../../etc/passwd",                  # relative traversal
-    })
+    rows = {  # (new image id, recorded path) for existing rows; the new ids are not files under the data root
+        "neutrophil/cell_00.png": ("neutrophil/gone_00.png", str(outside / "s.png")),          # absolute path outside
+        "neutrophil/cell_03.png": ("neutrophil/gone_03.png",
+                                   str(fx.data["acevedo"] / ".." / ".." / "secret" / "s.png")),  # ../ traversal
+        "neutrophil/cell_06.png": ("neutrophil/link.png", str(link)),                           # symlink out of the data
+        "lymphocyte/cell_01.png": ("lymphocyte/gone_01.png", "../../../../../../etc/passwd"),   # relative traversal
+        "lymphocyte/cell_04.png": (os.path.relpath(outside / "s.png", fx.data["acevedo"]), "x.png"),  # traversal in the id
+    }
+    run = _run_with_rows(fx, tmp_path, rows)
     with TestClient(create_app(run)) as c:
-        for image_id in ["neutrophil/cell_00.png", "neutrophil/cell_03.png", "neutrophil/cell_06.png", "lymphocyte/cell_01.png"]:
+        for image_id, _ in rows.values():
             r = c.get("/api/image/file", params={"dataset": "acevedo", "image_id": image_id})
-            assert r.status_code == 403, (image_id, r.status_code)
-            assert "outside the run and data folders" in r.json()["detail"]
+            assert r.status_code in (403, 404), (image_id, r.status_code)
+            if r.status_code == 403:
+                assert "outside the run and data folders" in r.json()["detail"]
+            if image_id in ("neutrophil/gone_00.png", "neutrophil/link.png") or image_id.startswith(".."):
+                assert r.status_code == 403, image_id  # these files exist: refused, not merely missing
         assert c.get("/api/image/file", params={"dataset": "acevedo", "image_id": "neutrophil/cell_09.png"}).status_code == 200
     link.unlink()
 

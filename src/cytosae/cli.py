@@ -41,6 +41,47 @@ def _open_sae(path: Path):
         _fail(str(exc))
 
 
+RUN_HELP = "Run directory (docs/run-layout.md): inputs and outputs default to their places in it, and the step is " \
+           "recorded in its run.json."
+
+
+def _open_run(run: Optional[Path], create: bool = False):
+    """The run at `run` (None when not given), or a one-line error."""
+    if run is None:
+        return None
+    from cytosae.run import Run
+
+    try:
+        return Run.open(run, create=create)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _run_dataset(rd, dataset: Optional[str]) -> str:
+    try:
+        return rd.dataset(dataset)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _need(value, what: str, run_hint: str):
+    """A required input that may come from the run instead of the command line."""
+    if value is None:
+        _fail(f"{what} is missing: give it, or --run RUN to {run_hint}")
+    return value
+
+
+def _record(ctx: typer.Context, run, step: str, started: float, inputs: Optional[dict] = None, **extra) -> None:
+    """Record the command that just finished as `step` in the run (its settings are the command's parameters)."""
+    if run is None:
+        return
+    import time
+
+    settings = {k: v for k, v in ctx.params.items() if k != "run"}
+    settings.update(extra)
+    run.record_step(step, f"cytosae {ctx.info_name}", settings, inputs=inputs, seconds=time.time() - started)
+
+
 # ---------------------------------------------------------------- data (sample)
 
 
@@ -74,13 +115,35 @@ def demo(
     run_demo(out, seed=seed, weights=weights, say=typer.echo)
 
 
+@app.command("run")
+def run_cmd(
+    study: Path = typer.Argument(..., help="Study file (TOML): datasets, backbone, SAE, analyses (docs/run-layout.md)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say which steps would run, run none."),
+) -> None:
+    """Run a whole study: every step not done yet (resumable; a changed setting reruns that step and those after it)."""
+    from cytosae.study import StudyError, load_study, run_study
+
+    try:
+        status = run_study(study, say=lambda s: typer.secho(s, bold=True), dry_run=dry_run)
+        run_dir = load_study(study)["run"]["dir"]
+    except (StudyError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    done = [k for k, v in status.items() if v == "done"]
+    typer.echo(f"study {study}: {len(done)} steps run, {len(status) - len(done)} "
+               f"{'planned' if dry_run else 'already done'}; run directory {run_dir}. Browse it: cytosae explore {run_dir}")
+
+
 # ---------------------------------------------------------------- backbones / store (extract, import)
 
 
 @app.command()
 def extract(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help="Class-per-folder tree, patient-per-folder tree (with --patients) or manifest CSV."),
-    out: Path = typer.Option(..., "--out", help="Store directory (created; rerun the same command to resume)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Store directory (created; rerun the same command to resume). "
+                                                           "Default with --run: RUN/stores/NAME."),
+    run: Optional[Path] = typer.Option(None, "--run", help=RUN_HELP),
+    name: Optional[str] = typer.Option(None, "--name", help="Dataset name in the run (default: the data folder's name)."),
     backbone: str = typer.Option("dinobloom-b", help="dinobloom-s|b|l|g or any timm ViT name."),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint file; without it the backbone has RANDOM weights."),
     layer: int = typer.Option(-2, help="Block whose output (residual stream) is stored; -2 = second-to-last."),
@@ -92,11 +155,25 @@ def extract(
     workers: int = typer.Option(1, help="DataLoader worker processes decoding images while the model computes."),
 ) -> None:
     """Write a backbone's token activations (CLS + patches) for every image to a sharded store."""
+    import time
+
     from cytosae.backbones import load_backbone
     from cytosae.data import load_manifest
     from cytosae.store import ExtractConfig
     from cytosae.store import extract as run_extract
 
+    started = time.time()
+    rd = _open_run(run, create=True)
+    if rd is not None:
+        from cytosae.run import check_name
+
+        name = name or (data.parent.name if data.suffix.lower() == ".csv" else data.resolve().name)
+        try:
+            check_name(name)
+        except ValueError as exc:
+            _fail(f"{exc}; choose one with --name")
+        out = out or rd.store_dir(name)
+    out = _need(out, "--out (the store directory)", "write it to RUN/stores/NAME")
     manifest = load_manifest(data, patients=patients)
     bb = load_backbone(backbone, weights=weights, resize=resize)
     if bb.random_weights:
@@ -108,6 +185,12 @@ def extract(
                f"({dtype}) from {bb.name} block {layer}; {res.n_skipped} unreadable images skipped "
                f"(listed in {res.out_dir / 'skipped.csv'}); {res.shards_reused} of {res.n_shards} shards reused from "
                f"an earlier run; {res.images_per_second:.1f} images/s over the images computed now.")
+    if rd is not None:
+        rd.add_dataset(name, data=rd.portable(data.absolute()))
+        rd.set_backbone({"name": backbone, "weights": rd.portable(weights) if weights else None, "layer": layer,
+                         "options": {}})
+        _record(ctx, rd, f"extract:{name}", started, inputs={"weights": weights, "patients": patients,
+                                                        "manifest": data if data.is_file() else None})
 
 
 @app.command("import-embeddings")
@@ -138,9 +221,13 @@ def import_embeddings_cmd(
 
 @app.command()
 def train(
-    store: Path = typer.Argument(..., help="Activation store directory (from `cytosae extract`)."),
-    out: Path = typer.Option(..., "--out", help="SAE directory: checkpoints and the final sae.safetensors + config.json. "
-                                                "Rerun the same command to resume."),
+    ctx: typer.Context,
+    store: Optional[Path] = typer.Argument(None, help="Activation store directory (from `cytosae extract`); with --run: "
+                                                      "the store of --dataset."),
+    out: Optional[Path] = typer.Option(None, "--out", help="SAE directory: checkpoints and the final sae.safetensors + "
+                                                           "config.json. Rerun the same command to resume. Default with --run: RUN/sae."),
+    run: Optional[Path] = typer.Option(None, "--run", help=RUN_HELP),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="With --run: the dataset to train on (default: the only one)."),
     arch: str = typer.Option("topk", help="relu-l1 (CytoSAE) | topk | batchtopk | jumprelu | matryoshka"),
     expansion: int = typer.Option(64, help="n_latents = expansion x d_model (64 x 768 = 49,152 as in CytoSAE)."),
     tokens: str = typer.Option("all", help="Train on all | cls | patch tokens."),
@@ -157,9 +244,18 @@ def train(
     log_every: int = typer.Option(50, help="Steps between logged metrics."),
 ) -> None:
     """Train a sparse autoencoder on a store's token activations (resumable)."""
+    import time
+
     from cytosae.sae import ShuffleBuffer, TrainingDiverged, train_sae
     from cytosae.sae.loggers import make_logger
 
+    started = time.time()
+    rd = _open_run(run)
+    if rd is not None:
+        dataset = _run_dataset(rd, dataset)
+        store, out = store or rd.store_dir(dataset), out or rd.sae_dir
+    store = _need(store, "STORE", "train on the run's dataset")
+    out = _need(out, "--out (the SAE directory)", "write it to RUN/sae")
     st = _open_store(store)
     per_image = {"all": st.n_tokens, "cls": 1, "patch": st.n_tokens - 1}.get(tokens)
     if per_image is None:
@@ -186,24 +282,41 @@ def train(
     s = sae.training_summary
     typer.echo(f"SAE {arch} ({sae.cfg.n_latents} latents on d={sae.cfg.d_in}) trained on {s['tokens_seen']:,} "
                f"{tokens} tokens of {store} in {s['steps']} steps -> {out}")
+    _record(ctx, rd, "train", started, dataset=dataset)
 
 
 @app.command()
 def evaluate(
-    sae_dir: Path = typer.Argument(..., help="SAE directory (sae.safetensors + config.json)."),
-    store: Path = typer.Argument(..., help="Activation store to measure on."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON here."),
+    ctx: typer.Context,
+    sae_dir: Optional[Path] = typer.Argument(None, help="SAE directory (sae.safetensors + config.json); with --run: RUN/sae."),
+    store: Optional[Path] = typer.Argument(None, help="Activation store to measure on; with --run: the store of --dataset."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON here (with --run: RUN/sae/eval.json)."),
+    run: Optional[Path] = typer.Option(None, "--run", help=RUN_HELP),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="With --run: the dataset to measure on (default: the "
+                                                                  "one the SAE was trained on, else the only one)."),
     max_images: Optional[int] = typer.Option(None, help="Only the first N images of the store."),
 ) -> None:
     """Reconstruction and sparsity of an SAE on a store, for all, CLS and patch tokens."""
     import json
     import os
 
+    import time
+
     from cytosae.sae import evaluate_sae
 
+    started = time.time()
+    rd = _open_run(run)
+    if rd is not None:
+        dataset = _run_dataset(rd, dataset or rd.steps.get("train", {}).get("settings", {}).get("dataset"))
+        sae_dir, store = sae_dir or rd.sae_dir, store or rd.store_dir(dataset)
+        out = out or rd.sae_dir / "eval.json"
+    sae_dir = _need(sae_dir, "SAE_DIR", "use the run's SAE")
+    store = _need(store, "STORE", "measure on the run's dataset")
     sae, st = _open_sae(sae_dir), _open_store(store)
     res = evaluate_sae(sae, st, max_images=max_images)
     res["sae_dir"], res["store"] = str(sae_dir), str(store)
+    if rd is not None:  # a run can move: paths inside it are recorded relative to it
+        res["sae_dir"], res["store"], res["dataset"] = rd.portable(sae_dir), rd.portable(store), dataset
     if out is not None:
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(json.dumps(res, indent=2))
@@ -216,6 +329,7 @@ def evaluate(
             typer.echo(f"{group:<8}" + "".join(f"{res[group].get(c, float('nan')):>20.4g}" for c in cols))
     typer.echo("fvu = unexplained variance fraction; dead = never fired on these tokens; dense = fires on >10% of them"
                + (f"; JSON -> {out}" if out else ""))
+    _record(ctx, rd, "evaluate", started, dataset=dataset)
 
 
 @app.command("import-cytosae")
@@ -239,17 +353,32 @@ def import_cytosae(
 
 @app.command()
 def stats(
-    sae_dir: Path = typer.Argument(..., help="SAE directory (sae.safetensors + config.json)."),
-    stores: list[Path] = typer.Argument(..., help="One or more activation stores (datasets), named by folder."),
-    out: Path = typer.Option(..., "--out", help="Folder for the tables (usually RUN/stats)."),
+    ctx: typer.Context,
+    sae_dir: Optional[Path] = typer.Argument(None, help="SAE directory (sae.safetensors + config.json); with --run: RUN/sae."),
+    stores: Optional[list[Path]] = typer.Argument(None, help="One or more activation stores (datasets), named by folder; "
+                                                             "with --run: every dataset of the run."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the tables (with --run: RUN/stats)."),
+    run: Optional[Path] = typer.Option(None, "--run", help=RUN_HELP),
     k: int = typer.Option(16, help="Top images kept per latent."),
     label_column: str = typer.Option("label", help="Manifest column holding (possibly 'a|b' multi-) labels."),
     noisy_threshold: float = typer.Option(0.1, help="CytoSAE's noisy-latent rule: mean activation above this."),
     galleries: int = typer.Option(12, help="Gallery PNGs (top images with overlays) for this many label-specific latents."),
+    factors: Optional[str] = typer.Option(None, help="Manifest columns of known per-cell factors (comma-separated): "
+                                                     "write the purity of each value's best latent to factor_purity.csv."),
 ) -> None:
     """Per-latent firing frequencies, mean activations, top images, label entropy and class profiles."""
+    import time
+
     from cytosae.analysis import compute_latent_stats, write_stats
 
+    started = time.time()
+    rd = _open_run(run)
+    if rd is not None:
+        sae_dir, out = sae_dir or rd.sae_dir, out or rd.stats_dir
+        stores = stores or [rd.store_dir(n) for n in rd.datasets]
+    sae_dir = _need(sae_dir, "SAE_DIR", "use the run's SAE")
+    stores = _need(stores or None, "STORES", "use every dataset of the run")
+    out = _need(out, "--out", "write to RUN/stats")
     sae = _open_sae(sae_dir)
     results, opened = [], []
     for path in stores:
@@ -271,7 +400,38 @@ def stats(
                                              out / "figures" / "galleries" / path.name, label_column=label_column)
             typer.echo(f"{path.name}: galleries of the {len(written)} latents with the lowest label entropy among those "
                        f"firing on >= {k} images -> {out / 'figures' / 'galleries' / path.name}")
+    if factors:
+        _factor_purity(sae, stores, opened, results, [f.strip() for f in factors.split(",") if f.strip()], k, out,
+                       label_column)
     typer.echo(f"tables and figures -> {out} (definitions in {out / 'summary.json'})")
+    _record(ctx, rd, "stats", started)
+
+
+def _factor_purity(sae, stores, opened, results, factors: list[str], k: int, out: Path, label_column: str) -> None:
+    """Known factors (the synthetic sample's are ground truth): how purely the best latent's top-k holds each value."""
+    import pandas as pd
+
+    from cytosae.analysis import factor_purity
+    from cytosae.analysis.heatmaps import CellViewer, write_latent_galleries
+    from cytosae.store.format import atomic_write_bytes
+
+    tables = []
+    for path, st, res in zip(stores, opened, results):
+        missing = [f for f in factors if f not in st.images.columns]
+        if missing:
+            _fail(f"--factors: {path}/images.parquet has no column(s) {missing}; it has {list(st.images.columns)}")
+        table = pd.concat([factor_purity(res.top_images, st.images, f, k=k) for f in factors], ignore_index=True)
+        tables.append(table.assign(dataset=path.name))
+        best = sorted({int(j) for j in table.sort_values("purity", ascending=False).best_latent.head(6)})
+        write_latent_galleries(CellViewer(st, sae.encode), res.top_images, best,
+                               out / "figures" / "galleries" / path.name, label_column=label_column)
+        typer.echo(f"{path.name}: for each value of {len(factors)} known factors, the purity of the best latent's "
+                   f"top-{k} images (n={len(table)} values): {int((table.purity >= 0.9).sum())} reach 90%, median "
+                   f"{table.purity.median():.0%}; best per factor: "
+                   + ", ".join(f"{f}={r.value} {r.purity:.0%}" for f, g in table.groupby("factor", sort=False)
+                               for r in [g.loc[g.purity.idxmax()]]))
+    atomic_write_bytes(out / "factor_purity.csv", pd.concat(tables).to_csv(index=False).encode())
+    typer.echo(f"factor purity -> {out / 'factor_purity.csv'}")
 
 
 def _gallery_latents(latents, n: int, k: int, n_images: int) -> list[int]:
@@ -283,24 +443,43 @@ def _gallery_latents(latents, n: int, k: int, n_images: int) -> list[int]:
 
 @app.command()
 def patients(
-    sae_dir: Path = typer.Argument(..., help="SAE directory."),
-    store: Path = typer.Argument(..., help="Activation store whose manifest has patient_id (and the target column)."),
-    out: Path = typer.Option(..., "--out", help="Folder for barcodes and comparison (usually RUN/patients)."),
+    ctx: typer.Context,
+    sae_dir: Optional[Path] = typer.Argument(None, help="SAE directory; with --run: RUN/sae."),
+    store: Optional[Path] = typer.Argument(None, help="Activation store whose manifest has patient_id (and the target "
+                                                      "column); with --run: the store of --dataset."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for barcodes and comparison (with --run: RUN/patients)."),
+    run: Optional[Path] = typer.Option(None, "--run", help=RUN_HELP),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="With --run: the dataset whose patients are compared "
+                                                                  "(default: the only one)."),
+    external: bool = typer.Option(False, "--external", help="With --run: this dataset is an external cohort; write to "
+                                                            "RUN/patients/external/NAME (for `classify --external`)."),
     threshold: float = typer.Option(0.0, help="A latent counts as firing in a cell above this activation."),
     token_policy: str = typer.Option("cls", help="cls | any_patch | mean: which tokens decide a cell's activation."),
     target: str = typer.Option("diagnosis", help="Patient column that defines the groups compared."),
     examples: int = typer.Option(5, help="Per comparison, draw example cells with overlays for this many enriched latents."),
 ) -> None:
     """Patient barcodes (fraction of each patient's cells where each latent fires) and a rank test between groups."""
+    import time
+
     from cytosae.analysis import patient_barcodes, write_patients
 
+    started = time.time()
+    rd = _open_run(run)
+    if rd is not None:
+        dataset = _run_dataset(rd, dataset)
+        sae_dir, store = sae_dir or rd.sae_dir, store or rd.store_dir(dataset)
+        out = out or (rd.external_patients_dir(dataset) if external else rd.patients_dir)
+    sae_dir = _need(sae_dir, "SAE_DIR", "use the run's SAE")
+    store = _need(store, "STORE", "use the run's dataset")
+    out = _need(out, "--out", "write to RUN/patients")
     sae, st = _open_sae(sae_dir), _open_store(store)
     try:
         bc = patient_barcodes(sae.encode, st.iter_images(8), st.images, sae.cfg.n_latents, threshold=threshold,
                               token_policy=token_policy, target=target)
     except ValueError as exc:
         _fail(f"{store}: {exc}")
-    write_patients(bc, out, target, {"threshold": threshold, "token_policy": token_policy, "store": str(store)})
+    write_patients(bc, out, target, {"threshold": threshold, "token_policy": token_policy,
+                                     "store": rd.portable(store) if rd else str(store), "dataset": dataset or store.name})
     typer.echo(f"barcodes of {bc.patient_id.nunique()} patients x {sae.cfg.n_latents} latents "
                f"(token policy {token_policy}, threshold {threshold}) -> {out}")
     if (out / "compare.parquet").is_file():
@@ -316,12 +495,17 @@ def patients(
             drawn = write_disease_examples(sae.encode, st, out, target, per_comparison=examples)
             typer.echo(f"example cells with overlays for {sum(len(d['latents']) for d in drawn)} disease-specific "
                        f"latents -> {out / 'figures' / 'examples'}")
+    _record(ctx, rd, f"patients:{dataset}" if external else "patients", started, dataset=dataset)
 
 
 @app.command()
 def classify(
-    barcodes: Path = typer.Argument(..., help="Patients folder from `cytosae patients` (or its barcodes.parquet)."),
-    out: Path = typer.Option(..., "--out", help="Folder for results.json, predictions and ROC figure (usually RUN/classify)."),
+    ctx: typer.Context,
+    barcodes: Optional[Path] = typer.Argument(None, help="Patients folder from `cytosae patients` (or its barcodes.parquet); "
+                                                         "with --run: RUN/patients."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for results.json, predictions and ROC figure "
+                                                           "(with --run: RUN/classify)."),
+    run: Optional[Path] = typer.Option(None, "--run", help=RUN_HELP),
     target: str = typer.Option("diagnosis", help="Patient column to predict."),
     store: Optional[Path] = typer.Option(None, help="The activation store of the same cells: enables the baselines "
                                                     "(mean-pooled embedding, cell-type composition)."),
@@ -345,6 +529,18 @@ def classify(
             _fail(f"{file} not found: give the folder written by `cytosae patients` or its barcodes.parquet")
         return pd.read_parquet(file)
 
+    import time
+
+    started = time.time()
+    rd = _open_run(run)
+    dataset = None
+    if rd is not None:
+        barcodes, out = barcodes or rd.patients_dir, out or rd.classify_dir
+        dataset = rd.steps.get("patients", {}).get("settings", {}).get("dataset")
+        if store is None and dataset in rd.datasets:
+            store = rd.store_dir(dataset)
+    barcodes = _need(barcodes, "BARCODES", "use RUN/patients")
+    out = _need(out, "--out", "write to RUN/classify")
     st = None
     if store is not None:
         st = _open_store(store)
@@ -352,7 +548,7 @@ def classify(
     try:
         res = classify_patients(read_barcodes(barcodes), cfg, store=st, cell_type_column=cell_type_column,
                                 proportion=proportion, external=read_barcodes(external) if external else None,
-                                dataset=store.name if store else None)
+                                dataset=dataset or (store.name if store else None))
     except ValueError as exc:
         _fail(f"{barcodes}: {exc}")
     write_classify(res, out)
@@ -366,10 +562,14 @@ def classify(
         typer.echo(f"  external cohort, {name:<28} AUROC {m['auroc']:.3f}  macro-F1 {m['macro_f1']:.3f} "
                    f"({m['n_train']} train / {m['n_test']} test patients)")
     typer.echo(f"-> {out / 'results.json'}, {out / 'figures' / 'roc.png'}")
+    _record(ctx, rd, "classify", started, dataset=dataset)
 
 
 # ---------------------------------------------------------------- explorer (explore, report, annotations)
 
+
+DATA_ROOT_HELP = ("Where the images are now, if the data or the run moved: a folder holding the images under their "
+                  "image ids, or NAME=FOLDER for dataset NAME (repeatable).")
 
 annotations_app = typer.Typer(no_args_is_help=True, help="Latent annotations made in the explorer (annotations.sqlite).")
 app.add_typer(annotations_app, name="annotations")
@@ -380,7 +580,7 @@ def explore(
     run_dir: Path = typer.Argument(..., help="Run directory (run.json, stores/, sae/, stats/, ...)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on; 127.0.0.1 keeps it private to this machine."),
     port: int = typer.Option(8000, help="TCP port."),
-    data_root: list[Path] = typer.Option([], "--data-root", help="Extra folder images may be read from (repeatable)."),
+    data_root: list[str] = typer.Option([], "--data-root", help=DATA_ROOT_HELP),
 ) -> None:
     """Browse, inspect and name the SAE's latents in a web page (JSON API described at /openapi.json)."""
     import uvicorn
@@ -402,12 +602,13 @@ def report(
     out: Path = typer.Option(..., "--out", help="Folder for the static site (created)."),
     latents: int = typer.Option(200, help="How many latent pages to include (annotated first, then most frequent)."),
     images: int = typer.Option(12, help="How many image pages (each with all its patches clickable) to include."),
+    data_root: list[str] = typer.Option([], "--data-root", help=DATA_ROOT_HELP),
 ) -> None:
     """Write the explorer's pages as a static site that opens without a server (index.html)."""
     from cytosae.explorer import build_report
 
     try:
-        res = build_report(run_dir, out, n_latents=latents, n_images=images)
+        res = build_report(run_dir, out, n_latents=latents, n_images=images, data_roots=data_root)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"static report of {run_dir}: {res['latent_pages']} latent pages, {res['image_pages']} image pages, "

@@ -94,12 +94,12 @@ class CellViewer:
     def image(self, image_id: str) -> Image.Image:
         from cytosae.data import open_rgb
 
-        row = self._row.get(image_id)
-        if row is None or not row.get("path"):
-            raise KeyError(f"image {image_id!r} has no path in {self.store.path}/images.parquet")
-        path = Path(row["path"])
-        if not path.is_absolute() and self.data_root is not None:
-            path = self.data_root / path
+        if image_id not in self._row:
+            raise KeyError(f"image {image_id!r} is not in {self.store.path}/images.parquet")
+        path = self.store.image_file(image_id, [self.data_root] if self.data_root else [])
+        if path is None:
+            raise FileNotFoundError(f"the image file of {image_id!r} is not under its data folder "
+                                    f"{self.store.data_root or '(not recorded)'}: give its new place as data_root")
         return self.preprocess.resize_image(open_rgb(path))
 
     def activations(self, image_id: str) -> np.ndarray:

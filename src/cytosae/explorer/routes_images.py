@@ -67,9 +67,7 @@ def register(app, ex: Explorer) -> None:
             row = ex.run.image_row(dataset, image_id)
         except KeyError as exc:
             raise HTTPException(404, str(exc.args[0])) from None
-        if not row.get("path"):
-            raise HTTPException(404, f"images.parquet of {dataset!r} has no path for {image_id!r}")
-        path = safe_image_path(ex, dataset, str(row["path"]))
+        path = safe_image_path(ex, dataset, image_id, row.get("path"))
         try:
             img = open_image(path)
         except Exception as exc:

@@ -22,48 +22,37 @@ class MissingData(LookupError):
 
 
 class RunDir:
-    def __init__(self, path: str | Path, data_roots: list[Path] | None = None) -> None:
-        self.path = Path(path).resolve()
-        if not (self.path / "run.json").is_file():
-            raise FileNotFoundError(f"{self.path} has no run.json: not a cytosae run directory (see docs/run-layout.md)")
-        try:
-            self.meta = json.loads((self.path / "run.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.path / 'run.json'} is not valid JSON: {exc}") from exc
-        self.datasets: dict[str, dict] = dict(self.meta.get("datasets") or {})
+    def __init__(self, path: str | Path, data_roots: list | None = None) -> None:
+        from cytosae.run import Run
+
+        self.run = Run.open(path)  # NotARun (a FileNotFoundError) or ValueError with a one-line reason
+        self.path = self.run.path.resolve()
+        self.meta = self.run.meta
+        self.datasets: dict[str, dict] = self.run.datasets
         for name in self.datasets:
             if not is_safe_name(name):
                 raise ValueError(f"run.json: dataset name {name!r} is not a plain name")
-        self._extra_roots = [Path(p).resolve() for p in (data_roots or [])]
+        self._extra_roots = [str(p) for p in (data_roots or [])]  # PATH, or NAME=PATH for one dataset
         self._lock = threading.RLock()
         self._cache: dict[str, object] = {}
 
-    # ------------------------------------------------------------------ locations
+    # ------------------------------------------------------------------ locations (owned by cytosae.run)
     @property
     def sae_dir(self) -> Path:
-        return self.path / (self.meta.get("sae") or "sae")
+        return self.run.sae_dir
 
     def store_dir(self, dataset: str) -> Path:
         self.check_dataset(dataset)
-        return (self.path / self.datasets[dataset].get("store", f"stores/{dataset}")).resolve()
+        return self.run.store_dir(dataset).resolve()
 
-    def data_dir(self, dataset: str) -> Path | None:
-        """The dataset's data folder (a manifest CSV counts as its folder), if it exists."""
-        src = self.datasets[dataset].get("data")
-        if not src:
-            return None
-        p = Path(src)
-        for cand in ([p] if p.is_absolute() else [self.path / p, self.path.parent / p, Path.cwd() / p]):
-            if cand.exists():
-                return (cand if cand.is_dir() else cand.parent).resolve()
-        return None
+    def image_file(self, dataset: str, image_id: str, recorded: str | None) -> Path | None:
+        """Where the image is now (data roots given on the command line first), or None."""
+        return self.run.image_path(dataset, image_id, recorded, self._extra_roots)
 
     @cached_property
     def roots(self) -> list[Path]:
-        """Folders images may be read from: the run, each dataset's data folder, and any given on the command line."""
-        roots = [self.path] + self._extra_roots
-        roots += [d for d in (self.data_dir(n) for n in self.datasets) if d is not None]
-        return roots
+        """Folders images may be read from: the run and every dataset's data roots."""
+        return [self.path] + [r for n in self.datasets for r in self.run.data_roots(n, self._extra_roots)]
 
     def check_dataset(self, dataset: str) -> None:
         if dataset not in self.datasets:

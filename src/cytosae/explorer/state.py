@@ -140,12 +140,12 @@ def search_latents(ex: Explorer, q: str, limit: int) -> list[dict]:
     return out[:limit]
 
 
-def safe_image_path(ex: Explorer, dataset: str, path: str) -> Path:
-    """The image file if it is inside the run or data folders (after following symlinks), else 403."""
-    p = Path(path)
-    if not p.is_absolute():
-        base = ex.run.data_dir(dataset) or ex.run.path
-        p = base / p
+def safe_image_path(ex: Explorer, dataset: str, image_id: str, recorded: str | None) -> Path:
+    """The image file if it is found and lies inside the run or data folders (after following symlinks)."""
+    p = ex.run.image_file(dataset, image_id, recorded)
+    if p is None:
+        raise HTTPException(404, f"the image file of {image_id!r} is not found under the data folders of "
+                                 f"{dataset!r}; if the data moved, start the explorer with --data-root NEW_FOLDER")
     real = resolve_inside(p, ex.run.roots)
     if not real.is_file():
         raise HTTPException(404, "the image file is missing on disk")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 import pandas as pd
 import torch
@@ -12,6 +12,18 @@ from safetensors import safe_open
 from .format import IMAGES, read_manifest
 
 TokenSelection = Literal["all", "cls", "patch"]
+
+
+def find_image(image_id: str, recorded: str | None, roots: Iterable[Path]) -> Path | None:
+    """The one place that finds an image file again: ROOT/image_id for each root in order (image ids are paths
+    relative to the data root, so a moved data folder is found by naming its new place), then the recorded path
+    (absolute, or relative to a root). None when the file is nowhere."""
+    roots = list(roots)
+    candidates = [Path(r) / image_id for r in roots]
+    if recorded:
+        rec = Path(recorded)
+        candidates += [rec] if rec.is_absolute() else [Path(r) / rec for r in roots]
+    return next((c for c in candidates if c.is_file()), None)
 
 
 class ActivationStore:
@@ -119,6 +131,22 @@ class ActivationStore:
                 pending, n_pending = ([rest] if rest.shape[0] else []), rest.shape[0]
         if n_pending:
             yield torch.cat(pending)
+
+    @property
+    def data_root(self) -> str | None:
+        """The data folder the images were read from at extraction (images.parquet paths are relative to it)."""
+        return self.meta.get("data_root")
+
+    def image_file(self, image_id: str, roots: Iterable[str | Path] = ()) -> Path | None:
+        """Where the image file of `image_id` is now: under one of `roots`, else where it was extracted from."""
+        return find_image(image_id, self._image_rows.get(image_id), [*map(Path, roots), *([Path(self.data_root)] if self.data_root else [])])
+
+    @cached_property
+    def _image_rows(self) -> dict[str, str]:
+        images = self.images
+        if "path" not in images.columns:
+            return {}
+        return {str(i): (None if p is None else str(p)) for i, p in zip(images["image_id"], images["path"])}
 
     def get_image(self, image_id: str) -> torch.Tensor:
         """(n_tokens, d_model) float32 tokens of one image."""

@@ -210,10 +210,26 @@ class _ShardBuffer:
         return entry
 
 
+def relocatable_paths(images: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """Image paths relative to the data root, and that root: a store (and its run) can move with its data.
+
+    The root is what every `path` ends in `image_id` after (image ids are paths relative to the data root);
+    images outside it keep their absolute path.
+    """
+    roots = {p[: -len(i) - 1] for p, i in zip(images["path"].astype(str), images["image_id"].astype(str))
+             if p.endswith("/" + i) and len(p) > len(i) + 1}
+    if len(roots) != 1:
+        return images, None
+    root = roots.pop()
+    images = images.copy()
+    images["path"] = [i if str(p) == f"{root}/{i}" else p for p, i in zip(images["path"], images["image_id"])]
+    return images, root
+
+
 def _finalise(out: Path, meta: dict, manifest: pd.DataFrame) -> None:
     rows = [r for s in meta["shards"] for r in s["rows"]]
     skipped = [s for shard in meta["shards"] for s in shard["skipped"]]
-    images = manifest.iloc[rows].reset_index(drop=True)
+    images, meta["data_root"] = relocatable_paths(manifest.iloc[rows].reset_index(drop=True))
     atomic_write_parquet(out / IMAGES, images)
     skipped_df = pd.DataFrame(skipped, columns=["path", "reason"])
     atomic_write_bytes(out / SKIPPED, skipped_df.to_csv(index=False).encode())

@@ -1,0 +1,346 @@
+"""The run directory: the unit of work. This module alone knows its layout and `run.json`.
+
+    RUN/run.json          what the run holds and how each step made it (docs/run-layout.md)
+    RUN/stores/NAME/      activation store of dataset NAME            `cytosae extract --run RUN`
+    RUN/sae/              the SAE (+ eval.json)                       `cytosae train|evaluate --run RUN`
+    RUN/stats/            per-latent statistics                       `cytosae stats --run RUN`
+    RUN/patients/         barcodes, disease comparison                `cytosae patients --run RUN`
+    RUN/classify/         patient-level diagnosis                     `cytosae classify --run RUN`
+    RUN/annotations.sqlite   names given in the explorer
+
+Every command that writes into a run records a step in run.json (command, settings,
+versions, cheap input digests, time), so a run says how it was made. A run copied to
+another machine keeps working: every path in run.json is relative to the run, and
+images are found again through data roots (`image_path`).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import platform
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+RUN_JSON = "run.json"
+RUN_FORMAT = "cytosae-run"
+RUN_FORMAT_VERSION = 1
+STORES, SAE_DIR, STATS, PATIENTS, CLASSIFY = "stores", "sae", "stats", "patients", "classify"
+ANNOTATIONS = "annotations.sqlite"
+EXTERNAL = "external"  # external/NAME: barcodes of a second cohort
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_CHEAP_DIGEST_BYTES = 256 * 1024 * 1024  # inputs larger than this are recorded by size only
+
+
+class NotARun(FileNotFoundError):
+    """The folder is neither a run (run.json) nor laid out like one (sae/ + stores/*)."""
+
+
+def check_name(name: str, what: str = "dataset name") -> str:
+    """Dataset names become folder names and URL parts: letters, digits, '_', '.', '-'."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"{what} {name!r} must start with a letter or digit and use only letters, digits, "
+                         f"'_', '.' and '-' (at most 100 characters)")
+    return name
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide a result's bytes, recorded with every step."""
+    from importlib import metadata
+
+    from cytosae import __version__
+
+    out = {"cytosae": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "timm", "numpy", "safetensors", "scikit-learn"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def file_digest(path: str | Path) -> dict[str, Any]:
+    """sha256 and size of an input file (size only above 256 MiB: a digest there costs more than it says)."""
+    p = Path(path)
+    size = p.stat().st_size
+    if size > _CHEAP_DIGEST_BYTES:
+        return {"size": size}
+    h = hashlib.sha256()
+    with p.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _json_safe(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+class Run:
+    """A run directory. Open with `Run.open(path)` (existing) or `Run.open(path, create=True)`."""
+
+    def __init__(self, path: str | Path, meta: dict, written: bool) -> None:
+        self.path = Path(path).absolute()
+        self.meta = meta
+        self.written = written  # False for a run inferred from its layout (no run.json yet)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | Path, create: bool = False) -> "Run":
+        path = Path(path)
+        file = path / RUN_JSON
+        if file.is_file():
+            return cls(path, _read_run_json(file), written=True)
+        if path.is_dir():
+            inferred = _infer_meta(path)
+            if inferred is not None:
+                return cls(path, inferred, written=False)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+            return cls(path, _new_meta(), written=False)
+        raise NotARun(f"{path} is not a cytosae run: it has no run.json and no sae/ + stores/NAME/ folders; "
+                      f"make one with `cytosae run study.toml` or commands given `--run {path}`")
+
+    @classmethod
+    def is_run(cls, path: str | Path) -> bool:
+        path = Path(path)
+        return (path / RUN_JSON).is_file() or (path.is_dir() and _infer_meta(path) is not None)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def sae_dir(self) -> Path:
+        return self.path / (self.meta.get("sae") or SAE_DIR)
+
+    @property
+    def stats_dir(self) -> Path:
+        return self.path / STATS
+
+    @property
+    def patients_dir(self) -> Path:
+        return self.path / PATIENTS
+
+    @property
+    def classify_dir(self) -> Path:
+        return self.path / CLASSIFY
+
+    @property
+    def annotations(self) -> Path:
+        return self.path / ANNOTATIONS
+
+    def external_patients_dir(self, dataset: str) -> Path:
+        """Barcodes of a second cohort, used as the external test set of `classify`."""
+        return self.path / EXTERNAL / check_name(dataset)
+
+    @property
+    def datasets(self) -> dict[str, dict]:
+        return dict(self.meta.get("datasets") or {})
+
+    def store_dir(self, dataset: str) -> Path:
+        entry = self.datasets.get(dataset)
+        if entry is None:
+            return self.path / STORES / check_name(dataset)
+        return self.path / entry.get("store", f"{STORES}/{dataset}")
+
+    def dataset(self, name: str | None) -> str:
+        """`name`, checked; or the run's only dataset when `name` is None."""
+        names = list(self.datasets)
+        if name is not None:
+            if name not in names:
+                raise ValueError(f"{self.path}: no dataset {name!r} in this run (it has {names or 'none'}); "
+                                 f"extract it with `cytosae extract DATA --run {self.path} --name {name}`")
+            return name
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise ValueError(f"{self.path} has no dataset yet: run `cytosae extract DATA --run {self.path}` first")
+        raise ValueError(f"{self.path} has datasets {names}: say which with --dataset")
+
+    def has_sae(self) -> bool:
+        return (self.sae_dir / "config.json").is_file()
+
+    def has_store(self, dataset: str) -> bool:
+        return (self.store_dir(dataset) / "manifest.json").is_file()
+
+    # ------------------------------------------------------------------ writing run.json
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict]:
+        """Read-modify-write of run.json under a lock: two commands writing into one run lose nothing."""
+        from cytosae.store.format import atomic_write_json
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".run.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                file = self.path / RUN_JSON
+                meta = _read_run_json(file) if file.is_file() else {**_new_meta(), **self.meta}
+                yield meta
+                meta["updated"] = now()
+                atomic_write_json(file, meta)
+                self.meta, self.written = meta, True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def add_dataset(self, name: str, data: str | Path | None = None, data_root: str | Path | None = None) -> None:
+        """Register dataset `name` (store under stores/NAME) with the data it came from."""
+        check_name(name)
+        with self._locked() as meta:
+            entry = dict(meta.setdefault("datasets", {}).get(name) or {})
+            entry["store"] = f"{STORES}/{name}"
+            if data is not None:
+                entry["data"] = str(data)
+            if data_root is not None:
+                entry["data_root"] = self.portable(Path(data_root))
+            meta["datasets"][name] = entry
+
+    def set_backbone(self, spec: dict) -> None:
+        with self._locked() as meta:
+            meta["backbone"] = _json_safe(spec)
+
+    def record_step(self, step: str, command: str, settings: dict, inputs: dict[str, str | Path] | None = None,
+                    seconds: float | None = None, key: str | None = None) -> dict:
+        """Say in run.json that `step` was done now, by `command` with `settings` (all JSON-safe)."""
+        record = {"command": command, "settings": _json_safe(settings), "versions": versions(),
+                  "inputs": {name: {"path": self.portable(Path(p)), **file_digest(p)}
+                             for name, p in (inputs or {}).items() if p is not None and Path(p).is_file()},
+                  "finished": now()}
+        if seconds is not None:
+            record["seconds"] = round(float(seconds), 3)
+        if key is not None:
+            record["key"] = key
+        with self._locked() as meta:
+            meta.setdefault("steps", {})[step] = record
+        return record
+
+    def forget_steps(self, steps: Iterable[str]) -> None:
+        with self._locked() as meta:
+            for s in steps:
+                meta.get("steps", {}).pop(s, None)
+
+    @property
+    def steps(self) -> dict[str, dict]:
+        return dict(self.meta.get("steps") or {})
+
+    def portable(self, p: Path) -> str:
+        """A path inside the run as relative to it (the run can move); others absolute."""
+        p = p.absolute()
+        try:
+            return p.relative_to(self.path).as_posix()
+        except ValueError:
+            return str(p)
+
+    def resolve(self, recorded: str | None) -> Path | None:
+        """A path as written by `_portable`, back to an absolute path."""
+        if not recorded:
+            return None
+        p = Path(recorded)
+        return p if p.is_absolute() else self.path / p
+
+    # ------------------------------------------------------------------ images
+    def data_roots(self, dataset: str, extra: Iterable[str | Path] = ()) -> list[Path]:
+        """Folders that may hold the dataset's images, most specific first: those given now (`--data-root`,
+        as PATH or NAME=PATH), the run's mapping, the data folder inside the run, the store's recorded root."""
+        roots: list[Path] = []
+        for r in extra:
+            name, sep, folder = str(r).partition("=")
+            if sep and name == dataset:
+                roots.append(Path(folder))
+            elif not sep:
+                roots.append(Path(r))
+        entry = self.datasets.get(dataset, {})
+        for recorded in (entry.get("data_root"),):
+            p = self.resolve(recorded)
+            if p is not None:
+                roots.append(p)
+        data = entry.get("data")
+        if data:
+            p = Path(data)
+            for cand in ([p] if p.is_absolute() else [self.path / p, Path.cwd() / p]):
+                roots.append(cand if cand.suffix.lower() != ".csv" else cand.parent)
+        store_root = _store_data_root(self.store_dir(dataset))
+        if store_root:
+            roots.append(Path(store_root))
+        seen, out = set(), []
+        for r in roots:
+            key = str(r.absolute())
+            if key not in seen:
+                seen.add(key)
+                out.append(r.absolute())
+        return out
+
+    def image_path(self, dataset: str, image_id: str, recorded: str | None = None,
+                   extra_roots: Iterable[str | Path] = ()) -> Path | None:
+        """Where image `image_id` of `dataset` is now, or None when no root holds it."""
+        from cytosae.store.reader import find_image
+
+        return find_image(image_id, recorded, self.data_roots(dataset, extra_roots))
+
+    def summary(self) -> dict:
+        """What the run holds, for `cytosae run` and the explorer (no absolute paths)."""
+        return {"datasets": {n: {"store": self.has_store(n)} for n in self.datasets}, "sae": self.has_sae(),
+                "stats": (self.stats_dir / "summary.json").is_file(),
+                "patients": (self.patients_dir / "summary.json").is_file(),
+                "classify": (self.classify_dir / "results.json").is_file(),
+                "steps": sorted(self.steps)}
+
+
+def _new_meta() -> dict:
+    from cytosae import __version__
+
+    return {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "datasets": {}, "sae": SAE_DIR,
+            "created": now(), "cytosae_version": __version__, "steps": {}}
+
+
+def _read_run_json(file: Path) -> dict:
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON ({exc}); restore it, or delete it and rerun the study") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} must hold a JSON object")
+    if meta.get("format_version", RUN_FORMAT_VERSION) > RUN_FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {meta['format_version']} is newer than this cytosae understands "
+                         f"({RUN_FORMAT_VERSION}); upgrade cytosae")
+    datasets = meta.get("datasets") or {}
+    if not isinstance(datasets, dict):
+        raise ValueError(f"{file}: field 'datasets' must be an object of NAME: {{store, data}}")
+    for name, entry in datasets.items():
+        check_name(name, f"{file}: dataset name")
+        store = (entry or {}).get("store", f"{STORES}/{name}")
+        if Path(store).is_absolute() or ".." in Path(store).parts:
+            raise ValueError(f"{file}: dataset {name!r} store {store!r} must be a path inside the run")
+    return meta
+
+
+def _infer_meta(path: Path) -> dict | None:
+    """The run.json a folder laid out as a run would have (the README's commands with --out into it)."""
+    stores = sorted(p.parent.name for p in (path / STORES).glob("*/manifest.json")) if (path / STORES).is_dir() else []
+    stores = [s for s in stores if _NAME.match(s)]
+    if not stores or not (path / SAE_DIR / "config.json").is_file():
+        return None
+    meta = _new_meta()
+    meta["datasets"] = {s: {"store": f"{STORES}/{s}"} for s in stores}
+    meta["inferred"] = True
+    return meta
+
+
+def _store_data_root(store_dir: Path) -> str | None:
+    p = store_dir / "manifest.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text()).get("data_root")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
