@@ -85,3 +85,13 @@ def test_factor_purity_counts_missing_top_images_against_purity():
     manifest = pd.DataFrame({"image_id": ["a", "b", "c"], "colour": ["red", "red", "blue"]})
     p = factor_purity(tops, manifest, "colour", k=2).set_index("value")
     assert p.loc["red", "purity"] == 1.0 and p.loc["blue", "purity"] == 0.5
+
+
+def test_histogram_of_a_latent_with_a_range_of_a_few_ulps():
+    """Found by the README flow: float32 values 1 ulp apart made np.histogram raise 'Too many bins'."""
+    one = torch.tensor(1.0)
+    vals = torch.stack([one, torch.nextafter(one, torch.tensor(2.0))])
+    acts = vals.reshape(2, 1, 1).expand(2, 3, 1).clone()  # 2 images x 3 tokens x 1 latent
+    s = compute_latent_stats(torch.relu, [(["x", "y"], acts)], pd.DataFrame({"image_id": ["x", "y"], "label": ["p", "q"]}),
+                             1, k=2)
+    assert sum(s.histograms.counts[0]) == 2

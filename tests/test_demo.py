@@ -55,7 +55,8 @@ def test_full_demo_finds_the_generating_factors_and_writes_every_analysis(demo_r
     assert {"concepts_logreg_l1", "baseline_mean_embedding_logreg_l2", "baseline_promyelocyte_proportion"} <= set(res["models"])
     assert all(0 <= m["auroc"] <= 1 and 0 <= m["macro_f1"] <= 1 for m in res["models"].values())
     assert (run / "classify" / "figures" / "roc.png").is_file()
-    assert any(l.startswith("[7/7] diagnosis") for l in lines) and lines[-1].endswith(f"cytosae explore {run}")
+    assert any(l.startswith("[6/6] classify") for l in lines) and lines[-1].endswith(f"cytosae explore {run}")
+    assert json.loads((run / "run.json").read_text())["steps"]["classify"]["command"] == "cytosae classify"
     with TestClient(create_app(run)) as c:
         r = c.get("/api/classify")
         assert r.status_code == 200 and r.json()["models"]["concepts_logreg_l2"]["folds"] == 5

@@ -145,7 +145,8 @@ def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images:
     sample = torch.cat(image_acts).numpy()
     hist = []
     for latent in range(n_latents):
-        vals = sample[:, latent][sample[:, latent] > 0]
+        # float64: float32 activations a few ulps apart cannot be cut into n_bins finite bins (numpy raises)
+        vals = sample[:, latent][sample[:, latent] > 0].astype(np.float64)
         counts, edges = np.histogram(vals, bins=n_bins) if len(vals) else (np.zeros(n_bins, int), np.zeros(n_bins + 1))
         hist.append((dataset, latent, edges.tolist(), counts.tolist()))
     histograms = pd.DataFrame(hist, columns=["dataset", "latent", "bin_edges", "counts"])

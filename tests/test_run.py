@@ -1,0 +1,148 @@
+"""The run directory (cytosae.run) and studies (cytosae run study.toml): records, skipping, reruns, bad files."""
+import json
+import threading
+
+import pytest
+from typer.testing import CliRunner
+
+from cytosae.cli import app
+from cytosae.run import NotARun, Run, check_name
+from cytosae.study import StudyError, load_study, plan, run_study
+
+
+def test_run_records_steps_atomically_and_relative_to_itself(tmp_path):
+    run = Run.open(tmp_path / "run", create=True)
+    weights = tmp_path / "run" / "w.bin"
+    weights.write_bytes(b"abc")
+    run.add_dataset("mll23", data=str(tmp_path / "data"))
+    rec = run.record_step("extract:mll23", "cytosae extract", {"layer": -2, "out": tmp_path / "x"},
+                          inputs={"weights": weights, "missing": tmp_path / "nope"}, seconds=1.23456)
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert meta["format"] == "cytosae-run" and meta["datasets"]["mll23"] == {"store": "stores/mll23",
+                                                                            "data": str(tmp_path / "data")}
+    step = meta["steps"]["extract:mll23"]
+    assert step == rec and step["seconds"] == 1.235 and step["settings"]["out"] == str(tmp_path / "x")
+    assert step["inputs"] == {"weights": {"path": "w.bin", "size": 3, "sha256":
+                                          "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}}
+    assert {"cytosae", "torch", "python"} <= set(step["versions"])
+    assert Run.open(tmp_path / "run").store_dir("mll23") == tmp_path / "run" / "stores" / "mll23"
+
+
+def test_concurrent_commands_lose_no_step(tmp_path):
+    """Two commands writing into one run at once (e.g. stats and patients) must both be recorded."""
+    Run.open(tmp_path / "run", create=True).add_dataset("a")
+
+    def record(i):
+        Run.open(tmp_path / "run").record_step(f"s{i}", "cytosae x", {"i": i})
+
+    threads = [threading.Thread(target=record, args=(i,)) for i in range(12)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert set(Run.open(tmp_path / "run").steps) == {f"s{i}" for i in range(12)}
+
+
+def test_not_a_run_and_damaged_run_json_are_one_line_errors(tmp_path):
+    with pytest.raises(NotARun, match="not a cytosae run"):
+        Run.open(tmp_path)
+    (tmp_path / "run.json").write_text("{oops")
+    with pytest.raises(ValueError, match="run.json is not valid JSON"):
+        Run.open(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"datasets": {"a": {"store": "../../etc"}}}))
+    with pytest.raises(ValueError, match="must be a path inside the run"):
+        Run.open(tmp_path)
+    for bad in ("", "../x", "a/b", ".hidden", "x" * 101):
+        with pytest.raises(ValueError):
+            check_name(bad)
+
+
+def _study(tmp_path, **over) -> str:
+    sections = {"run": 'dir = "run"', "backbone": 'name = "dinobloom-s"\nlayer = -2\nbatch_size = 8',
+                "datasets.sample": 'data = "data/manifest.csv"',
+                "sae": 'arch = "topk"\nexpansion = 2\nk = 4\nbatch_size = 512', "stats": "galleries = 0",
+                "patients": 'token_policy = "any_patch"\nexamples = 0', "classify": "folds = 2\nrepeats = 2"}
+    sections.update(over)
+    text = "\n\n".join(f"[{k}]\n{v}" for k, v in sections.items() if v is not None)
+    (tmp_path / "study.toml").write_text(text)
+    return str(tmp_path / "study.toml")
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    from cytosae.data.synthetic import make_sample
+
+    root = tmp_path_factory.mktemp("study")
+    make_sample(root / "data", seed=0, n_patients=4, cells_per_patient=3)
+    return root
+
+
+def test_study_runs_once_skips_when_done_and_reruns_only_what_a_change_affects(sample, tmp_path):
+    import shutil
+
+    shutil.copytree(sample / "data", tmp_path / "data")
+    study = _study(tmp_path)
+    lines = []
+    status = run_study(study, say=lines.append)
+    assert status == dict.fromkeys(["extract:sample", "train", "evaluate", "stats", "patients", "classify"], "done")
+    run = Run.open(tmp_path / "run")
+    assert set(run.steps) == set(status) and run.steps["train"]["settings"]["k"] == 4
+    assert run.summary()["classify"] and run.has_store("sample") and run.has_sae()
+    shard = (tmp_path / "run" / "stores" / "sample" / "shard_00000.safetensors").stat().st_mtime_ns
+
+    assert set(run_study(study, say=lines.append).values()) == {"skipped"}
+
+    # a changed SAE setting reruns train and everything after it, never the extraction
+    _study(tmp_path, sae='arch = "topk"\nexpansion = 2\nk = 3\nbatch_size = 512')
+    status = run_study(study, say=lines.append)
+    assert status["extract:sample"] == "skipped" and all(status[s] == "done" for s in status if s != "extract:sample")
+    assert json.loads((tmp_path / "run" / "sae" / "config.json").read_text())["k"] == 3
+    assert (tmp_path / "run" / "stores" / "sample" / "shard_00000.safetensors").stat().st_mtime_ns == shard
+    assert any("settings changed" in line for line in lines)
+
+    # a study moved with its data and run is still done: keys do not depend on where it lies
+    shutil.move(tmp_path, tmp_path.parent / (tmp_path.name + "-moved"))
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    assert set(run_study(moved / "study.toml", say=lines.append).values()) == {"skipped"}
+
+
+def test_a_step_whose_output_was_removed_runs_again(sample, tmp_path):
+    import shutil
+
+    shutil.copytree(sample / "data", tmp_path / "data")
+    study = _study(tmp_path, patients=None, classify=None)
+    run_study(study, say=lambda s: None)
+    shutil.rmtree(tmp_path / "run" / "stats")
+    status = run_study(study, say=lambda s: None)
+    assert status == {"extract:sample": "skipped", "train": "skipped", "evaluate": "skipped", "stats": "done"}
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"sae": 'arch = "topk"\nexpansoin = 2'}, "unknown setting 'expansoin': `cytosae train` has no --expansoin"),
+    ({"run": None}, "[run] dir"),
+    ({"datasets.sample": 'data = 3'}, "[datasets.sample] needs data"),
+    ({"datasets.sample": None}, "at least one [datasets.NAME]"),
+    ({"sae": 'dataset = "other"'}, "[sae] dataset = 'other' is not one of the datasets"),
+    ({"classify": 'external = "x"'}, "must also be listed in [patients] external"),
+    ({"wrong": "a = 1"}, "unknown section(s) ['wrong']"),
+])
+def test_bad_study_files_name_the_field(tmp_path, over, message):
+    study = _study(tmp_path, **over)
+    with pytest.raises(StudyError) as err:
+        plan(load_study(study))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    r = CliRunner().invoke(app, ["run", study])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_study_file_that_is_not_toml_is_one_line(tmp_path):
+    (tmp_path / "s.toml").write_text("[run\ndir=")
+    r = CliRunner().invoke(app, ["run", str(tmp_path / "s.toml")])
+    assert r.exit_code == 2 and "is not valid TOML" in r.output
+
+
+def test_external_cohort_steps(tmp_path):
+    (tmp_path / "a").mkdir()
+    study = _study(tmp_path, **{"datasets.other": 'data = "a"',
+                                "patients": 'external = ["other"]', "classify": 'external = "other"'})
+    steps = {s.name: s for s in plan(load_study(study))}
+    assert steps["patients:other"].argv[-1] == "--external" and "patients:other" in steps["classify"].needs
+    assert steps["classify"].argv[-2:] == ["--external", str(tmp_path / "run" / "external" / "other")]
