@@ -146,3 +146,19 @@ def test_external_cohort_steps(tmp_path):
     steps = {s.name: s for s in plan(load_study(study))}
     assert steps["patients:other"].argv[-1] == "--external" and "patients:other" in steps["classify"].needs
     assert steps["classify"].argv[-2:] == ["--external", str(tmp_path / "run" / "external" / "other")]
+
+
+def test_shipped_study_files_are_valid(tmp_path):
+    """The README's quick-start study and CytoSAE's reproduction study name only options the commands have."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    steps = plan(load_study(repo / "studies" / "cytosae-reproduction.toml"))
+    assert [s.name for s in steps] == ["extract:mll23", "extract:acevedo", "extract:matek19", "extract:bmc",
+                                       "extract:aml_hehr", "train", "evaluate", "stats", "patients", "classify"]
+    train = steps[5].argv
+    assert train[train.index("--arch") + 1] == "relu-l1" and train[train.index("--l1-coeff") + 1] == "8e-05"
+    readme = (repo / "README.md").read_text()
+    (tmp_path / "study.toml").write_text(re.search(r"```toml\n(# study.toml.*?)```", readme, re.S).group(1))
+    assert [s.name for s in plan(load_study(tmp_path / "study.toml"))][-1] == "classify"
