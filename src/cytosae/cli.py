@@ -90,6 +90,7 @@ def extract(
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     shard_size: int = typer.Option(512, help="Images per shard file (the unit of resumption)."),
     workers: int = typer.Option(1, help="DataLoader worker processes decoding images while the model computes."),
+    seed: int = typer.Option(0, help="Seed of the RANDOM backbone weights used without --weights (recorded in the store)."),
 ) -> None:
     """Write a backbone's token activations (CLS + patches) for every image to a sharded store."""
     from cytosae.backbones import load_backbone
@@ -98,7 +99,7 @@ def extract(
     from cytosae.store import extract as run_extract
 
     manifest = load_manifest(data, patients=patients)
-    bb = load_backbone(backbone, weights=weights, resize=resize)
+    bb = load_backbone(backbone, weights=weights, resize=resize, seed=seed)
     if bb.random_weights:
         typer.secho("WARNING: no --weights given: the backbone has RANDOM weights; its activations mean nothing "
                     "about blood cells. Fine for a demo, never for a study.", fg=typer.colors.YELLOW, err=True)

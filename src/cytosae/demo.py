@@ -31,10 +31,7 @@ def run_demo(out: str | Path, seed: int = 0, n_patients: int = 12, cells_per_pat
     say(f"[1/7] synthetic sample: {len(manifest)} cells of {manifest.label.nunique()} classes from "
         f"{manifest.patient_id.nunique()} patients ({', '.join(sorted(manifest.diagnosis.unique()))}) -> {manifest_csv.parent}")
 
-    import torch
-
-    torch.manual_seed(seed)  # random backbone weights must be the same on every run for the demo to be reproducible
-    bb = load_backbone(backbone, weights=weights)
+    bb = load_backbone(backbone, weights=weights, seed=seed)  # random weights, if any, are a function of the seed
     if bb.random_weights:
         say("      !!! the backbone has RANDOM weights (none given): the demo shows the machinery, not biology !!!")
     res = extract(manifest, bb, run / "stores" / "sample", ExtractConfig(layer=-2, batch_size=16, shard_size=128))

@@ -75,6 +75,8 @@ def _settings(backbone, manifest: pd.DataFrame, cfg: ExtractConfig, layer_index:
         "backbone": backbone.name,
         "weights_sha256": backbone.weights_sha256,
         "random_weights": bool(backbone.random_weights),
+        # random weights are drawn from this seed; a resume with another seed would mix two backbones in one store
+        "random_weights_seed": getattr(backbone, "seed", None) if backbone.random_weights else None,
         "layer": cfg.layer,
         "layer_index": layer_index,
         "n_blocks": backbone.n_blocks,
@@ -144,7 +146,8 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
         "shards": shards,
     }
     if backbone.random_weights:
-        log.warning("extracting with RANDOM backbone weights: these activations describe no trained model")
+        log.warning("extracting with RANDOM backbone weights (seed %s): these activations describe no trained model",
+                    settings["random_weights_seed"])
 
     n = len(manifest)
     n_shards = -(-n // cfg.shard_size)
