@@ -32,13 +32,26 @@ def _open_store(path: Path):
         _fail(str(exc))
 
 
-def _open_sae(path: Path):
+def _open_sae(path: Path, allow_unfinished: bool = False):
+    """The SAE at `path`, checked (checksum, shapes, finite weights, finished training), or a one-line error."""
     from cytosae.sae import SAE
+    from cytosae.sae.model import UnfinishedSAE, check_finished
 
     try:
-        return SAE.load(path)
+        sae = SAE.load(path, require_finished=not allow_unfinished)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    if allow_unfinished:
+        try:
+            check_finished(path, sae.training_progress)
+        except UnfinishedSAE as exc:
+            typer.secho(f"warning: {str(exc).split('; rerun')[0]}; using it as it is (--allow-unfinished)",
+                        fg=typer.colors.YELLOW, err=True)
+    return sae
+
+
+ALLOW_UNFINISHED = typer.Option(False, "--allow-unfinished",
+                                help="Use an SAE whose training has not finished (saved at an intermediate checkpoint).")
 
 
 # ---------------------------------------------------------------- data (sample)
@@ -195,6 +208,7 @@ def evaluate(
     store: Path = typer.Argument(..., help="Activation store to measure on."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON here."),
     max_images: Optional[int] = typer.Option(None, help="Only the first N images of the store."),
+    allow_unfinished: bool = ALLOW_UNFINISHED,
 ) -> None:
     """Reconstruction and sparsity of an SAE on a store, for all, CLS and patch tokens."""
     import json
@@ -202,7 +216,7 @@ def evaluate(
 
     from cytosae.sae import evaluate_sae
 
-    sae, st = _open_sae(sae_dir), _open_store(store)
+    sae, st = _open_sae(sae_dir, allow_unfinished), _open_store(store)
     res = evaluate_sae(sae, st, max_images=max_images)
     res["sae_dir"], res["store"] = str(sae_dir), str(store)
     if out is not None:
@@ -247,11 +261,12 @@ def stats(
     label_column: str = typer.Option("label", help="Manifest column holding (possibly 'a|b' multi-) labels."),
     noisy_threshold: float = typer.Option(0.1, help="CytoSAE's noisy-latent rule: mean activation above this."),
     galleries: int = typer.Option(12, help="Gallery PNGs (top images with overlays) for this many label-specific latents."),
+    allow_unfinished: bool = ALLOW_UNFINISHED,
 ) -> None:
     """Per-latent firing frequencies, mean activations, top images, label entropy and class profiles."""
     from cytosae.analysis import compute_latent_stats, write_stats
 
-    sae = _open_sae(sae_dir)
+    sae = _open_sae(sae_dir, allow_unfinished)
     results, opened = [], []
     for path in stores:
         st = _open_store(path)
@@ -291,11 +306,12 @@ def patients(
     token_policy: str = typer.Option("cls", help="cls | any_patch | mean: which tokens decide a cell's activation."),
     target: str = typer.Option("diagnosis", help="Patient column that defines the groups compared."),
     examples: int = typer.Option(5, help="Per comparison, draw example cells with overlays for this many enriched latents."),
+    allow_unfinished: bool = ALLOW_UNFINISHED,
 ) -> None:
     """Patient barcodes (fraction of each patient's cells where each latent fires) and a rank test between groups."""
     from cytosae.analysis import patient_barcodes, write_patients
 
-    sae, st = _open_sae(sae_dir), _open_store(store)
+    sae, st = _open_sae(sae_dir, allow_unfinished), _open_store(store)
     try:
         bc = patient_barcodes(sae.encode, st.iter_images(8), st.images, sae.cfg.n_latents, threshold=threshold,
                               token_policy=token_policy, target=target)
@@ -382,12 +398,14 @@ def explore(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on; 127.0.0.1 keeps it private to this machine."),
     port: int = typer.Option(8000, help="TCP port."),
     data_root: list[Path] = typer.Option([], "--data-root", help="Extra folder images may be read from (repeatable)."),
+    allow_unfinished: bool = ALLOW_UNFINISHED,
 ) -> None:
     """Browse, inspect and name the SAE's latents in a web page (JSON API described at /openapi.json)."""
     import uvicorn
 
     from cytosae.explorer import create_app
 
+    _check_run_sae(run_dir, allow_unfinished)
     try:
         web = create_app(run_dir, data_roots=data_root, preload=True)
     except (FileNotFoundError, ValueError) as exc:
@@ -395,6 +413,20 @@ def explore(
     typer.echo(f"cytosae explorer for {run_dir.resolve()}: http://{host}:{port}/  "
                f"(API schema: http://{host}:{port}/openapi.json; Ctrl-C stops)")
     uvicorn.run(web, host=host, port=port, log_level="warning")
+
+
+def _check_run_sae(run_dir: Path, allow_unfinished: bool) -> None:
+    """A run's cytosae SAE is checked like `evaluate` checks it (the explorer reports missing ones itself)."""
+    import json
+
+    try:
+        meta = json.loads((run_dir / "run.json").read_text())
+        sae_dir = run_dir / ((meta.get("sae") if isinstance(meta, dict) else None) or "sae")
+        written_by_cytosae = "format_version" in json.loads((sae_dir / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return  # no run.json or no SAE config: create_app says what is missing
+    if written_by_cytosae:
+        _open_sae(sae_dir, allow_unfinished)
 
 
 @app.command()

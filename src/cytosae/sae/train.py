@@ -131,7 +131,8 @@ def train_sae(
                                    f"the last good checkpoint in {ckpt} is kept")
         save_training_state(ckpt, _state_tensors(sae, opt, since_fired),
                             {"step": step, "tokens_seen": tokens_seen, "run_args": run_args})
-        sae.save(ckpt)
+        sae.save(ckpt, training={"finished": tokens_seen >= total_tokens, "step": step, "total_steps": total_steps,
+                                 "tokens_seen": tokens_seen, "total_tokens": total_tokens})
 
     # Each rank consumes the chunks j with j % world == rank: disjoint slices of one global stream.
     stream = rechunk(batches, batch_size, d_in=d_in, skip_tokens=tokens_seen)

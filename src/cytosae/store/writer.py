@@ -28,11 +28,14 @@ from .format import (
     IMAGES,
     MANIFEST,
     SKIPPED,
+    DamagedFile,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_parquet,
+    bytes_checksum,
     read_manifest,
     shard_name,
+    verify_file,
 )
 
 log = logging.getLogger(__name__)
@@ -132,6 +135,7 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
         if previous.get("complete"):
             log.info("store %s is already complete", out)
             return ExtractResult(out, previous["n_images"], previous["n_skipped"], len(shards), len(shards), 0.0, 0.0)
+        shards = _intact_prefix(out, shards)
     reused = len(shards)
 
     meta = {
@@ -189,6 +193,18 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
                          todo / seconds if seconds > 0 else 0.0)
 
 
+def _intact_prefix(out: Path, shards: list[dict]) -> list[dict]:
+    """The listed shards up to the first damaged or missing one; that one and the rest are computed again."""
+    for i, s in enumerate(shards):
+        if s.get("file"):
+            try:
+                verify_file(out / s["file"], s.get("checksum"), "computing it again")
+            except (FileNotFoundError, DamagedFile) as exc:
+                log.warning("%s", exc)
+                return shards[:i]
+    return shards
+
+
 class _ShardBuffer:
     def __init__(self, index: int) -> None:
         self.index = index
@@ -206,8 +222,10 @@ class _ShardBuffer:
                  "rows": self.rows, "skipped": [list(s) for s in self.skipped]}
         if self.rows:
             tokens = torch.cat(self.tokens)
-            atomic_write_bytes(out / name, st_save({"tokens": tokens}, metadata={"format": FORMAT}))
+            data = st_save({"tokens": tokens}, metadata={"format": FORMAT})
+            atomic_write_bytes(out / name, data)
             entry["n_images"] = int(tokens.shape[0])
+            entry["checksum"] = bytes_checksum(data)
         else:
             entry.update(file=None, n_images=0)  # every image in this shard failed to decode
         return entry
