@@ -104,6 +104,8 @@ def extract(
     shard_size: int = typer.Option(512, help="Images per shard file (the unit of resumption)."),
     workers: int = typer.Option(1, help="DataLoader worker processes decoding images while the model computes."),
     seed: int = typer.Option(0, help="Seed of the RANDOM backbone weights used without --weights (recorded in the store)."),
+    max_pixels: int = typer.Option(50_000_000, help="Images with more pixels are skipped (read from the header, before "
+                                                    "decoding: a 164 KB PNG can decode to 2 GB); 0 = no budget."),
 ) -> None:
     """Write a backbone's token activations (CLS + patches) for every image to a sharded store."""
     from cytosae.backbones import load_backbone
@@ -111,13 +113,20 @@ def extract(
     from cytosae.store import ExtractConfig
     from cytosae.store import extract as run_extract
 
-    manifest = load_manifest(data, patients=patients)
-    bb = load_backbone(backbone, weights=weights, resize=resize, seed=seed)
+    try:
+        manifest = load_manifest(data, patients=patients)
+        bb = load_backbone(backbone, weights=weights, resize=resize, seed=seed)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
     if bb.random_weights:
         typer.secho("WARNING: no --weights given: the backbone has RANDOM weights; its activations mean nothing "
                     "about blood cells. Fine for a demo, never for a study.", fg=typer.colors.YELLOW, err=True)
-    res = run_extract(manifest, bb, out, ExtractConfig(layer=layer, dtype=dtype, batch_size=batch_size,
-                                                       shard_size=shard_size, num_workers=workers))
+    try:
+        cfg = ExtractConfig(layer=layer, dtype=dtype, batch_size=batch_size, shard_size=shard_size,
+                            num_workers=workers, max_pixels=max_pixels or None)
+        res = run_extract(manifest, bb, out, cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
     typer.echo(f"store {res.out_dir}: {res.n_images} images x {bb.n_tokens} tokens x {bb.embed_dim} dims "
                f"({dtype}) from {bb.name} block {layer}; {res.n_skipped} unreadable images skipped "
                f"(listed in {res.out_dir / 'skipped.csv'}); {res.shards_reused} of {res.n_shards} shards reused from "
@@ -138,7 +147,10 @@ def import_embeddings_cmd(
 
     from cytosae.store import ActivationStore, import_embeddings
 
-    table = pd.read_csv(manifest_csv)
+    try:
+        table = pd.read_csv(manifest_csv)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        _fail(f"{manifest_csv} could not be read as CSV: {str(exc).strip().splitlines()[-1]}")
     if "image_id" not in table.columns:
         if "path" not in table.columns:
             _fail(f"{manifest_csv} needs an 'image_id' or 'path' column; it has {list(table.columns)}")

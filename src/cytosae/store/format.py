@@ -4,7 +4,7 @@ A store is one directory:
   manifest.json            what was extracted, how, and which shards are complete
   shard_00000.safetensors  tokens (n_images, n_tokens, d_model) of consecutive images
   images.parquet           one row per stored image, store order, with the data manifest's columns
-  skipped.csv              path,reason of every image that could not be decoded
+  skipped.csv              image_id,path,reason of every listed file that could not be decoded
 
 Every shard's size and sha256 are recorded in manifest.json when it is written and
 checked when the store is opened, so a truncated or bit-flipped shard is named

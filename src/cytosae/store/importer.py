@@ -91,7 +91,7 @@ def import_embeddings(
                        "checksum": bytes_checksum(data)})
 
     atomic_write_parquet(out / IMAGES, manifest.reset_index(drop=True))
-    atomic_write_bytes(out / SKIPPED, b"path,reason\n")
+    atomic_write_bytes(out / SKIPPED, b"image_id,path,reason\n")
     digest = hashlib.sha256()
     with open(array_path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

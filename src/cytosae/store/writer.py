@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import save as st_save
 from torch.utils.data import DataLoader
 
+from cytosae.data.images import DEFAULT_MAX_PIXELS
+
 from .format import (
     DTYPES,
     FORMAT,
@@ -49,6 +51,7 @@ class ExtractConfig:
     shard_size: int = 512
     num_workers: int = 1
     progress: bool = True
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped from their header, before decoding
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -86,6 +89,7 @@ def _settings(backbone, manifest: pd.DataFrame, cfg: ExtractConfig, layer_index:
         "token_stream": "residual stream after block layer_index (before the final norm)",
         "preprocessing": backbone.preprocess_config.to_dict(),
         "dtype": cfg.dtype,
+        "max_pixels": cfg.max_pixels,
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
         "n_inputs": len(manifest),
@@ -155,7 +159,7 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
 
     n = len(manifest)
     n_shards = -(-n // cfg.shard_size)
-    dataset = ImageDataset(manifest, backbone.preprocess_config)
+    dataset = ImageDataset(manifest, backbone.preprocess_config, max_pixels=cfg.max_pixels)
     loader = DataLoader(
         dataset,
         batch_sampler=_batches_per_shard(n, cfg.shard_size, cfg.batch_size, first_shard=reused),
@@ -178,7 +182,7 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
             raise AssertionError("batches crossed a shard boundary")  # _batches_per_shard guarantees this
         if len(indices):
             current.add(indices.tolist(), backbone.tokens(images, layer=cfg.layer).to(dtype))
-        current.skipped += [(manifest.iloc[i]["path"], reason) for i, reason in skipped]
+        current.skipped += [(ids[i], manifest.iloc[i]["path"], reason) for i, reason in skipped]
         bar.update(len(indices) + len(skipped))
         last_in_shard = min((shard_index + 1) * cfg.shard_size, n) - 1
         if max(list(indices.tolist()) + [i for i, _ in skipped]) == last_in_shard:
@@ -233,10 +237,11 @@ class _ShardBuffer:
 
 def _finalise(out: Path, meta: dict, manifest: pd.DataFrame) -> None:
     rows = [r for s in meta["shards"] for r in s["rows"]]
-    skipped = [s for shard in meta["shards"] for s in shard["skipped"]]
+    id_of = dict(zip(manifest["path"], manifest["image_id"]))  # shards written before image ids were recorded
+    skipped = [s if len(s) == 3 else [id_of.get(s[0]), *s] for shard in meta["shards"] for s in shard["skipped"]]
     images = manifest.iloc[rows].reset_index(drop=True)
     atomic_write_parquet(out / IMAGES, images)
-    skipped_df = pd.DataFrame(skipped, columns=["path", "reason"])
+    skipped_df = pd.DataFrame(skipped, columns=["image_id", "path", "reason"])
     atomic_write_bytes(out / SKIPPED, skipped_df.to_csv(index=False).encode())
     meta["n_images"] = len(rows)
     meta["n_skipped"] = len(skipped)
