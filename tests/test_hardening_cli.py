@@ -175,13 +175,14 @@ def test_unfinished_sae_refused_unless_allowed(tmp_path, store, saes, command):
     assert "warning:" in ok.stderr and "step 3 of 8" in ok.stderr
 
 
-def test_explore_refuses_an_unfinished_or_damaged_sae(tmp_path, saes):
+def test_explore_and_report_refuse_an_unfinished_or_damaged_sae(tmp_path, saes):
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"datasets": {}, "sae": "sae"}))
     _copy(saes["unfinished"], run / "sae")
     line = _one_error(_run("explore", run), "sae")
     assert "step 3 of 8" in line
+    assert "step 3 of 8" in _one_error(_run("report", run, "--out", tmp_path / "site"), "sae")
     _damage_sae(run / "sae", "bit-flip")
     _one_error(_run("explore", run, "--allow-unfinished"), "sae.safetensors")
 

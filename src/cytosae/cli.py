@@ -447,10 +447,12 @@ def report(
     out: Path = typer.Option(..., "--out", help="Folder for the static site (created)."),
     latents: int = typer.Option(200, help="How many latent pages to include (annotated first, then most frequent)."),
     images: int = typer.Option(12, help="How many image pages (each with all its patches clickable) to include."),
+    allow_unfinished: bool = ALLOW_UNFINISHED,
 ) -> None:
     """Write the explorer's pages as a static site that opens without a server (index.html)."""
     from cytosae.explorer import build_report
 
+    _check_run_sae(run_dir, allow_unfinished)
     try:
         res = build_report(run_dir, out, n_latents=latents, n_images=images)
     except (FileNotFoundError, ValueError) as exc:

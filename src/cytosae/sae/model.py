@@ -76,6 +76,7 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, seed: int | None = 0) -> None:
         super().__init__()
         self.cfg = cfg
+        self.training_progress: dict | None = None  # set by load(): how far the run that saved it got
         d, n = cfg.d_in, cfg.n_latents
         gen = torch.Generator().manual_seed(seed if seed is not None else 0)
         # HugoFry/CytoSAE init: kaiming-uniform encoder and decoder, decoder rows scaled to unit norm.
