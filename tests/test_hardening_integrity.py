@@ -149,12 +149,22 @@ def test_unfinished_training_is_recorded_and_refused_on_request(tmp_path):
               checkpoint_dir=tmp_path, checkpoint_every=300)
     train_sae(list(x.split(250)), max_tokens_this_run=900, **kw)
     progress = json.loads((tmp_path / "config.json").read_text())["training"]
-    assert progress == {"finished": False, "step": 9, "total_steps": 20, "tokens_seen": 900, "total_tokens": 2000}
+    assert progress == {"finished": False, "step": 9, "total_steps": 20, "tokens_seen": 900, "total_tokens": 2000,
+                        "data_ended": False}
     assert SAE.load(tmp_path).training_progress["finished"] is False  # the Python API loads it on request ...
     with pytest.raises(UnfinishedSAE, match=r"step 9 of 20 \(900 of 2,000 tokens, 45%\).*--allow-unfinished"):
         SAE.load(tmp_path, require_finished=True)  # ... and refuses it when asked to
     train_sae(list(x.split(250)), **kw)  # resumed to the end
     assert SAE.load(tmp_path, require_finished=True).training_progress["finished"] is True
+
+
+def test_a_run_whose_data_ran_out_is_finished(tmp_path):
+    """Asking for more tokens than the data holds ends training when the data ends: nothing is left to resume."""
+    x = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
+    train_sae(list(x.split(250)), 8, "topk", 16, total_tokens=2000, batch_size=100, k=2, progress=False,
+              checkpoint_dir=tmp_path)
+    t = SAE.load(tmp_path, require_finished=True).training_progress
+    assert (t["finished"], t["data_ended"], t["tokens_seen"], t["total_tokens"]) == (True, True, 500, 2000)
 
 
 def test_damaged_training_state_is_named(tmp_path):
