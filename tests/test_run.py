@@ -56,7 +56,7 @@ def test_not_a_run_and_damaged_run_json_are_one_line_errors(tmp_path):
 
 
 def _study(tmp_path, **over) -> str:
-    sections = {"run": 'dir = "run"', "backbone": 'name = "dinobloom-s"\nlayer = -2\nbatch_size = 8',
+    sections = {"run": 'dir = "run"', "backbone": 'name = "dinobloom-s"\nlayer = -2\nbatch_size = 8\nseed = 0',
                 "datasets.sample": 'data = "data/manifest.csv"',
                 "sae": 'arch = "topk"\nexpansion = 2\nk = 4\nbatch_size = 512', "stats": "galleries = 0",
                 "patients": 'token_policy = "any_patch"\nexamples = 0', "classify": "folds = 2\nrepeats = 2"}

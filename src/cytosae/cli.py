@@ -32,13 +32,26 @@ def _open_store(path: Path):
         _fail(str(exc))
 
 
-def _open_sae(path: Path):
+def _open_sae(path: Path, allow_unfinished: bool = False):
+    """The SAE at `path`, checked (checksum, shapes, finite weights, finished training), or a one-line error."""
     from cytosae.sae import SAE
+    from cytosae.sae.model import UnfinishedSAE, check_finished
 
     try:
-        return SAE.load(path)
+        sae = SAE.load(path, require_finished=not allow_unfinished)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    if allow_unfinished:
+        try:
+            check_finished(path, sae.training_progress)
+        except UnfinishedSAE as exc:
+            typer.secho(f"warning: {str(exc).split('; rerun')[0]}; using it as it is (--allow-unfinished)",
+                        fg=typer.colors.YELLOW, err=True)
+    return sae
+
+
+ALLOW_UNFINISHED = typer.Option(False, "--allow-unfinished",
+                                help="Use an SAE whose training has not finished (saved at an intermediate checkpoint).")
 
 
 RUN_HELP = "Run directory (docs/run-layout.md): inputs and outputs default to their places in it, and the step is " \
@@ -153,6 +166,9 @@ def extract(
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     shard_size: int = typer.Option(512, help="Images per shard file (the unit of resumption)."),
     workers: int = typer.Option(1, help="DataLoader worker processes decoding images while the model computes."),
+    seed: int = typer.Option(0, help="Seed of the RANDOM backbone weights used without --weights (recorded in the store)."),
+    max_pixels: int = typer.Option(50_000_000, help="Images with more pixels are skipped (read from the header, before "
+                                                    "decoding: a 164 KB PNG can decode to 2 GB); 0 = no budget."),
 ) -> None:
     """Write a backbone's token activations (CLS + patches) for every image to a sharded store."""
     import time
@@ -174,13 +190,20 @@ def extract(
             _fail(f"{exc}; choose one with --name")
         out = out or rd.store_dir(name)
     out = _need(out, "--out (the store directory)", "write it to RUN/stores/NAME")
-    manifest = load_manifest(data, patients=patients)
-    bb = load_backbone(backbone, weights=weights, resize=resize)
+    try:
+        manifest = load_manifest(data, patients=patients)
+        bb = load_backbone(backbone, weights=weights, resize=resize, seed=seed)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
     if bb.random_weights:
         typer.secho("WARNING: no --weights given: the backbone has RANDOM weights; its activations mean nothing "
                     "about blood cells. Fine for a demo, never for a study.", fg=typer.colors.YELLOW, err=True)
-    res = run_extract(manifest, bb, out, ExtractConfig(layer=layer, dtype=dtype, batch_size=batch_size,
-                                                       shard_size=shard_size, num_workers=workers))
+    try:
+        cfg = ExtractConfig(layer=layer, dtype=dtype, batch_size=batch_size, shard_size=shard_size,
+                            num_workers=workers, max_pixels=max_pixels or None)
+        res = run_extract(manifest, bb, out, cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
     typer.echo(f"store {res.out_dir}: {res.n_images} images x {bb.n_tokens} tokens x {bb.embed_dim} dims "
                f"({dtype}) from {bb.name} block {layer}; {res.n_skipped} unreadable images skipped "
                f"(listed in {res.out_dir / 'skipped.csv'}); {res.shards_reused} of {res.n_shards} shards reused from "
@@ -207,7 +230,10 @@ def import_embeddings_cmd(
 
     from cytosae.store import ActivationStore, import_embeddings
 
-    table = pd.read_csv(manifest_csv)
+    try:
+        table = pd.read_csv(manifest_csv)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        _fail(f"{manifest_csv} could not be read as CSV: {str(exc).strip().splitlines()[-1]}")
     if "image_id" not in table.columns:
         if "path" not in table.columns:
             _fail(f"{manifest_csv} needs an 'image_id' or 'path' column; it has {list(table.columns)}")
@@ -295,6 +321,7 @@ def evaluate(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="With --run: the dataset to measure on (default: the "
                                                                   "one the SAE was trained on, else the only one)."),
     max_images: Optional[int] = typer.Option(None, help="Only the first N images of the store."),
+    allow_unfinished: bool = ALLOW_UNFINISHED,
 ) -> None:
     """Reconstruction and sparsity of an SAE on a store, for all, CLS and patch tokens."""
     import json
@@ -312,7 +339,7 @@ def evaluate(
         out = out or rd.sae_dir / "eval.json"
     sae_dir = _need(sae_dir, "SAE_DIR", "use the run's SAE")
     store = _need(store, "STORE", "measure on the run's dataset")
-    sae, st = _open_sae(sae_dir), _open_store(store)
+    sae, st = _open_sae(sae_dir, allow_unfinished), _open_store(store)
     res = evaluate_sae(sae, st, max_images=max_images)
     res["sae_dir"], res["store"] = str(sae_dir), str(store)
     if rd is not None:  # a run can move: paths inside it are recorded relative to it
@@ -365,6 +392,7 @@ def stats(
     galleries: int = typer.Option(12, help="Gallery PNGs (top images with overlays) for this many label-specific latents."),
     factors: Optional[str] = typer.Option(None, help="Manifest columns of known per-cell factors (comma-separated): "
                                                      "write the purity of each value's best latent to factor_purity.csv."),
+    allow_unfinished: bool = ALLOW_UNFINISHED,
 ) -> None:
     """Per-latent firing frequencies, mean activations, top images, label entropy and class profiles."""
     import time
@@ -379,7 +407,7 @@ def stats(
     sae_dir = _need(sae_dir, "SAE_DIR", "use the run's SAE")
     stores = _need(stores or None, "STORES", "use every dataset of the run")
     out = _need(out, "--out", "write to RUN/stats")
-    sae = _open_sae(sae_dir)
+    sae = _open_sae(sae_dir, allow_unfinished)
     results, opened = [], []
     for path in stores:
         st = _open_store(path)
@@ -457,6 +485,7 @@ def patients(
     token_policy: str = typer.Option("cls", help="cls | any_patch | mean: which tokens decide a cell's activation."),
     target: str = typer.Option("diagnosis", help="Patient column that defines the groups compared."),
     examples: int = typer.Option(5, help="Per comparison, draw example cells with overlays for this many enriched latents."),
+    allow_unfinished: bool = ALLOW_UNFINISHED,
 ) -> None:
     """Patient barcodes (fraction of each patient's cells where each latent fires) and a rank test between groups."""
     import time
@@ -472,7 +501,7 @@ def patients(
     sae_dir = _need(sae_dir, "SAE_DIR", "use the run's SAE")
     store = _need(store, "STORE", "use the run's dataset")
     out = _need(out, "--out", "write to RUN/patients")
-    sae, st = _open_sae(sae_dir), _open_store(store)
+    sae, st = _open_sae(sae_dir, allow_unfinished), _open_store(store)
     try:
         bc = patient_barcodes(sae.encode, st.iter_images(8), st.images, sae.cfg.n_latents, threshold=threshold,
                               token_policy=token_policy, target=target)
@@ -581,12 +610,14 @@ def explore(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on; 127.0.0.1 keeps it private to this machine."),
     port: int = typer.Option(8000, help="TCP port."),
     data_root: list[str] = typer.Option([], "--data-root", help=DATA_ROOT_HELP),
+    allow_unfinished: bool = ALLOW_UNFINISHED,
 ) -> None:
     """Browse, inspect and name the SAE's latents in a web page (JSON API described at /openapi.json)."""
     import uvicorn
 
     from cytosae.explorer import create_app
 
+    _check_run_sae(run_dir, allow_unfinished)
     try:
         web = create_app(run_dir, data_roots=data_root, preload=True)
     except (FileNotFoundError, ValueError) as exc:
@@ -596,6 +627,20 @@ def explore(
     uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
+def _check_run_sae(run_dir: Path, allow_unfinished: bool) -> None:
+    """A run's cytosae SAE is checked like `evaluate` checks it (the explorer reports missing ones itself)."""
+    import json
+
+    try:
+        meta = json.loads((run_dir / "run.json").read_text())
+        sae_dir = run_dir / ((meta.get("sae") if isinstance(meta, dict) else None) or "sae")
+        written_by_cytosae = "format_version" in json.loads((sae_dir / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return  # no run.json or no SAE config: create_app says what is missing
+    if written_by_cytosae:
+        _open_sae(sae_dir, allow_unfinished)
+
+
 @app.command()
 def report(
     run_dir: Path = typer.Argument(..., help="Run directory."),
@@ -603,10 +648,12 @@ def report(
     latents: int = typer.Option(200, help="How many latent pages to include (annotated first, then most frequent)."),
     images: int = typer.Option(12, help="How many image pages (each with all its patches clickable) to include."),
     data_root: list[str] = typer.Option([], "--data-root", help=DATA_ROOT_HELP),
+    allow_unfinished: bool = ALLOW_UNFINISHED,
 ) -> None:
     """Write the explorer's pages as a static site that opens without a server (index.html)."""
     from cytosae.explorer import build_report
 
+    _check_run_sae(run_dir, allow_unfinished)
     try:
         res = build_report(run_dir, out, n_latents=latents, n_images=images, data_roots=data_root)
     except (FileNotFoundError, ValueError) as exc:

@@ -18,7 +18,7 @@ def demo_study(weights: str | Path | None, seed: int, backbone: str, expansion: 
     """The demo's study file: what `make demo` runs, written out so users can copy it for their own data."""
     lines = ['# The demo: the synthetic sample through every step. Rerun: cytosae run study.toml',
              '[run]', 'dir = "."', '',
-             '[backbone]', f'name = "{backbone}"', 'layer = -2', 'batch_size = 16', 'shard_size = 128']
+             '[backbone]', f'name = "{backbone}"', 'layer = -2', f'seed = {seed}', 'batch_size = 16', 'shard_size = 128']
     if weights:
         lines.append(f"weights = {json.dumps(str(Path(weights).absolute()))}")
     lines += ['', '[datasets.sample]', 'data = "data/sample/manifest.csv"', '',
@@ -55,9 +55,6 @@ def run_demo(out: str | Path, seed: int = 0, n_patients: int = 12, cells_per_pat
     per_diagnosis = cells.drop_duplicates("patient_id").diagnosis.value_counts().min()
     study = run / "study.toml"
     atomic_write_bytes(study, demo_study(weights, seed, backbone, expansion, k, classify=per_diagnosis >= 2).encode())
-    import torch
-
-    torch.manual_seed(seed)  # random backbone weights reproducible (until extract takes --seed)
     run_study(study, say=say)
     if per_diagnosis < 2:
         say("diagnosis: skipped, cross-validation needs at least 2 patients per diagnosis")

@@ -22,13 +22,15 @@ DINOBLOOM = {
 
 
 class Backbone:
-    def __init__(self, name: str, model: torch.nn.Module, weights_sha256: str | None, resize: str = "squash") -> None:
+    def __init__(self, name: str, model: torch.nn.Module, weights_sha256: str | None, resize: str = "squash",
+                 seed: int | None = None) -> None:
         from cytosae.data import Preprocess
 
         self.name = name
         self.model = model.eval()
         self.weights_sha256 = weights_sha256
         self.random_weights = weights_sha256 is None
+        self.seed = seed if self.random_weights else None  # what the random weights were drawn with
         self.embed_dim = int(model.embed_dim)
         self.n_blocks = len(model.blocks)
         size = model.patch_embed.img_size[0]
@@ -54,19 +56,25 @@ class Backbone:
         return h.float()
 
     def __repr__(self) -> str:
-        w = "RANDOM weights" if self.random_weights else f"weights sha256 {self.weights_sha256[:12]}"
+        w = f"RANDOM weights (seed {self.seed})" if self.random_weights else f"weights sha256 {self.weights_sha256[:12]}"
         return f"Backbone({self.name}, {self.n_blocks} blocks, d={self.embed_dim}, {self.n_tokens} tokens, {w})"
 
 
 def load_backbone(name: str, weights: str | Path | None = None, device: str = "cpu", resize: str = "squash",
-                  **timm_kwargs) -> Backbone:
-    """`dinobloom-s|b|l|g` or any timm ViT name, with weights from a file (or random, with a warning)."""
+                  seed: int = 0, **timm_kwargs) -> Backbone:
+    """`dinobloom-s|b|l|g` or any timm ViT name, with weights from a file (or random, with a warning).
+
+    Random weights are a pure function of `seed`: a killed extraction resumed in another process must compute
+    its remaining shards with the same backbone as the first ones. The caller's global RNG is left untouched.
+    """
     arch = DINOBLOOM.get(name, name)
     kwargs = {"img_size": 224, "num_classes": 0, **timm_kwargs}
     if name in DINOBLOOM:
         kwargs.setdefault("init_values", 1.0)  # LayerScale is present in every DINOv2 checkpoint
     try:
-        model = timm.create_model(arch, pretrained=False, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(arch, pretrained=False, **kwargs)
     except RuntimeError as exc:
         raise ValueError(f"unknown backbone {name!r}: use dinobloom-s|b|l|g or a timm ViT name ({exc})") from exc
     if not hasattr(model, "blocks") or not hasattr(model, "_pos_embed"):
@@ -78,8 +86,8 @@ def load_backbone(name: str, weights: str | Path | None = None, device: str = "c
         load_into(model, sd, path, arch)
         sha = sha256_file(path)
     else:
-        msg = (f"{name}: no weights given, using RANDOM weights; activations and concepts will mean nothing "
+        msg = (f"{name}: no weights given, using RANDOM weights (seed {seed}); activations and concepts will mean nothing "
                "about blood cells. Pass weights=PATH.")
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
-    return Backbone(name, model.to(device), sha, resize=resize)
+    return Backbone(name, model.to(device), sha, resize=resize, seed=seed)

@@ -2,9 +2,16 @@
 
 An image's id is its POSIX path relative to the data root, so results stay
 attached to the same cell whatever order images are read or shuffled in.
+Paths are normalised (`a/../a/x.jpg` is `a/x.jpg`) but symlinks are not resolved:
+a link is listed, and reported if unreadable, under its own name.
+CSV tables are validated before use; a bad one is a one-line ManifestError naming
+the file, line and column.
 """
 from __future__ import annotations
 
+import csv
+import io
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -13,22 +20,99 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 CORE_COLUMNS = ["image_id", "path", "label", "patient_id", "diagnosis"]
 
 
+class ManifestError(ValueError):
+    """A data manifest or patients table that cannot be used; the message names the file, line and column."""
+
+
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Every non-hidden entry named like an image, symlinks unresolved. Entries that are not readable regular
+    files (dangling or looping links, FIFOs) are listed too, so that decoding reports them in skipped.csv."""
+    found = []
+    for p in folder.rglob("*"):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if p.is_dir() and not p.is_symlink():  # a folder named like an image: rglob lists what is inside
+            continue
+        found.append(p)
+    return sorted(found)
+
+
+def _decode_utf8(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"{path} cannot be read ({exc.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ManifestError(f"{path}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                            "save the file as UTF-8 (CSV UTF-8 in spreadsheet programs)") from None
+
+
+def read_table(path: str | Path, required: tuple[str, ...]) -> tuple[pd.DataFrame, list[int]]:
+    """A CSV's rows as strings (empty -> None) and each row's line number in the file, checked on the way:
+    UTF-8, a header with the `required` columns and no duplicate names, every row no wider than the header,
+    no unterminated quote, at least one row, no empty required value. Errors are ManifestError."""
+    path = Path(path)
+    text = _decode_utf8(path)
+    if not text.strip():
+        raise ManifestError(f"{path} is empty: expected a header row naming the columns ({', '.join(required)}, ...) "
+                            "and one row per entry")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header, rows, lines = None, [], []
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise ManifestError(f"{path}: line {start}: malformed CSV ({exc}); a quoted value that never ends?") from None
+        if not row:
+            continue  # blank line
+        if header is None:
+            header = [h.strip() for h in row]
+            continue
+        if len(row) > len(header):
+            raise ManifestError(f"{path}: line {start} has {len(row)} values but the header has {len(header)} columns; "
+                                "quote values that contain commas")
+        rows.append(row + [""] * (len(header) - len(row)))
+        lines.append(start)
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise ManifestError(f"{path}: the header names column(s) {dup} more than once")
+    for col in required:
+        if col not in header:
+            raise ManifestError(f"{path} has no '{col}' column (it has {header}); add one")
+    if not rows:
+        raise ManifestError(f"{path} has a header but no rows: list one entry per row")
+    table = pd.DataFrame(rows, columns=header, dtype=object)
+    for col in required:
+        empty = [line for line, v in zip(lines, table[col]) if not v.strip()]
+        if empty:
+            raise ManifestError(f"{path}: line {empty[0]}, column '{col}' is empty")
+    return table.replace({"": None}), lines
+
+
+def _check_unique(path: Path, values: list[str], lines: list[int], what: str) -> None:
+    first: dict[str, int] = {}
+    for v, line in zip(values, lines):
+        if v in first:
+            raise ManifestError(f"{path}: duplicate {what}: lines {first[v]} and {line} both name {v!r}; "
+                                "every one must appear once")
+        first[v] = line
 
 
 def _from_csv(csv_path: Path) -> pd.DataFrame:
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    if "path" not in table.columns:
-        raise ValueError(f"{csv_path} has no 'path' column (it has {list(table.columns)}); "
-                         "add one with each image's path relative to the CSV's folder")
+    table, lines = read_table(csv_path, ("path",))
     root = csv_path.parent.resolve()
-    paths = [Path(p) if Path(p).is_absolute() else root / p for p in table["path"]]
-    table = table.drop(columns=["path"]).replace({"": None})
-    table.insert(0, "path", [str(p) for p in paths])
+    # lexical normalisation: a/../a/x.jpg and a/x.jpg are one image; symlinks keep their own names
+    paths = [Path(os.path.normpath(p if os.path.isabs(p) else root / p)) for p in table["path"]]
     ids = [p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix() for p in paths]
+    _check_unique(csv_path, ids, lines, "image ids (paths compared after normalisation)")
+    table = table.drop(columns=["path"])
+    table.insert(0, "path", [str(p) for p in paths])
     table.insert(0, "image_id", ids)
     return table
 
@@ -37,7 +121,7 @@ def _from_class_tree(root: Path) -> pd.DataFrame:
     rows = []
     for p in _images_under(root):
         rel = p.relative_to(root)
-        rows.append({"image_id": rel.as_posix(), "path": str(p.resolve()),
+        rows.append({"image_id": rel.as_posix(), "path": str(p),
                      "label": rel.parts[0] if len(rel.parts) > 1 else None})
     return pd.DataFrame(rows)
 
@@ -45,21 +129,20 @@ def _from_class_tree(root: Path) -> pd.DataFrame:
 def _from_patient_tree(root: Path, patients_csv: Path) -> pd.DataFrame:
     if not Path(patients_csv).is_file():
         raise FileNotFoundError(f"patients table {patients_csv} not found")
-    patients = pd.read_csv(patients_csv, dtype=str, keep_default_na=False).replace({"": None})
-    if "patient_id" not in patients.columns:
-        raise ValueError(f"{patients_csv} has no 'patient_id' column (it has {list(patients.columns)})")
+    patients, lines = read_table(patients_csv, ("patient_id",))
+    _check_unique(patients_csv, list(patients.patient_id), lines, "patient ids")
     rows = []
     for p in _images_under(root):
         rel = p.relative_to(root)
         if len(rel.parts) < 2:
-            raise ValueError(f"{p} is not inside a patient folder; expected ROOT/<patient>/[<class>/]image")
-        rows.append({"image_id": rel.as_posix(), "path": str(p.resolve()), "patient_id": rel.parts[0],
+            raise ManifestError(f"{p} is not inside a patient folder; expected ROOT/<patient>/[<class>/]image")
+        rows.append({"image_id": rel.as_posix(), "path": str(p), "patient_id": rel.parts[0],
                      "label": rel.parts[1] if len(rel.parts) > 2 else None})
     cells = pd.DataFrame(rows)
     if len(cells):
         missing = sorted(set(cells.patient_id) - set(patients.patient_id))
         if missing:
-            raise ValueError(f"patient folders {missing[:10]} have no row in {patients_csv}; add them to the table")
+            raise ManifestError(f"patient folders {missing[:10]} have no row in {patients_csv}; add them to the table")
     return cells.merge(patients, on="patient_id", how="left", suffixes=("", "_patient"))
 
 
@@ -70,17 +153,17 @@ def load_manifest(source: str | Path, patients: str | Path | None = None) -> pd.
         raise FileNotFoundError(f"data source {source} does not exist")
     if source.is_file():
         if source.suffix.lower() != ".csv":
-            raise ValueError(f"{source}: a data source file must be a manifest .csv with a 'path' column")
+            raise ManifestError(f"{source}: a data source file must be a manifest .csv with a 'path' column")
         table = _from_csv(source)
     elif patients is not None:
         table = _from_patient_tree(source.resolve(), Path(patients))
     else:
         table = _from_class_tree(source.resolve())
     if len(table) == 0:
-        raise ValueError(f"no images found in {source} (looked for {sorted(IMAGE_SUFFIXES)})")
+        raise ManifestError(f"no images found in {source} (looked for {sorted(IMAGE_SUFFIXES)})")
     dup = table["image_id"][table["image_id"].duplicated()]
     if len(dup):
-        raise ValueError(f"{source}: duplicate image ids {list(dup[:5])}; every image must appear once")
+        raise ManifestError(f"{source}: duplicate image ids {list(dup[:5])}; every image must appear once")
     for col in CORE_COLUMNS:
         if col not in table.columns:
             table[col] = None

@@ -16,12 +16,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
 from .config import FORMAT_VERSION, SAEConfig
 from .kernels import EncoderLinear, JumpReLUFn, SparseEncoderGather, StepFn, sparse_decode
 
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+WEIGHTS_FILE = "sae.safetensors"
+
+
+class UnfinishedSAE(ValueError):
+    """The SAE was written at an intermediate checkpoint of a training run that has not finished."""
 
 
 @dataclass
@@ -65,17 +72,11 @@ def _atomic_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
 class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, seed: int | None = 0) -> None:
         super().__init__()
         self.cfg = cfg
+        self.training_progress: dict | None = None  # set by load(): how far the run that saved it got
         d, n = cfg.d_in, cfg.n_latents
         gen = torch.Generator().manual_seed(seed if seed is not None else 0)
         # HugoFry/CytoSAE init: kaiming-uniform encoder and decoder, decoder rows scaled to unit norm.
@@ -344,30 +345,119 @@ class SAE(nn.Module):
                     raise ValueError(f"{source}: tensor {k} has shape {tuple(v.shape)}, config implies {tuple(dst.shape)}")
                 dst.copy_(v)
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write sae.safetensors + config.json (atomically) into out_dir."""
+    def save(self, out_dir: str | Path, training: dict | None = None) -> Path:
+        """Write sae.safetensors + config.json (each atomically, weights first) into out_dir.
+
+        config.json records the weights file's size and sha256, and `training`: how far the run that wrote it
+        got ({"finished", "step", "total_steps", "tokens_seen", "total_tokens"}), so an SAE saved at an
+        intermediate checkpoint is never mistaken for a finished one.
+        """
+        from cytosae.store.format import atomic_write_bytes, bytes_checksum
+
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_safetensors(out / "sae.safetensors", self.tensors())
-        _atomic_json(out / "config.json", {"format_version": FORMAT_VERSION, **self.cfg.to_dict()})
+        data = st_save({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()})
+        atomic_write_bytes(out / WEIGHTS_FILE, data)
+        meta = {"format_version": FORMAT_VERSION, **self.cfg.to_dict(), "checksums": {WEIGHTS_FILE: bytes_checksum(data)}}
+        if training is not None:
+            meta["training"] = training
+        _atomic_json(out / "config.json", meta)
         return out
 
+    @staticmethod
+    def _expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+        """Shapes of the tensors `tensors()` writes for `cfg`, known without allocating them."""
+        d, n = cfg.d_in, cfg.n_latents
+        shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,), "input_scale": ()}
+        if cfg.arch == "jumprelu":
+            shapes["threshold"] = (n,)
+        elif cfg.arch in ("batchtopk", "matryoshka"):
+            shapes["threshold"] = ()
+        return shapes
+
     @classmethod
-    def load(cls, sae_dir: str | Path, device: str = "cpu") -> "SAE":
+    def load(cls, sae_dir: str | Path, device: str = "cpu", require_finished: bool = False) -> "SAE":
+        """The SAE in `sae_dir`, checked before use: weights file size and sha256 (when recorded), tensor names
+        and shapes against config.json (read from the header, before allocating), finite values; with
+        `require_finished`, an SAE saved mid-training raises UnfinishedSAE saying how far it got.
+        `.training_progress` holds the recorded progress (None for SAEs saved outside training)."""
         d = Path(sae_dir)
-        cfg_path, w_path = d / "config.json", d / "sae.safetensors"
+        cfg_path, w_path = d / "config.json", d / WEIGHTS_FILE
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise FileNotFoundError(f"{p} does not exist: not an SAE directory written by cytosae (sae.save)")
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{cfg_path} is not valid JSON ({exc}); rewrite it with sae.save()") from exc
-        version = raw.pop("format_version", None) if isinstance(raw, dict) else None
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{cfg_path}: expected format_version {FORMAT_VERSION}, got {version!r}; "
-                             f"written by another tool or cytosae version (import it, or upgrade cytosae)")
-        cfg = SAEConfig.from_dict(raw, source=str(cfg_path))
+        cfg, checksums, training = _read_config(cfg_path)
+        if require_finished:
+            check_finished(d, training)
+        from cytosae.store.format import verify_file
+
+        verify_file(w_path, checksums.get(WEIGHTS_FILE), "write it again (rerun `cytosae train`, or sae.save())")
+        _check_header(w_path, cls._expected_shapes(cfg), cfg_path)
+        tensors = load_file(str(w_path))
+        for k, v in tensors.items():
+            if not bool(torch.isfinite(v).all()):
+                n_bad = int((~torch.isfinite(v)).sum())
+                raise ValueError(f"{w_path}: tensor {k} holds {n_bad:,} NaN or inf values; this SAE is unusable "
+                                 f"(train it again, with a lower learning rate if training diverged)")
         sae = cls(cfg)
-        sae.load_tensors(load_file(str(w_path)), source=str(w_path))
+        sae.load_tensors(tensors, source=str(w_path))
+        sae.training_progress = training
         return sae.to(device).eval()
+
+
+def _read_config(cfg_path: Path) -> tuple[SAEConfig, dict, dict | None]:
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg_path} is not valid JSON ({exc}); rewrite it with sae.save()") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path} does not hold a JSON object; rewrite it with sae.save()")
+    version = raw.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{cfg_path}: expected format_version {FORMAT_VERSION}, got {version!r}; "
+                         f"written by another tool or cytosae version (import it, or upgrade cytosae)")
+    checksums = raw.pop("checksums", None) or {}
+    training = raw.pop("training", None)
+    try:
+        cfg = SAEConfig.from_dict(raw, source=str(cfg_path))
+    except TypeError as exc:  # a field of the wrong JSON type
+        raise ValueError(f"{cfg_path}: {exc}") from None
+    return cfg, checksums, training
+
+
+def training_progress(sae_dir: str | Path) -> dict | None:
+    """How far the training run that wrote `sae_dir` got, from its config.json alone (None: not recorded)."""
+    return _read_config(Path(sae_dir) / "config.json")[2]
+
+
+def check_finished(sae_dir: str | Path, training: dict | None = None) -> None:
+    """Raise UnfinishedSAE when the SAE in `sae_dir` was saved before its training run finished."""
+    t = training if training is not None else training_progress(sae_dir)
+    if t is None or t.get("finished", True):
+        return
+    total, seen = int(t.get("total_tokens") or 0), int(t.get("tokens_seen") or 0)
+    raise UnfinishedSAE(
+        f"{sae_dir} holds an unfinished SAE: its training stopped at step {t.get('step')} of {t.get('total_steps')} "
+        f"({seen:,} of {total:,} tokens, {seen / max(total, 1):.0%}); rerun the same `cytosae train` command to "
+        f"finish it, or pass --allow-unfinished to use it as it is")
+
+
+def _check_header(w_path: Path, expected: dict[str, tuple[int, ...]], cfg_path: Path) -> None:
+    """Tensor names, shapes and dtypes from the safetensors header: a config.json edited to a huge n_latents is
+    refused here, before the SAE's parameters are allocated."""
+    try:
+        with safe_open(str(w_path), framework="pt") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+            dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{w_path} is damaged: not a readable safetensors file ({msg}); "
+                         f"write it again (rerun `cytosae train`, or sae.save())") from None
+    if set(shapes) != set(expected):
+        raise ValueError(f"{w_path}: tensors {sorted(shapes)} do not match {cfg_path} (expects {sorted(expected)})")
+    for k, shape in expected.items():
+        if shapes[k] != shape:
+            raise ValueError(f"{w_path}: tensor {k} has shape {shapes[k]} but {cfg_path} implies {shape}; "
+                             f"the config and the weights do not belong together")
+        if dtypes[k] not in ("F32", "F16", "BF16", "F64"):
+            raise ValueError(f"{w_path}: tensor {k} has dtype {dtypes[k]}, expected floating point")

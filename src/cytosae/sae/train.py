@@ -123,6 +123,8 @@ def train_sae(
         since_fired = _restore(sae, opt, tensors, str(ckpt / "training_state"))
         step, tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
 
+    data_ended = False  # the batches ran out before total_tokens: no rerun can train further
+
     def checkpoint() -> None:
         if ckpt is None or rank != 0:
             return
@@ -131,7 +133,10 @@ def train_sae(
                                    f"the last good checkpoint in {ckpt} is kept")
         save_training_state(ckpt, _state_tensors(sae, opt, since_fired),
                             {"step": step, "tokens_seen": tokens_seen, "run_args": run_args})
-        sae.save(ckpt)
+        # "finished": nothing is left to train (the SAE from a killed or paused run is not, and says how far it got)
+        sae.save(ckpt, training={"finished": tokens_seen >= total_tokens or data_ended, "step": step,
+                                 "total_steps": total_steps, "tokens_seen": tokens_seen, "total_tokens": total_tokens,
+                                 "data_ended": data_ended})
 
     # Each rank consumes the chunks j with j % world == rank: disjoint slices of one global stream.
     stream = rechunk(batches, batch_size, d_in=d_in, skip_tokens=tokens_seen)
@@ -168,8 +173,10 @@ def train_sae(
                 have = torch.tensor([0 if x is None else 1])
                 dist.all_reduce(have, op=dist.ReduceOp.MIN)
                 if not int(have):
+                    data_ended = True
                     break
             if x is None:
+                data_ended = True
                 break
             if world == 1 and x.shape[0] > total_tokens - tokens_seen:
                 x = x[: total_tokens - tokens_seen]  # train on exactly total_tokens

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from .format import DTYPES, FORMAT, FORMAT_VERSION, IMAGES, MANIFEST, SKIPPED, atomic_write_bytes, atomic_write_json, atomic_write_parquet, shard_name
+from .format import DTYPES, FORMAT, FORMAT_VERSION, IMAGES, MANIFEST, SKIPPED, atomic_write_bytes, atomic_write_json, atomic_write_parquet, bytes_checksum, shard_name
 
 
 def _load_array(path: Path, key: str | None) -> np.ndarray:
@@ -84,12 +84,14 @@ def import_embeddings(
         if not torch.isfinite(block).all():
             bad = start + int((~torch.isfinite(block)).flatten(1).any(1).nonzero()[0, 0])
             raise ValueError(f"{array_path}: row {bad} ({ids[bad]}) holds NaN or inf after conversion to {dtype}")
-        atomic_write_bytes(out / shard_name(index), st_save({"tokens": block}, metadata={"format": FORMAT}))
+        data = st_save({"tokens": block}, metadata={"format": FORMAT})
+        atomic_write_bytes(out / shard_name(index), data)
         shards.append({"file": shard_name(index), "index": index, "image_ids": ids[start:stop],
-                       "rows": list(range(start, stop)), "skipped": [], "n_images": stop - start})
+                       "rows": list(range(start, stop)), "skipped": [], "n_images": stop - start,
+                       "checksum": bytes_checksum(data)})
 
     atomic_write_parquet(out / IMAGES, manifest.reset_index(drop=True))
-    atomic_write_bytes(out / SKIPPED, b"path,reason\n")
+    atomic_write_bytes(out / SKIPPED, b"image_id,path,reason\n")
     digest = hashlib.sha256()
     with open(array_path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -1,15 +1,17 @@
 """Sequential, bounded-memory reading of an activation store."""
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 import pandas as pd
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from .format import IMAGES, read_manifest
+from .format import IMAGES, DamagedFile, read_manifest, verify_file
 
 TokenSelection = Literal["all", "cls", "patch"]
 
@@ -31,9 +33,12 @@ class ActivationStore:
 
     Shards are memory-mapped by safetensors and read a slice at a time, so memory
     stays bounded by the batch size whatever the store's size.
+
+    Opening checks every shard: present, its header holding tokens of the listed shape, and its size and
+    sha256 equal to those recorded when it was written (`verify=False`: size only, no read of the data).
     """
 
-    def __init__(self, path: str | Path, allow_incomplete: bool = False) -> None:
+    def __init__(self, path: str | Path, allow_incomplete: bool = False, verify: bool = True) -> None:
         self.path = Path(path)
         self.meta = read_manifest(self.path)
         if not self.meta.get("complete") and not allow_incomplete:
@@ -42,9 +47,28 @@ class ActivationStore:
                 "Run the same `cytosae extract` command again to finish it."
             )
         self._shards = [s for s in self.meta["shards"] if s.get("file")]
-        for s in self._shards:
-            if not (self.path / s["file"]).is_file():
-                raise FileNotFoundError(f"{self.path / s['file']} is listed in {self.path}/manifest.json but missing")
+        self._verify_shards(full=verify)
+
+    def _verify_shards(self, full: bool) -> None:
+        remedy = (f"it is listed in {self.path / 'manifest.json'}; extract the store again "
+                  "(or delete the shard and its entry and rerun `cytosae extract` into this folder)")
+        expected_shape = lambda s: (s["n_images"], self.n_tokens, self.d_model)  # noqa: E731
+
+        def check(s: dict) -> None:
+            path = self.path / s["file"]
+            verify_file(path, s.get("checksum"), remedy, full=full)
+            try:  # the header alone: catches truncation in stores written before checksums existed
+                with safe_open(path, framework="pt") as fh:
+                    shape = tuple(fh.get_slice("tokens").get_shape())
+            except (SafetensorError, OSError, KeyError) as exc:
+                raise DamagedFile(f"{path} is damaged: not a readable safetensors file with 'tokens' "
+                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); {remedy}") from None
+            if shape != expected_shape(s):
+                raise DamagedFile(f"{path} holds tokens of shape {shape}, {expected_shape(s)} were written; {remedy}")
+
+        # hashlib releases the GIL: shards hash in parallel, one per core
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            list(pool.map(check, self._shards))
 
     # ------------------------------------------------------------------ shape facts
     @property

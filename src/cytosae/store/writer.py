@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import save as st_save
 from torch.utils.data import DataLoader
 
+from cytosae.data.images import DEFAULT_MAX_PIXELS
+
 from .format import (
     DTYPES,
     FORMAT,
@@ -28,11 +30,14 @@ from .format import (
     IMAGES,
     MANIFEST,
     SKIPPED,
+    DamagedFile,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_parquet,
+    bytes_checksum,
     read_manifest,
     shard_name,
+    verify_file,
 )
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,7 @@ class ExtractConfig:
     shard_size: int = 512
     num_workers: int = 1
     progress: bool = True
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped from their header, before decoding
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -75,12 +81,15 @@ def _settings(backbone, manifest: pd.DataFrame, cfg: ExtractConfig, layer_index:
         "backbone": backbone.name,
         "weights_sha256": backbone.weights_sha256,
         "random_weights": bool(backbone.random_weights),
+        # random weights are drawn from this seed; a resume with another seed would mix two backbones in one store
+        "random_weights_seed": getattr(backbone, "seed", None) if backbone.random_weights else None,
         "layer": cfg.layer,
         "layer_index": layer_index,
         "n_blocks": backbone.n_blocks,
         "token_stream": "residual stream after block layer_index (before the final norm)",
         "preprocessing": backbone.preprocess_config.to_dict(),
         "dtype": cfg.dtype,
+        "max_pixels": cfg.max_pixels,
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
         "n_inputs": len(manifest),
@@ -130,6 +139,7 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
         if previous.get("complete"):
             log.info("store %s is already complete", out)
             return ExtractResult(out, previous["n_images"], previous["n_skipped"], len(shards), len(shards), 0.0, 0.0)
+        shards = _intact_prefix(out, shards)
     reused = len(shards)
 
     meta = {
@@ -144,11 +154,12 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
         "shards": shards,
     }
     if backbone.random_weights:
-        log.warning("extracting with RANDOM backbone weights: these activations describe no trained model")
+        log.warning("extracting with RANDOM backbone weights (seed %s): these activations describe no trained model",
+                    settings["random_weights_seed"])
 
     n = len(manifest)
     n_shards = -(-n // cfg.shard_size)
-    dataset = ImageDataset(manifest, backbone.preprocess_config)
+    dataset = ImageDataset(manifest, backbone.preprocess_config, max_pixels=cfg.max_pixels)
     loader = DataLoader(
         dataset,
         batch_sampler=_batches_per_shard(n, cfg.shard_size, cfg.batch_size, first_shard=reused),
@@ -171,7 +182,7 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
             raise AssertionError("batches crossed a shard boundary")  # _batches_per_shard guarantees this
         if len(indices):
             current.add(indices.tolist(), backbone.tokens(images, layer=cfg.layer).to(dtype))
-        current.skipped += [(manifest.iloc[i]["path"], reason) for i, reason in skipped]
+        current.skipped += [(ids[i], manifest.iloc[i]["path"], reason) for i, reason in skipped]
         bar.update(len(indices) + len(skipped))
         last_in_shard = min((shard_index + 1) * cfg.shard_size, n) - 1
         if max(list(indices.tolist()) + [i for i, _ in skipped]) == last_in_shard:
@@ -184,6 +195,18 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
     _finalise(out, meta, manifest)
     return ExtractResult(out, meta["n_images"], meta["n_skipped"], len(shards), reused, seconds,
                          todo / seconds if seconds > 0 else 0.0)
+
+
+def _intact_prefix(out: Path, shards: list[dict]) -> list[dict]:
+    """The listed shards up to the first damaged or missing one; that one and the rest are computed again."""
+    for i, s in enumerate(shards):
+        if s.get("file"):
+            try:
+                verify_file(out / s["file"], s.get("checksum"), "computing it again")
+            except (FileNotFoundError, DamagedFile) as exc:
+                log.warning("%s", exc)
+                return shards[:i]
+    return shards
 
 
 class _ShardBuffer:
@@ -203,8 +226,10 @@ class _ShardBuffer:
                  "rows": self.rows, "skipped": [list(s) for s in self.skipped]}
         if self.rows:
             tokens = torch.cat(self.tokens)
-            atomic_write_bytes(out / name, st_save({"tokens": tokens}, metadata={"format": FORMAT}))
+            data = st_save({"tokens": tokens}, metadata={"format": FORMAT})
+            atomic_write_bytes(out / name, data)
             entry["n_images"] = int(tokens.shape[0])
+            entry["checksum"] = bytes_checksum(data)
         else:
             entry.update(file=None, n_images=0)  # every image in this shard failed to decode
         return entry
@@ -228,10 +253,11 @@ def relocatable_paths(images: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
 
 def _finalise(out: Path, meta: dict, manifest: pd.DataFrame) -> None:
     rows = [r for s in meta["shards"] for r in s["rows"]]
-    skipped = [s for shard in meta["shards"] for s in shard["skipped"]]
+    id_of = dict(zip(manifest["path"], manifest["image_id"]))  # shards written before image ids were recorded
+    skipped = [s if len(s) == 3 else [id_of.get(s[0]), *s] for shard in meta["shards"] for s in shard["skipped"]]
     images, meta["data_root"] = relocatable_paths(manifest.iloc[rows].reset_index(drop=True))
     atomic_write_parquet(out / IMAGES, images)
-    skipped_df = pd.DataFrame(skipped, columns=["path", "reason"])
+    skipped_df = pd.DataFrame(skipped, columns=["image_id", "path", "reason"])
     atomic_write_bytes(out / SKIPPED, skipped_df.to_csv(index=False).encode())
     meta["n_images"] = len(rows)
     meta["n_skipped"] = len(skipped)

@@ -1,0 +1,127 @@
+"""Hardening of data in (issue #12): odd files reach skipped.csv under their image id, pixel budget, bad manifests."""
+import os
+import zlib
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cytosae.data import ImageDecodeError, load_manifest, open_rgb
+from cytosae.data.manifest import ManifestError
+
+
+def _png(path: Path, size=(30, 20)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def huge_png(path: Path, side: int = 13000) -> Path:
+    """A valid, all-black grayscale PNG of side x side pixels written row by row: ~169 MP in ~164 KB."""
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)  # filter byte + one byte per pixel
+    body = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+def odd_tree(root: Path) -> Path:
+    """A class tree holding one good image and every kind of entry that is not a readable regular image."""
+    _png(root / "blast" / "good.png")
+    cls = root / "blast"
+    os.symlink("self.jpg", cls / "self.jpg")                  # a link to itself
+    os.symlink("b.jpg", cls / "a.jpg")                        # a two-link cycle
+    os.symlink("a.jpg", cls / "b.jpg")
+    os.symlink("gone.png", cls / "dangling.png")              # target missing
+    os.mkfifo(cls / "pipe.jpg")                               # opening it would block forever
+    os.symlink("/etc/passwd", cls / "passwd.png")             # a readable file that is no image
+    return root
+
+
+def test_unreadable_entries_are_listed_under_their_own_names(tmp_path):
+    m = load_manifest(odd_tree(tmp_path / "data"))
+    ids = m.image_id.tolist()
+    assert ids == ["blast/a.jpg", "blast/b.jpg", "blast/dangling.png", "blast/good.png", "blast/passwd.png",
+                   "blast/pipe.jpg", "blast/self.jpg"]
+    assert all(p.startswith(str((tmp_path / "data").resolve())) for p in m.path)  # links are not resolved
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("self.jpg", "symlink loop"), ("a.jpg", "symlink loop"), ("dangling.png", "dangling symlink"),
+    ("pipe.jpg", r"not a regular file \(a FIFO"), ("passwd.png", "not an image"),
+])
+def test_each_unreadable_entry_raises_a_reason_without_blocking(tmp_path, name, reason):
+    root = odd_tree(tmp_path / "data")
+    with pytest.raises(ImageDecodeError, match=reason) as e:
+        open_rgb(root / "blast" / name)
+    assert e.value.path.endswith(name)
+
+
+def test_pixel_budget_is_applied_before_decoding(tmp_path):
+    path = huge_png(tmp_path / "huge.png")
+    assert path.stat().st_size < 300_000
+    with pytest.raises(ImageDecodeError, match=r"13000 x 13000 = 169.0 megapixels, above the pixel budget of 50 MP"):
+        open_rgb(path)
+    small = _png(tmp_path / "small.png", size=(40, 30))
+    assert open_rgb(small, max_pixels=1200).size == (40, 30)
+    with pytest.raises(ImageDecodeError, match="above the pixel budget of 0.001199 MP"):
+        open_rgb(small, max_pixels=1199)
+
+
+def test_extract_reports_every_odd_entry_in_skipped_csv(tmp_path):
+    from cytosae import load_backbone
+    from cytosae.store import ActivationStore, ExtractConfig, extract
+
+    root = odd_tree(tmp_path / "data")
+    huge_png(root / "blast" / "huge.png")
+    m = load_manifest(root)
+    bb = load_backbone("dinobloom-s", depth=1)
+    extract(m, bb, tmp_path / "s", ExtractConfig(layer=-1, batch_size=4, shard_size=4, progress=False, num_workers=0))
+    skipped = pd.read_csv(tmp_path / "s" / "skipped.csv").set_index("image_id")
+    assert sorted(skipped.index) == ["blast/a.jpg", "blast/b.jpg", "blast/dangling.png", "blast/huge.png",
+                                     "blast/passwd.png", "blast/pipe.jpg", "blast/self.jpg"]
+    assert "/etc/passwd" not in skipped.path.tolist() and skipped.path["blast/passwd.png"].endswith("passwd.png")
+    assert "megapixels" in skipped.reason["blast/huge.png"] and "FIFO" in skipped.reason["blast/pipe.jpg"]
+    assert ActivationStore(tmp_path / "s").image_ids == ["blast/good.png"]
+
+
+BAD_MANIFESTS = {
+    "empty": (b"", r"empty.csv is empty"),
+    "unterminated_quote": (b'path,label\nimgs/a.png,"blast\nimgs/b.png,x\n', r"unterminated_quote.csv: line 2: malformed CSV"),
+    "latin1": ("path,label\nimgs/a.png,myélocyte\n".encode("latin-1"), r"latin1.csv: line 2 is not UTF-8"),
+    "header_only": (b"path,label\n", r"header_only.csv has a header but no rows"),
+    "no_path": (b"file,label\na.png,x\n", r"no_path.csv has no 'path' column \(it has \['file', 'label'\]\)"),
+    "empty_path": (b"path,label\nimgs/a.png,x\n,y\n", r"empty_path.csv: line 3, column 'path' is empty"),
+    "too_wide": (b"path,label\nimgs/a.png,x,extra\n", r"too_wide.csv: line 2 has 3 values but the header has 2"),
+    "dotdot": (b"path\nimgs/a.png\nimgs/../imgs/a.png\n",
+               r"dotdot.csv: duplicate image ids .*: lines 2 and 3 both name 'imgs/a.png'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_MANIFESTS))
+def test_bad_manifests_are_one_line_errors_naming_file_and_line(tmp_path, name):
+    _png(tmp_path / "imgs" / "a.png")
+    content, message = BAD_MANIFESTS[name]
+    (tmp_path / f"{name}.csv").write_bytes(content)
+    with pytest.raises(ManifestError, match=message) as e:
+        load_manifest(tmp_path / f"{name}.csv")
+    assert "\n" not in str(e.value)
+
+
+def test_paths_are_normalised_and_patients_checked(tmp_path):
+    _png(tmp_path / "imgs" / "a.png")
+    (tmp_path / "m.csv").write_text("path\nimgs/./sub/../a.png\n")
+    m = load_manifest(tmp_path / "m.csv")
+    assert m.image_id.tolist() == ["imgs/a.png"] and m.path[0] == str(tmp_path.resolve() / "imgs" / "a.png")
+    _png(tmp_path / "cells" / "P1" / "a.png")
+    (tmp_path / "p.csv").write_text("patient_id,diagnosis\nP1,APL\nP1,AML\n")
+    with pytest.raises(ManifestError, match=r"p.csv: duplicate patient ids: lines 2 and 3 both name 'P1'"):
+        load_manifest(tmp_path / "cells", patients=tmp_path / "p.csv")
