@@ -164,17 +164,23 @@ class ActivationStore:
         fds = [os.open(self.path / s["file"], os.O_RDONLY) for s in self._shards]
         try:
             for start in range(0, len(order), images_per_read):
-                block = []
-                for g in order[start:start + images_per_read]:
+                group = order[start:start + images_per_read]
+                dtype, shape = layouts[where[group[0]][0]][1:]
+                # read straight into one buffer (no per-image copies); a fresh one per block, as consumers keep slices
+                buf = torch.empty((len(group), *shape[1:]), dtype=dtype)
+                raw = memoryview(buf.view(torch.int16 if dtype.itemsize == 2 else torch.int32).numpy()).cast("B")
+                row_bytes = raw.nbytes // len(group)
+                for m, g in enumerate(group):
                     i, j = where[g]
-                    offset, dtype, shape = layouts[i]
-                    row_bytes = math.prod(shape[1:]) * dtype.itemsize
-                    raw = os.pread(fds[i], row_bytes, offset + j * row_bytes)
-                    if len(raw) != row_bytes:
+                    offset, shard_dtype, shard_shape = layouts[i]
+                    if (shard_dtype, shard_shape[1:]) != (dtype, shape[1:]):
+                        raise ValueError(f"{self.path / self._shards[i]['file']}: tokens are {shard_dtype} "
+                                         f"{shard_shape[1:]}, other shards {dtype} {shape[1:]}; re-extract the store")
+                    got = os.preadv(fds[i], [raw[m * row_bytes:(m + 1) * row_bytes]], offset + j * row_bytes)
+                    if got != row_bytes:
                         raise ValueError(f"{self.path / self._shards[i]['file']} is truncated (image {j}); "
                                          f"re-extract the store")
-                    block.append(torch.frombuffer(bytearray(raw), dtype=dtype).view(shape[1:])[sel])
-                yield torch.stack(block).reshape(-1, self.d_model).to(torch.float32)
+                yield buf[:, sel].reshape(-1, self.d_model).to(torch.float32)
         finally:
             for fd in fds:
                 os.close(fd)
