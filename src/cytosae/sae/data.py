@@ -76,9 +76,11 @@ class ShuffleBuffer:
                 buf[slots] = b
                 yield out
         if buf is not None and filled:
-            rest = buf[:filled][torch.randperm(filled, generator=gen)]
+            # gather each batch from the buffer rather than permuting it whole: a second buffer-sized copy,
+            # kept alive by the batches still in flight, used to double peak memory at every epoch's end
+            order = torch.randperm(filled, generator=gen)
             for s in range(0, filled, batch_size):
-                yield rest[s:s + batch_size]
+                yield buf[order[s:s + batch_size]]
 
 
 class EpochSource:
@@ -129,10 +131,11 @@ def store_epochs(store, epochs: int, tokens: str = "all", batch_size: int = 4096
     return EpochSource(make, store.n_images * per_image, epochs)
 
 
-def prefetch(batches: Iterable[torch.Tensor], depth: int = 2) -> Iterator[torch.Tensor]:
+def prefetch(batches: Iterable[torch.Tensor], depth: int = 2, pin: bool = False) -> Iterator[torch.Tensor]:
     """Read the next `depth` batches in a background thread while the caller trains on the current one.
 
     Order is unchanged (one reader thread). An exception in the reader is raised in the caller.
+    pin: page-lock each batch (in the thread) so a later `.to("cuda", non_blocking=True)` really is asynchronous.
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -141,6 +144,8 @@ def prefetch(batches: Iterable[torch.Tensor], depth: int = 2) -> Iterator[torch.
     def work() -> None:
         try:
             for b in batches:
+                if pin:
+                    b = b.pin_memory()
                 while not stop.is_set():
                     try:
                         q.put(("item", b), timeout=0.1)

@@ -220,7 +220,9 @@ class Trainer:
             chunks = itertools.chain(first, chunks)
         if self.world > 1:
             chunks = itertools.islice(chunks, self.rank, None, self.world)
-        return prefetch(chunks, self.prefetch_batches) if self.prefetch_batches else iter(chunks)
+        if not self.prefetch_batches:
+            return iter(chunks)
+        return prefetch(chunks, self.prefetch_batches, pin=self.device.type == "cuda")
 
     def _next(self, stream: Iterator[torch.Tensor]) -> tuple[torch.Tensor | None, int]:
         """(this rank's next batch on the device or None, tokens in this step over all ranks)."""
