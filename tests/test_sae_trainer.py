@@ -167,3 +167,20 @@ def test_cuda_training_each_architecture(arch, precision):
     if precision == "fp32" and arch != "jumprelu":  # same numbers as the CPU run, up to float reassociation
         _, cpu = _train_and_measure(arch, "cpu", "fp32")
         assert abs(cpu["fvu"] - ev["fvu"]) < 0.05, (cpu, ev)
+
+
+# Fingerprints of the same runs by train_sae before the Trainer (commit acab2b4, CPU, 2 threads): device="cpu"
+# must keep giving today's results.
+BEFORE_TRAINER = {"relu-l1": [-8.92099, 32.00708, 39.22595, -0.50525], "topk": [4.3245, 1.38232, 39.22965, -0.71747],
+                  "jumprelu": [4.31967, 1.36951, 39.23408, -0.1169]}
+
+
+@pytest.mark.parametrize("arch", sorted(BEFORE_TRAINER))
+def test_cpu_results_equal_the_pre_trainer_code(arch):
+    g = torch.Generator().manual_seed(1)
+    x = list((torch.randn(6000, 32, generator=g) * 4 + 1).split(700))
+    s = train_sae(x, 32, arch, 96, 5000, seed=3, batch_size=256, lr_warmup_steps=1, progress=False, k=4,
+                  dead_feature_window=2, dead_tokens=512, device="cpu")
+    with torch.no_grad():
+        got = [float(s.W_enc.sum()), float(s.b_dec.sum()), float(s.W_dec[:8].abs().sum()), float(s.b_enc.sum())]
+    assert got == pytest.approx(BEFORE_TRAINER[arch], abs=2e-4), got
