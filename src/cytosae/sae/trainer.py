@@ -143,6 +143,8 @@ class Trainer:
         return t
 
     def _resume(self, run_args: dict) -> bool:
+        if self.world > 1:
+            dist.barrier()  # rank 0 may still be writing the state an earlier run in this process group left
         resumed = load_training_state(self.ckpt) if self.ckpt is not None else None  # every rank reads the same state
         if resumed is None:
             return False
