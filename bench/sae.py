@@ -1,16 +1,22 @@
-"""SAE training speed against this machine's float32 matmul ceiling, and sparse vs dense TopK kernels.
+"""SAE training speed against the device's dense matmul ceiling, sparse vs dense TopK kernels, peak memory.
 
-    python bench/sae.py [--d 768 --expansion 64 --batch 4096 --steps 4] [--quick]
+    python bench/sae.py [--device auto|cpu|cuda|cuda:N] [--d 768 --expansion 64 --batch 4096 --steps 4] [--quick]
 
+Architectures: relu-l1, topk (k=64) and batchtopk (k=64), each with the sparse kernels and densely.
 FLOPs per token of one dense training step = 10 * d * n_latents: five (batch x d x n) matmuls of
 2 FLOPs per multiply-add (encoder forward, decoder forward, decoder weight gradient, gradient into
 the latents, encoder weight gradient; no gradient flows into the inputs). The ceiling is the best
-torch.mm rate over the same shapes. Steps 2..steps are timed (the first includes initialisation) at the default logging interval.
-Writes bench/results/sae.json.
+torch.mm rate over the same shapes on the same device, in float32 and (on CUDA) bfloat16; fp32 training
+is compared with the fp32 ceiling, bf16 training (CUDA only) with the bf16 one. Steps are driven through
+Trainer.train_step on a batch already on the device, so the figure is the trainer's, not the reader's
+(bench/scale.py measures the reader). One untimed step first; the device is synchronised before each clock.
+Peak memory: torch.cuda.max_memory_allocated per run on CUDA, the process's peak RSS on CPU.
+Writes bench/results/sae.json (sae-<device type>.json for a non-CPU device).
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 from pathlib import Path
 
@@ -21,80 +27,107 @@ from _report import write_result
 REPO = Path(__file__).resolve().parents[1]
 
 
-def matmul_ceiling(batch: int, d: int, n: int, repeats: int = 3) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling(batch: int, d: int, n: int, device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
     """Best GFLOP/s of torch.mm over the three shapes an SAE step multiplies."""
-    a, w = torch.randn(batch, d), torch.randn(d, n)
-    z, wt = torch.randn(batch, n), torch.randn(n, d)
+    a, w = torch.randn(batch, d, device=device, dtype=dtype), torch.randn(d, n, device=device, dtype=dtype)
+    z, wt = torch.randn(batch, n, device=device, dtype=dtype), torch.randn(n, d, device=device, dtype=dtype)
     best = 0.0
     for fn in (lambda: a @ w, lambda: z @ wt, lambda: a.T @ z):
         fn()
         for _ in range(repeats):
+            _sync(device)
             t0 = time.perf_counter()
             fn()
+            _sync(device)
             best = max(best, 2 * batch * d * n / (time.perf_counter() - t0) / 1e9)
     return best
 
 
-def train_rate(arch: str, d: int, n: int, batch: int, steps: int, **options) -> float:
-    """Tokens/s of cytosae's own training loop, steps 2..steps."""
-    from cytosae.sae import train_sae
+def train_rate(arch: str, d: int, n: int, batch: int, steps: int, device: torch.device, precision: str,
+               **options) -> tuple[float, float]:
+    """(tokens/s of Trainer.train_step over `steps` steps after one untimed step, peak memory in GiB)."""
+    from cytosae.sae import SAEConfig, Trainer
 
-    g = torch.Generator().manual_seed(0)
-    data = [torch.randn(batch, d, generator=g) for _ in range(2)]
-    stamps: list[float] = []
-
-    def batches():
-        # With init_batches=1 the trainer reads batch 1 for initialisation and asks for batch i + 1 right after
-        # step i, so a stamp per request times whole steps while the trainer logs at its default interval
-        # (logging every step would add metric computations, e.g. counting L0 over N x n_latents, to each step).
-        for i in range(steps + 1):
-            stamps.append(time.perf_counter())
-            yield data[i % 2]
-
-    train_sae(batches(), d, arch, n, (steps + 1) * batch, seed=0, batch_size=batch, progress=False,
-              init_b_dec="zeros", init_batches=1, **options)
-    timed = stamps[1:steps + 1]  # end of step 1 (initialisation included) .. end of step `steps`
-    return batch * (len(timed) - 1) / (timed[-1] - timed[0])
+    cfg = SAEConfig(arch=arch, d_in=d, n_latents=n, init_b_dec="zeros", **options)
+    trainer = Trainer(cfg, (steps + 1) * batch, batch_size=batch, device=device, precision=precision, progress=False)
+    x = torch.randn(batch, d, generator=torch.Generator().manual_seed(0)).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.train_step(x, batch)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(x, batch)
+    _sync(device)
+    rate = batch * steps / (time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    del trainer
+    return rate, peak
 
 
 def main() -> None:
+    from cytosae.devices import resolve_device
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--expansion", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense-kernel TopK/BatchTopK rows")
     ap.add_argument("--quick", action="store_true", help="d=256, 16x, batch 1024: a smoke run in seconds")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sae.json")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    device = resolve_device(args.device)
     if args.quick:
         args.d, args.expansion, args.batch = 256, 16, 1024
     d, n, b = args.d, args.d * args.expansion, args.batch
+    out = args.out or REPO / "bench" / "results" / ("sae.json" if device.type == "cpu" else f"sae-{device.type}.json")
 
-    ceiling = matmul_ceiling(b, d, n)
+    precisions = ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]
+    ceilings = {p: matmul_ceiling(b, d, n, device, torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
     flops_per_token = 10 * d * n
+    runs = [("relu-l1", "relu-l1", {}),
+            ("topk sparse", "topk", {"k": args.k, "sparse_kernels": True}),
+            ("topk dense", "topk", {"k": args.k, "sparse_kernels": False}),
+            ("batchtopk sparse", "batchtopk", {"k": args.k, "sparse_kernels": True}),
+            ("batchtopk dense", "batchtopk", {"k": args.k, "sparse_kernels": False})]
+    if args.no_dense:
+        runs = [r for r in runs if "dense" not in r[0]]
     rows = {}
-    for name, arch, opts in [("relu-l1", "relu-l1", {}),
-                             ("topk sparse", "topk", {"k": args.k, "sparse_kernels": True}),
-                             ("topk dense", "topk", {"k": args.k, "sparse_kernels": False}),
-                             ("batchtopk sparse", "batchtopk", {"k": args.k, "sparse_kernels": True}),
-                             ("batchtopk dense", "batchtopk", {"k": args.k, "sparse_kernels": False})]:
-        rate = train_rate(arch, d, n, b, args.steps, **opts)
-        rows[name] = {"tokens_per_s": round(rate, 1),
-                      "fraction_of_dense_ceiling": round(rate * flops_per_token / 1e9 / ceiling, 3)}
-        print(f"{name:>17}: {rate:8.1f} tokens/s  ({rows[name]['fraction_of_dense_ceiling']:.2f} of the matmul ceiling "
-              f"at dense FLOPs)", flush=True)
+    for precision in precisions:
+        for name, arch, opts in runs:
+            rate, peak = train_rate(arch, d, n, b, args.steps, device, precision, **opts)
+            key = f"{name} {precision}"
+            rows[key] = {"tokens_per_s": round(rate, 1), "peak_memory_gib": round(peak, 2),
+                         "fraction_of_dense_ceiling": round(rate * flops_per_token / 1e9 / ceilings[precision], 3)}
+            print(f"{key:>22}: {rate:10.1f} tokens/s  ({rows[key]['fraction_of_dense_ceiling']:.2f} of the {precision} "
+                  f"matmul ceiling at dense FLOPs), peak {'GPU memory' if device.type == 'cuda' else 'RSS'} "
+                  f"{peak:.2f} GiB", flush=True)
+    speedups = {f"{a} {p}": round(rows[f"{a} sparse {p}"]["tokens_per_s"] / rows[f"{a} dense {p}"]["tokens_per_s"], 2)
+                for a in ("topk", "batchtopk") for p in precisions if f"{a} dense {p}" in rows}
     result = {
-        "what": f"SAE training tokens/s at d={d}, {n} latents ({args.expansion}x), batch {b}, k={args.k}, "
-                f"random inputs, steps 2..{args.steps}",
-        "matmul_ceiling_gflops": round(ceiling, 1),
+        "what": f"SAE training tokens/s (Trainer.train_step, batch on the device) at d={d}, {n} latents "
+                f"({args.expansion}x), batch {b}, k={args.k}, random inputs, {args.steps} timed steps after one untimed",
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "matmul_ceiling_gflops": {p: round(c, 1) for p, c in ceilings.items()},
         "dense_flops_per_token": flops_per_token,
+        "peak_memory": "torch.cuda.max_memory_allocated per run" if device.type == "cuda" else
+                       "peak RSS of the whole process so far (monotone across rows)",
         "archs": rows,
-        "speedup_sparse_vs_dense": {
-            a: round(rows[f"{a} sparse"]["tokens_per_s"] / rows[f"{a} dense"]["tokens_per_s"], 2) for a in ("topk", "batchtopk")},
+        "speedup_sparse_vs_dense": speedups,
         "targets": {"relu-l1 fraction": 0.6, "sparse vs dense": 2.0},
     }
-    write_result(args.out, result)
+    write_result(out, result)
 
 
 if __name__ == "__main__":

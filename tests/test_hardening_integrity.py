@@ -158,13 +158,16 @@ def test_unfinished_training_is_recorded_and_refused_on_request(tmp_path):
     assert SAE.load(tmp_path, require_finished=True).training_progress["finished"] is True
 
 
-def test_a_run_whose_data_ran_out_is_finished(tmp_path):
-    """Asking for more tokens than the data holds ends training when the data ends: nothing is left to resume."""
+def test_a_run_whose_data_ran_out_is_an_error_and_its_sae_unfinished(tmp_path):
+    """Asking for more tokens than the data holds is an error (train more epochs), and what was saved says so."""
     x = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
-    train_sae(list(x.split(250)), 8, "topk", 16, total_tokens=2000, batch_size=100, k=2, progress=False,
-              checkpoint_dir=tmp_path)
-    t = SAE.load(tmp_path, require_finished=True).training_progress
-    assert (t["finished"], t["data_ended"], t["tokens_seen"], t["total_tokens"]) == (True, True, 500, 2000)
+    with pytest.raises(ValueError, match="ran out after 500 of the 2,000 tokens"):
+        train_sae(list(x.split(250)), 8, "topk", 16, total_tokens=2000, batch_size=100, k=2, progress=False,
+                  checkpoint_dir=tmp_path)
+    t = SAE.load(tmp_path).training_progress
+    assert (t["finished"], t["data_ended"], t["tokens_seen"], t["total_tokens"]) == (False, True, 500, 2000)
+    with pytest.raises(UnfinishedSAE):
+        SAE.load(tmp_path, require_finished=True)
 
 
 def test_damaged_training_state_is_named(tmp_path):

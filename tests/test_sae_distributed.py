@@ -1,4 +1,5 @@
 """Data-parallel training (gloo, 2 processes) equals one process on the same global batches."""
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -14,21 +15,31 @@ def _data():
     return list((torch.randn(3072, 32, generator=g) * 2).split(500))
 
 
-def _worker(rank, world, init_file, out_dir):
+# data-dependent initialisation: input scale and b_dec (geometric median) from every rank's first batches
+INIT_KW = {**KW, "init_b_dec": "geometric_median", "normalize_inputs": True}
+
+
+def _worker(rank, world, init_file, out_dir, kw, interrupt):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        sae = train_sae(_data(), batch_size=128, checkpoint_dir=f"{out_dir}/ddp" if rank == 0 else None, **KW)
+        if interrupt:  # every rank stops after 1,536 tokens (all ranks together), then every rank resumes
+            part = train_sae(_data(), batch_size=128, checkpoint_dir=f"{out_dir}/ddp", max_tokens_this_run=1536, **kw)
+            assert part.training_summary == {"steps": 6, "tokens_seen": 1536, "finished": False}
+        sae = train_sae(_data(), batch_size=128, checkpoint_dir=f"{out_dir}/ddp" if rank == 0 or interrupt else None,
+                        **kw)
         if rank == 0:
             torch.save({k: v.detach() for k, v in sae.state_dict().items()}, f"{out_dir}/ddp.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_equal_one(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("kw,interrupt", [(KW, False), (INIT_KW, False), (INIT_KW, True)],
+                         ids=["fixed-init", "data-init", "data-init-resumed"])
+def test_two_processes_equal_one(tmp_path, kw, interrupt):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), kw, interrupt), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    single = train_sae(_data(), batch_size=256, **KW)  # one global batch = the two ranks' batches
+    single = train_sae(_data(), batch_size=256, **kw)  # one global batch = the two ranks' batches
     for k, v in single.state_dict().items():
         assert torch.allclose(v, ddp[k], atol=1e-5), k
     assert (tmp_path / "ddp" / "sae.safetensors").is_file()

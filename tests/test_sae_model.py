@@ -62,9 +62,9 @@ def test_sparse_kernels_match_dense_gradients(arch):
     grads = []
     for sparse in (True, False):
         s = _sae(arch, sparse_kernels=sparse).train()
-        s._dead_mask = torch.zeros(64, dtype=torch.bool)
-        s._dead_mask[:20] = True  # exercise AuxK too
-        out = s(x)
+        dead = torch.zeros(64, dtype=torch.bool)
+        dead[:20] = True  # exercise AuxK too
+        out = s(x, dead_mask=dead)
         out.loss.backward()
         grads.append((out.loss.detach(), out.recon.detach(), {k: p.grad.clone() for k, p in s.named_parameters()}))
     (l1, r1, g1), (l2, r2, g2) = grads
@@ -168,9 +168,9 @@ def test_ghost_grads_reach_dead_latents_only_when_dead():
     out.loss.backward()
     assert float(out.aux) == 0.0 and torch.all(s.W_enc.grad[:, :10] == 0)  # no dead mask yet
     s.zero_grad()
-    s._dead_mask = torch.zeros(64, dtype=torch.bool)
-    s._dead_mask[:10] = True
-    out = s(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:10] = True
+    out = s(x, dead_mask=dead)
     out.loss.backward()
     assert float(out.aux) > 0 and float(s.W_enc.grad[:, :10].abs().sum()) > 0
 

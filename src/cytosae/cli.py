@@ -257,7 +257,10 @@ def train(
     arch: str = typer.Option("topk", help="relu-l1 (CytoSAE) | topk | batchtopk | jumprelu | matryoshka"),
     expansion: int = typer.Option(64, help="n_latents = expansion x d_model (64 x 768 = 49,152 as in CytoSAE)."),
     tokens: str = typer.Option("all", help="Train on all | cls | patch tokens."),
-    total_tokens: int = typer.Option(0, help="Tokens to train on; 0 = one pass over the store."),
+    total_tokens: int = typer.Option(0, help="Tokens to train on; 0 = every token of every epoch. At most "
+                                             "epochs x the store's tokens."),
+    epochs: int = typer.Option(1, help="Passes over the whole store, each in a new random order of all images "
+                                       "(shards included), then mixed by the shuffle buffer."),
     k: int = typer.Option(32, help="Active latents per token (topk family)."),
     l1_coeff: float = typer.Option(8e-5, help="L1 coefficient (relu-l1)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default per architecture)."),
@@ -268,12 +271,17 @@ def train(
     log: str = typer.Option("jsonl", help="Metrics log besides the progress bar: none | jsonl (OUT/metrics.jsonl) | "
                                           "tensorboard (OUT/tensorboard) | wandb (optional packages)."),
     log_every: int = typer.Option(50, help="Steps between logged metrics."),
+    device: str = typer.Option("auto", help="auto (CUDA when available) | cpu | cuda | cuda:N. Under torchrun each "
+                                            "process takes cuda:LOCAL_RANK."),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast matmuls; weights and optimizer stay fp32)."),
 ) -> None:
-    """Train a sparse autoencoder on a store's token activations (resumable)."""
+    """Train a sparse autoencoder on a store's token activations (resumable; several GPUs with torchrun)."""
     import time
 
-    from cytosae.sae import ShuffleBuffer, TrainingDiverged, train_sae
+    from cytosae.devices import resolve_device
+    from cytosae.sae import TrainingDiverged, store_epochs, train_sae
     from cytosae.sae.loggers import make_logger
+    from cytosae.sae.trainer import PRECISIONS, init_distributed_from_env
 
     started = time.time()
     rd = _open_run(run)
@@ -286,10 +294,19 @@ def train(
     per_image = {"all": st.n_tokens, "cls": 1, "patch": st.n_tokens - 1}.get(tokens)
     if per_image is None:
         _fail(f"--tokens must be all, cls or patch, got {tokens!r}")
-    total = total_tokens or st.n_images * per_image
-    batches = st.iter_tokens(tokens=tokens, batch_size=batch_size)
-    if shuffle:
-        batches = ShuffleBuffer(shuffle, seed)(batches, batch_size=batch_size)
+    if epochs < 1:
+        _fail(f"--epochs must be at least 1, got {epochs}")
+    if precision not in PRECISIONS:
+        _fail(f"--precision must be one of {'|'.join(PRECISIONS)}, got {precision!r}")
+    available = st.n_images * per_image
+    if total_tokens > epochs * available:
+        _fail(f"--total-tokens {total_tokens:,} is more than {epochs} epoch(s) of {store} hold ({available:,} {tokens} "
+              f"tokens each); pass --epochs {-(-total_tokens // available)} or ask for fewer tokens")
+    try:
+        dev = init_distributed_from_env(resolve_device(device))
+    except ValueError as exc:
+        _fail(str(exc))
+    batches = store_epochs(st, epochs, tokens=tokens, batch_size=batch_size, seed=seed, shuffle_tokens=shuffle)
     opts = {"k": k} if arch in ("topk", "batchtopk", "matryoshka") else {"l1_coeff": l1_coeff} if arch == "relu-l1" else {}
     try:
         logger = make_logger(log, out, config={"arch": arch, "expansion": expansion, "tokens": tokens, "store": str(store),
@@ -297,17 +314,25 @@ def train(
     except ValueError as exc:
         _fail(str(exc))
     try:
-        sae = train_sae(batches, st.d_model, arch, expansion * st.d_model, total, seed=seed, batch_size=batch_size,
-                        lr=lr, checkpoint_dir=out, checkpoint_every=checkpoint_every, logger=logger,
-                        log_every=log_every, **opts)
+        sae = train_sae(batches, st.d_model, arch, expansion * st.d_model, total_tokens or None, seed=seed,
+                        batch_size=batch_size, lr=lr, checkpoint_dir=out, checkpoint_every=checkpoint_every,
+                        logger=logger, log_every=log_every, device=dev, precision=precision, **opts)
     except (ValueError, TrainingDiverged) as exc:
         _fail(str(exc))
     finally:
         if logger is not None:
             logger.close()
     s = sae.training_summary
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return
     typer.echo(f"SAE {arch} ({sae.cfg.n_latents} latents on d={sae.cfg.d_in}) trained on {s['tokens_seen']:,} "
-               f"{tokens} tokens of {store} in {s['steps']} steps -> {out}")
+               f"{tokens} tokens of {store} ({epochs} epoch(s), images in shuffled order) in {s['steps']} steps "
+               f"on {dev} ({precision}) -> {out}")
     _record(ctx, rd, "train", started, dataset=dataset)
 
 
@@ -322,6 +347,7 @@ def evaluate(
                                                                   "one the SAE was trained on, else the only one)."),
     max_images: Optional[int] = typer.Option(None, help="Only the first N images of the store."),
     allow_unfinished: bool = ALLOW_UNFINISHED,
+    device: str = typer.Option("auto", help="auto (CUDA when available) | cpu | cuda | cuda:N."),
 ) -> None:
     """Reconstruction and sparsity of an SAE on a store, for all, CLS and patch tokens."""
     import json
@@ -329,6 +355,7 @@ def evaluate(
 
     import time
 
+    from cytosae.devices import resolve_device
     from cytosae.sae import evaluate_sae
 
     started = time.time()
@@ -339,7 +366,12 @@ def evaluate(
         out = out or rd.sae_dir / "eval.json"
     sae_dir = _need(sae_dir, "SAE_DIR", "use the run's SAE")
     store = _need(store, "STORE", "measure on the run's dataset")
+    try:
+        dev = resolve_device(device)
+    except ValueError as exc:
+        _fail(str(exc))
     sae, st = _open_sae(sae_dir, allow_unfinished), _open_store(store)
+    sae = sae.to(dev)
     res = evaluate_sae(sae, st, max_images=max_images)
     res["sae_dir"], res["store"] = str(sae_dir), str(store)
     if rd is not None:  # a run can move: paths inside it are recorded relative to it

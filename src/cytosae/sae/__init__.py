@@ -1,12 +1,13 @@
 """Sparse autoencoders: architectures, training, evaluation, CytoSAE checkpoint import."""
 from .config import SAEConfig
-from .data import ShuffleBuffer, rechunk
+from .data import EpochSource, ShuffleBuffer, rechunk, store_epochs
 from .init import geometric_median
 from .model import SAE, SAEOutput
-from .train import TrainingDiverged, train_sae
+from .train import train_sae
+from .trainer import Trainer, TrainingDiverged
 
-__all__ = ["SAE", "SAEConfig", "SAEOutput", "ShuffleBuffer", "TrainingDiverged", "geometric_median", "rechunk",
-           "train_sae", "evaluate_sae", "import_cytosae_checkpoint"]
+__all__ = ["SAE", "SAEConfig", "SAEOutput", "EpochSource", "ShuffleBuffer", "Trainer", "TrainingDiverged",
+           "geometric_median", "rechunk", "store_epochs", "train_sae", "evaluate_sae", "import_cytosae_checkpoint"]
 
 
 def __getattr__(name):  # heavier optional parts load on first use

@@ -31,7 +31,8 @@ class SAEConfig:
     normalize_inputs: bool | None = None
     # optimisation
     lr: float = 4e-4
-    lr_warmup_steps: int = 500
+    lr_warmup_steps: int = 500       # at most this many warm-up steps ...
+    lr_warmup_fraction: float = 0.05  # ... and at most this fraction of the run's steps (a short run is not all warm-up)
     lr_decay_steps: int = 0          # linear decay to 0 over the last N steps (0 = constant after warm-up)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     init_b_dec: str = "geometric_median"  # or "mean" or "zeros"
@@ -46,6 +47,9 @@ class SAEConfig:
         if self.arch in ("topk", "batchtopk", "matryoshka") and not 0 < self.k <= self.n_latents:
             raise ValueError(f"SAEConfig.k must be in 1..n_latents={self.n_latents}, got {self.k}")
         self.adam_betas = tuple(self.adam_betas)
+        if not 0.0 <= self.lr_warmup_fraction <= 1.0 or self.lr_warmup_steps < 0 or self.lr_decay_steps < 0:
+            raise ValueError(f"SAEConfig: lr_warmup_fraction must be in [0, 1] and lr_warmup_steps, lr_decay_steps "
+                             f">= 0, got {self.lr_warmup_fraction}, {self.lr_warmup_steps}, {self.lr_decay_steps}")
         if self.normalize_inputs is None:
             self.normalize_inputs = self.arch != "relu-l1"
         if self.arch == "matryoshka":

@@ -1,7 +1,9 @@
 """Token streams for training: re-chunking to a fixed batch size and a bounded shuffle buffer."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import queue
+import threading
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -74,6 +76,97 @@ class ShuffleBuffer:
                 buf[slots] = b
                 yield out
         if buf is not None and filled:
-            rest = buf[:filled][torch.randperm(filled, generator=gen)]
+            # gather each batch from the buffer rather than permuting it whole: a second buffer-sized copy,
+            # kept alive by the batches still in flight, used to double peak memory at every epoch's end
+            order = torch.randperm(filled, generator=gen)
             for s in range(0, filled, batch_size):
-                yield rest[s:s + batch_size]
+                yield buf[order[s:s + batch_size]]
+
+
+class EpochSource:
+    """A dataset read `epochs` times, each time in a fresh deterministic order.
+
+    `make(epoch)` returns that epoch's batches, exactly `tokens_per_epoch` tokens. Because an epoch's order
+    depends only on its number, a resumed run starts at the epoch it stopped in without reading the
+    epochs before it.
+    """
+
+    def __init__(self, make: Callable[[int], Iterable[torch.Tensor]], tokens_per_epoch: int, epochs: int) -> None:
+        if tokens_per_epoch <= 0:
+            raise ValueError(f"EpochSource: tokens_per_epoch must be positive, got {tokens_per_epoch}")
+        if epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {epochs}")
+        self.make, self.tokens_per_epoch, self.epochs = make, int(tokens_per_epoch), int(epochs)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.tokens_per_epoch * self.epochs
+
+    def stream(self, skip_tokens: int = 0) -> tuple[Iterator[torch.Tensor], int]:
+        """(batches from the epoch holding token `skip_tokens` on, tokens still to skip inside that epoch)."""
+        first = min(skip_tokens // self.tokens_per_epoch, self.epochs)
+        return self._epochs(first), skip_tokens - first * self.tokens_per_epoch
+
+    def _epochs(self, first: int) -> Iterator[torch.Tensor]:
+        for epoch in range(first, self.epochs):
+            n = 0
+            for b in self.make(epoch):
+                n += b.shape[0]
+                yield b
+            if n != self.tokens_per_epoch:  # skipping whole epochs on resume relies on this
+                raise ValueError(f"epoch {epoch} yielded {n} tokens, expected {self.tokens_per_epoch}")
+
+
+def store_epochs(store, epochs: int, tokens: str = "all", batch_size: int = 4096, seed: int = 0,
+                 shuffle_tokens: int = 262_144) -> EpochSource:
+    """Every token of an ActivationStore, `epochs` times: images in a new random order each epoch
+    (all shards), then tokens mixed across images by a ShuffleBuffer of `shuffle_tokens` (0 = off)."""
+    per_image = len(range(store.n_tokens)[store._token_slice(tokens)])
+
+    def make(epoch: int) -> Iterable[torch.Tensor]:
+        rows = store.iter_tokens_shuffled(epoch, seed=seed, tokens=tokens, batch_size=batch_size)
+        if shuffle_tokens:
+            rows = ShuffleBuffer(shuffle_tokens, seed=seed * 1_000_003 + epoch)(rows, batch_size=batch_size)
+        return rows
+    return EpochSource(make, store.n_images * per_image, epochs)
+
+
+def prefetch(batches: Iterable[torch.Tensor], depth: int = 2, pin: bool = False) -> Iterator[torch.Tensor]:
+    """Read the next `depth` batches in a background thread while the caller trains on the current one.
+
+    Order is unchanged (one reader thread). An exception in the reader is raised in the caller.
+    pin: page-lock each batch (in the thread) so a later `.to("cuda", non_blocking=True)` really is asynchronous.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for b in batches:
+                if pin:
+                    b = b.pin_memory()
+                while not stop.is_set():
+                    try:
+                        q.put(("item", b), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", done))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=work, name="cytosae-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -13,15 +13,16 @@ DENSE_FIRING_RATE = 0.10  # a latent firing on more than 10% of tokens is counte
 class _Acc:
     """Streaming sums for one token group (exact, in float64)."""
 
-    def __init__(self, d: int, n: int) -> None:
+    def __init__(self, d: int, n: int, device: torch.device | str = "cpu") -> None:
         self.tokens = 0
-        self.sum_x = torch.zeros(d, dtype=torch.float64)
-        self.sum_x2 = torch.zeros((), dtype=torch.float64)
-        self.sse = torch.zeros((), dtype=torch.float64)
-        self.cos = torch.zeros((), dtype=torch.float64)
-        self.shrink = torch.zeros((), dtype=torch.float64)
-        self.l0 = torch.zeros((), dtype=torch.float64)
-        self.fire_counts = torch.zeros(n, dtype=torch.float64)
+        z = dict(dtype=torch.float64, device=device)  # sums stay on the SAE's device: no copy per batch
+        self.sum_x = torch.zeros(d, **z)
+        self.sum_x2 = torch.zeros((), **z)
+        self.sse = torch.zeros((), **z)
+        self.cos = torch.zeros((), **z)
+        self.shrink = torch.zeros((), **z)
+        self.l0 = torch.zeros((), **z)
+        self.fire_counts = torch.zeros(n, **z)
 
     def add(self, x: torch.Tensor, z: torch.Tensor, x_hat: torch.Tensor) -> None:
         x, x_hat = x.double(), x_hat.double()
@@ -60,21 +61,22 @@ def evaluate_sae(sae: SAE, data, max_tokens: int | None = None, batch_size: int 
     """
     sae = sae.eval()
     d, n = sae.cfg.d_in, sae.cfg.n_latents
-    groups = {"all": _Acc(d, n)}
+    dev = sae.W_enc.device  # inputs are moved to the SAE's device
+    groups = {"all": _Acc(d, n, dev)}
     if hasattr(data, "iter_images"):
         has_cls = bool(getattr(data, "has_cls", True))
         if has_cls:
-            groups.update(cls=_Acc(d, n), patch=_Acc(d, n))
+            groups.update(cls=_Acc(d, n, dev), patch=_Acc(d, n, dev))
         images = 0
         for _, toks in data.iter_images(batch_size=max(1, batch_size // max(1, data.n_tokens))):
             b, t, _ = toks.shape
-            flat = toks.reshape(b * t, -1).float()
+            flat = toks.reshape(b * t, -1).to(dev, non_blocking=True).float()
             z = sae.encode(flat)
             x_hat = sae.decode(z)
             groups["all"].add(flat, z, x_hat)
             if has_cls:
-                cls_rows = torch.arange(b) * t
-                patch = torch.ones(b * t, dtype=torch.bool)
+                cls_rows = torch.arange(b, device=dev) * t
+                patch = torch.ones(b * t, dtype=torch.bool, device=dev)
                 patch[cls_rows] = False
                 groups["cls"].add(flat[cls_rows], z[cls_rows], x_hat[cls_rows])
                 groups["patch"].add(flat[patch], z[patch], x_hat[patch])
@@ -85,7 +87,7 @@ def evaluate_sae(sae: SAE, data, max_tokens: int | None = None, batch_size: int 
         for i, x in enumerate(data):
             if x.ndim != 2 or x.shape[1] != d:
                 raise ValueError(f"evaluate_sae: batch {i} has shape {tuple(x.shape)}, expected (N, {d})")
-            x = x.float()
+            x = x.to(dev, non_blocking=True).float()
             z = sae.encode(x)
             groups["all"].add(x, z, sae.decode(z))
             if max_tokens is not None and groups["all"].tokens >= max_tokens:

@@ -4,6 +4,9 @@ The encoder pre-activations must be computed densely (to pick the top k), but
 the backward pass through the encoder and the whole decoder only involve the
 M = N*k selected (token, latent) pairs. Dense autograd would instead run two
 more (N, n_latents) x (n_latents, d) matmuls and materialise (N, n) gradients.
+
+Every tensor is created on its inputs' device. Under bf16 autocast the pre-activations (and so the
+incoming gradients) are bf16; gradients are accumulated in the parameters' own dtype (float32).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ class SparseEncoderGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x_c, w_enc, rows, cols = ctx.saved_tensors
+        g = g.to(w_enc.dtype)
         n, d = ctx.n_latents, x_c.shape[1]
         grad_b_dec = grad_w = grad_b = None
         per_latent = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
@@ -57,7 +61,7 @@ def sparse_decode(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, w_
     counts = torch.bincount(rows, minlength=n_rows)
     offsets = torch.zeros(n_rows, dtype=torch.long, device=rows.device)
     offsets[1:] = torch.cumsum(counts, 0)[:-1]
-    return F.embedding_bag(cols, w_dec, offsets, mode="sum", per_sample_weights=vals,
+    return F.embedding_bag(cols, w_dec, offsets, mode="sum", per_sample_weights=vals.to(w_dec.dtype),
                            include_last_offset=False)
 
 
@@ -114,8 +118,9 @@ class EncoderLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x_c, w_enc = ctx.saved_tensors
-        g_sum = g.sum(0)
-        grad_w = x_c.t() @ g if ctx.needs_input_grad[2] else None
+        g_sum = g.sum(0, dtype=w_enc.dtype)
+        # the big matmul runs in the gradient's precision (bf16 under autocast), its result in float32
+        grad_w = (x_c.to(g.dtype).t() @ g).to(w_enc.dtype) if ctx.needs_input_grad[2] else None
         grad_b_dec = -(w_enc @ g_sum) if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[0]:
             raise RuntimeError("EncoderLinear does not propagate gradients to the SAE input")

@@ -122,16 +122,20 @@ class SAE(nn.Module):
         """(N, n_latents) -> (N, d_in) reconstruction in raw store units."""
         return (z @ self.W_dec + self.b_dec) / self.input_scale
 
-    def forward(self, x: torch.Tensor) -> SAEOutput:
-        """Reconstruct raw inputs and compute the training loss terms."""
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> SAEOutput:
+        """Reconstruct raw inputs and compute the training loss terms.
+
+        dead_mask: (n_latents,) bool, the latents the trainer counts as dead; they get the ghost-grad
+        (relu-l1) or AuxK (topk family) term in training mode. The model keeps no training statistics.
+        """
         self._check_input(x)
         xn = x.float() * self.input_scale
-        out = self._forward_normalised(xn)
+        out = self._forward_normalised(xn, dead_mask)
         out.recon = out.recon / self.input_scale
         return out
 
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x).loss
+    def loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward(x, dead_mask).loss
 
     # ------------------------------------------------------------------ internals
     def _check_input(self, x: torch.Tensor) -> None:
@@ -148,20 +152,25 @@ class SAE(nn.Module):
         vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()))
         return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
 
-    def _forward_normalised(self, x: torch.Tensor) -> SAEOutput:
+    def _forward_normalised(self, x: torch.Tensor, dead: torch.Tensor | None) -> SAEOutput:
         arch = self.cfg.arch
+        if dead is not None and (dead.dtype != torch.bool or tuple(dead.shape) != (self.cfg.n_latents,)):
+            raise ValueError(f"dead_mask must be a ({self.cfg.n_latents},) bool tensor, got {dead.dtype} "
+                             f"{tuple(dead.shape)}")
+        if not self.training:
+            dead = None
         if arch == "relu-l1":
-            return self._forward_relu_l1(x)
+            return self._forward_relu_l1(x, dead)
         if arch == "jumprelu":
             return self._forward_jumprelu(x)
-        return self._forward_topk_family(x)
+        return self._forward_topk_family(x, dead)
 
     @staticmethod
     def _fvu(x, x_hat):
         with torch.no_grad():
             return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
-    def _forward_relu_l1(self, x: torch.Tensor) -> SAEOutput:
+    def _forward_relu_l1(self, x: torch.Tensor, dead: torch.Tensor | None) -> SAEOutput:
         # HugoFry sae_training / CytoSAE loss, term by term (docs/sae.md).
         pre = self._pre(x)
         z = F.relu(pre)
@@ -174,8 +183,8 @@ class SAE(nn.Module):
         col_sums = z.sum(0)
         l1 = self.cfg.l1_coeff * col_sums.sum() / z.shape[0]
         aux = torch.zeros((), device=x.device)
-        dead = getattr(self, "_dead_mask", None)
-        if self.training and self.cfg.use_ghost_grads and dead is not None and bool(dead.any()):
+        # the trainer passes a mask only when some latent may be dead; indexing by it needs its count anyway
+        if self.cfg.use_ghost_grads and dead is not None and bool(dead.any()):
             resid = x - x_hat
             ghost_acts = torch.exp(pre[:, dead])
             ghost_out = ghost_acts @ self.W_dec[dead]
@@ -200,7 +209,7 @@ class SAE(nn.Module):
         with torch.no_grad():  # z >= 0: a latent fired iff its column maximum is > 0; no boolean (N, n) mask
             fired = z.amax(0) > 0
         return SAEOutput(recon=x_hat, loss=mse + l0_term, mse=mse.detach(), sparsity=l0_term.detach(),
-                         aux=torch.zeros(()), fvu=self._fvu(x, x_hat), fired=fired, _dense=z)
+                         aux=torch.zeros((), device=x.device), fvu=self._fvu(x, x_hat), fired=fired, _dense=z)
 
     def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, cols) of the kept (token, latent) pairs, rows ascending."""
@@ -233,7 +242,7 @@ class SAE(nn.Module):
         rows = torch.div(top_pos, per_row, rounding_mode="floor")
         return rows * n + cand_idx.flatten()[top_pos]
 
-    def _forward_topk_family(self, x: torch.Tensor) -> SAEOutput:
+    def _forward_topk_family(self, x: torch.Tensor, dead: torch.Tensor | None) -> SAEOutput:
         cfg, n_rows, n = self.cfg, x.shape[0], self.cfg.n_latents
         x_c = x - self.b_dec
         if cfg.sparse_kernels:
@@ -265,19 +274,18 @@ class SAE(nn.Module):
         else:
             mse = (x_hat - x).pow(2).sum(-1).mean()
         active = vals > 0
-        fired = torch.zeros(n, dtype=torch.bool, device=x.device)
-        fired[cols[active]] = True
+        # counts, not `fired[cols[active]] = True`: boolean indexing would wait for the device every step
+        fired = torch.zeros(n, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
         aux = x.new_zeros(())
-        dead = getattr(self, "_dead_mask", None)
-        if self.training and dead is not None and bool(dead.any()):
+        if dead is not None and bool(dead.any()):
             aux = cfg.aux_coeff * self._auxk(x, x_hat, pre, dead, gather)
         if self.training and cfg.arch in ("batchtopk", "matryoshka"):
-            with torch.no_grad():
-                kept = vals[active]
-                if kept.numel():
-                    m = cfg.threshold_momentum if float(self.threshold) > 0 else 0.0  # first batch: no zero bias
-                    self.threshold.mul_(m).add_((1 - m) * kept.min())
-        return SAEOutput(recon=x_hat, loss=mse + aux, mse=mse.detach(), sparsity=torch.zeros(()), aux=aux.detach(),
+            with torch.no_grad():  # written with where(): no host round trip per step
+                kept_min = vals.detach().masked_fill(~active, float("inf")).min()
+                m = torch.where(self.threshold > 0, cfg.threshold_momentum, 0.0)  # first batch: no zero bias
+                updated = self.threshold * m + (1 - m) * kept_min
+                self.threshold.copy_(torch.where(torch.isfinite(kept_min), updated, self.threshold))
+        return SAEOutput(recon=x_hat, loss=mse + aux, mse=mse.detach(), sparsity=x.new_zeros(()), aux=aux.detach(),
                          fvu=self._fvu(x, x_hat), _l0=active.sum().float().detach() / n_rows, fired=fired,
                          _sparse=(rows, cols, vals.detach(), n_rows, n))
 

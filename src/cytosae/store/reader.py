@@ -1,6 +1,8 @@
 """Sequential, bounded-memory reading of an activation store."""
 from __future__ import annotations
 
+import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -14,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from .format import IMAGES, DamagedFile, read_manifest, verify_file
 
 TokenSelection = Literal["all", "cls", "patch"]
+_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 def find_image(image_id: str, recorded: str | None, roots: Iterable[Path]) -> Path | None:
@@ -180,3 +183,55 @@ class ActivationStore:
             raise KeyError(f"image {image_id!r} is not in store {self.path}") from None
         with safe_open(self.path / file, framework="pt") as fh:
             return fh.get_slice("tokens")[row:row + 1][0].to(torch.float32)
+
+    # ------------------------------------------------------------------ whole-dataset training
+    def _shard_layout(self, file: str) -> tuple[int, torch.dtype, tuple[int, ...]]:
+        """(byte offset of the `tokens` data, dtype, shape) from a shard's safetensors header."""
+        with open(self.path / file, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        info = header.get("tokens")
+        if info is None or info.get("dtype") not in _ST_DTYPES:
+            raise ValueError(f"{self.path / file}: no readable 'tokens' tensor in the safetensors header; "
+                             f"re-extract the store")
+        return 8 + n + int(info["data_offsets"][0]), _ST_DTYPES[info["dtype"]], tuple(info["shape"])
+
+    def iter_tokens_shuffled(self, epoch: int, seed: int = 0, tokens: TokenSelection = "all",
+                             batch_size: int = 4096) -> Iterator[torch.Tensor]:
+        """Yield float32 (<= batch_size, d_model) token rows of every image, images in a random order.
+
+        The order is a pure function of (seed, epoch): a new permutation of all images of all shards
+        each epoch, the same one when a run is resumed. Images are read whole with positioned reads
+        (os.pread) rather than a memory map, so the pages of a store larger than memory never count
+        against the process. Tokens of one image stay together: mix them with a ShuffleBuffer.
+        """
+        sel = self._token_slice(tokens)
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        layouts = [self._shard_layout(s["file"]) for s in self._shards]
+        where = [(i, j) for i, s in enumerate(self._shards) for j in range(s["n_images"])]
+        order = torch.randperm(len(where), generator=gen).tolist()
+        per_image = len(range(self.n_tokens)[sel])
+        images_per_read = max(1, batch_size // per_image)
+        fds = [os.open(self.path / s["file"], os.O_RDONLY) for s in self._shards]
+        try:
+            for start in range(0, len(order), images_per_read):
+                group = order[start:start + images_per_read]
+                dtype, shape = layouts[where[group[0]][0]][1:]
+                # read straight into one buffer (no per-image copies); a fresh one per block, as consumers keep slices
+                buf = torch.empty((len(group), *shape[1:]), dtype=dtype)
+                raw = memoryview(buf.view(torch.int16 if dtype.itemsize == 2 else torch.int32).numpy()).cast("B")
+                row_bytes = raw.nbytes // len(group)
+                for m, g in enumerate(group):
+                    i, j = where[g]
+                    offset, shard_dtype, shard_shape = layouts[i]
+                    if (shard_dtype, shard_shape[1:]) != (dtype, shape[1:]):
+                        raise ValueError(f"{self.path / self._shards[i]['file']}: tokens are {shard_dtype} "
+                                         f"{shard_shape[1:]}, other shards {dtype} {shape[1:]}; re-extract the store")
+                    got = os.preadv(fds[i], [raw[m * row_bytes:(m + 1) * row_bytes]], offset + j * row_bytes)
+                    if got != row_bytes:
+                        raise ValueError(f"{self.path / self._shards[i]['file']} is truncated (image {j}); "
+                                         f"re-extract the store")
+                yield buf[:, sel].reshape(-1, self.d_model).to(torch.float32)
+        finally:
+            for fd in fds:
+                os.close(fd)
