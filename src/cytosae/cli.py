@@ -114,6 +114,10 @@ def extract(
         _fail(str(exc))
     try:
         manifest = load_manifest(data, patients=patients)
+        if weights is None and world > 1:
+            import torch
+
+            torch.manual_seed(0)  # random weights must be the same in every process
         bb = load_backbone(backbone, weights=weights, resize=resize, device=dev)
         if bb.random_weights and rank == 0:
             typer.secho("WARNING: no --weights given: the backbone has RANDOM weights; its activations mean nothing "

@@ -151,6 +151,21 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+def _check_same_weights(backbone, world: int) -> None:
+    """Every process must run the same model: random weights drawn without a common seed differ per process."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        mark = torch.stack([p.detach().double().sum() for p in backbone.model.parameters()]).sum().reshape(1)
+    mark = mark.to(backbone.device)
+    low, high = mark.clone(), mark.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise ValueError("the processes hold different backbone weights (random weights drawn without a common "
+                         "seed?); pass --weights, or seed every process the same way before loading the backbone")
+
+
 def _progress_entries(out: Path) -> dict[int, dict]:
     """Shards finished by the processes of a multi-process run, not yet merged into manifest.json."""
     entries = {}
@@ -214,6 +229,8 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
     }
     if backbone.random_weights and rank == 0:
         log.warning("extracting with RANDOM backbone weights: these activations describe no trained model")
+    if world > 1:
+        _check_same_weights(backbone, world)
     if rank == 0:
         atomic_write_json(out / MANIFEST, meta)
     _barrier(world)
