@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--n-images", type=int, default=32)
     ap.add_argument("--precisions", default="bf16,fp16")
+    ap.add_argument("--weights", type=Path, default=None, help="checkpoint for the (single) backbone; default random")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "precision.json")
     args = ap.parse_args()
 
@@ -49,11 +50,11 @@ def main() -> None:
         sys.exit(f"real images not found at {ACEVEDO}; this benchmark needs ../shared/data/acevedo")
     device = resolve_device(args.device)
     manifest = load_manifest(ACEVEDO / "manifest.csv").sample(n=args.n_images, random_state=0)
-    result = {"what": f"block -2 tokens under autocast vs fp32, {args.n_images} real Acevedo images, seeded random "
-                      f"weights (torch.manual_seed(0)), on {device}"}
+    weights = f"weights {args.weights}" if args.weights else "seeded random weights (torch.manual_seed(0))"
+    result = {"what": f"block -2 tokens under autocast vs fp32, {args.n_images} real Acevedo images, {weights}, on {device}"}
     for name in args.backbones.split(","):
         torch.manual_seed(0)
-        bb = load_backbone(name, device=device)
+        bb = load_backbone(name, weights=args.weights, device=device)
         x = torch.stack([bb.preprocess(open_rgb(p)) for p in manifest.path])
         ref = torch.cat([bb.tokens(c, precision="fp32").cpu() for c in x.split(8)])
         result[name] = {}

@@ -95,6 +95,8 @@ def extract(
                                             "each process takes GPU LOCAL_RANK."),
     precision: str = typer.Option("fp32", help="Forward pass: fp32 (matches the reference model) | bf16 | fp16 "
                                                "autocast (faster on GPUs; recorded in the store)."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop after the shard that crosses this many minutes "
+                                                           "(e.g. a cluster job's limit); rerun to resume."),
 ) -> None:
     """Write a backbone's token activations (CLS + patches) for every image to a sharded store.
 
@@ -108,7 +110,8 @@ def extract(
 
     try:
         cfg = ExtractConfig(layer=layer, dtype=dtype, batch_size=batch_size, shard_size=shard_size,
-                            num_workers=workers, precision=precision)
+                            num_workers=workers, precision=precision,
+                            max_seconds=60 * max_minutes if max_minutes is not None else None)
         dev, rank, world = init_from_env(device)
     except ValueError as exc:
         _fail(str(exc))
@@ -128,7 +131,10 @@ def extract(
             _fail(str(exc))
     finally:
         shutdown()
-    if rank == 0:
+    if rank == 0 and not res.complete:
+        typer.echo(f"store {res.out_dir} unfinished: stopped after --max-minutes {max_minutes:g} with {res.n_shards} "
+                   f"shards ({res.n_images} images) done; run the same command again to finish it.")
+    elif rank == 0:
         typer.echo(f"store {res.out_dir}: {res.n_images} images x {bb.n_tokens} tokens x {bb.embed_dim} dims "
                    f"({dtype}) from {bb.name} block {layer} on {dev} ({precision}"
                    f"{f', {world} processes' if world > 1 else ''}); {res.n_skipped} unreadable images skipped "
