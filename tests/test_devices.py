@@ -151,3 +151,14 @@ def test_gpu_analysis_matches_cpu(store, sae_dir):
     a_cpu = cell_activations(cpu.encode, store.iter_images(4), [0, 5, 7])
     a_gpu = cell_activations(gpu.encode, store.iter_images(4), [0, 5, 7], device="cuda")
     np.testing.assert_allclose(a_gpu.to_numpy(), a_cpu.to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_python_dash_m_cytosae_runs_the_cli():
+    """torchrun -m cytosae needs the package to be runnable as a module."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run([sys.executable, "-m", "cytosae", "extract", "--help"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and "--precision" in res.stdout and "--device" in res.stdout

@@ -178,7 +178,7 @@ def _progress_entries(out: Path) -> dict[int, dict]:
 def _previous(out: Path, settings: dict) -> tuple[dict | None, dict[int, dict]]:
     """The store already at `out` (None if there is none) and its finished shards by index."""
     if not (out / MANIFEST).exists():
-        return None, _progress_entries(out)
+        return None, {}  # progress/ is trusted only beside the manifest whose settings it was made with
     previous = read_manifest(out)
     # stores written before `precision` existed were computed in fp32
     old = {"precision": "fp32", **previous.get("settings", {})}
