@@ -162,3 +162,17 @@ def test_python_dash_m_cytosae_runs_the_cli():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     res = subprocess.run([sys.executable, "-m", "cytosae", "extract", "--help"], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "--precision" in res.stdout and "--device" in res.stdout
+
+
+def test_fp32_on_gpu_switches_tf32_off_and_restores_the_flags():
+    from cytosae.backbones.backbone import _no_tf32
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"  # a user's own global choice
+        with _no_tf32():
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert matmul.fp32_precision == "tf32" and conv.fp32_precision == before[1]
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before

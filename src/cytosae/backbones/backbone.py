@@ -38,15 +38,15 @@ def _precision_context(device: torch.device, precision: str):
 
 @contextlib.contextmanager
 def _no_tf32():
-    """fp32 on a GPU means fp32: cuDNN convolutions (the patch embedding) default to TF32, 10-bit mantissas."""
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    """fp32 on a GPU means fp32: cuDNN convolutions (the patch embedding) default to TF32, 10-bit mantissas.
+    Only torch's newer fp32_precision flags are touched: mixing them with the legacy allow_tf32 ones is an error."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "ieee"
     try:
-        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
-                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
-            yield
+        yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
+        matmul.fp32_precision, conv.fp32_precision = saved
 
 
 class Backbone:
