@@ -176,3 +176,15 @@ def test_fp32_on_gpu_switches_tf32_off_and_restores_the_flags():
         assert matmul.fp32_precision == "tf32" and conv.fp32_precision == before[1]
     finally:
         matmul.fp32_precision, conv.fp32_precision = before
+
+
+def test_cli_extract_refuses_to_resume_in_another_precision(tmp_path, data):
+    root = _write_images(tmp_path / "imgs", 3)
+    args = ["extract", str(root), "--out", str(tmp_path / "s"), "--backbone", "dinobloom-s", "--device", "cpu",
+            "--shard-size", "2", "--batch-size", "2", "--workers", "0"]
+    first = CliRunner().invoke(app, args + ["--max-minutes", "0"])
+    assert first.exit_code == 0 and "unfinished" in first.output, first.output
+    res = CliRunner().invoke(app, args + ["--precision", "bf16"])
+    assert res.exit_code == 2 and "different settings (precision)" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["extract", str(tmp_path / "missing"), "--out", str(tmp_path / "t"), "--device", "cpu"])
+    assert res.exit_code == 2 and "does not exist" in res.output

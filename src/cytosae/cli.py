@@ -125,10 +125,9 @@ def extract(
         if bb.random_weights and rank == 0:
             typer.secho("WARNING: no --weights given: the backbone has RANDOM weights; its activations mean nothing "
                         "about blood cells. Fine for a demo, never for a study.", fg=typer.colors.YELLOW, err=True)
-        try:
-            res = run_extract(manifest, bb, out, cfg)
-        except ValueError as exc:
-            _fail(str(exc))
+        res = run_extract(manifest, bb, out, cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
     finally:
         shutdown()
     if rank == 0 and not res.complete:
