@@ -122,11 +122,11 @@ def test_resume_after_interruption_is_identical(tmp_path, backbone):
     calls = {"n": 0}
     real_tokens = backbone.tokens
 
-    def dying_tokens(x, layer):
+    def dying_tokens(x, layer, **kw):
         calls["n"] += 1
         if calls["n"] == 4:  # in the middle of the second shard
             raise KeyboardInterrupt
-        return real_tokens(x, layer=layer)
+        return real_tokens(x, layer=layer, **kw)
 
     backbone.tokens = dying_tokens
     try:
@@ -153,9 +153,9 @@ from cytosae.data import load_manifest
 from cytosae.store import ExtractConfig, extract
 bb = load_backbone("dinobloom-s", weights=sys.argv[1], depth=3)
 real = bb.tokens
-def slow(x, layer):
+def slow(x, layer, **kw):
     time.sleep(float(sys.argv[4]))  # give the test time to kill us mid-run
-    return real(x, layer=layer)
+    return real(x, layer=layer, **kw)
 bb.tokens = slow
 extract(load_manifest(sys.argv[2]), bb, sys.argv[3], ExtractConfig(batch_size=2, shard_size=4, progress=False, num_workers=1))
 """

@@ -165,16 +165,27 @@ def extract(
     dtype: str = typer.Option("float16", help="float16 | float32 | bfloat16 on disk."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     shard_size: int = typer.Option(512, help="Images per shard file (the unit of resumption)."),
-    workers: int = typer.Option(1, help="DataLoader worker processes decoding images while the model computes."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader processes decoding images while the model computes "
+                                                     "(default: min(8, CPUs - 1))."),
+    device: str = typer.Option("auto", help="auto (the GPU when there is one) | cpu | cuda | cuda:N. Under torchrun "
+                                            "each process takes GPU LOCAL_RANK."),
+    precision: str = typer.Option("fp32", help="Forward pass: fp32 (matches the reference model) | bf16 | fp16 "
+                                               "autocast (faster on GPUs; recorded in the store)."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop after the shard that crosses this many minutes "
+                                                           "(e.g. a cluster job's limit); rerun to resume."),
     seed: int = typer.Option(0, help="Seed of the RANDOM backbone weights used without --weights (recorded in the store)."),
     max_pixels: int = typer.Option(50_000_000, help="Images with more pixels are skipped (read from the header, before "
                                                     "decoding: a 164 KB PNG can decode to 2 GB); 0 = no budget."),
 ) -> None:
-    """Write a backbone's token activations (CLS + patches) for every image to a sharded store."""
+    """Write a backbone's token activations (CLS + patches) for every image to a sharded store.
+
+    Several GPUs or machines: `torchrun --nproc-per-node N -m cytosae extract ...` splits the shards
+    between the processes and writes one store (OUT on a filesystem they all see)."""
     import time
 
     from cytosae.backbones import load_backbone
     from cytosae.data import load_manifest
+    from cytosae.distributed import init_from_env, shutdown
     from cytosae.store import ExtractConfig
     from cytosae.store import extract as run_extract
 
@@ -191,27 +202,39 @@ def extract(
         out = out or rd.store_dir(name)
     out = _need(out, "--out (the store directory)", "write it to RUN/stores/NAME")
     try:
-        manifest = load_manifest(data, patients=patients)
-        bb = load_backbone(backbone, weights=weights, resize=resize, seed=seed)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    if bb.random_weights:
-        typer.secho("WARNING: no --weights given: the backbone has RANDOM weights; its activations mean nothing "
-                    "about blood cells. Fine for a demo, never for a study.", fg=typer.colors.YELLOW, err=True)
-    try:
         cfg = ExtractConfig(layer=layer, dtype=dtype, batch_size=batch_size, shard_size=shard_size,
-                            num_workers=workers, max_pixels=max_pixels or None)
+                            num_workers=workers, precision=precision, max_pixels=max_pixels or None,
+                            max_seconds=60 * max_minutes if max_minutes is not None else None)
+        dev, rank, world = init_from_env(device)
+    except ValueError as exc:
+        _fail(str(exc))
+    try:
+        manifest = load_manifest(data, patients=patients)
+        # random weights are a function of --seed: the same in every process and in every resumed run
+        bb = load_backbone(backbone, weights=weights, resize=resize, seed=seed, device=dev)
+        if bb.random_weights and rank == 0:
+            typer.secho("WARNING: no --weights given: the backbone has RANDOM weights; its activations mean nothing "
+                        "about blood cells. Fine for a demo, never for a study.", fg=typer.colors.YELLOW, err=True)
         res = run_extract(manifest, bb, out, cfg)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    typer.echo(f"store {res.out_dir}: {res.n_images} images x {bb.n_tokens} tokens x {bb.embed_dim} dims "
-               f"({dtype}) from {bb.name} block {layer}; {res.n_skipped} unreadable images skipped "
-               f"(listed in {res.out_dir / 'skipped.csv'}); {res.shards_reused} of {res.n_shards} shards reused from "
-               f"an earlier run; {res.images_per_second:.1f} images/s over the images computed now.")
-    if rd is not None:
+    finally:
+        shutdown()
+    if rank == 0 and not res.complete:
+        typer.echo(f"store {res.out_dir} unfinished: stopped after --max-minutes {max_minutes:g} with {res.n_shards} "
+                   f"shards ({res.n_images} images) done; run the same command again to finish it.")
+        return
+    if rank == 0:
+        typer.echo(f"store {res.out_dir}: {res.n_images} images x {bb.n_tokens} tokens x {bb.embed_dim} dims "
+                   f"({dtype}) from {bb.name} block {layer} on {dev} ({precision}"
+                   f"{f', {world} processes' if world > 1 else ''}); {res.n_skipped} unreadable images skipped "
+                   f"(listed in {res.out_dir / 'skipped.csv'}); {res.shards_reused} of {res.n_shards} shards reused "
+                   f"from an earlier run; {res.images_per_second:.1f} images/s over the images "
+                   f"{'this process ' if world > 1 else ''}computed now.")
+    if rd is not None and rank == 0:
         rd.add_dataset(name, data=rd.portable(data.absolute()))
         rd.set_backbone({"name": backbone, "weights": rd.portable(weights) if weights else None, "layer": layer,
-                         "options": {}})
+                         "seed": None if weights else seed, "options": {}})
         _record(ctx, rd, f"extract:{name}", started, inputs={"weights": weights, "patients": patients,
                                                         "manifest": data if data.is_file() else None})
 
@@ -425,6 +448,7 @@ def stats(
     factors: Optional[str] = typer.Option(None, help="Manifest columns of known per-cell factors (comma-separated): "
                                                      "write the purity of each value's best latent to factor_purity.csv."),
     allow_unfinished: bool = ALLOW_UNFINISHED,
+    device: str = typer.Option("auto", help="auto (the GPU when there is one) | cpu | cuda | cuda:N: where tokens are encoded."),
 ) -> None:
     """Per-latent firing frequencies, mean activations, top images, label entropy and class profiles."""
     import time
@@ -439,14 +463,15 @@ def stats(
     sae_dir = _need(sae_dir, "SAE_DIR", "use the run's SAE")
     stores = _need(stores or None, "STORES", "use every dataset of the run")
     out = _need(out, "--out", "write to RUN/stats")
-    sae = _open_sae(sae_dir, allow_unfinished)
+    dev = _device(device)
+    sae = _open_sae(sae_dir, allow_unfinished).to(dev)
     results, opened = [], []
     for path in stores:
         st = _open_store(path)
         opened.append(st)
-        results.append(compute_latent_stats(sae.encode, st.iter_images(8), st.images, sae.cfg.n_latents, k=k,
-                                            label_column=label_column, noisy_threshold=noisy_threshold,
-                                            dataset=path.name))
+        results.append(compute_latent_stats(sae.encode, st.iter_images(_analysis_batch(dev)), st.images,
+                                            sae.cfg.n_latents, k=k, label_column=label_column,
+                                            noisy_threshold=noisy_threshold, dataset=path.name, device=dev))
         s = results[-1].summary
         typer.echo(f"{path.name}: {s['n_images']} images, {s['n_latents']} latents; {s['n_dead_on_dataset']} never fire "
                    f"on it; {s['n_noisy']} noisy (mean image activation > {noisy_threshold})")
@@ -456,7 +481,7 @@ def stats(
 
         for path, st, res in zip(stores, opened, results):
             chosen = _gallery_latents(res.latents, galleries, k, res.summary["n_images"])
-            written = write_latent_galleries(CellViewer(st, sae.encode), res.top_images, chosen,
+            written = write_latent_galleries(CellViewer(st, sae.encode, device=dev), res.top_images, chosen,
                                              out / "figures" / "galleries" / path.name, label_column=label_column)
             typer.echo(f"{path.name}: galleries of the {len(written)} latents with the lowest label entropy among those "
                        f"firing on >= {k} images -> {out / 'figures' / 'galleries' / path.name}")
@@ -494,6 +519,21 @@ def _factor_purity(sae, stores, opened, results, factors: list[str], k: int, out
     typer.echo(f"factor purity -> {out / 'factor_purity.csv'}")
 
 
+def _device(spec: str):
+    from cytosae.devices import resolve_device
+
+    try:
+        return resolve_device(spec)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _analysis_batch(device) -> int:
+    """Images per SAE encoding batch: 8 keeps CPU memory small (8 x 257 x 49,152 floats = 0.4 GB);
+    a GPU wants bigger batches to be busy, and 32 (1.6 GB) fits any GPU."""
+    return 32 if device.type == "cuda" else 8
+
+
 def _gallery_latents(latents, n: int, k: int, n_images: int) -> list[int]:
     """The most label-specific latents among those with a full set of k top images."""
     full = latents[(latents.freq_image * n_images >= k - 0.5) & latents.label_entropy.notna()]
@@ -518,6 +558,7 @@ def patients(
     target: str = typer.Option("diagnosis", help="Patient column that defines the groups compared."),
     examples: int = typer.Option(5, help="Per comparison, draw example cells with overlays for this many enriched latents."),
     allow_unfinished: bool = ALLOW_UNFINISHED,
+    device: str = typer.Option("auto", help="auto (the GPU when there is one) | cpu | cuda | cuda:N: where tokens are encoded."),
 ) -> None:
     """Patient barcodes (fraction of each patient's cells where each latent fires) and a rank test between groups."""
     import time
@@ -533,10 +574,11 @@ def patients(
     sae_dir = _need(sae_dir, "SAE_DIR", "use the run's SAE")
     store = _need(store, "STORE", "use the run's dataset")
     out = _need(out, "--out", "write to RUN/patients")
-    sae, st = _open_sae(sae_dir, allow_unfinished), _open_store(store)
+    dev = _device(device)
+    sae, st = _open_sae(sae_dir, allow_unfinished).to(dev), _open_store(store)
     try:
-        bc = patient_barcodes(sae.encode, st.iter_images(8), st.images, sae.cfg.n_latents, threshold=threshold,
-                              token_policy=token_policy, target=target)
+        bc = patient_barcodes(sae.encode, st.iter_images(_analysis_batch(dev)), st.images, sae.cfg.n_latents,
+                              threshold=threshold, token_policy=token_policy, target=target, device=dev)
     except ValueError as exc:
         _fail(f"{store}: {exc}")
     write_patients(bc, out, target, {"threshold": threshold, "token_policy": token_policy,
@@ -553,7 +595,7 @@ def patients(
         if examples:
             from cytosae.analysis.patients import write_disease_examples
 
-            drawn = write_disease_examples(sae.encode, st, out, target, per_comparison=examples)
+            drawn = write_disease_examples(sae.encode, st, out, target, per_comparison=examples, device=dev)
             typer.echo(f"example cells with overlays for {sum(len(d['latents']) for d in drawn)} disease-specific "
                        f"latents -> {out / 'figures' / 'examples'}")
     _record(ctx, rd, f"patients:{dataset}" if external else "patients", started, dataset=dataset)

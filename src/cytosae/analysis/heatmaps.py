@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 
-def token_activations(encode: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor) -> np.ndarray:
-    """(T, D) tokens of one image -> (T, n_latents) SAE activations."""
+def token_activations(encode: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
+                      device: str | torch.device = "cpu") -> np.ndarray:
+    """(T, D) tokens of one image -> (T, n_latents) SAE activations, encoded on `device` (where the SAE is)."""
     with torch.inference_mode():
-        return torch.as_tensor(encode(tokens.float())).float().numpy()
+        return torch.as_tensor(encode(tokens.float().to(device))).float().cpu().numpy()
 
 
 def _patches(z: np.ndarray, has_cls: bool = True) -> tuple[np.ndarray, int]:
@@ -82,10 +83,13 @@ def mask(image: Image.Image, amap: np.ndarray, threshold: float = 0.0, dim: floa
 class CellViewer:
     """Images as the backbone saw them, with the SAE's activations, for one activation store."""
 
-    def __init__(self, store, encode: Callable[[torch.Tensor], torch.Tensor], data_root: str | Path | None = None):
+    def __init__(self, store, encode: Callable[[torch.Tensor], torch.Tensor], data_root: str | Path | None = None,
+                 device: str | torch.device = "cpu"):
         from cytosae.data.images import Preprocess
+        from cytosae.devices import resolve_device
 
         self.store, self.encode = store, encode
+        self.device = resolve_device(device)  # where `encode`'s SAE is
         self.preprocess = Preprocess.from_dict(store.meta["settings"]["preprocessing"])
         images = store.images
         self._row = {i: r for i, r in zip(images["image_id"], images.to_dict("records"))}
@@ -103,7 +107,7 @@ class CellViewer:
         return self.preprocess.resize_image(open_rgb(path))
 
     def activations(self, image_id: str) -> np.ndarray:
-        return token_activations(self.encode, self.store.get_image(image_id))
+        return token_activations(self.encode, self.store.get_image(image_id), self.device)
 
     def label(self, image_id: str, column: str = "label") -> str:
         v = (self._row.get(image_id) or {}).get(column)
@@ -152,17 +156,22 @@ def write_latent_galleries(viewer: CellViewer, top_images: pd.DataFrame, latents
     return written
 
 
-def cell_activations(encode: Callable[[torch.Tensor], torch.Tensor], images, latents: list[int]) -> pd.DataFrame:
+def cell_activations(encode: Callable[[torch.Tensor], torch.Tensor], images, latents: list[int],
+                     device: str | torch.device = "cpu") -> pd.DataFrame:
     """One streaming pass: image-level activation (mean over patches, as in the statistics) of the chosen latents
-    for every cell; cells x chosen latents, so memory stays small whatever the SAE's width."""
-    cols = torch.as_tensor(latents, dtype=torch.long)
+    for every cell; cells x chosen latents, so memory stays small whatever the SAE's width. Batches are encoded
+    on `device` (where `encode`'s SAE is)."""
+    from cytosae.devices import resolve_device
+
+    dev = resolve_device(device)
+    cols = torch.as_tensor(latents, dtype=torch.long, device=dev)
     ids_all, parts = [], []
     with torch.inference_mode():
         for ids, tokens in images:
             b, t, d = tokens.shape
-            z = torch.as_tensor(encode(tokens.reshape(-1, d))).reshape(b, t, -1)[:, 1:, cols].float().mean(1)
+            z = torch.as_tensor(encode(tokens.to(dev, non_blocking=True).reshape(-1, d))).reshape(b, t, -1)
             ids_all += list(ids)
-            parts.append(z.numpy())
+            parts.append(z[:, 1:, cols].float().mean(1).cpu().numpy())
     values = np.concatenate(parts) if parts else np.zeros((0, len(latents)), np.float32)
     return pd.DataFrame(values, index=pd.Index(ids_all, name="image_id"), columns=list(latents))
 

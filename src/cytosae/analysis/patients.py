@@ -32,8 +32,13 @@ def cell_activation(z: torch.Tensor, policy: str) -> torch.Tensor:
 
 def patient_barcodes(encode: Callable[[torch.Tensor], torch.Tensor], images: Iterable[tuple[list[str], torch.Tensor]],
                      manifest: pd.DataFrame, n_latents: int, threshold: float = 0.0, token_policy: str = "cls",
-                     target: str = "diagnosis") -> pd.DataFrame:
-    """Long table: patient_id, <target>, latent, frac, count, n_cells."""
+                     target: str = "diagnosis", device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Long table: patient_id, <target>, latent, frac, count, n_cells.
+
+    Batches are encoded and counted on `device` (where `encode`'s SAE must be); the table is on the CPU."""
+    from cytosae.devices import resolve_device
+
+    dev = resolve_device(device)
     if "patient_id" not in manifest or manifest["patient_id"].isna().all():
         raise ValueError("the data manifest has no patient_id column: barcodes need patients "
                          "(a patient-per-folder tree with --patients, or a CSV with patient_id)")
@@ -42,16 +47,18 @@ def patient_barcodes(encode: Callable[[torch.Tensor], torch.Tensor], images: Ite
     patient_of = dict(zip(manifest["image_id"], manifest["patient_id"]))
     patients = sorted({p for p in patient_of.values() if p is not None})
     index = {p: i for i, p in enumerate(patients)}
-    counts = torch.zeros(len(patients), n_latents, dtype=torch.long)
-    n_cells = torch.zeros(len(patients), dtype=torch.long)
+    counts = torch.zeros(len(patients), n_latents, dtype=torch.long, device=dev)
+    n_cells = torch.zeros(len(patients), dtype=torch.long, device=dev)
     with torch.inference_mode():
         for ids, tokens in images:
             b, t, d = tokens.shape
-            fires = cell_activation(encode(tokens.reshape(-1, d)).reshape(b, t, n_latents), token_policy) > threshold
-            rows = torch.tensor([index.get(patient_of.get(i), -1) for i in ids])
+            z = encode(tokens.to(dev, non_blocking=True).reshape(-1, d)).reshape(b, t, n_latents)
+            fires = cell_activation(z, token_policy) > threshold
+            rows = torch.tensor([index.get(patient_of.get(i), -1) for i in ids], device=dev)
             keep = rows >= 0
             counts.index_add_(0, rows[keep], fires[keep].long())
-            n_cells.index_add_(0, rows[keep], torch.ones(int(keep.sum()), dtype=torch.long))
+            n_cells.index_add_(0, rows[keep], torch.ones(int(keep.sum()), dtype=torch.long, device=dev))
+    counts, n_cells = counts.cpu(), n_cells.cpu()
     if int(n_cells.sum()) == 0:
         raise ValueError("no stored cell belongs to a patient in the manifest")
     diagnosis = manifest.drop_duplicates("patient_id").set_index("patient_id")[target] if target in manifest else None
@@ -163,7 +170,7 @@ def _slug(name) -> str:
 
 
 def write_disease_examples(encode, store, out_dir: str | Path, target: str = "diagnosis", per_comparison: int = 5,
-                           k: int = 8, label_column: str = "label") -> list[dict]:
+                           k: int = 8, label_column: str = "label", device: str | torch.device = "cpu") -> list[dict]:
     """For each comparison in OUT/compare.parquet: its top latents enriched in group_a (smallest q, effect > 0)
     and, for two named groups, in group_b (effect < 0), each shown on the k cells of that group's patients where
     it is strongest, with patch overlays.
@@ -174,7 +181,7 @@ def write_disease_examples(encode, store, out_dir: str | Path, target: str = "di
     out = Path(out_dir)
     compare = pd.read_parquet(out / "compare.parquet")
     images = store.images
-    viewer = CellViewer(store, encode)
+    viewer = CellViewer(store, encode, device=device)
     sides = []  # (group, other, its enriched latents, sign of their effect)
     for (a, b), fam in compare[compare.group_b != "kruskal_wallis"].groupby(["group_a", "group_b"], sort=True):
         # effect = mean(a) - mean(b): positive effects are a's concepts; for two named groups, negative ones are b's
@@ -184,7 +191,8 @@ def write_disease_examples(encode, store, out_dir: str | Path, target: str = "di
             if not chosen.empty:
                 sides.append((group, other, chosen, sign))
     # one encoding pass over the store serves every side's latents
-    acts = cell_activations(encode, store.iter_images(16), sorted({int(j) for _, _, chosen, _ in sides for j in chosen.latent}))
+    acts = cell_activations(encode, store.iter_images(16), sorted({int(j) for _, _, chosen, _ in sides for j in chosen.latent}),
+                            device=device)
     drawn = []
     for group, other, chosen, sign in sides:
         keep = set(images.loc[images[target].astype(str) == str(group), "image_id"])

@@ -54,23 +54,30 @@ def entropy(labels: list[str]) -> float:
 
 def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images: Iterable[tuple[list[str], torch.Tensor]],
                          manifest: pd.DataFrame, n_latents: int, k: int = 16, label_column: str = "label",
-                         noisy_threshold: float | None = 0.1, dataset: str = "data", n_bins: int = 20) -> LatentStats:
-    """Stream (image_ids, tokens (b, T, D)) with CLS first; `encode` maps (N, D) -> (N, n_latents) >= 0."""
+                         noisy_threshold: float | None = 0.1, dataset: str = "data", n_bins: int = 20,
+                         device: str | torch.device = "cpu") -> LatentStats:
+    """Stream (image_ids, tokens (b, T, D)) with CLS first; `encode` maps (N, D) -> (N, n_latents) >= 0.
+
+    Each batch and every running total live on `device` (where `encode`'s SAE must be, e.g.
+    `SAE.load(dir, device=...)`); the tables come back on the CPU."""
+    from cytosae.devices import resolve_device
+
+    dev = resolve_device(device)
     labels_by_id = dict(zip(manifest["image_id"], manifest[label_column])) if label_column in manifest else {}
     classes = sorted({c for v in labels_by_id.values() for c in _labels_of(v)})
     cls_index = {c: i for i, c in enumerate(classes)}
 
     n_images = n_tokens = 0
-    fire_tokens = torch.zeros(n_latents, dtype=torch.float64)
-    fire_images = torch.zeros(n_latents, dtype=torch.float64)
-    sum_act_firing = torch.zeros(n_latents, dtype=torch.float64)
-    sum_act_all = torch.zeros(n_latents, dtype=torch.float64)
-    max_act = torch.zeros(n_latents)
-    class_sum = torch.zeros(len(classes), n_latents, dtype=torch.float64)
-    class_fire = torch.zeros(len(classes), n_latents, dtype=torch.float64)
-    class_n = torch.zeros(len(classes), dtype=torch.float64)
-    top = {by: (torch.full((n_latents, 0), -1.0), torch.zeros((n_latents, 0), dtype=torch.long),
-                torch.zeros((n_latents, 0), dtype=torch.long)) for by in ("image", "patch")}
+    fire_tokens = torch.zeros(n_latents, dtype=torch.float64, device=dev)
+    fire_images = torch.zeros(n_latents, dtype=torch.float64, device=dev)
+    sum_act_firing = torch.zeros(n_latents, dtype=torch.float64, device=dev)
+    sum_act_all = torch.zeros(n_latents, dtype=torch.float64, device=dev)
+    max_act = torch.zeros(n_latents, device=dev)
+    class_sum = torch.zeros(len(classes), n_latents, dtype=torch.float64, device=dev)
+    class_fire = torch.zeros(len(classes), n_latents, dtype=torch.float64, device=dev)
+    class_n = torch.zeros(len(classes), dtype=torch.float64, device=dev)
+    top = {by: (torch.full((n_latents, 0), -1.0, device=dev), torch.zeros((n_latents, 0), dtype=torch.long, device=dev),
+                torch.zeros((n_latents, 0), dtype=torch.long, device=dev)) for by in ("image", "patch")}
     ids: list[str] = []
     image_acts: list[torch.Tensor] = []  # kept only for histograms: (n_images x n_latents) is too big, so sampled below
     grid = None
@@ -79,7 +86,7 @@ def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images:
         for batch_ids, tokens in images:
             b, t, d = tokens.shape
             grid = math.isqrt(t - 1)
-            z = encode(tokens.reshape(-1, d)).reshape(b, t, n_latents).float()
+            z = encode(tokens.to(dev, non_blocking=True).reshape(-1, d)).reshape(b, t, n_latents).float()
             patch = z[:, 1:]
             img_act = patch.mean(1)  # (b, n_latents)
             fires_img = (z > 0).any(1)
@@ -94,7 +101,7 @@ def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images:
                     class_sum[j] += img_act[i].double()
                     class_fire[j] += fires_img[i].double()
                     class_n[j] += 1
-            positions = torch.arange(n_images, n_images + b)
+            positions = torch.arange(n_images, n_images + b, device=dev)
             patch_max, patch_arg = patch.max(1)
             for by, vals, where in (("image", img_act, torch.full_like(patch_arg, -1)), ("patch", patch_max, patch_arg)):
                 v0, i0, p0 = top[by]
@@ -110,6 +117,10 @@ def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images:
             n_tokens += b * t
     if n_images == 0:
         raise ValueError(f"dataset {dataset!r} has no images to compute statistics on")
+    fire_tokens, fire_images, sum_act_firing, sum_act_all, max_act, class_sum, class_fire, class_n = (
+        t.cpu() for t in (fire_tokens, fire_images, sum_act_firing, sum_act_all, max_act, class_sum, class_fire, class_n))
+    top = {by: tuple(t.cpu() for t in kept) for by, kept in top.items()}
+    image_acts = [a.cpu() for a in image_acts]
 
     freq_image = (fire_images / n_images).numpy()
     mean_act = torch.where(fire_images > 0, sum_act_firing / fire_images.clamp(min=1), 0.0).numpy()

@@ -1,6 +1,7 @@
 """A ViT backbone that returns the residual stream after a chosen block."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -19,6 +20,33 @@ DINOBLOOM = {
     "dinobloom-l": "vit_large_patch14_dinov2",
     "dinobloom-g": "vit_giant_patch14_dinov2",
 }
+
+# Compute precision of the forward pass (tokens are returned as float32 whatever it is). fp32 is the
+# reference: it matches the published model to 1e-5; bf16/fp16 autocast trade that for speed on GPUs.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _precision_context(device: torch.device, precision: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if PRECISIONS[precision] is not None:
+        return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return _no_tf32()
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """fp32 on a GPU means fp32: cuDNN convolutions (the patch embedding) default to TF32, 10-bit mantissas.
+    Only torch's newer fp32_precision flags are touched: mixing them with the legacy allow_tf32 ones is an error."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
 
 
 class Backbone:
@@ -42,14 +70,21 @@ class Backbone:
     def preprocess(self, pil_image) -> torch.Tensor:
         return self.preprocess_config(pil_image)
 
-    def tokens(self, x: torch.Tensor, layer: int = -2) -> torch.Tensor:
-        """(B, n_tokens, D) residual stream after block `layer` (before the final norm), CLS first."""
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokens(self, x: torch.Tensor, layer: int = -2, precision: str = "fp32") -> torch.Tensor:
+        """(B, n_tokens, D) float32 residual stream after block `layer` (before the final norm), CLS first,
+        on the backbone's device (`x` is moved there; pinned CPU memory makes that copy asynchronous)."""
         if not -self.n_blocks <= layer < self.n_blocks:
             raise ValueError(f"layer {layer} out of range for {self.name} with {self.n_blocks} blocks "
                              f"(valid {-self.n_blocks}..{self.n_blocks - 1})")
         last = layer % self.n_blocks
         m = self.model
-        with torch.inference_mode():
+        device = self.device
+        x = x.to(device, non_blocking=True)
+        with torch.inference_mode(), _precision_context(device, precision):
             h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
             for blk in m.blocks[: last + 1]:  # later blocks would be wasted compute
                 h = blk(h)
@@ -90,4 +125,6 @@ def load_backbone(name: str, weights: str | Path | None = None, device: str = "c
                "about blood cells. Pass weights=PATH.")
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
-    return Backbone(name, model.to(device), sha, resize=resize, seed=seed)
+    from cytosae.devices import resolve_device
+
+    return Backbone(name, model.to(resolve_device(device)), sha, resize=resize, seed=seed)

@@ -60,18 +60,10 @@ def world() -> tuple[int, int]:
 
 
 def init_distributed_from_env(device: torch.device) -> torch.device:
-    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment); NCCL on CUDA, gloo on CPU.
+    """Join the process group torchrun describes (cytosae.distributed owns this); the device this rank uses."""
+    from cytosae.distributed import init_from_env
 
-    Returns the device this rank should use: cuda:LOCAL_RANK when CUDA was asked for without an index.
-    Without torchrun's variables (or with one process) it does nothing.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
+    return init_from_env(str(device))[0]
 
 
 class Trainer:
