@@ -139,24 +139,28 @@ def prefetch(batches: Iterable[torch.Tensor], depth: int = 2, pin: bool = False)
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
-    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work() -> None:
+        it = iter(batches)
         try:
-            for b in batches:
-                if pin:
-                    b = b.pin_memory()
-                while not stop.is_set():
-                    try:
-                        q.put(("item", b), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+            for b in it:
+                if not put(("item", b.pin_memory() if pin else b)):
                     return
-            q.put(("end", done))
+            put(("end", None))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
-            q.put(("error", exc))
+            put(("error", exc))
+        finally:
+            if hasattr(it, "close"):  # the source's own clean-up (open files) runs now, in its thread
+                it.close()
 
     thread = threading.Thread(target=work, name="cytosae-prefetch", daemon=True)
     thread.start()
@@ -169,4 +173,7 @@ def prefetch(batches: Iterable[torch.Tensor], depth: int = 2, pin: bool = False)
                 raise item
             yield item
     finally:
+        # the reader must be finished before the caller moves on: a thread still inside torch when the
+        # process (or its process group) shuts down aborts it
         stop.set()
+        thread.join()
