@@ -9,12 +9,12 @@ from typer.testing import CliRunner
 
 from cytosae.cli import app as cli
 from cytosae.explorer import create_app
-from explorer_fixtures import make_run
+from explorer_fixtures import copy_of, session_run
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("annot"))
+    return copy_of(session_run(tmp_path_factory), tmp_path_factory.mktemp("annot"))
 
 
 @pytest.fixture

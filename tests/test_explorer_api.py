@@ -9,14 +9,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cytosae.explorer import create_app
-from explorer_fixtures import GRID, make_run
+from explorer_fixtures import GRID, copy_of, session_run
 
 IMG0 = "neutrophil/cell_00.png"
 
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("explorer"))
+    return copy_of(session_run(tmp_path_factory), tmp_path_factory.mktemp("explorer"))
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +77,12 @@ def test_latent_page_values(client, fx):
     assert r["latent"] == 1 and [s["dataset"] for s in r["stats"]] == ["acevedo", "mll"]
     top = r["top_images"]["acevedo"]["image"]
     assert top[0]["label"] == "lymphocyte"  # latent 1 is the lymphocyte latent in the fixture
-    cls_acts = {i: a[0, 1] for i, a in fx.acts["acevedo"].items()}
-    best = max(cls_acts, key=cls_acts.get)
-    assert top[0]["image_id"] == best and top[0]["value"] == pytest.approx(cls_acts[best], rel=1e-5)
+    # image-level activation as stats.py defines it: mean over the patch tokens
+    img_acts = {i: a[1:, 1].mean() for i, a in fx.acts["acevedo"].items()}
+    best = max(img_acts, key=img_acts.get)
+    assert top[0]["image_id"] == best and top[0]["value"] == pytest.approx(img_acts[best], rel=1e-5)
     assert {c["class"] for c in r["class_profile"]["acevedo"]} == {"neutrophil", "lymphocyte", "monocyte"}
-    assert sum(r["histogram"]["acevedo"]["counts"]) == sum(v > 0 for v in cls_acts.values())
+    assert sum(r["histogram"]["acevedo"]["counts"]) == sum(v > 0 for v in img_acts.values())
     assert r["patients"] and all(p["patient_id"].startswith("acevedo_p") for p in r["patients"])
     assert r["compare"][0]["group_a"] == "AML"
 
@@ -227,7 +228,7 @@ def test_decompression_bomb_is_refused():
         decode_upload(buf.getvalue())
 
 
-def test_upload_encodes_like_the_store(tmp_path):
+def test_upload_encodes_like_the_store(tmp_path, tmp_path_factory):
     """(b) uploads: the run's backbone + SAE; an uploaded copy of a stored image gets the stored image's latents."""
     cytosae = pytest.importorskip("cytosae")
     if not hasattr(cytosae, "load_backbone"):
@@ -240,7 +241,7 @@ def test_upload_encodes_like_the_store(tmp_path):
     from cytosae.data import load_manifest
     from cytosae.store import ExtractConfig, extract
 
-    fx = make_run(tmp_path / "fx")
+    fx = copy_of(session_run(tmp_path_factory), tmp_path)
     torch.manual_seed(0)
     bb = cytosae.load_backbone("dinobloom-s", depth=2)
     weights = tmp_path / "tiny.safetensors"
@@ -252,12 +253,9 @@ def test_upload_encodes_like_the_store(tmp_path):
     extract(load_manifest(fx.data["acevedo"]), bb, run / "stores" / "acevedo",
             ExtractConfig(dtype="float32", batch_size=4, progress=False, layer=-1))
     # an SAE with the backbone's width, so the store's tokens can be encoded
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=(bb.embed_dim, 40)).astype(np.float32) / np.sqrt(bb.embed_dim)
-    from safetensors.numpy import save_file
-    save_file({"W_enc": w, "b_enc": np.zeros(40, np.float32), "W_dec": w.T.copy(), "b_dec": np.zeros(bb.embed_dim, np.float32)},
-              str(run / "sae" / "sae.safetensors"))
-    (run / "sae" / "config.json").write_text(json.dumps({"arch": "relu", "d_in": bb.embed_dim, "n_latents": 40}))
+    from cytosae.sae import SAE, SAEConfig
+    shutil.rmtree(run / "sae")
+    SAE(SAEConfig(arch="relu-l1", d_in=bb.embed_dim, n_latents=40)).save(run / "sae")
     meta = json.loads((run / "run.json").read_text())
     meta["backbone"] = {"name": "dinobloom-s", "weights": str(weights), "layer": -1, "options": {"depth": 2}}
     (run / "run.json").write_text(json.dumps(meta))
@@ -300,12 +298,12 @@ def test_missing_analyses_and_broken_store_are_4xx_or_503(fx, tmp_path):
         assert c.get("/api/run").json()["has"]["patients"] is False
 
 
-def test_compare_pairs(client):
+def test_compare_pairs(client, fx):
     r = client.get("/api/patients/compare").json()
-    assert r["pairs"] == [["AML", "control"], ["AML", "rest"]] and (r["group_a"], r["group_b"]) == ("AML", "control")
-    assert r["n"] == 48 and len(r["columns"]["q"]) == 48
-    r2 = client.get("/api/patients/compare", params={"group_a": "AML", "group_b": "rest"}).json()
-    assert set(r2["columns"]["q"]) == {0.9}
+    assert r["pairs"] == [["AML", "control"]] and (r["group_a"], r["group_b"]) == ("AML", "control")
+    cmp = pd.read_parquet(fx.path / "patients" / "compare.parquet")  # as write_patients wrote it
+    assert r["n"] == 48 and np.allclose(r["columns"]["q"], cmp["q"]) and r["columns"]["latent"] == cmp["latent"].tolist()
+    assert client.get("/api/patients/compare", params={"group_a": "AML", "group_b": "rest"}).status_code == 404
 
 
 def test_oversized_bodies_are_refused_before_parsing(fx):
@@ -331,7 +329,7 @@ def test_store_without_patch_tokens(fx, tmp_path):
     shutil.copytree(fx.path, run)
     shutil.rmtree(run / "stores" / "mll")
     man = pd.read_parquet(fx.path / "stores" / "mll" / "images.parquet")
-    cls = np.stack([np.load(fx.path.parent / "mll.npy")[i, 0] for i in range(len(man))])
+    cls = np.stack([np.load(fx.data["mll"].parent.parent / "mll.npy")[i, 0] for i in range(len(man))])
     np.save(tmp_path / "cls.npy", cls)
     import_embeddings(tmp_path / "cls.npy", man, run / "stores" / "mll", dtype="float32")
     with TestClient(create_app(run)) as c:

@@ -45,9 +45,9 @@ def _serve(run_dir: Path):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from explorer_fixtures import make_run
+    from explorer_fixtures import copy_of, session_run
 
-    fx = make_run(tmp_path_factory.mktemp("browser"))
+    fx = copy_of(session_run(tmp_path_factory), tmp_path_factory.mktemp("browser"))
     with _serve(fx.path) as url:
         yield url, fx
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from cytosae.cli import app as cli
 from cytosae.explorer.annotations import AnnotationStore
 from cytosae.explorer.report import canonical_url, fnv1a
-from explorer_fixtures import make_run
+from explorer_fixtures import copy_of, session_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "explorer"
@@ -18,7 +18,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "explorer"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    fx = make_run(root)
+    fx = copy_of(session_run(tmp_path_factory), root)
     AnnotationStore(fx.path / "annotations.sqlite").put(40, name="rare thing", status="validated")
     res = CliRunner().invoke(cli, ["report", str(fx.path), "--out", str(root / "site"), "--latents", "6", "--images", "2"])
     assert res.exit_code == 0, res.output

@@ -381,6 +381,8 @@ def explore(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on; 127.0.0.1 keeps it private to this machine."),
     port: int = typer.Option(8000, help="TCP port."),
     data_root: list[Path] = typer.Option([], "--data-root", help="Extra folder images may be read from (repeatable)."),
+    device: str = typer.Option("auto", "--device", help="Where the SAE (and uploads' backbone) run: auto | cpu | cuda | "
+                                                        "cuda:N; auto = CUDA when available."),
 ) -> None:
     """Browse, inspect and name the SAE's latents in a web page (JSON API described at /openapi.json)."""
     import uvicorn
@@ -388,7 +390,7 @@ def explore(
     from cytosae.explorer import create_app
 
     try:
-        web = create_app(run_dir, data_roots=data_root, preload=True)
+        web = create_app(run_dir, data_roots=data_root, preload=True, device=device)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"cytosae explorer for {run_dir.resolve()}: http://{host}:{port}/  "

@@ -25,9 +25,10 @@ STATIC_DIR = Path(str(resources.files("cytosae.explorer") / "static"))
 
 
 def create_app(run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTES, static: bool = True,
-               preload: bool = False) -> FastAPI:
-    """The explorer for one run; `data_roots` are extra folders images may be read from."""
-    ex = Explorer(run_dir, data_roots, max_upload_bytes)
+               preload: bool = False, device: str = "cpu") -> FastAPI:
+    """The explorer for one run; `data_roots` are extra folders images may be read from; SAE encodes run on `device`
+    (auto | cpu | cuda | cuda:N)."""
+    ex = Explorer(run_dir, data_roots, max_upload_bytes, device=device)
     if preload:
         ex.preload()
     # /docs and /redoc would load Swagger/ReDoc from a CDN: off; the schema itself stays at /openapi.json

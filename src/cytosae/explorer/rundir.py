@@ -152,25 +152,29 @@ class RunDir:
         self.check_dataset(dataset)
         return self.cached("store:" + dataset, load)
 
+    def store_meta(self, dataset: str) -> dict | None:
+        """The store's manifest as the package reads it (ActivationStore.meta); None when there is no readable store."""
+        try:
+            return self.store(dataset).meta
+        except (FileNotFoundError, ValueError, KeyError, OSError):
+            return None
+
     def preprocessing(self, dataset: str | None = None) -> dict:
         """How images were squashed/padded/cropped to the model's input, so overlays line up with patches."""
-        names = [dataset] if dataset else list(self.datasets)
-        for name in names:
-            p = self.store_dir(name) / "manifest.json"
-            if p.is_file():
-                settings = json.loads(p.read_text()).get("settings", {})
-                if settings.get("preprocessing"):
-                    return settings["preprocessing"]
-        return {"size": 224, "resize": "squash"}
+        for name in ([dataset] if dataset else list(self.datasets)):
+            pre = ((self.store_meta(name) or {}).get("settings") or {}).get("preprocessing")
+            if pre:
+                return pre
+        from cytosae.data import Preprocess
+        return Preprocess().to_dict()
 
     def backbone_spec(self) -> dict:
         """Backbone name, weights and layer for encoding uploads: run.json first, else the first store's settings."""
         spec = dict(self.meta.get("backbone") or {}) if isinstance(self.meta.get("backbone"), dict) else (
             {"name": self.meta["backbone"]} if self.meta.get("backbone") else {})
         for name in self.datasets:
-            p = self.store_dir(name) / "manifest.json"
-            if p.is_file():
-                meta = json.loads(p.read_text())
+            meta = self.store_meta(name)
+            if meta is not None:
                 s = meta.get("settings", {})
                 spec.setdefault("name", s.get("backbone"))
                 spec.setdefault("layer", s.get("layer"))
