@@ -25,6 +25,7 @@ N_TOKENS = 1 + GRID * GRID
 CLASSES = ["neutrophil", "lymphocyte", "monocyte"]
 INPUT_SCALE = 0.5  # != 1, so an encoder that ignores the SAE's input scale gives different numbers
 STATS_K = 5
+LOCAL = "http://127.0.0.1:8000"  # TestClient base URL: a loopback Host, as a browser on this machine sends
 
 
 @dataclass

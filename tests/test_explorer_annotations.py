@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from cytosae.cli import app as cli
 from cytosae.explorer import create_app
-from explorer_fixtures import copy_of, session_run
+from explorer_fixtures import LOCAL, copy_of, session_run
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,14 @@ def run(base, tmp_path):
 def test_annotations_persist_across_restarts_and_export(run, tmp_path):
     body = {"name": "granular cytoplasm", "tags": ["granules", " neutrophil ", "granules"], "note": "fires on granules",
             "status": "validated", "author": "hem1"}
-    with TestClient(create_app(run)) as c:
+    with TestClient(create_app(run), base_url=LOCAL) as c:
         r = c.put("/api/annotations/7", json=body)
         assert r.status_code == 200, r.text
         assert r.json()["tags"] == ["granules", "neutrophil"]  # trimmed, de-duplicated
         assert c.put("/api/annotations/2", json={"name": "monocyte-ish", "status": "rejected"}).status_code == 200
         assert c.put("/api/annotations/7", json={**body, "note": "edited"}).status_code == 200
     # a brand-new app (explorer restarted) reads the same sqlite file
-    with TestClient(create_app(run)) as c:
+    with TestClient(create_app(run), base_url=LOCAL) as c:
         a = c.get("/api/annotations/7").json()
         assert (a["name"], a["note"], a["status"], a["author"]) == ("granular cytoplasm", "edited", "validated", "hem1")
         assert [x["latent"] for x in c.get("/api/annotations").json()["annotations"]] == [2, 7]
@@ -68,7 +68,7 @@ def test_annotations_persist_across_restarts_and_export(run, tmp_path):
 
 
 def test_delete_and_bad_annotations(run):
-    with TestClient(create_app(run)) as c:
+    with TestClient(create_app(run), base_url=LOCAL) as c:
         assert c.put("/api/annotations/3", json={"name": "x"}).status_code == 200
         assert c.delete("/api/annotations/3").json() == {"deleted": 3}
         assert c.get("/api/annotations/3").status_code == 404

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cytosae.explorer import create_app
-from explorer_fixtures import GRID, copy_of, session_run
+from explorer_fixtures import GRID, LOCAL, copy_of, session_run
 
 IMG0 = "neutrophil/cell_00.png"
 
@@ -21,7 +21,7 @@ def fx(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(fx):
-    with TestClient(create_app(fx.path)) as c:
+    with TestClient(create_app(fx.path), base_url=LOCAL) as c:
         yield c
 
 
@@ -184,7 +184,7 @@ def test_paths_outside_run_and_data_are_refused(fx, tmp_path):
         "neutrophil/cell_06.png": str(link),                                       # symlink out of the data folder
         "lymphocyte/cell_01.png": "../../../../../../etc/passwd",                  # relative traversal
     })
-    with TestClient(create_app(run)) as c:
+    with TestClient(create_app(run), base_url=LOCAL) as c:
         for image_id in ["neutrophil/cell_00.png", "neutrophil/cell_03.png", "neutrophil/cell_06.png", "lymphocyte/cell_01.png"]:
             r = c.get("/api/image/file", params={"dataset": "acevedo", "image_id": image_id})
             assert r.status_code == 403, (image_id, r.status_code)
@@ -200,7 +200,7 @@ def _png(size=(64, 48), color=(200, 100, 120)) -> bytes:
 
 
 def test_upload_validation(fx):
-    with TestClient(create_app(fx.path, max_upload_bytes=20_000)) as c:
+    with TestClient(create_app(fx.path, max_upload_bytes=20_000), base_url=LOCAL) as c:
         big = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
         buf = io.BytesIO()
         Image.fromarray(big).save(buf, format="PNG")
@@ -259,7 +259,7 @@ def test_upload_encodes_like_the_store(tmp_path, tmp_path_factory):
     meta = json.loads((run / "run.json").read_text())
     meta["backbone"] = {"name": "dinobloom-s", "weights": str(weights), "layer": -1, "options": {"depth": 2}}
     (run / "run.json").write_text(json.dumps(meta))
-    with TestClient(create_app(run)) as c:
+    with TestClient(create_app(run), base_url=LOCAL) as c:
         image_id = "neutrophil/cell_03.png"
         stored = c.get("/api/image", params={"dataset": "acevedo", "image_id": image_id, "k": 5}).json()
         up = c.post("/api/uploads", files={"file": ("x.bin", (fx.data["acevedo"] / image_id).read_bytes(), "application/octet-stream")})
@@ -285,7 +285,7 @@ def test_missing_analyses_and_broken_store_are_4xx_or_503(fx, tmp_path):
     shutil.rmtree(run / "patients")
     (run / "classify" / "results.json").unlink()
     (run / "stores" / "mll" / "shard_00000.safetensors").unlink()
-    with TestClient(create_app(run)) as c:
+    with TestClient(create_app(run), base_url=LOCAL) as c:
         for url in ["/api/patients/barcodes", "/api/patients/compare", "/api/classify"]:
             r = c.get(url)
             assert r.status_code == 404 and "cytosae" in r.json()["detail"], url
@@ -307,7 +307,7 @@ def test_compare_pairs(client, fx):
 
 
 def test_oversized_bodies_are_refused_before_parsing(fx):
-    with TestClient(create_app(fx.path, max_upload_bytes=100_000)) as c:
+    with TestClient(create_app(fx.path, max_upload_bytes=100_000), base_url=LOCAL) as c:
         blob = b"x" * 300_000
         r = c.post("/api/uploads", files={"file": ("a.png", blob, "image/png")})
         assert r.status_code == 413 and "limit" in r.json()["detail"]
@@ -332,7 +332,7 @@ def test_store_without_patch_tokens(fx, tmp_path):
     cls = np.stack([np.load(fx.data["mll"].parent.parent / "mll.npy")[i, 0] for i in range(len(man))])
     np.save(tmp_path / "cls.npy", cls)
     import_embeddings(tmp_path / "cls.npy", man, run / "stores" / "mll", dtype="float32")
-    with TestClient(create_app(run)) as c:
+    with TestClient(create_app(run), base_url=LOCAL) as c:
         r = c.get("/api/image", params={"dataset": "mll", "image_id": IMG0})
         assert r.status_code == 200 and r.json()["grid"] == 0 and r.json()["top_patch_max"] == []
         exp = fx.acts["mll"][IMG0][0]

@@ -383,18 +383,23 @@ def explore(
     data_root: list[Path] = typer.Option([], "--data-root", help="Extra folder images may be read from (repeatable)."),
     device: str = typer.Option("auto", "--device", help="Where the SAE (and uploads' backbone) run: auto | cpu | cuda | "
                                                         "cuda:N; auto = CUDA when available."),
+    allow_host: list[str] = typer.Option([], "--allow-host", help="Another host name the page may be opened under "
+                                                                  "(repeatable); loopback names and --host are allowed."),
 ) -> None:
     """Browse, inspect and name the SAE's latents in a web page (JSON API described at /openapi.json)."""
     import uvicorn
 
     from cytosae.explorer import create_app
+    from cytosae.explorer.api import startup_lines
 
+    lines, token = startup_lines(run_dir.resolve(), host, port)
     try:
-        web = create_app(run_dir, data_roots=data_root, preload=True, device=device)
+        web = create_app(run_dir, data_roots=data_root, preload=True, device=device, host=host, token=token,
+                         allow_hosts=allow_host)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    typer.echo(f"cytosae explorer for {run_dir.resolve()}: http://{host}:{port}/  "
-               f"(API schema: http://{host}:{port}/openapi.json; Ctrl-C stops)")
+    for line in lines:  # the token is printed once, here, and nowhere else
+        typer.echo(line)
     uvicorn.run(web, host=host, port=port, log_level="warning")
 
 

@@ -92,7 +92,7 @@ class Encoder:
     def sae(self):
         with self._lock:
             if self._sae is None:
-                self._sae = load_sae(self.run.sae_dir, self.device)
+                self._sae = self.run.open_sae(lambda d: load_sae(d, self.device))
             return self._sae
 
     @torch.no_grad()

@@ -36,6 +36,19 @@ class InvalidAnnotation(ValueError):
     pass
 
 
+def clean_text(text: str) -> str:
+    """`text` as valid Unicode: surrogate pairs joined, lone surrogates (not encodable as UTF-8) replaced by U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _check_encodable(field: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidAnnotation(f"{field} contains a lone surrogate (U+{ord(text[exc.start]):04X} at character "
+                                f"{exc.start}), which is not text; send valid Unicode") from None
+
+
 @dataclass
 class Annotation:
     latent: int
@@ -47,13 +60,17 @@ class Annotation:
     updated: str = ""
 
     def to_dict(self) -> dict:
-        return {"latent": self.latent, "name": self.name, "tags": list(self.tags or []), "note": self.note,
-                "status": self.status, "author": self.author, "updated": self.updated}
+        """JSON-ready, and always encodable: rows stored before text was checked are cleaned here."""
+        return {"latent": self.latent, "name": clean_text(self.name), "tags": [clean_text(t) for t in self.tags or []],
+                "note": clean_text(self.note), "status": self.status, "author": clean_text(self.author),
+                "updated": self.updated}
 
 
 def validate(name: str, tags: list[str], note: str, status: str, author: str) -> tuple[str, list[str], str, str, str]:
     """Trimmed, checked values; raises InvalidAnnotation with a message a person can act on."""
     name, note, author = (name or "").strip(), (note or "").strip(), (author or "").strip()
+    for field, text in (("name", name), ("note", note), ("author", author)):
+        _check_encodable(field, text)
     if len(name) > MAX_NAME:
         raise InvalidAnnotation(f"name is {len(name)} characters; at most {MAX_NAME}")
     if len(note) > MAX_NOTE:
@@ -67,6 +84,7 @@ def validate(name: str, tags: list[str], note: str, status: str, author: str) ->
         if not isinstance(t, str):
             raise InvalidAnnotation("tags must be strings")
         t = t.strip()
+        _check_encodable("tag", t)
         if len(t) > MAX_TAG:
             raise InvalidAnnotation(f"tag {t[:20]!r}... is {len(t)} characters; at most {MAX_TAG}")
         if t and t not in clean:

@@ -43,13 +43,13 @@ class Neighbours:
 class LazyNeighbours:
     """Loads the decoder on first use, so starting the explorer stays fast."""
 
-    def __init__(self, sae_dir) -> None:
-        self.sae_dir = sae_dir
+    def __init__(self, run) -> None:
+        self.run = run
         self._n: Neighbours | None = None
         self._lock = threading.Lock()
 
     def get(self) -> Neighbours:
         with self._lock:
             if self._n is None:
-                self._n = Neighbours.from_sae_dir(self.sae_dir)
+                self._n = self.run.open_sae(Neighbours.from_sae_dir)
             return self._n

@@ -31,7 +31,8 @@ def register(app, ex: Explorer) -> None:
             raise HTTPException(404, f"latent {latent} has no annotation yet")
         return a.to_dict()
 
-    @app.put("/api/annotations/{latent}", summary="Create or replace the annotation of one latent")
+    @app.put("/api/annotations/{latent}", summary="Create or replace the annotation of one latent",
+             responses={413: {"description": "the body is larger than the limit"}})
     def put_annotation(body: AnnotationIn, latent: int = PathParam(..., ge=0, le=MAX_LATENT_QUERY)):
         ex.latent(latent)
         try:

@@ -1,11 +1,13 @@
 """Run summary, overview table, search, latent page and its heatmaps."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import HTTPException, Query
 from fastapi import Path as PathParam
 
 from .annotations import STATUSES
-from .rundir import MissingData
+from .rundir import DamagedData, MissingData
 from .state import MAX_K, MAX_LATENT_QUERY, Explorer, FastJSON, nan_none, search_latents
 from .tables import records, to_json
 
@@ -31,11 +33,15 @@ def register(app, ex: Explorer) -> None:
             sae = run.sae_config
         except MissingData:
             sae = None
-        return to_json({
+        backbone = run.backbone_spec()
+        if backbone.get("weights"):  # a server path: only its name (relative to the run when inside it) is shown
+            w = Path(backbone["weights"])
+            backbone["weights"] = run.rel(w if w.is_absolute() else run.path / w)
+        return ex.redact_deep(to_json({
             "run": str(run.path.name), "created": run.meta.get("created"),
             "cytosae_version": run.meta.get("cytosae_version"),
             "datasets": datasets, "n_latents": run.n_latents, "sae": sae,
-            "preprocessing": run.preprocessing(), "backbone": run.backbone_spec(),
+            "preprocessing": run.preprocessing(), "backbone": backbone,
             "stats_summary": run.summary("stats"), "patients_summary": run.summary("patients"),
             # file checks, not loads: the first page should not wait for every table to be read
             "has": {"stats": lat is not None, "top_images": (run.path / "stats/top_images.parquet").is_file(),
@@ -43,7 +49,7 @@ def register(app, ex: Explorer) -> None:
                     "compare": (run.path / "patients/compare.parquet").is_file(),
                     "classify": (run.path / "classify/results.json").is_file()},
             "statuses": list(STATUSES),
-        })
+        }))
 
     # ------------------------------------------------------------------ overview
     @app.get("/api/latents", summary="All latents of one dataset as columns (overview scatter), optionally filtered")
@@ -54,7 +60,7 @@ def register(app, ex: Explorer) -> None:
         dataset = ex.dataset(dataset)
         lat = ex.run.latents
         if lat is None:
-            raise MissingData(f"{ex.run.path}/stats/latents.parquet is missing: run `cytosae stats {ex.run.path}`")
+            raise ex.run.missing("stats/latents.parquet")
         df = lat[lat["dataset"] == dataset]
         ann = ex.annotation_names()
         if cls is not None:
@@ -140,7 +146,7 @@ def register(app, ex: Explorer) -> None:
         out["neighbours"] = []
         try:
             nb = ex.neighbours.get()
-        except (FileNotFoundError, KeyError, ValueError) as exc:
+        except (MissingData, DamagedData) as exc:  # the rest of the page stands without the decoder
             out["neighbours_error"] = str(exc)
         else:
             names = {}
@@ -165,7 +171,7 @@ def register(app, ex: Explorer) -> None:
         dataset = ex.dataset(dataset)
         top = ex.run.table("stats/top_images")
         if top is None:
-            raise MissingData(f"{ex.run.path}/stats/top_images.parquet is missing: run `cytosae stats`")
+            raise ex.run.missing("stats/top_images.parquet")
         rows = top.rows(latent)
         rows = rows[(rows["dataset"] == dataset) & (rows["by"] == by)].head(k)
         items = []
