@@ -146,7 +146,7 @@ def test_image_file_is_model_view_png(client):
     ("/api/image/heatmap", {"dataset": "acevedo", "image_id": IMG0, "latent": 48}, 404),
     ("/api/uploads/0123456789abcdef/patch", {"patch": 0}, 404),
     ("/api/uploads/..%2f..%2fetc/file", {}, 404),
-    ("/api/patients/barcodes", {"latents": "1,x"}, 400),
+    ("/api/patients/barcodes", {"latents": "1,x"}, 422),
     ("/api/patients/barcodes", {"latents": "1,4000"}, 404),
     ("/api/patients/compare", {"group_a": "AML", "group_b": "nope"}, 404),
     ("/api/annotations/5", {}, 404),

@@ -12,10 +12,12 @@ import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cytosae.store.format import atomic_write_bytes
 
 STATUSES = ("unreviewed", "validated", "rejected")
+Status = Literal["unreviewed", "validated", "rejected"]
 MAX_NAME, MAX_NOTE, MAX_TAGS, MAX_TAG, MAX_AUTHOR = 200, 10_000, 32, 64, 100
 FIELDS = ("latent", "name", "tags", "note", "status", "author", "updated")
 

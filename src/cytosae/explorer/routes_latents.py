@@ -6,7 +6,7 @@ from pathlib import Path
 from fastapi import HTTPException, Query
 from fastapi import Path as PathParam
 
-from .annotations import STATUSES
+from .annotations import STATUSES, Status
 from .rundir import DamagedData, MissingData
 from .state import MAX_K, MAX_LATENT_QUERY, Explorer, FastJSON, nan_none, search_latents
 from .tables import records, to_json
@@ -56,7 +56,7 @@ def register(app, ex: Explorer) -> None:
     def latents(dataset: str | None = None, cls: str | None = Query(None, description="top_label equals this class"),
                 entropy_min: float | None = None, entropy_max: float | None = None,
                 freq_min: float | None = Query(None, ge=0, le=1), freq_max: float | None = Query(None, ge=0, le=1),
-                annotated: bool | None = None, status: str | None = None, q: str | None = Query(None, max_length=200)):
+                annotated: bool | None = None, status: Status | None = None, q: str | None = Query(None, max_length=200)):
         dataset = ex.dataset(dataset)
         lat = ex.run.latents
         if lat is None:
@@ -77,8 +77,6 @@ def register(app, ex: Explorer) -> None:
             has = df["latent"].isin(list(ann))
             df = df[has if annotated else ~has]
         if status is not None:
-            if status not in STATUSES:
-                raise HTTPException(400, f"status must be one of {', '.join(STATUSES)}")
             st = df["latent"].map(lambda j: ann.get(j, {}).get("status", "unreviewed"))
             df = df[st == status]
         if q:

@@ -13,7 +13,8 @@ def register(app, ex: Explorer) -> None:
     # ------------------------------------------------------------------ patients
     @app.get("/api/patients/barcodes", summary="Patient barcodes: fraction of each patient's cells where a latent fires")
     def barcodes(top: int = Query(48, ge=1, le=512),
-                 latents: str | None = Query(None, max_length=4000, description="comma-separated latent ids")):
+                 latents: str | None = Query(None, max_length=4000, pattern=r"^ *[0-9]{1,10} *(, *[0-9]{1,10} *)*,? *$",
+                                             description="comma-separated latent ids")):
         idx = ex.run.table("patients/barcodes")
         if idx is None:
             raise ex.run.missing("patients/barcodes.parquet")
