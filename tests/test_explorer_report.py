@@ -51,7 +51,8 @@ def test_report_files_hold_the_latents(site):
     assert _data(out, "latents/40")["annotation"]["name"] == "rare thing"
     ov = _data(out, "latents", {"dataset": "acevedo"})
     assert ov["columns"]["latent"] == list(range(fx.n_latents))
-    assert _data(out, "classify")["models"]["sae_barcode_logreg"]["macro_f1"] == 0.81
+    written = json.loads((fx.path / "classify" / "results.json").read_text())
+    assert _data(out, "classify")["models"]["concepts_logreg_l2"]["macro_f1"] == written["models"]["concepts_logreg_l2"]["macro_f1"]
     ds, image_id = flag["images"][0]
     assert len(_data(out, "image/patch", {"dataset": ds, "image_id": image_id, "patch": 255})["top"]) >= 0
     tile = out / "data" / f"{fnv1a(canonical_url('image/file', {'dataset': ds, 'image_id': image_id}))}.jpg"
