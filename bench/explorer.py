@@ -32,9 +32,11 @@ CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocy
            "blast", "promyelocyte", "myelocyte", "metamyelocyte", "smudge"]
 
 
-def write_run(root: Path, n_latents: int, d: int, n_patients: int, k: int = 20, n_images: int = 48, seed: int = 0) -> Path:
-    from safetensors.numpy import save_file
+def write_run(root: Path, n_latents: int, d: int, n_patients: int, k: int = 20, n_images: int = 48, seed: int = 0,
+              arch: str = "topk") -> Path:
+    import torch
 
+    from cytosae.sae import SAE, SAEConfig
     from cytosae.store import import_embeddings
 
     rng = np.random.default_rng(seed)
@@ -43,10 +45,11 @@ def write_run(root: Path, n_latents: int, d: int, n_patients: int, k: int = 20, 
     (run / "stats").mkdir()
     (run / "patients").mkdir()
     (run / "classify").mkdir()
-    w_dec = rng.normal(size=(n_latents, d)).astype(np.float32) / np.sqrt(d)
-    save_file({"W_dec": w_dec, "W_enc": np.ascontiguousarray(w_dec.T), "b_enc": np.full(n_latents, -0.5, np.float32),
-               "b_dec": np.zeros(d, np.float32)}, str(run / "sae" / "sae.safetensors"))
-    (run / "sae" / "config.json").write_text(json.dumps({"arch": "topk", "d_in": d, "n_latents": n_latents, "k": 64}))
+    sae = SAE(SAEConfig(arch=arch, d_in=d, n_latents=n_latents, k=64))  # the package's writer, as `cytosae train`
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.5)
+    sae.save(run / "sae")
+    del sae
     ids = np.array([f"{CLASSES[i % 13]}/img_{i:05d}.jpg" for i in range(n_images)])
     np.save(root / "tokens.npy", rng.normal(size=(n_images, 257, d)).astype(np.float32))
     import_embeddings(root / "tokens.npy", pd.DataFrame({"image_id": ids, "label": [CLASSES[i % 13] for i in range(n_images)]}),
@@ -133,7 +136,7 @@ def main() -> None:
             heat["topk_cold"], _ = timed("/api/latents/1/heatmaps?dataset=mll&by=image&k=12")
             heat["topk_cold_other_latent"], _ = timed("/api/latents/2/heatmaps?dataset=mll&by=image&k=12")
         cfg = json.loads((run / "sae" / "config.json").read_text())
-        (run / "sae" / "config.json").write_text(json.dumps({**cfg, "arch": "relu"}))
+        (run / "sae" / "config.json").write_text(json.dumps({**cfg, "arch": "relu-l1"}))
         srv.should_exit = True
         srv2 = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port + 1 if port < 65535 else port - 1,
                                              log_level="warning"))

@@ -148,5 +148,6 @@ def copy_of(fx: FixtureRun, dest: Path) -> FixtureRun:
     import dataclasses
     import shutil
 
-    shutil.copytree(fx.path, Path(dest) / "run")
+    # annotations are per test: an explorer opened on the shared run creates an empty annotations.sqlite there
+    shutil.copytree(fx.path, Path(dest) / "run", ignore=shutil.ignore_patterns("annotations.sqlite*"))
     return dataclasses.replace(fx, path=Path(dest) / "run")

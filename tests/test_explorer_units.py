@@ -198,3 +198,17 @@ def test_explorer_encodes_on_cuda_like_on_cpu(tmp_path_factory):
     a, b = cpu.encoder.for_store_image("acevedo", image_id), gpu.encoder.for_store_image("acevedo", image_id)
     assert next(gpu.encoder.sae.parameters()).is_cuda
     assert np.allclose(a.acts.toarray(), b.acts.toarray(), atol=1e-4)
+
+
+def test_precomputed_neighbours_equal_the_query():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(700, 24)).astype(np.float32)
+    w[5] = 0
+    direct = Neighbours(w)
+    pre = Neighbours(w)
+    pre.precompute(k=12, block=128)  # several blocks, last one partial
+    for latent in (0, 5, 129, 699):
+        a, b = direct.query(latent, 10), pre.query(latent, 10)
+        assert [j for j, _ in a] == [j for j, _ in b] or latent == 5  # a dead row ties everything at 0
+        assert np.allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+    assert len(pre.query(3, 40)) == 40  # more than were precomputed: the direct product

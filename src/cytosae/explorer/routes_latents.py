@@ -105,41 +105,44 @@ def register(app, ex: Explorer) -> None:
         out: dict = {"latent": latent, "n_latents": run.n_latents}
         a = ex.annotations.get(latent)
         out["annotation"] = a.to_dict() if a else None
+        # every table is sliced by binary search and turned into rows without pandas: this page is the one people
+        # click through fastest (bench/explorer.py --concurrency)
         li = run.latents_indexed()
-        out["stats"] = records(li.rows(latent)) if li is not None else []
+        out["stats"] = li.records(latent) if li is not None else []
 
         top = run.table("stats/top_images")
         out["top_images"] = {}
         if top is not None:
-            rows = top.rows(latent)
-            for (ds, by), g in rows.groupby(["dataset", "by"], sort=False):
-                out["top_images"].setdefault(str(ds), {})[str(by)] = records(
-                    g.head(k)[[c for c in ("rank", "image_id", "value", "patch", "label") if c in g]])
+            for r in top.records(latent, ["dataset", "by", "rank", "image_id", "value", "patch", "label"]):
+                group = out["top_images"].setdefault(str(r.pop("dataset")), {}).setdefault(str(r.pop("by")), [])
+                if len(group) < k:
+                    group.append(r)
         cp = run.table("stats/class_profile")
         out["class_profile"] = {}
         if cp is not None:
-            for ds, g in cp.rows(latent).groupby("dataset", sort=False):
-                out["class_profile"][str(ds)] = records(g[[c for c in ("class", "mean_act", "freq") if c in g]])
+            for r in cp.records(latent, ["dataset", "class", "mean_act", "freq"]):
+                out["class_profile"].setdefault(str(r.pop("dataset")), []).append(r)
         hist = run.table("stats/histograms")
         out["histogram"] = {}
         if hist is not None:
-            for r in records(hist.rows(latent)):
+            for r in hist.records(latent, ["dataset", "bin_edges", "counts"]):
                 out["histogram"][str(r["dataset"])] = {"bin_edges": r["bin_edges"], "counts": r["counts"]}
 
         bc = run.table("patients/barcodes")
         out["patients"] = []
         if bc is not None:
-            g = bc.rows(latent)
-            if len(g):
-                mean = float(g["frac"].mean())
-                g = g.sort_values("frac", ascending=False, kind="stable").head(20)
-                pts = records(g[[c for c in ("patient_id", "diagnosis", "frac", "count", "n_cells") if c in g]])
+            pts = bc.records(latent, ["patient_id", "diagnosis", "frac", "count", "n_cells"])
+            fracs = [p["frac"] for p in pts if p["frac"] is not None]
+            if pts:
+                mean = sum(fracs) / len(fracs) if fracs else float("nan")
+                pts.sort(key=lambda p: -(p["frac"] if p["frac"] is not None else -1.0))  # stable, like pandas'
+                pts = pts[:20]
                 for p in pts:
                     p["enrichment"] = (p["frac"] / mean) if mean > 0 and p["frac"] is not None else None
                 out["patients"] = pts
-                out["patients_mean_frac"] = mean
+                out["patients_mean_frac"] = to_json(mean)
         cmp_ = run.table("patients/compare")
-        out["compare"] = records(cmp_.rows(latent)) if cmp_ is not None else []
+        out["compare"] = cmp_.records(latent) if cmp_ is not None else []
 
         out["neighbours"] = []
         try:
@@ -147,11 +150,9 @@ def register(app, ex: Explorer) -> None:
         except (MissingData, DamagedData) as exc:  # the rest of the page stands without the decoder
             out["neighbours_error"] = str(exc)
         else:
-            names = {}
             for j, s in nb.query(latent, n_neighbours):
-                names.setdefault(j, ex.annotations.get(j))
-                out["neighbours"].append({"latent": j, "cosine": s,
-                                          "name": names[j].name if names[j] else ""})
+                a_j = ex.annotations.get(j)
+                out["neighbours"].append({"latent": j, "cosine": s, "name": a_j.name if a_j else ""})
         out["measured"] = {
             "top_images": "images with the highest activation of this latent: by=image = mean over the patch tokens, "
                           "by=patch on the best patch token",
@@ -160,7 +161,7 @@ def register(app, ex: Explorer) -> None:
             "patients": "patients with the largest fraction of cells where the latent fires (barcodes)",
             "neighbours": "latents whose decoder direction has the highest cosine similarity",
         }
-        return out
+        return FastJSON(out)  # already JSON-ready: skip FastAPI's per-value encoder
 
     @app.get("/api/latents/{latent}/heatmaps", summary="Per-patch activation of a latent on its top images")
     def latent_heatmaps(latent: int = PathParam(..., ge=0, le=MAX_LATENT_QUERY), dataset: str | None = None,

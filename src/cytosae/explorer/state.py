@@ -63,7 +63,7 @@ class Explorer:
                 for name in ("stats/top_images", "stats/class_profile", "stats/histograms",
                              "patients/barcodes", "patients/compare"):
                     run.table(name)
-                self.neighbours.get()
+                self.neighbours.precompute()
             except Exception as exc:  # a missing or broken table is reported when a page asks for it
                 log.info("preload stopped: %s", exc)
         t = threading.Thread(target=work, name="cytosae-preload", daemon=True)
