@@ -9,6 +9,14 @@ warm p50/p95 over --requests random latents (target p95 < 200 ms), and the overv
     python bench/explorer.py [--latents 49152] [--d 768] [--patients 40] [--requests 200]
 
 Writes bench/results/explorer.json.
+
+Concurrent mode (issue #12, item 11): the explorer runs in its own process (uvicorn, 127.0.0.1 only, as
+`cytosae explore` serves it, tables and neighbours preloaded), and --concurrency clients request random latent
+pages for --duration seconds (or --max-requests, whichever first); reported: p50/p95/p99 latency and requests/s.
+
+    python bench/explorer.py --concurrency 16 --duration 30
+
+Writes bench/results/explorer_concurrent.json.
 """
 from __future__ import annotations
 
@@ -84,14 +92,118 @@ def write_run(root: Path, n_latents: int, d: int, n_patients: int, k: int = 20, 
     return run
 
 
+SERVER = """
+import sys, uvicorn
+from cytosae.explorer import create_app
+uvicorn.run(create_app(sys.argv[1], preload=True), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _load(base: str, n_latents: int, concurrency: int, duration: float, max_requests: int, seed: int = 1):
+    """`concurrency` clients, each one request at a time, over one connection each; latencies in ms."""
+    import asyncio
+
+    import httpx
+
+    rng = np.random.default_rng(seed)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    deadline = time.perf_counter() + duration
+
+    async def client():
+        async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+            while time.perf_counter() < deadline and len(latencies) < max_requests:
+                j = int(rng.integers(0, n_latents))
+                t = time.perf_counter()
+                r = await c.get(f"/api/latents/{j}")
+                latencies.append((time.perf_counter() - t) * 1000)
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return np.array(latencies), statuses, time.perf_counter() - t0
+
+
+def concurrent(args) -> dict:
+    import asyncio
+    import subprocess
+
+    import httpx
+
+    tmp = Path(tempfile.mkdtemp(prefix="cytosae-bench-explorer-"))
+    proc = None
+    try:
+        t0 = time.perf_counter()
+        run = write_run(tmp, args.latents, args.d, args.patients)
+        write_s = time.perf_counter() - t0
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-c", SERVER, str(run), str(port)], env={**os.environ})
+        base = f"http://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        ready = False
+        while time.perf_counter() - t0 < args.ready_timeout:  # tables indexed and every latent's neighbours known
+            try:
+                ready = httpx.get(base + "/api/run", timeout=10).json().get("neighbours_precomputed", False)
+            except (httpx.HTTPError, ValueError):
+                pass
+            if ready:
+                break
+            time.sleep(0.5)
+        ready_s = time.perf_counter() - t0
+        httpx.get(base + "/api/latents/0", timeout=60).raise_for_status()
+        lat, statuses, wall = asyncio.run(_load(base, args.latents, args.concurrency, min(args.duration, 120),
+                                                args.max_requests))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    pct = {f"p{q}": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)}
+    return {
+        "what": "GET /api/latents/{id} (latent page JSON) of random latents, --concurrency clients each with one "
+                "connection and one request at a time, against `cytosae explore`'s server in its own process "
+                "(127.0.0.1); the clients run in the bench process on the same machine",
+        "command": "python bench/explorer.py " + " ".join(sys.argv[1:]),
+        "n_latents": args.latents, "d_decoder": args.d, "n_patients": args.patients,
+        "concurrency": args.concurrency, "requests": int(len(lat)), "seconds": round(wall, 1),
+        "requests_per_s": round(len(lat) / wall, 1), "latency_ms": {**pct, "max": round(float(lat.max()), 1)},
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "target": "p95 <= 200 ms at 16 concurrent connections", "meets_target": bool(pct["p95"] <= 200),
+        "setup_s": {"write_synthetic_run": round(write_s, 1), "server_ready_with_neighbours_precomputed": round(ready_s, 1),
+                    "ready": ready},
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
+                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+                    "note": "shared machine: other jobs were running while this was measured"},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latents", type=int, default=49_152)
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--patients", type=int, default=40)
     ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "explorer.json")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--concurrency", type=int, default=0, help="clients at once (0: the sequential latency run)")
+    ap.add_argument("--duration", type=float, default=30, help="seconds of load in concurrent mode (at most 120)")
+    ap.add_argument("--max-requests", type=int, default=20_000)
+    ap.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for the server's preload")
     args = ap.parse_args()
+    if args.concurrency > 0:
+        result = concurrent(args)
+        out = args.out or REPO / "bench" / "results" / "explorer_concurrent.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        return
+    args.out = args.out or REPO / "bench" / "results" / "explorer.json"
 
     import httpx
     import uvicorn

@@ -76,6 +76,11 @@ class LazyNeighbours:
     def precompute(self) -> None:
         self.get().precompute()
 
+    @property
+    def precomputed(self) -> bool:
+        """Whether every latent's neighbours are a lookup now (the background precomputation has finished)."""
+        return self._n is not None and self._n._table is not None
+
     def get(self) -> Neighbours:
         with self._lock:
             if self._n is None:

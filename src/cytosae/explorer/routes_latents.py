@@ -49,6 +49,7 @@ def register(app, ex: Explorer) -> None:
                     "compare": (run.path / "patients/compare.parquet").is_file(),
                     "classify": (run.path / "classify/results.json").is_file()},
             "statuses": list(STATUSES),
+            "neighbours_precomputed": ex.neighbours.precomputed,
         }))
 
     # ------------------------------------------------------------------ overview
