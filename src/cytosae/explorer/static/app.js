@@ -155,8 +155,9 @@ async function viewOverview(params) {
   const nImg = (((run.stats_summary || {}).datasets || []).find(d => d.dataset === ds) || {}).n_images;  // stats/summary.json as write_stats writes it
   const caption = h("p", { class: "caption" }, `Each dot is one of ${data.n_latents} SAE latents measured on dataset “${ds}”` +
     (typeof nImg === "number" ? ` (${nImg} images)` : "") + ": " +
-    "x = log10 fraction of images where it fires (any token), y = log10 mean activation when firing, colour = entropy " +
-    "of the class labels of those images (dark = class-specific, yellow = mixed). Latents that never fire are not drawn. Click a dot to open it.");
+    "x = log10 fraction of images where it fires (any token), y = log10 mean image activation (mean over patch tokens) " +
+    "over the images where it fires, colour = natural-log entropy (nats) of the class labels of its top-k images " +
+    "(dark = class-specific, yellow = mixed). Latents that never fire are not drawn. Click a dot to open it.");
   $app.replaceChildren(h("h1", {}, "Latents"), controls, count, canvas, caption);
 
   const xs = fx.filter(v => v !== null), ys = fy.filter(v => v !== null);
@@ -233,7 +234,7 @@ async function viewLatent(j) {
     d.latent < d.n_latents - 1 ? h("a", { href: `#/latent/${d.latent + 1}` }, "next →") : "");
 
   // stats table
-  const statsT = h("table", {}, h("tr", {}, ...["dataset", "freq (images)", "freq (tokens)", "mean act", "max act", "label entropy", "top class"].map(t => h("th", {}, t))),
+  const statsT = h("table", {}, h("tr", {}, ...["dataset", "freq (images)", "freq (tokens)", "mean act (image, when firing)", "max act (any token)", "label entropy (nats, top-k)", "top class"].map(t => h("th", {}, t))),
     ...d.stats.map(s => h("tr", {}, h("td", {}, s.dataset), h("td", { class: "num" }, fmt(s.freq_image)), h("td", { class: "num" }, fmt(s.freq_token)),
       h("td", { class: "num" }, fmt(s.mean_act)), h("td", { class: "num" }, fmt(s.max_act)), h("td", { class: "num" }, fmt(s.label_entropy, 2)),
       h("td", {}, s.top_label || "–", s.noisy ? " (noisy)" : ""))));
