@@ -151,3 +151,49 @@ def copy_of(fx: FixtureRun, dest: Path) -> FixtureRun:
     # annotations are per test: an explorer opened on the shared run creates an empty annotations.sqlite there
     shutil.copytree(fx.path, Path(dest) / "run", ignore=shutil.ignore_patterns("annotations.sqlite*"))
     return dataclasses.replace(fx, path=Path(dest) / "run")
+
+
+def make_pipeline_run(root: Path, seed: int = 0) -> Path:
+    """A tiny run made end to end by the package, the way `cytosae.demo` makes one: synthetic cells, a 1-block
+    dinobloom-s with random weights, `extract`, a small TopK SAE from `train_sae`, stats, patients, classify,
+    run.json. Nothing is designed: it checks that the explorer reads whatever the writers write."""
+    import json
+
+    import torch
+
+    from cytosae import __version__
+    from cytosae.analysis import compute_latent_stats, patient_barcodes, write_patients, write_stats
+    from cytosae.analysis.classify import ClassifyConfig, classify_patients, write_classify
+    from cytosae.backbones import load_backbone
+    from cytosae.data import load_manifest
+    from cytosae.data.synthetic import make_sample
+    from cytosae.sae import ShuffleBuffer, train_sae
+    from cytosae.store import ActivationStore, ExtractConfig, extract
+    from cytosae.store.format import atomic_write_json
+
+    run = Path(root) / "run"
+    run.mkdir(parents=True)
+    manifest_csv = make_sample(run / "data" / "sample", seed=seed, n_patients=4, cells_per_patient=4, size=64)
+    torch.manual_seed(seed)
+    bb = load_backbone("dinobloom-s", depth=1)
+    extract(load_manifest(manifest_csv), bb, run / "stores" / "sample",
+            ExtractConfig(layer=-1, batch_size=8, shard_size=8, progress=False))
+    store = ActivationStore(run / "stores" / "sample")
+    total = store.n_images * store.n_tokens
+    batches = ShuffleBuffer(8192, seed)(store.iter_tokens("all", batch_size=1024), batch_size=1024)
+    sae = train_sae(batches, store.d_model, "topk", 2 * store.d_model, total, seed=seed, batch_size=1024, k=8,
+                    checkpoint_dir=run / "sae", checkpoint_every=total)
+    stats = compute_latent_stats(sae.encode, store.iter_images(8), store.images, sae.cfg.n_latents, k=4, dataset="sample")
+    write_stats([stats], run / "stats")
+    bc = patient_barcodes(sae.encode, store.iter_images(8), store.images, sae.cfg.n_latents, token_policy="any_patch")
+    write_patients(bc, run / "patients", summary={"threshold": 0.0, "token_policy": "any_patch"})
+    if int(bc.drop_duplicates("patient_id").diagnosis.value_counts().min()) >= 2:
+        write_classify(classify_patients(bc, ClassifyConfig(n_splits=2, n_repeats=1, n_bootstrap=10, ablate=(1,),
+                                                            ablation_repeats=1, n_trees=5, models=("logreg_l2",)),
+                                         dataset="sample"), run / "classify")
+    atomic_write_json(run / "run.json", {  # as cytosae.demo writes it
+        "datasets": {"sample": {"store": "stores/sample", "data": str(manifest_csv)}}, "sae": "sae",
+        "backbone": {"name": "dinobloom-s", "weights": None, "layer": -1, "options": {"depth": 1}},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "cytosae_version": __version__})
+    json.loads((run / "run.json").read_text())
+    return run
