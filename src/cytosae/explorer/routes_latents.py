@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import HTTPException, Query
+from fastapi import Query
 from fastapi import Path as PathParam
 
 from .annotations import STATUSES, Status

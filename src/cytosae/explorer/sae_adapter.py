@@ -8,15 +8,12 @@ file for neighbours, which needs no model.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-
-log = logging.getLogger(__name__)
 
 
 def _decoder_rows(w: np.ndarray, n_latents: int) -> np.ndarray:
