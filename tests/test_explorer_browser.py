@@ -45,9 +45,9 @@ def _serve(run_dir: Path):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from explorer_fixtures import make_run
+    from explorer_fixtures import copy_of, session_run
 
-    fx = make_run(tmp_path_factory.mktemp("browser"))
+    fx = copy_of(session_run(tmp_path_factory), tmp_path_factory.mktemp("browser"))
     with _serve(fx.path) as url:
         yield url, fx
 
@@ -162,10 +162,12 @@ def test_patients_page(server, page):
     page.wait_for_selector("#barcodes canvas")
     page.wait_for_selector("#volcano-canvas")
     page.wait_for_selector("#classify-table")
-    assert "sae_barcode_logreg" in page.locator("#classify-table").inner_text()
-    assert page.locator("#compare-pair option").count() == 2
-    page.select_option("#compare-pair", index=1)
-    page.wait_for_selector("#volcano p.muted:has-text('AML vs rest')")
+    table = page.locator("#classify-table").inner_text()  # classify/results.json as write_classify writes it
+    assert "concepts_logreg_l2" in table and "2 × 1" in table
+    assert page.locator("#compare-pair").count() == 0  # write_patients: one comparison for two diagnoses, no picker
+    page.wait_for_selector("#volcano p.muted:has-text('AML vs control')")
+    caption = page.locator("#volcano p.caption").inner_text()
+    assert "any_patch" in caption  # patients/summary.json's token policy, as write_patients records it
     page.screenshot(path=str(ARTIFACTS / "patients.png"), full_page=True)
 
 

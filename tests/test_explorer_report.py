@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from cytosae.cli import app as cli
 from cytosae.explorer.annotations import AnnotationStore
 from cytosae.explorer.report import canonical_url, fnv1a
-from explorer_fixtures import make_run
+from explorer_fixtures import copy_of, session_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "explorer"
@@ -18,7 +18,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "explorer"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    fx = make_run(root)
+    fx = copy_of(session_run(tmp_path_factory), root)
     AnnotationStore(fx.path / "annotations.sqlite").put(40, name="rare thing", status="validated")
     res = CliRunner().invoke(cli, ["report", str(fx.path), "--out", str(root / "site"), "--latents", "6", "--images", "2"])
     assert res.exit_code == 0, res.output
@@ -51,7 +51,8 @@ def test_report_files_hold_the_latents(site):
     assert _data(out, "latents/40")["annotation"]["name"] == "rare thing"
     ov = _data(out, "latents", {"dataset": "acevedo"})
     assert ov["columns"]["latent"] == list(range(fx.n_latents))
-    assert _data(out, "classify")["models"]["sae_barcode_logreg"]["macro_f1"] == 0.81
+    written = json.loads((fx.path / "classify" / "results.json").read_text())
+    assert _data(out, "classify")["models"]["concepts_logreg_l2"]["macro_f1"] == written["models"]["concepts_logreg_l2"]["macro_f1"]
     ds, image_id = flag["images"][0]
     assert len(_data(out, "image/patch", {"dataset": ds, "image_id": image_id, "patch": 255})["top"]) >= 0
     tile = out / "data" / f"{fnv1a(canonical_url('image/file', {'dataset': ds, 'image_id': image_id}))}.jpg"

@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 from cytosae.explorer.imaging import InvalidImage, decode_upload, model_view
 from cytosae.explorer.neighbours import Neighbours
 from cytosae.explorer.safety import OutsideRoots, is_safe_name, resolve_inside
-from cytosae.explorer.sae_adapter import _MinimalSAE, read_decoder
+from cytosae.explorer.sae_adapter import read_decoder
 from cytosae.explorer.tables import LatentIndexed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,23 +61,57 @@ def test_neighbours_match_brute_force_and_handle_dead_rows():
     assert nb.query(3, 5) is got  # memoised
 
 
-def test_sae_adapter_topk_and_decoder_orientation(tmp_path):
-    rng = np.random.default_rng(1)
-    d, n = 8, 20
-    w_enc = rng.normal(size=(d, n)).astype(np.float32)
-    save_file({"W_enc": w_enc, "b_enc": np.zeros(n, np.float32), "W_dec": w_enc.copy(), "b_dec": np.zeros(d, np.float32)},
+def test_sae_adapter_is_the_package_sae_and_reads_decoder_rows(tmp_path):
+    """The explorer encodes with cytosae.sae.SAE itself (input scale, thresholds), not a copy of the encoder."""
+    from cytosae.explorer.sae_adapter import load_sae
+    from cytosae.sae import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(arch="jumprelu", d_in=8, n_latents=20))
+    with torch.no_grad():
+        sae.input_scale.fill_(0.25)
+        sae.log_threshold.copy_(torch.rand(20).log())
+        sae.b_enc.normal_()
+    sae.save(tmp_path)
+    got = load_sae(tmp_path)
+    assert type(got) is SAE and not got.training
+    x = torch.randn(5, 8) * 4
+    assert torch.equal(got.encode(x), sae.eval().encode(x))
+    assert read_decoder(tmp_path).shape == (20, 8)
+    # SAE files from another tool are refused with the reason, not read by a second encoder
+    save_file({"W_enc": np.zeros((8, 20), np.float32), "W_dec": np.zeros((20, 8), np.float32)},
               str(tmp_path / "sae.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"arch": "topk", "d_in": d, "n_latents": n, "k": 3}))
-    sae = _MinimalSAE(tmp_path)
-    x = torch.from_numpy(rng.normal(size=(5, d)).astype(np.float32))
-    z = sae.encode(x)
-    assert ((z > 0).sum(1) <= 3).all()
-    pre = np.maximum(x.numpy() @ w_enc, 0)
-    for r in range(5):
-        top = np.argsort(-pre[r])[:3]
-        assert np.allclose(z[r, top].numpy(), pre[r, top], atol=1e-5)
-    assert torch.allclose(sae.encode_latent(x, 4), z[:, 4])
-    assert read_decoder(tmp_path).shape == (n, d)  # W_dec saved as (d, n): transposed to rows
+    (tmp_path / "config.json").write_text(json.dumps({"arch": "topk", "d_in": 8, "n_latents": 20, "k": 3}))
+    with pytest.raises(ValueError, match="format_version"):
+        load_sae(tmp_path)
+
+
+def test_resolve_device():
+    from cytosae.explorer.sae_adapter import resolve_device
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="auto, cpu, cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        for dev in ("cuda", "cuda:1"):
+            with pytest.raises(ValueError, match="CUDA is not available"):
+                resolve_device(dev)
+
+
+@pytest.mark.parametrize("resize", ["squash", "pad", "crop"])
+@pytest.mark.parametrize("size", [(300, 180), (90, 160)])
+def test_model_view_is_the_model_input(resize, size):
+    """What the explorer shows is exactly what the backbone got, de-normalised (one preprocessing, cytosae.data)."""
+    from cytosae.data import Preprocess
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    pre = Preprocess(size=224, resize=resize)
+    x = pre(img)
+    model_input = (x * torch.tensor(pre.std)[:, None, None] + torch.tensor(pre.mean)[:, None, None]).permute(1, 2, 0)
+    view = np.asarray(model_view(img, pre.to_dict()), dtype=np.float32) / 255.0
+    assert view.shape == (224, 224, 3)
+    assert np.abs(view - model_input.numpy()).max() < 1e-5
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "BMP", "WEBP"])
@@ -100,11 +134,11 @@ def test_decode_upload_refuses_other_formats_and_truncation():
         decode_upload(png.getvalue()[: len(png.getvalue()) // 2])
 
 
-def test_explore_command_serves_and_prints_url(tmp_path):
-    from explorer_fixtures import make_run
+def test_explore_command_serves_and_prints_url(tmp_path_factory):
+    from explorer_fixtures import session_run
     import socket
     import httpx
-    fx = make_run(tmp_path)
+    fx = session_run(tmp_path_factory)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -133,11 +167,48 @@ def test_explore_command_rejects_non_run(tmp_path):
     assert r.returncode == 2 and "no run.json" in r.stderr
 
 
-def test_preload_fills_the_caches(tmp_path):
+def test_preload_fills_the_caches(tmp_path_factory):
     from cytosae.explorer.state import Explorer
-    from explorer_fixtures import make_run
-    fx = make_run(tmp_path)
+    from explorer_fixtures import session_run
+    fx = session_run(tmp_path_factory)
     ex = Explorer(fx.path)
     ex.preload().join(timeout=30)
     assert {"latents_idx", "stats/top_images", "patients/barcodes"} <= set(ex.run._cache)
     assert ex.neighbours._n is not None and ex.neighbours._n.n_latents == fx.n_latents
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_explore_device_cuda_without_cuda_is_one_line_error(tmp_path_factory):
+    from explorer_fixtures import session_run
+    fx = session_run(tmp_path_factory)
+    r = subprocess.run([sys.executable, "-m", "cytosae.cli", "explore", str(fx.path), "--device", "cuda"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "CUDA is not available" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_explorer_encodes_on_cuda_like_on_cpu(tmp_path_factory):
+    from cytosae.explorer.state import Explorer
+    from explorer_fixtures import session_run
+    fx = session_run(tmp_path_factory)
+    cpu, gpu = Explorer(fx.path, device="cpu"), Explorer(fx.path, device="cuda")
+    image_id = "neutrophil/cell_03.png"
+    a, b = cpu.encoder.for_store_image("acevedo", image_id), gpu.encoder.for_store_image("acevedo", image_id)
+    assert next(gpu.encoder.sae.parameters()).is_cuda
+    assert np.allclose(a.acts.toarray(), b.acts.toarray(), atol=1e-4)
+
+
+def test_precomputed_neighbours_equal_the_query():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(700, 24)).astype(np.float32)
+    w[5] = 0
+    direct = Neighbours(w)
+    pre = Neighbours(w)
+    pre.precompute(k=12, block=128)  # several blocks, last one partial
+    for latent in (0, 5, 129, 699):
+        a, b = direct.query(latent, 10), pre.query(latent, 10)
+        assert [j for j, _ in a] == [j for j, _ in b] or latent == 5  # a dead row ties everything at 0
+        assert np.allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+    assert len(pre.query(3, 40)) == 40  # more than were precomputed: the direct product

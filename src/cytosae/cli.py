@@ -685,19 +685,26 @@ def explore(
     port: int = typer.Option(8000, help="TCP port."),
     data_root: list[str] = typer.Option([], "--data-root", help=DATA_ROOT_HELP),
     allow_unfinished: bool = ALLOW_UNFINISHED,
+    device: str = typer.Option("auto", "--device", help="Where the SAE (and uploads' backbone) run: auto | cpu | cuda | "
+                                                        "cuda:N; auto = CUDA when available."),
+    allow_host: list[str] = typer.Option([], "--allow-host", help="Another host name the page may be opened under "
+                                                                  "(repeatable); loopback names and --host are allowed."),
 ) -> None:
     """Browse, inspect and name the SAE's latents in a web page (JSON API described at /openapi.json)."""
     import uvicorn
 
     from cytosae.explorer import create_app
+    from cytosae.explorer.api import startup_lines
 
     _check_run_sae(run_dir, allow_unfinished)
+    lines, token = startup_lines(run_dir.resolve(), host, port)
     try:
-        web = create_app(run_dir, data_roots=data_root, preload=True)
+        web = create_app(run_dir, data_roots=data_root, preload=True, device=device, host=host, token=token,
+                         allow_hosts=allow_host)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    typer.echo(f"cytosae explorer for {run_dir.resolve()}: http://{host}:{port}/  "
-               f"(API schema: http://{host}:{port}/openapi.json; Ctrl-C stops)")
+    for line in lines:  # the token is printed once, here, and nowhere else
+        typer.echo(line)
     uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
@@ -705,12 +712,13 @@ def _check_run_sae(run_dir: Path, allow_unfinished: bool) -> None:
     """A run's cytosae SAE is checked like `evaluate` checks it (the explorer reports missing ones itself)."""
     import json
 
+    from cytosae.run import Run
+
     try:
-        meta = json.loads((run_dir / "run.json").read_text())
-        sae_dir = run_dir / ((meta.get("sae") if isinstance(meta, dict) else None) or "sae")
+        sae_dir = Run.open(run_dir).sae_dir
         written_by_cytosae = "format_version" in json.loads((sae_dir / "config.json").read_text())
     except (OSError, ValueError, TypeError):
-        return  # no run.json or no SAE config: create_app says what is missing
+        return  # not a run, or no SAE config: create_app says what is missing
     if written_by_cytosae:
         _open_sae(sae_dir, allow_unfinished)
 

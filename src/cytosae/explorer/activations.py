@@ -78,8 +78,9 @@ class ImageActivations:
 class Encoder:
     """Turns tokens (from the store, or from the backbone for uploads) into ImageActivations."""
 
-    def __init__(self, run: RunDir, cache_size: int = 256, chunk: int = 128) -> None:
+    def __init__(self, run: RunDir, cache_size: int = 256, chunk: int = 128, device: str = "cpu") -> None:
         self.run = run
+        self.device = device
         self.chunk = chunk
         self._cache: OrderedDict[tuple, ImageActivations] = OrderedDict()
         self._cache_size = cache_size
@@ -91,7 +92,7 @@ class Encoder:
     def sae(self):
         with self._lock:
             if self._sae is None:
-                self._sae = load_sae(self.run.sae_dir)
+                self._sae = self.run.open_sae(lambda d: load_sae(d, self.device))
             return self._sae
 
     @torch.no_grad()
@@ -99,8 +100,7 @@ class Encoder:
         sae = self.sae
         parts = []
         for s in range(0, tokens.shape[0], self.chunk):  # bounded memory: chunk x n_latents dense at a time
-            z = sae.encode(tokens[s:s + self.chunk].float())
-            z = torch.as_tensor(z).detach().cpu().float()
+            z = sae.encode(tokens[s:s + self.chunk].to(self.device, torch.float32)).cpu()
             # sparse straight from the non-zeros: a dense->CSR scan of 257 x 49k floats costs more than the encoder
             rows, cols = (z > 0).nonzero(as_tuple=True)
             parts.append(sp.csr_matrix((z[rows, cols].numpy(), (rows.numpy(), cols.numpy())), shape=tuple(z.shape)))
@@ -132,24 +132,10 @@ class Encoder:
     def latent_map(self, dataset: str, image_id: str, latent: int) -> tuple[float, list[float], int]:
         """(CLS activation, per-patch activations, grid) of one latent on one stored image.
 
-        Uses the image's cached full encoding when there is one; otherwise, for SAEs whose
-        latents are independent (ReLU-type), encodes only this latent's column, which is
-        n_latents times cheaper than the full encoder (a TopK SAE needs the full one).
+        Always the SAE's full encoder (cached per image): only the package's SAE.encode knows each
+        architecture's thresholds and input scale, and the cache serves every other latent of the image.
         """
-        key = ("store", dataset, image_id)
-        with self._lock:
-            cached = self._cache.get(key)
-        sae = self.sae
-        if cached is None and getattr(sae, "independent_latents", False) and hasattr(sae, "encode_latent"):
-            store = self.run.store(dataset)
-            tokens = store.get_image(image_id)
-            z = sae.encode_latent(tokens.float(), latent)
-            z = (z.detach().cpu().numpy() if isinstance(z, torch.Tensor) else np.asarray(z)).astype(np.float32)
-            n_patch = tokens.shape[0] - int(store.has_cls)
-            grid = math.isqrt(n_patch)
-            patches = z[1:] if store.has_cls else z
-            return (float(z[0]) if store.has_cls else float("nan")), [float(v) for v in patches], grid
-        acts = cached or self.for_store_image(dataset, image_id)
+        acts = self.for_store_image(dataset, image_id)
         return acts.cls_value(latent), acts.heatmap(latent), acts.grid
 
     # ------------------------------------------------------------------ uploads
@@ -180,7 +166,7 @@ class Encoder:
         if resize and "resize" not in options:
             options["resize"] = resize  # same squash/pad/crop as the store, or the patches would not correspond
         try:
-            bb = load_backbone(name, weights=weights, device="cpu", **options)
+            bb = load_backbone(name, weights=weights, device=self.device, **options)
         except Exception as exc:  # missing weights file, no network for a download, unknown name
             raise BackboneUnavailable(f"backbone {name!r} (weights {weights or 'default'}) could not be loaded: {exc}") from None
         if spec.get("weights_sha256") and getattr(bb, "weights_sha256", None) not in (None, spec["weights_sha256"]):
@@ -194,8 +180,8 @@ class Encoder:
     def for_upload(self, upload_id: str, pil_image) -> ImageActivations:
         def compute():
             bb, layer = self.backbone()
-            x = bb.preprocess(pil_image)[None]
-            tokens = bb.tokens(x, layer=-2 if layer is None else layer)[0]
+            x = bb.preprocess(pil_image)[None].to(self.device)
+            tokens = bb.tokens(x, layer=-2 if layer is None else layer)[0].cpu()
             return self.encode_tokens(tokens, has_cls=True)
         return self._cached(("upload", upload_id), compute)
 

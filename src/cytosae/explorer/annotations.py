@@ -10,12 +10,15 @@ import datetime as _dt
 import io
 import json
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cytosae.store.format import atomic_write_bytes
 
 STATUSES = ("unreviewed", "validated", "rejected")
+Status = Literal["unreviewed", "validated", "rejected"]
 MAX_NAME, MAX_NOTE, MAX_TAGS, MAX_TAG, MAX_AUTHOR = 200, 10_000, 32, 64, 100
 FIELDS = ("latent", "name", "tags", "note", "status", "author", "updated")
 
@@ -36,6 +39,19 @@ class InvalidAnnotation(ValueError):
     pass
 
 
+def clean_text(text: str) -> str:
+    """`text` as valid Unicode: surrogate pairs joined, lone surrogates (not encodable as UTF-8) replaced by U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _check_encodable(field: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidAnnotation(f"{field} contains a lone surrogate (U+{ord(text[exc.start]):04X} at character "
+                                f"{exc.start}), which is not text; send valid Unicode") from None
+
+
 @dataclass
 class Annotation:
     latent: int
@@ -47,13 +63,17 @@ class Annotation:
     updated: str = ""
 
     def to_dict(self) -> dict:
-        return {"latent": self.latent, "name": self.name, "tags": list(self.tags or []), "note": self.note,
-                "status": self.status, "author": self.author, "updated": self.updated}
+        """JSON-ready, and always encodable: rows stored before text was checked are cleaned here."""
+        return {"latent": self.latent, "name": clean_text(self.name), "tags": [clean_text(t) for t in self.tags or []],
+                "note": clean_text(self.note), "status": self.status, "author": clean_text(self.author),
+                "updated": self.updated}
 
 
 def validate(name: str, tags: list[str], note: str, status: str, author: str) -> tuple[str, list[str], str, str, str]:
     """Trimmed, checked values; raises InvalidAnnotation with a message a person can act on."""
     name, note, author = (name or "").strip(), (note or "").strip(), (author or "").strip()
+    for field, text in (("name", name), ("note", note), ("author", author)):
+        _check_encodable(field, text)
     if len(name) > MAX_NAME:
         raise InvalidAnnotation(f"name is {len(name)} characters; at most {MAX_NAME}")
     if len(note) > MAX_NOTE:
@@ -67,6 +87,7 @@ def validate(name: str, tags: list[str], note: str, status: str, author: str) ->
         if not isinstance(t, str):
             raise InvalidAnnotation("tags must be strings")
         t = t.strip()
+        _check_encodable("tag", t)
         if len(t) > MAX_TAG:
             raise InvalidAnnotation(f"tag {t[:20]!r}... is {len(t)} characters; at most {MAX_TAG}")
         if t and t not in clean:
@@ -80,10 +101,44 @@ def validate(name: str, tags: list[str], note: str, status: str, author: str) ->
 
 
 class AnnotationStore:
+    """Reads come from an in-memory snapshot, reloaded when this store writes or the files change on disk (another
+    process): a latent page asks for a dozen annotations, and a SQLite connection per read cost ~1 ms each."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         with self._connect() as con:
             con.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self._snap: tuple[tuple, dict[int, Annotation]] | None = None
+
+    def _signature(self) -> tuple:
+        sig = []
+        for p in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                st = p.stat()
+                sig.append((st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                sig.append(None)
+        return tuple(sig)
+
+    def _snapshot(self) -> dict[int, Annotation]:
+        sig = self._signature()
+        with self._lock:
+            if self._snap is not None and self._snap[0] == sig:
+                return self._snap[1]
+        con = self._connect()
+        try:
+            rows = con.execute(f"SELECT {', '.join(FIELDS)} FROM annotations ORDER BY latent").fetchall()
+        finally:
+            con.close()
+        snap = {r[0]: self._row(r) for r in rows}
+        with self._lock:
+            self._snap = (sig, snap)
+        return snap
+
+    def _invalidate(self) -> None:
+        with self._lock:
+            self._snap = None
 
     def _connect(self) -> sqlite3.Connection:
         # A connection per call: FastAPI runs handlers on a thread pool and sqlite3 connections are per-thread.
@@ -97,20 +152,10 @@ class AnnotationStore:
         return Annotation(latent=r[0], name=r[1], tags=json.loads(r[2]), note=r[3], status=r[4], author=r[5], updated=r[6])
 
     def get(self, latent: int) -> Annotation | None:
-        con = self._connect()
-        try:
-            r = con.execute(f"SELECT {', '.join(FIELDS)} FROM annotations WHERE latent = ?", (latent,)).fetchone()
-        finally:
-            con.close()
-        return self._row(r) if r else None
+        return self._snapshot().get(latent)
 
     def all(self) -> list[Annotation]:
-        con = self._connect()
-        try:
-            rows = con.execute(f"SELECT {', '.join(FIELDS)} FROM annotations ORDER BY latent").fetchall()
-        finally:
-            con.close()
-        return [self._row(r) for r in rows]
+        return list(self._snapshot().values())
 
     def put(self, latent: int, name: str = "", tags: list[str] | None = None, note: str = "",
             status: str = "unreviewed", author: str = "") -> Annotation:
@@ -129,6 +174,7 @@ class AnnotationStore:
                     (latent, name, json.dumps(tags), note, status, author, updated))
         finally:
             con.close()
+            self._invalidate()
         return Annotation(latent, name, tags, note, status, author, updated)
 
     def delete(self, latent: int) -> bool:
@@ -138,6 +184,7 @@ class AnnotationStore:
                 n = con.execute("DELETE FROM annotations WHERE latent = ?", (latent,)).rowcount
         finally:
             con.close()
+            self._invalidate()
         return n > 0
 
     def search(self, text: str) -> list[Annotation]:

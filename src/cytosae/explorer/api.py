@@ -1,55 +1,84 @@
 """The explorer's JSON API (FastAPI). Every page, live or static, is drawn from these responses.
 
-Errors are 4xx with a message that says what was wrong and what is valid; nothing a
+Errors are 4xx/503 with a message that says what was wrong and what is valid; nothing a
 client sends is used as a file path (images are looked up by id in images.parquet and
-then checked to lie inside the run or data folders).
+then checked to lie inside the run or data folders). No response shows an absolute
+server path: messages name files relative to the run (see `Explorer.redact`).
 """
 from __future__ import annotations
 
+import logging
+import secrets
 from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import routes_annotations, routes_images, routes_latents, routes_patients
 from .activations import BackboneUnavailable
+from .annotations import clean_text
+from .guards import HostGuard, MethodGuard, allowed_hosts, is_loopback
 from .imaging import MAX_UPLOAD_BYTES
 from .limits import BodyLimit, SecurityHeaders
-from .rundir import MissingData
+from .rundir import DamagedData, MissingData
 from .safety import OutsideRoots
 from .state import Explorer, FastJSON
 
+log = logging.getLogger(__name__)
 STATIC_DIR = Path(str(resources.files("cytosae.explorer") / "static"))
 
 
+class ErrorOut(BaseModel):
+    detail: str
+
+
+def _err(description: str) -> dict:
+    return {"model": ErrorOut, "description": description}
+
+
+# answers any operation can give (declared so clients and the OpenAPI checks know them)
+COMMON_RESPONSES = {
+    400: _err("a parameter is out of range or inconsistent (the message says which)"),
+    401: _err("the explorer listens on a network address and the access token is missing"),
+    403: _err("Host or Origin not allowed (DNS rebinding guard), or a file outside the run and data folders"),
+    404: _err("no such latent, dataset, image, upload or analysis (the message says which command writes it)"),
+    503: _err("a run file is damaged or the backbone is unavailable (the message names the file and the fix)"),
+}
+
+
+def startup_lines(run_dir, host: str, port: int) -> tuple[list[str], str | None]:
+    """What `cytosae explore` prints, and the access token (None on loopback addresses, where none is needed)."""
+    shown = f"[{host}]" if ":" in host else host
+    if is_loopback(host):
+        return [f"cytosae explorer for {run_dir}: http://{shown}:{port}/  "
+                f"(API schema: http://{shown}:{port}/openapi.json; Ctrl-C stops)"], None
+    token = secrets.token_urlsafe(24)
+    return [f"warning: listening on {host}, reachable from the network: anyone who has the token below can read this "
+            "run and edit its annotations (there is no TLS; prefer 127.0.0.1 and an SSH tunnel)",
+            f"cytosae explorer for {run_dir}: http://{shown}:{port}/?token={token}  (Ctrl-C stops)"], token
+
+
 def create_app(run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTES, static: bool = True,
-               preload: bool = False) -> FastAPI:
-    """The explorer for one run; `data_roots` are extra folders images may be read from."""
-    ex = Explorer(run_dir, data_roots, max_upload_bytes)
+               preload: bool = False, device: str = "cpu", host: str = "127.0.0.1", token: str | None = None,
+               allow_hosts: list[str] | tuple[str, ...] = ()) -> FastAPI:
+    """The explorer for one run; `data_roots` are extra folders images may be read from; SAE encodes run on `device`
+    (auto | cpu | cuda | cuda:N). Requests must name a loopback host, `host` or one of `allow_hosts`; with a
+    `token`, they must also carry it (header, cookie, or ?token= on the first page)."""
+    ex = Explorer(run_dir, data_roots, max_upload_bytes, device=device)
     if preload:
         ex.preload()
     # /docs and /redoc would load Swagger/ReDoc from a CDN: off; the schema itself stays at /openapi.json
     app = FastAPI(title="cytosae explorer", version="1", default_response_class=FastJSON, docs_url=None, redoc_url=None,
+                  responses=COMMON_RESPONSES,
                   description="Browse, inspect and name the latents of a sparse autoencoder trained on "
                               "a hematology foundation model's activations.")
     app.state.explorer = ex
-    app.add_middleware(BodyLimit, max_bytes=max(max_upload_bytes, 64 * 1024))
-    app.add_middleware(SecurityHeaders)
-
-    @app.exception_handler(MissingData)
-    async def _missing(_: Request, exc: MissingData):
-        return FastJSON({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(OutsideRoots)
-    async def _outside(_: Request, exc: OutsideRoots):
-        return FastJSON({"detail": str(exc)}, status_code=403)
-
-    @app.exception_handler(BackboneUnavailable)
-    async def _no_backbone(_: Request, exc: BackboneUnavailable):
-        return FastJSON({"detail": str(exc)}, status_code=503)
-
+    _error_handlers(app, ex)
     for routes in (routes_latents, routes_images, routes_patients, routes_annotations):
         routes.register(app, ex)
 
@@ -60,4 +89,49 @@ def create_app(run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTE
         def index():
             return FileResponse(STATIC_DIR / "index.html")
 
+    # added last = outermost: security headers on every answer, then foreign hosts refused before anything is parsed
+    app.add_middleware(MethodGuard, routes=lambda: app.routes)
+    app.add_middleware(BodyLimit, max_bytes=max(max_upload_bytes, 64 * 1024))
+    app.add_middleware(HostGuard, hosts=allowed_hosts(host, allow_hosts), token=token)
+    app.add_middleware(SecurityHeaders)
     return app
+
+
+def _error_handlers(app: FastAPI, ex: Explorer) -> None:
+    def answer(status: int, detail, headers=None):
+        if isinstance(detail, str):
+            detail = ex.redact(clean_text(detail))
+        return FastJSON({"detail": detail}, status_code=status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        return answer(exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        # never echo the input: it may hold text that cannot be encoded (a lone surrogate) or be huge
+        errors = [{"loc": [clean_text(str(p)) if isinstance(p, str) else p for p in e.get("loc", ())],
+                   "msg": clean_text(str(e.get("msg", ""))), "type": str(e.get("type", ""))} for e in exc.errors()]
+        return FastJSON({"detail": errors}, status_code=422)
+
+    @app.exception_handler(MissingData)
+    async def _missing(_: Request, exc: MissingData):
+        return answer(404, str(exc))
+
+    @app.exception_handler(DamagedData)
+    async def _damaged(_: Request, exc: DamagedData):
+        return answer(503, str(exc))
+
+    @app.exception_handler(OutsideRoots)
+    async def _outside(_: Request, exc: OutsideRoots):
+        return answer(403, str(exc))
+
+    @app.exception_handler(BackboneUnavailable)
+    async def _no_backbone(_: Request, exc: BackboneUnavailable):
+        return answer(503, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return FastJSON({"detail": f"internal error ({type(exc).__name__}); the explorer's log has the details"},
+                        status_code=500)

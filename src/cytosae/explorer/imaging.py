@@ -1,10 +1,11 @@
-"""Decoding, validating and resizing images the way the model saw them, so 16x16 overlays line up."""
+"""Decoding and validating uploads; showing images the way the model saw them (the package's Preprocess), so
+16x16 overlays line up."""
 from __future__ import annotations
 
 import io
 import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 25_000_000
@@ -38,33 +39,29 @@ def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: in
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as exc:
         raise InvalidImage(f"the uploaded file is not a readable image ({type(exc).__name__}: {exc})") from None
-    return ImageOps.exif_transpose(img).convert("RGB")
+    from cytosae.data.images import _to_rgb
+
+    return _to_rgb(img).copy()  # the same colour conversion as images read for the store (16-bit, alpha on white)
 
 
 def open_image(path) -> Image.Image:
-    try:
-        from cytosae.data import open_rgb
-    except ImportError:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+    from cytosae.data import open_rgb
     return open_rgb(path)
 
 
+def preprocess_of(settings: dict | None):
+    """The store's Preprocess (cytosae.data) from its recorded settings; the package default when none."""
+    from cytosae.data import Preprocess
+
+    s = settings or {}
+    if {"size", "resize", "mean", "std"} <= set(s):
+        return Preprocess.from_dict(s)
+    return Preprocess(**{k: s[k] for k in ("size", "resize") if k in s})
+
+
 def model_view(img: Image.Image, preprocessing: dict | None = None) -> Image.Image:
-    """The size x size RGB image the backbone saw (before normalisation)."""
-    pre = preprocessing or {}
-    size = int(pre.get("size", 224))
-    mode = pre.get("resize", "squash")
-    if mode == "pad":
-        side = max(img.size)
-        canvas = Image.new("RGB", (side, side), (255, 255, 255))
-        canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-        img = canvas
-    elif mode == "crop":
-        side = min(img.size)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-    return img.resize((size, size), Image.BICUBIC)
+    """The size x size RGB image the backbone saw, before normalisation: the package's own resize."""
+    return preprocess_of(preprocessing).resize_image(img.convert("RGB"))
 
 
 def png_bytes(img: Image.Image) -> bytes:

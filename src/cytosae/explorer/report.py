@@ -82,7 +82,8 @@ def _choose_latents(overview: dict, annotated: list[int], n: int) -> list[int]:
 def build_report(run_dir, out, n_latents: int = 200, n_images: int = 12, k: int = 12, data_roots=None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    client = TestClient(create_app(run_dir, data_roots=data_roots, static=False))
+    client = TestClient(create_app(run_dir, data_roots=data_roots, static=False),
+                        base_url="http://127.0.0.1")  # a loopback Host
     site = _Site(out, client)
 
     run = site.json("run")

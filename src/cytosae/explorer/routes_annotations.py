@@ -1,20 +1,25 @@
 """Latent annotations: read, create/replace, delete."""
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import HTTPException
 from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
-from .annotations import STATUSES, InvalidAnnotation
+from .annotations import MAX_AUTHOR, MAX_NAME, MAX_NOTE, MAX_TAG, MAX_TAGS, STATUSES, InvalidAnnotation, Status
 from .state import MAX_LATENT_QUERY, Explorer
 
 
+NO_NUL = r"^[^\x00]*$"  # NUL cannot be stored in SQLite TEXT faithfully
+
+
 class AnnotationIn(BaseModel):
-    name: str = Field("", max_length=200)
-    tags: list[str] = Field(default_factory=list, max_length=32)
-    note: str = Field("", max_length=10_000)
-    status: str = Field("unreviewed", description=f"one of {', '.join(STATUSES)}")
-    author: str = Field("", max_length=100)
+    name: str = Field("", max_length=MAX_NAME, pattern=NO_NUL)
+    tags: list[Annotated[str, Field(max_length=MAX_TAG, pattern=NO_NUL)]] = Field(default_factory=list, max_length=MAX_TAGS)
+    note: str = Field("", max_length=MAX_NOTE, pattern=NO_NUL)
+    status: Status = "unreviewed"
+    author: str = Field("", max_length=MAX_AUTHOR, pattern=NO_NUL)
 
 
 def register(app, ex: Explorer) -> None:
@@ -31,7 +36,8 @@ def register(app, ex: Explorer) -> None:
             raise HTTPException(404, f"latent {latent} has no annotation yet")
         return a.to_dict()
 
-    @app.put("/api/annotations/{latent}", summary="Create or replace the annotation of one latent")
+    @app.put("/api/annotations/{latent}", summary="Create or replace the annotation of one latent",
+             responses={413: {"description": "the body is larger than the limit"}})
     def put_annotation(body: AnnotationIn, latent: int = PathParam(..., ge=0, le=MAX_LATENT_QUERY)):
         ex.latent(latent)
         try:

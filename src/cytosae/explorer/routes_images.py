@@ -71,27 +71,34 @@ def register(app, ex: Explorer) -> None:
         try:
             img = open_image(path)
         except Exception as exc:
-            raise HTTPException(422, f"image {image_id!r} could not be decoded: {getattr(exc, 'reason', exc)}") from None
+            raise HTTPException(503, f"image {image_id!r} could not be decoded: {getattr(exc, 'reason', exc)}") from None
         return Response(png_bytes(model_view(img, ex.run.preprocessing(dataset))), media_type="image/png",
                         headers={"Cache-Control": "max-age=3600"})
 
     # ------------------------------------------------------------------ uploads
-    @app.post("/api/uploads", summary="Upload a cell image (PNG/JPEG/TIFF/BMP/WebP); encode it with the run's "
-                                      "backbone + SAE", status_code=201)
-    async def upload(file: UploadFile = File(...), k: int = Query(20, ge=1, le=MAX_K)):
-        data = await file.read(ex.max_upload_bytes + 1)
-        if len(data) > ex.max_upload_bytes:
-            raise HTTPException(413, f"upload is larger than the limit of {ex.max_upload_bytes} bytes")
+    def _process_upload(data: bytes, upload_id: str):
         try:
             img = decode_upload(data, max_bytes=ex.max_upload_bytes)
         except InvalidImage as exc:
             raise HTTPException(415 if "not a readable image" in str(exc) or "format" in str(exc) else 400,
                                 str(exc)) from None
-        view = model_view(img, ex.run.preprocessing())
+        acts = ex.encoder.for_upload(upload_id, img)
+        return img, png_bytes(model_view(img, ex.run.preprocessing())), acts
+
+    @app.post("/api/uploads", summary="Upload a cell image (PNG/JPEG/TIFF/BMP/WebP); encode it with the run's "
+                                      "backbone + SAE", status_code=201,
+              responses={413: {"description": "the file is larger than the upload limit"},
+                         415: {"description": "not a readable image of an accepted format"}})
+    async def upload(file: UploadFile = File(...), k: int = Query(20, ge=1, le=MAX_K)):
+        data = await file.read(ex.max_upload_bytes + 1)
+        if len(data) > ex.max_upload_bytes:
+            raise HTTPException(413, f"upload is larger than the limit of {ex.max_upload_bytes} bytes")
         upload_id = secrets.token_hex(8)
-        acts = await run_in_threadpool(ex.encoder.for_upload, upload_id, img)
+        # decoding a 25-megapixel image, the backbone and the PNG take seconds of CPU: off the event loop, so other
+        # requests are answered meanwhile
+        img, png, acts = await run_in_threadpool(_process_upload, data, upload_id)
         with ex._lock:
-            ex.uploads[upload_id] = {"png": png_bytes(view), "acts": acts, "name": (file.filename or "")[:200],
+            ex.uploads[upload_id] = {"png": png, "acts": acts, "name": (file.filename or "")[:200],
                                      "size": list(img.size)}
             while len(ex.uploads) > 32:
                 ex.uploads.popitem(last=False)

@@ -1,11 +1,13 @@
 """Run summary, overview table, search, latent page and its heatmaps."""
 from __future__ import annotations
 
-from fastapi import HTTPException, Query
+from pathlib import Path
+
+from fastapi import Query
 from fastapi import Path as PathParam
 
-from .annotations import STATUSES
-from .rundir import MissingData
+from .annotations import STATUSES, Status
+from .rundir import DamagedData, MissingData
 from .state import MAX_K, MAX_LATENT_QUERY, Explorer, FastJSON, nan_none, search_latents
 from .tables import records, to_json
 
@@ -31,11 +33,15 @@ def register(app, ex: Explorer) -> None:
             sae = run.sae_config
         except MissingData:
             sae = None
-        return to_json({
+        backbone = run.backbone_spec()
+        if backbone.get("weights"):  # a server path: only its name (relative to the run when inside it) is shown
+            w = Path(backbone["weights"])
+            backbone["weights"] = run.rel(w if w.is_absolute() else run.path / w)
+        return ex.redact_deep(to_json({
             "run": str(run.path.name), "created": run.meta.get("created"),
             "cytosae_version": run.meta.get("cytosae_version"),
             "datasets": datasets, "n_latents": run.n_latents, "sae": sae,
-            "preprocessing": run.preprocessing(), "backbone": run.backbone_spec(),
+            "preprocessing": run.preprocessing(), "backbone": backbone,
             "stats_summary": run.summary("stats"), "patients_summary": run.summary("patients"),
             # file checks, not loads: the first page should not wait for every table to be read
             "has": {"stats": lat is not None, "top_images": (run.path / "stats/top_images.parquet").is_file(),
@@ -43,18 +49,19 @@ def register(app, ex: Explorer) -> None:
                     "compare": (run.path / "patients/compare.parquet").is_file(),
                     "classify": (run.path / "classify/results.json").is_file()},
             "statuses": list(STATUSES),
-        })
+            "neighbours_precomputed": ex.neighbours.precomputed,
+        }))
 
     # ------------------------------------------------------------------ overview
     @app.get("/api/latents", summary="All latents of one dataset as columns (overview scatter), optionally filtered")
     def latents(dataset: str | None = None, cls: str | None = Query(None, description="top_label equals this class"),
                 entropy_min: float | None = None, entropy_max: float | None = None,
                 freq_min: float | None = Query(None, ge=0, le=1), freq_max: float | None = Query(None, ge=0, le=1),
-                annotated: bool | None = None, status: str | None = None, q: str | None = Query(None, max_length=200)):
+                annotated: bool | None = None, status: Status | None = None, q: str | None = Query(None, max_length=200)):
         dataset = ex.dataset(dataset)
         lat = ex.run.latents
         if lat is None:
-            raise MissingData(f"{ex.run.path}/stats/latents.parquet is missing: run `cytosae stats {ex.run.path}`")
+            raise ex.run.missing("stats/latents.parquet")
         df = lat[lat["dataset"] == dataset]
         ann = ex.annotation_names()
         if cls is not None:
@@ -71,8 +78,6 @@ def register(app, ex: Explorer) -> None:
             has = df["latent"].isin(list(ann))
             df = df[has if annotated else ~has]
         if status is not None:
-            if status not in STATUSES:
-                raise HTTPException(400, f"status must be one of {', '.join(STATUSES)}")
             st = df["latent"].map(lambda j: ann.get(j, {}).get("status", "unreviewed"))
             df = df[st == status]
         if q:
@@ -101,53 +106,54 @@ def register(app, ex: Explorer) -> None:
         out: dict = {"latent": latent, "n_latents": run.n_latents}
         a = ex.annotations.get(latent)
         out["annotation"] = a.to_dict() if a else None
+        # every table is sliced by binary search and turned into rows without pandas: this page is the one people
+        # click through fastest (bench/explorer.py --concurrency)
         li = run.latents_indexed()
-        out["stats"] = records(li.rows(latent)) if li is not None else []
+        out["stats"] = li.records(latent) if li is not None else []
 
         top = run.table("stats/top_images")
         out["top_images"] = {}
         if top is not None:
-            rows = top.rows(latent)
-            for (ds, by), g in rows.groupby(["dataset", "by"], sort=False):
-                out["top_images"].setdefault(str(ds), {})[str(by)] = records(
-                    g.head(k)[[c for c in ("rank", "image_id", "value", "patch", "label") if c in g]])
+            for r in top.records(latent, ["dataset", "by", "rank", "image_id", "value", "patch", "label"]):
+                group = out["top_images"].setdefault(str(r.pop("dataset")), {}).setdefault(str(r.pop("by")), [])
+                if len(group) < k:
+                    group.append(r)
         cp = run.table("stats/class_profile")
         out["class_profile"] = {}
         if cp is not None:
-            for ds, g in cp.rows(latent).groupby("dataset", sort=False):
-                out["class_profile"][str(ds)] = records(g[[c for c in ("class", "mean_act", "freq") if c in g]])
+            for r in cp.records(latent, ["dataset", "class", "mean_act", "freq"]):
+                out["class_profile"].setdefault(str(r.pop("dataset")), []).append(r)
         hist = run.table("stats/histograms")
         out["histogram"] = {}
         if hist is not None:
-            for r in records(hist.rows(latent)):
+            for r in hist.records(latent, ["dataset", "bin_edges", "counts"]):
                 out["histogram"][str(r["dataset"])] = {"bin_edges": r["bin_edges"], "counts": r["counts"]}
 
         bc = run.table("patients/barcodes")
         out["patients"] = []
         if bc is not None:
-            g = bc.rows(latent)
-            if len(g):
-                mean = float(g["frac"].mean())
-                g = g.sort_values("frac", ascending=False, kind="stable").head(20)
-                pts = records(g[[c for c in ("patient_id", "diagnosis", "frac", "count", "n_cells") if c in g]])
+            pts = bc.records(latent, ["patient_id", "diagnosis", "frac", "count", "n_cells"])
+            fracs = [p["frac"] for p in pts if p["frac"] is not None]
+            if pts:
+                mean = sum(fracs) / len(fracs) if fracs else float("nan")
+                pts.sort(key=lambda p: -(p["frac"] if p["frac"] is not None else -1.0))  # stable, like pandas'
+                pts = pts[:20]
                 for p in pts:
                     p["enrichment"] = (p["frac"] / mean) if mean > 0 and p["frac"] is not None else None
                 out["patients"] = pts
-                out["patients_mean_frac"] = mean
+                out["patients_mean_frac"] = to_json(mean)
         cmp_ = run.table("patients/compare")
-        out["compare"] = records(cmp_.rows(latent)) if cmp_ is not None else []
+        out["compare"] = cmp_.records(latent) if cmp_ is not None else []
 
         out["neighbours"] = []
         try:
             nb = ex.neighbours.get()
-        except (FileNotFoundError, KeyError, ValueError) as exc:
+        except (MissingData, DamagedData) as exc:  # the rest of the page stands without the decoder
             out["neighbours_error"] = str(exc)
         else:
-            names = {}
             for j, s in nb.query(latent, n_neighbours):
-                names.setdefault(j, ex.annotations.get(j))
-                out["neighbours"].append({"latent": j, "cosine": s,
-                                          "name": names[j].name if names[j] else ""})
+                a_j = ex.annotations.get(j)
+                out["neighbours"].append({"latent": j, "cosine": s, "name": a_j.name if a_j else ""})
         out["measured"] = {
             "top_images": "images with the highest activation of this latent: by=image = mean over the patch tokens, "
                           "by=patch on the best patch token",
@@ -156,7 +162,7 @@ def register(app, ex: Explorer) -> None:
             "patients": "patients with the largest fraction of cells where the latent fires (barcodes)",
             "neighbours": "latents whose decoder direction has the highest cosine similarity",
         }
-        return out
+        return FastJSON(out)  # already JSON-ready: skip FastAPI's per-value encoder
 
     @app.get("/api/latents/{latent}/heatmaps", summary="Per-patch activation of a latent on its top images")
     def latent_heatmaps(latent: int = PathParam(..., ge=0, le=MAX_LATENT_QUERY), dataset: str | None = None,
@@ -165,7 +171,7 @@ def register(app, ex: Explorer) -> None:
         dataset = ex.dataset(dataset)
         top = ex.run.table("stats/top_images")
         if top is None:
-            raise MissingData(f"{ex.run.path}/stats/top_images.parquet is missing: run `cytosae stats`")
+            raise ex.run.missing("stats/top_images.parquet")
         rows = top.rows(latent)
         rows = rows[(rows["dataset"] == dataset) & (rows["by"] == by)].head(k)
         items = []

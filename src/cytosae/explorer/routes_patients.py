@@ -5,7 +5,6 @@ import numpy as np
 import pandas as pd
 from fastapi import HTTPException, Query
 
-from .rundir import MissingData
 from .state import Explorer, FastJSON, nan_none
 from .tables import records, to_json
 
@@ -14,10 +13,11 @@ def register(app, ex: Explorer) -> None:
     # ------------------------------------------------------------------ patients
     @app.get("/api/patients/barcodes", summary="Patient barcodes: fraction of each patient's cells where a latent fires")
     def barcodes(top: int = Query(48, ge=1, le=512),
-                 latents: str | None = Query(None, max_length=4000, description="comma-separated latent ids")):
+                 latents: str | None = Query(None, max_length=4000, pattern=r"^ *[0-9]{1,10} *(, *[0-9]{1,10} *)*,? *$",
+                                             description="comma-separated latent ids")):
         idx = ex.run.table("patients/barcodes")
         if idx is None:
-            raise MissingData(f"{ex.run.path}/patients/barcodes.parquet is missing: run `cytosae patients`")
+            raise ex.run.missing("patients/barcodes.parquet")
         raw = idx.df  # one copy in memory, sorted by latent
         if latents:
             try:
@@ -43,7 +43,7 @@ def register(app, ex: Explorer) -> None:
     def compare(group_a: str | None = None, group_b: str | None = None):
         raw = ex.run.raw_table("patients/compare")
         if raw is None:
-            raise MissingData(f"{ex.run.path}/patients/compare.parquet is missing: run `cytosae compare`")
+            raise ex.run.missing("patients/compare.parquet")
         pairs = sorted({(str(a), str(b)) for a, b in zip(raw["group_a"], raw["group_b"])})
         if group_a is None and group_b is None and pairs:
             group_a, group_b = pairs[0]
@@ -60,8 +60,8 @@ def register(app, ex: Explorer) -> None:
     def classify():
         res = ex.run.classify_results
         if res is None:
-            raise MissingData(f"{ex.run.path}/classify/results.json is missing: run `cytosae classify`")
-        return to_json(res)
+            raise ex.run.missing("classify/results.json")
+        return ex.redact_deep(to_json(res))
 
 
 def _latents_by_variance(ex: Explorer, raw: pd.DataFrame) -> list[int]:

@@ -21,6 +21,10 @@ class MissingData(LookupError):
     """A table or file the request needs is not in the run; the message says which command writes it."""
 
 
+class DamagedData(RuntimeError):
+    """A run file exists but cannot be read; the message names it (relative to the run) and the command that rebuilds it."""
+
+
 class RunDir:
     def __init__(self, path: str | Path, data_roots: list | None = None) -> None:
         from cytosae.run import Run
@@ -49,10 +53,13 @@ class RunDir:
         """Where the image is now (data roots given on the command line first), or None."""
         return self.run.image_path(dataset, image_id, recorded, self._extra_roots)
 
+    def data_roots(self, dataset: str) -> list[Path]:
+        return self.run.data_roots(dataset, self._extra_roots)
+
     @cached_property
     def roots(self) -> list[Path]:
         """Folders images may be read from: the run and every dataset's data roots."""
-        return [self.path] + [r for n in self.datasets for r in self.run.data_roots(n, self._extra_roots)]
+        return [self.path] + [r for n in self.datasets for r in self.data_roots(n)]
 
     def check_dataset(self, dataset: str) -> None:
         if dataset not in self.datasets:
@@ -66,15 +73,75 @@ class RunDir:
                 self._cache[key] = load()
             return self._cache[key]
 
+    # ------------------------------------------------------------------ damaged or missing files
+    def rel(self, path: Path) -> str:
+        """`path` relative to the run (what responses may show: never an absolute server path)."""
+        try:
+            return Path(path).resolve().relative_to(self.path).as_posix()
+        except ValueError:
+            return Path(path).name
+
+    def rebuild_command(self, rel: str) -> str:
+        """The command that writes the run file `rel` (RUN = this run directory)."""
+        stores = " ".join(f"RUN/{self.rel(self.store_dir(d))}" for d in self.datasets) or "RUN/stores/DATASET"
+        first = f"RUN/{self.rel(self.store_dir(next(iter(self.datasets))))}" if self.datasets else "RUN/stores/DATASET"
+        sae = f"RUN/{self.rel(self.sae_dir)}"
+        if rel.startswith("stats/"):
+            return f"cytosae stats {sae} {stores} --out RUN/stats"
+        if rel.startswith("patients/"):
+            return f"cytosae patients {sae} {first} --out RUN/patients"
+        if rel.startswith("classify/"):
+            return "cytosae classify RUN/patients --out RUN/classify"
+        if rel.startswith(self.rel(self.sae_dir) + "/"):
+            return f"cytosae train {first} --out {sae}"
+        for d in self.datasets:
+            if rel.startswith(self.rel(self.store_dir(d))):
+                return f"cytosae extract DATA --out RUN/{self.rel(self.store_dir(d))}"
+        return "the cytosae command that wrote it"
+
+    def damaged(self, path: Path, exc: BaseException) -> DamagedData:
+        rel = self.rel(path)
+        return DamagedData(f"{rel} could not be read ({type(exc).__name__}): the file is damaged or from another "
+                           f"version; rebuild it with `{self.rebuild_command(rel)}` (RUN = this run directory)")
+
+    def missing(self, rel: str) -> MissingData:
+        return MissingData(f"{rel} is missing: write it with `{self.rebuild_command(rel)}` (RUN = this run directory)")
+
+    def read(self, path: Path, reader):
+        """reader(path), or None when the file is absent; DamagedData naming the file when it cannot be read."""
+        if not path.is_file():
+            return None
+        try:
+            return reader(path)
+        except Exception as exc:  # parquet, JSON, safetensors each raise their own types for a damaged file
+            raise self.damaged(path, exc) from None
+
+    def open_sae(self, opener):
+        """opener(sae_dir) with its failures named: missing -> MissingData, unreadable -> DamagedData (which file)."""
+        d = self.sae_dir
+        for name in ("config.json", "sae.safetensors"):
+            if not (d / name).is_file():
+                raise self.missing(f"{self.rel(d)}/{name}")
+        try:
+            return opener(d)
+        except Exception as exc:  # JSON, config fields, safetensors header or tensor shapes
+            culprit = d / ("config.json" if "config.json" in str(exc) or isinstance(exc, json.JSONDecodeError)
+                           else "sae.safetensors")
+            raise self.damaged(culprit, exc) from None
+
     def _json(self, rel: str):
-        p = self.path / rel
-        return json.loads(p.read_text()) if p.is_file() else None
+        return self.read(self.path / rel, lambda p: json.loads(p.read_text()))
 
     @property
     def sae_config(self) -> dict:
-        cfg = self.cached("sae_config", lambda: self._json(f"{self.sae_dir.name}/config.json"))
+        def load():
+            cfg = self._json(f"{self.rel(self.sae_dir)}/config.json")
+            if cfg is not None and not (isinstance(cfg, dict) and isinstance(cfg.get("n_latents"), int)):
+                raise self.damaged(self.sae_dir / "config.json", ValueError("no integer n_latents"))
+            return cfg
+        cfg = self.cached("sae_config", load)
         if cfg is None:
-            raise MissingData(f"{self.sae_dir}/config.json is missing: train an SAE with `cytosae train`")
+            raise self.missing(f"{self.rel(self.sae_dir)}/config.json")
         return cfg
 
     @property
@@ -87,8 +154,8 @@ class RunDir:
     @property
     def latents(self) -> pd.DataFrame | None:
         def load():
-            p = self.path / "stats" / "latents.parquet"
-            return pd.read_parquet(p).sort_values(["dataset", "latent"]).reset_index(drop=True) if p.is_file() else None
+            return self.read(self.path / "stats" / "latents.parquet",
+                             lambda p: pd.read_parquet(p).sort_values(["dataset", "latent"]).reset_index(drop=True))
         return self.cached("latents", load)
 
     def latents_indexed(self) -> LatentIndexed | None:
@@ -99,13 +166,11 @@ class RunDir:
         order = {"stats/top_images": ["dataset", "by", "rank"], "stats/class_profile": ["dataset", "class"],
                  "stats/histograms": ["dataset"], "patients/barcodes": ["patient_id"],
                  "patients/compare": ["group_a", "group_b"]}[name]
-        return self.cached(name, lambda: LatentIndexed.read(self.path / f"{name}.parquet", order))
+        return self.cached(name, lambda: self.read(self.path / f"{name}.parquet",
+                                                   lambda p: LatentIndexed(pd.read_parquet(p), order)))
 
     def raw_table(self, name: str) -> pd.DataFrame | None:
-        def load():
-            p = self.path / f"{name}.parquet"
-            return pd.read_parquet(p) if p.is_file() else None
-        return self.cached("raw:" + name, load)
+        return self.cached("raw:" + name, lambda: self.read(self.path / f"{name}.parquet", pd.read_parquet))
 
     def summary(self, part: str) -> dict | None:
         return self.cached("summary:" + part, lambda: self._json(f"{part}/summary.json"))
@@ -120,10 +185,13 @@ class RunDir:
         def load():
             p = self.store_dir(dataset) / "images.parquet"
             if not p.is_file():
-                raise MissingData(f"{p} is missing: extract the dataset with `cytosae extract`")
-            df = pd.read_parquet(p)
-            df["image_id"] = df["image_id"].astype(str)
-            return df.set_index("image_id", drop=False)
+                raise self.missing(self.rel(p))
+
+            def index(path):
+                df = pd.read_parquet(path)
+                df["image_id"] = df["image_id"].astype(str)
+                return df.set_index("image_id", drop=False)
+            return self.read(p, index)
         self.check_dataset(dataset)
         return self.cached("images:" + dataset, load)
 
@@ -137,29 +205,38 @@ class RunDir:
     def store(self, dataset: str):
         def load():
             from cytosae.store import ActivationStore
-            return ActivationStore(self.store_dir(dataset))
+            try:
+                return ActivationStore(self.store_dir(dataset))
+            except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
+                rel = self.rel(self.store_dir(dataset))
+                raise DamagedData(f"store {rel} cannot be read ({type(exc).__name__}: {exc}); rebuild it with "
+                                  f"`{self.rebuild_command(rel)}` (RUN = this run directory)") from None
         self.check_dataset(dataset)
         return self.cached("store:" + dataset, load)
 
+    def store_meta(self, dataset: str) -> dict | None:
+        """The store's manifest as the package reads it (ActivationStore.meta); None when there is no readable store."""
+        try:
+            return self.store(dataset).meta
+        except (DamagedData, KeyError):
+            return None
+
     def preprocessing(self, dataset: str | None = None) -> dict:
         """How images were squashed/padded/cropped to the model's input, so overlays line up with patches."""
-        names = [dataset] if dataset else list(self.datasets)
-        for name in names:
-            p = self.store_dir(name) / "manifest.json"
-            if p.is_file():
-                settings = json.loads(p.read_text()).get("settings", {})
-                if settings.get("preprocessing"):
-                    return settings["preprocessing"]
-        return {"size": 224, "resize": "squash"}
+        for name in ([dataset] if dataset else list(self.datasets)):
+            pre = ((self.store_meta(name) or {}).get("settings") or {}).get("preprocessing")
+            if pre:
+                return pre
+        from cytosae.data import Preprocess
+        return Preprocess().to_dict()
 
     def backbone_spec(self) -> dict:
         """Backbone name, weights and layer for encoding uploads: run.json first, else the first store's settings."""
         spec = dict(self.meta.get("backbone") or {}) if isinstance(self.meta.get("backbone"), dict) else (
             {"name": self.meta["backbone"]} if self.meta.get("backbone") else {})
         for name in self.datasets:
-            p = self.store_dir(name) / "manifest.json"
-            if p.is_file():
-                meta = json.loads(p.read_text())
+            meta = self.store_meta(name)
+            if meta is not None:
                 s = meta.get("settings", {})
                 spec.setdefault("name", s.get("backbone"))
                 spec.setdefault("layer", s.get("layer"))

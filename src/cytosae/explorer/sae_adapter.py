@@ -1,21 +1,19 @@
 """The SAE as the explorer needs it: encode tokens, and the decoder rows for neighbours.
 
-Uses `cytosae.SAE` (src/cytosae/sae) when it is importable. Until then, and for SAE
-folders written by other tools, a minimal reader of the same files
-(sae.safetensors: W_enc, b_enc, W_dec, b_dec; config.json: arch, d_in, n_latents, k)
-computes the standard ReLU / TopK encoder.
+Encoding goes through the package's one SAE (`cytosae.sae.SAE.load`): input_scale, learned
+thresholds and every architecture behave exactly as in training and analysis. SAEs from other
+tools are converted first (`cytosae import-cytosae`). The decoder rows are read straight from the
+file for neighbours, which needs no model.
 """
 from __future__ import annotations
 
 import json
-import logging
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-
-log = logging.getLogger(__name__)
 
 
 def _decoder_rows(w: np.ndarray, n_latents: int) -> np.ndarray:
@@ -42,60 +40,24 @@ def read_decoder(sae_dir: Path) -> np.ndarray:
     return np.ascontiguousarray(_decoder_rows(w.astype(np.float32, copy=False), int(cfg["n_latents"])))
 
 
-class _MinimalSAE:
-    """ReLU or TopK encoder from the raw tensors, for when cytosae.SAE is not available."""
-
-    def __init__(self, sae_dir: Path) -> None:
-        self.cfg = json.loads((sae_dir / "config.json").read_text())
-        with safe_open(sae_dir / "sae.safetensors", framework="pt") as fh:
-            t = {k: fh.get_tensor(k).float() for k in fh.keys()}
-        n, d = int(self.cfg["n_latents"]), int(self.cfg["d_in"])
-        w_enc = t["W_enc"]
-        self.w_enc = w_enc if w_enc.shape == (d, n) else w_enc.T
-        self.b_enc = t.get("b_enc", torch.zeros(n))
-        self.b_dec = t.get("b_dec", torch.zeros(d))
-        self.arch = str(self.cfg.get("arch", "relu")).lower()
-        self.k = int(self.cfg.get("k") or self.cfg.get("arch_options", {}).get("k", 0) or 0)
-
-    @property
-    def independent_latents(self) -> bool:
-        """True when a latent's activation depends only on its own pre-activation (not TopK)."""
-        return not self.arch.startswith("topk")
-
-    @torch.no_grad()
-    def encode_latent(self, x: torch.Tensor, latent: int) -> torch.Tensor:
-        """(N,) activations of one latent: one column of the encoder instead of all 49k."""
-        if not self.independent_latents:
-            return self.encode(x)[:, latent]
-        return torch.relu((x - self.b_dec) @ self.w_enc[:, latent] + self.b_enc[latent])
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.relu((x - self.b_dec) @ self.w_enc + self.b_enc)
-        if self.arch.startswith("topk") and 0 < self.k < z.shape[1]:
-            vals, idx = z.topk(self.k, dim=1)
-            z = torch.zeros_like(z).scatter_(1, idx, vals)
-        return z
+def resolve_device(device: str | None) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda[:N]' must exist. Raises ValueError with a one-line reason."""
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda" or re.fullmatch(r"cuda:\d+", device):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
+        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
-def load_sae(sae_dir: Path):
-    """An object with `.encode(x (N, d_in)) -> (N, n_latents)`."""
-    if not (sae_dir / "sae.safetensors").is_file() or not (sae_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{sae_dir} has no sae.safetensors + config.json: train an SAE with `cytosae train`")
-    try:
-        from cytosae.sae import SAE  # the package's own implementation, once present
-    except ImportError:
-        return _MinimalSAE(sae_dir)
-    try:
-        sae = SAE.load(sae_dir)
-    except Exception as exc:
-        # files from another tool (raw W_enc/b_enc/W_dec/b_dec) that cytosae.SAE does not read
-        with safe_open(sae_dir / "sae.safetensors", framework="np") as fh:
-            raw = {"W_enc", "W_dec"} <= set(fh.keys())
-        if not raw:
-            raise ValueError(f"{sae_dir} could not be loaded as an SAE: {exc}") from exc
-        log.warning("cytosae.SAE could not load %s (%s); using the raw ReLU/TopK tensors", sae_dir, exc)
-        return _MinimalSAE(sae_dir)
-    if hasattr(sae, "eval"):
-        sae.eval()
-    return sae
+def load_sae(sae_dir: Path, device: str = "cpu"):
+    """The run's SAE through the package's own class (cytosae.sae.SAE), in eval mode on `device`."""
+    from cytosae.sae import SAE
+
+    return SAE.load(sae_dir, device=device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -16,12 +18,15 @@ from .activations import Encoder, ImageActivations
 from .annotations import AnnotationStore
 from .imaging import MAX_UPLOAD_BYTES
 from .neighbours import LazyNeighbours
-from .rundir import RunDir
+from .rundir import DamagedData, MissingData, RunDir
+from .sae_adapter import resolve_device
 from .safety import resolve_inside
 
 log = logging.getLogger(__name__)
 
 MAX_K = 200
+LATENT_ID = re.compile(r"[0-9]{1,12}")
+ABS_PATH = re.compile(r"(?<![\w.:/\]])/[^\s'\"`,;()<>]+")
 MAX_LATENT_QUERY = 2**31  # anything larger is answered 422, without int overflow in numpy
 
 
@@ -40,11 +45,11 @@ def nan_none(values) -> list:
 class Explorer:
     """State shared by the routes: the run, the encoder cache, neighbours, annotations, uploads."""
 
-    def __init__(self, run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
+    def __init__(self, run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTES, device: str = "cpu") -> None:
         self.run = RunDir(run_dir, data_roots)
         self.annotations = AnnotationStore(self.run.path / "annotations.sqlite")
-        self.encoder = Encoder(self.run)
-        self.neighbours = LazyNeighbours(self.run.sae_dir)
+        self.encoder = Encoder(self.run, device=resolve_device(device))
+        self.neighbours = LazyNeighbours(self.run)
         self.max_upload_bytes = max_upload_bytes
         self.uploads: OrderedDict[str, dict] = OrderedDict()
         self._lock = threading.Lock()
@@ -58,7 +63,7 @@ class Explorer:
                 for name in ("stats/top_images", "stats/class_profile", "stats/histograms",
                              "patients/barcodes", "patients/compare"):
                     run.table(name)
-                self.neighbours.get()
+                self.neighbours.precompute()
             except Exception as exc:  # a missing or broken table is reported when a page asks for it
                 log.info("preload stopped: %s", exc)
         t = threading.Thread(target=work, name="cytosae-preload", daemon=True)
@@ -89,6 +94,10 @@ class Explorer:
             raise HTTPException(404, str(exc.args[0])) from None
         try:
             return self.encoder.for_store_image(dataset, image_id)
+        except (MissingData, DamagedData):
+            raise
+        except KeyError as exc:
+            raise HTTPException(404, f"the store lacks an image its tables name: {exc.args[0]}") from None
         except (FileNotFoundError, ValueError) as exc:  # missing/incomplete store or SAE, width mismatch
             raise HTTPException(503, f"activations of {image_id!r} unavailable: {exc}") from None
 
@@ -99,6 +108,8 @@ class Explorer:
             raise HTTPException(404, str(exc.args[0])) from None
         try:
             return self.encoder.latent_map(dataset, image_id, latent)
+        except (MissingData, DamagedData):
+            raise
         except KeyError as exc:
             raise HTTPException(404, f"the store lacks an image its tables name: {exc.args[0]}") from None
         except (FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -110,6 +121,30 @@ class Explorer:
         if up is None:
             raise HTTPException(404, f"upload {upload_id!r} is unknown or expired; upload the image again")
         return up
+
+    def redact(self, text: str) -> str:
+        """`text` without absolute server paths: the run becomes RUN, data folders DATA[name], anything else its name."""
+        if not hasattr(self, "_redactions"):
+            pairs = []
+            for root, label in [(self.run.path, "RUN")] + [(r, f"DATA[{d}]") for d in self.run.datasets
+                                                           for r in self.run.data_roots(d)]:
+                if root is not None:
+                    pairs += [(str(root), label), (os.path.realpath(root), label)]
+            self._redactions = sorted(set(pairs), key=lambda p: -len(p[0]))
+        for prefix, label in self._redactions:
+            text = text.replace(prefix, label)
+        return ABS_PATH.sub(lambda m: m.group(0) if m.group(0).startswith(("/api/", "/static/"))
+                            else ".../" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+    def redact_deep(self, obj):
+        """redact() applied to every string of a JSON-like value."""
+        if isinstance(obj, str):
+            return self.redact(obj)
+        if isinstance(obj, dict):
+            return {k: self.redact_deep(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self.redact_deep(v) for v in obj]
+        return obj
 
     def annotation_names(self) -> dict[int, dict]:
         return {a.latent: a.to_dict() for a in self.annotations.all()}
@@ -127,8 +162,9 @@ def search_latents(ex: Explorer, q: str, limit: int) -> list[dict]:
     q = q.strip()
     out: list[dict] = []
     seen: set[int] = set()
-    if q.lstrip("#").isdigit():
-        j = int(q.lstrip("#"))
+    digits = q.lstrip("#")
+    if LATENT_ID.fullmatch(digits):  # ASCII only: str.isdigit() accepts '²' and '①', which int() rejects
+        j = int(digits)
         if j < ex.run.n_latents:
             a = ex.annotations.get(j)
             out.append({"latent": j, "name": a.name if a else "", "match": "id"})

@@ -152,11 +152,12 @@ async function viewOverview(params) {
   const count = h("p", { id: "count", class: "muted" });
   const W = Math.min(1100, window.innerWidth - 60), H = 520;
   const canvas = h("canvas", { id: "scatter", class: "plot", width: W, height: H });
-  const nImg = ((run.stats_summary || {}).n_images || {})[ds];
+  const nImg = (((run.stats_summary || {}).datasets || []).find(d => d.dataset === ds) || {}).n_images;  // stats/summary.json as write_stats writes it
   const caption = h("p", { class: "caption" }, `Each dot is one of ${data.n_latents} SAE latents measured on dataset “${ds}”` +
     (typeof nImg === "number" ? ` (${nImg} images)` : "") + ": " +
-    "x = log10 fraction of images where it fires (any token), y = log10 mean activation when firing, colour = entropy " +
-    "of the class labels of those images (dark = class-specific, yellow = mixed). Latents that never fire are not drawn. Click a dot to open it.");
+    "x = log10 fraction of images where it fires (any token), y = log10 mean image activation (mean over patch tokens) " +
+    "over the images where it fires, colour = natural-log entropy (nats) of the class labels of its top-k images " +
+    "(dark = class-specific, yellow = mixed). Latents that never fire are not drawn. Click a dot to open it.");
   $app.replaceChildren(h("h1", {}, "Latents"), controls, count, canvas, caption);
 
   const xs = fx.filter(v => v !== null), ys = fy.filter(v => v !== null);
@@ -200,10 +201,10 @@ async function viewOverview(params) {
       ctx.fillRect(sx(fx[i]) - r, sy(fy[i]) - r, 2 * r, 2 * r);
       if (C.status[i]) { ctx.strokeStyle = "#7b1e3a"; ctx.strokeRect(sx(fx[i]) - r - 1, sy(fy[i]) - r - 1, 2 * r + 2, 2 * r + 2); }
     }
-    // colour legend: label entropy in bits
+    // colour legend: label entropy in nats (stats.py: natural-log entropy)
     const lx = W - 190, ly = 16;
     for (let k = 0; k < 120; k++) { ctx.fillStyle = viridis(k / 119); ctx.fillRect(lx + k, ly, 1, 10); }
-    ctx.fillStyle = "#555"; ctx.fillText("0", lx - 10, ly + 9); ctx.fillText(`${fmt(maxEnt, 1)} bits`, lx + 124, ly + 9);
+    ctx.fillStyle = "#555"; ctx.fillText("0", lx - 10, ly + 9); ctx.fillText(`${fmt(maxEnt, 1)} nats`, lx + 124, ly + 9);
     ctx.fillText("label entropy", lx + 25, ly + 24);
     count.textContent = `${visible.length} of ${n} latents shown`;
   }
@@ -233,7 +234,7 @@ async function viewLatent(j) {
     d.latent < d.n_latents - 1 ? h("a", { href: `#/latent/${d.latent + 1}` }, "next →") : "");
 
   // stats table
-  const statsT = h("table", {}, h("tr", {}, ...["dataset", "freq (images)", "freq (tokens)", "mean act", "max act", "label entropy", "top class"].map(t => h("th", {}, t))),
+  const statsT = h("table", {}, h("tr", {}, ...["dataset", "freq (images)", "freq (tokens)", "mean act (image, when firing)", "max act (any token)", "label entropy (nats, top-k)", "top class"].map(t => h("th", {}, t))),
     ...d.stats.map(s => h("tr", {}, h("td", {}, s.dataset), h("td", { class: "num" }, fmt(s.freq_image)), h("td", { class: "num" }, fmt(s.freq_token)),
       h("td", { class: "num" }, fmt(s.mean_act)), h("td", { class: "num" }, fmt(s.max_act)), h("td", { class: "num" }, fmt(s.label_entropy, 2)),
       h("td", {}, s.top_label || "–", s.noisy ? " (noisy)" : ""))));
@@ -454,8 +455,14 @@ function drawBarcodes(box, r) {
     if (i >= 0 && i < rows && j >= 0 && j < cols) showTip(ev, `${r.patients[i].patient_id} · latent #${r.latents[j]} · ${fmt(r.frac[i][j], 2)}`); else hideTip(); });
   cv.addEventListener("mouseleave", hideTip);
   cv.addEventListener("click", ev => { const b = cv.getBoundingClientRect(); const j = Math.floor((ev.clientX - b.left - L) / cw); if (j >= 0 && j < cols) location.hash = `#/latent/${r.latents[j]}`; });
-  const on = (state.run.patients_summary || {}).dataset;
-  box.append(cv, h("p", { class: "caption" }, `${r.measured}${on ? ` on dataset “${on}”` : ""}; colour: white = 0 → dark red = 1; rows = patients (sorted by diagnosis), columns = the ${cols} latents that vary most between patients. Click a column to open the latent.`));
+  const on = patientsPolicy();
+  box.append(cv, h("p", { class: "caption" }, `${r.measured}${on}; colour: white = 0 → dark red = 1; rows = patients (sorted by diagnosis), columns = the ${cols} latents that vary most between patients. Click a column to open the latent.`));
+}
+// patients/summary.json as write_patients writes it: how a cell counts as firing
+function patientsPolicy() {
+  const s = state.run.patients_summary || {};
+  return (s.token_policy ? ` (a cell fires when its ${s.token_policy} activation` : "") +
+    (s.token_policy ? ` > ${typeof s.threshold === "number" ? s.threshold : 0})` : "");
 }
 function drawVolcano(box, r) {
   const C = r.columns, W = 640, H = 380, P = 44;
@@ -475,9 +482,8 @@ function drawVolcano(box, r) {
   cv.addEventListener("mousemove", ev => { const i = near(ev); if (i < 0) return hideTip(); showTip(ev, `#${C.latent[i]} · effect ${fmt(xs[i])} · q ${fmt(C.q[i])}`); });
   cv.addEventListener("mouseleave", hideTip);
   cv.addEventListener("click", ev => { const i = near(ev); if (i >= 0) { hideTip(); location.hash = `#/latent/${C.latent[i]}`; } });
-  const on = (state.run.patients_summary || {}).dataset;
   box.append(h("p", { class: "muted" }, `${r.group_a} vs ${r.group_b}: ${r.n} latents`), cv,
-    h("p", { class: "caption" }, (typeof r.measured === "string" ? r.measured : JSON.stringify(r.measured)) + (on ? ` (patients of dataset “${on}”)` : "") +
+    h("p", { class: "caption" }, (typeof r.measured === "string" ? r.measured : JSON.stringify(r.measured)) + patientsPolicy() +
       ". x: effect, y: −log10 q; dark red = q < 0.05. Click a dot to open the latent."));
 }
 function drawClassify(box, r) {
