@@ -193,8 +193,10 @@ class Calibration:
     inner validation split): a logistic regression on the log-odds of the positive class (Platt scaling; several
     classes: on the log-probabilities). Binary tasks then pick the decision threshold on the calibrated
     probability that maximises macro-F1 on those same training predictions (ties: the one nearest 0.5); more
-    classes decide by the most probable class. Without enough held-out predictions (a class missing) it is the
-    identity with threshold 0.5."""
+    classes decide by the most probable class. Without enough held-out predictions (a class missing, or fewer
+    than MIN_HELD_OUT patients) it is the identity with threshold 0.5."""
+
+    MIN_HELD_OUT = 10
 
     def __init__(self, classes: list[str], positive: str | None):
         self.classes, self.positive = list(classes), positive
@@ -208,7 +210,7 @@ class Calibration:
         return np.log(p)
 
     def fit(self, y: np.ndarray | None, proba: np.ndarray | None) -> "Calibration":
-        if y is None or proba is None or set(np.asarray(y)) != set(self.classes):
+        if y is None or proba is None or set(np.asarray(y)) != set(self.classes) or len(y) < self.MIN_HELD_OUT:
             return self
         self.model = LogisticRegression(C=1.0, max_iter=1000).fit(self._features(proba), np.asarray(y))
         if self.positive is not None:
