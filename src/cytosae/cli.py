@@ -262,7 +262,9 @@ def stats(
         typer.echo(f"{path.name}: {s['n_images']} images, {s['n_latents']} latents; {s['n_dead_on_dataset']} never fire "
                    f"on it; {s['n_noisy']} noisy (mean image activation > {noisy_threshold})")
     write_stats(results, out)
-    if galleries:
+    if galleries and not all(_draws_images(st) for st in opened):
+        typer.echo("no galleries: a store of imported embeddings has no images or patch grid to draw")
+    elif galleries:
         from cytosae.analysis.heatmaps import CellViewer, write_latent_galleries
 
         for path, st, res in zip(stores, opened, results):
@@ -272,6 +274,11 @@ def stats(
             typer.echo(f"{path.name}: galleries of the {len(written)} latents with the lowest label entropy among those "
                        f"firing on >= {k} images -> {out / 'figures' / 'galleries' / path.name}")
     typer.echo(f"tables and figures -> {out} (definitions in {out / 'summary.json'})")
+
+
+def _draws_images(store) -> bool:
+    """Galleries need the images as the backbone saw them and patch tokens; imported embeddings have neither."""
+    return bool(store.meta.get("settings", {}).get("preprocessing")) and store.grid is not None
 
 
 def _gallery_latents(latents, n: int, k: int, n_images: int) -> list[int]:
@@ -310,7 +317,9 @@ def patients(
         for c in summary["comparisons"]:
             typer.echo(f"{target} {c['group_a']} vs {c['group_b']}: {c['n_q_below_0.05']} of {c['n_latents']} latents "
                        f"with BH q < 0.05 -> {out / c['figure']}")
-        if examples:
+        if examples and not _draws_images(st):
+            typer.echo("no example cells: a store of imported embeddings has no images or patch grid to draw")
+        elif examples:
             from cytosae.analysis.patients import write_disease_examples
 
             drawn = write_disease_examples(sae.encode, st, out, target, per_comparison=examples)
@@ -324,20 +333,36 @@ def classify(
     out: Path = typer.Option(..., "--out", help="Folder for results.json, predictions and ROC figure (usually RUN/classify)."),
     target: str = typer.Option("diagnosis", help="Patient column to predict."),
     store: Optional[Path] = typer.Option(None, help="The activation store of the same cells: enables the baselines "
-                                                    "(mean-pooled embedding, cell-type composition)."),
+                                                    "(mean-pooled embedding, cell-type composition) and MIL."),
     cell_type_column: Optional[str] = typer.Option(None, help="Manifest column of cell types (default: cell_type, else label)."),
     proportion: Optional[str] = typer.Option(None, help="Also a one-feature baseline: the proportion of this cell type "
                                                         "(e.g. Promyelocyte for APL)."),
     external: Optional[Path] = typer.Option(None, help="Barcodes of another cohort (same SAE): train here, test there."),
+    external_store: Optional[Path] = typer.Option(None, help="That cohort's activation store: tests the baselines and "
+                                                             "MIL there too."),
+    sae: Optional[Path] = typer.Option(None, "--sae", help="SAE directory of the barcodes: enables concept MIL."),
+    mil: str = typer.Option("auto", help="Attention MIL inputs: auto (embedding with --store, and concepts with --sae), "
+                                         "none, or a comma list of embedding,concepts."),
+    token_policy: Optional[str] = typer.Option(None, help="Concept MIL: cls | any_patch | mean (default: the "
+                                                          "barcodes' policy from their summary.json, else cls)."),
+    mil_embedding: str = typer.Option("cls", help="Embedding MIL: cls (the stored CLS token) or mean_patch."),
+    mil_repeats: Optional[int] = typer.Option(None, help="Repeats of the MIL models (default: --repeats; the first "
+                                                         "repeats use the same folds as the other models)."),
+    mil_epochs: int = typer.Option(100, help="Most MIL training epochs (early stopping usually ends sooner)."),
+    device: str = typer.Option("cpu", help="MIL training device: cpu, cuda, cuda:1, ..."),
     folds: int = typer.Option(5, help="k of stratified k-fold (lowered to the smallest class's patient count)."),
     repeats: int = typer.Option(10, help="Repeats of k-fold with different shuffles."),
     positive: Optional[str] = typer.Option(None, help="Binary tasks: class whose AUROC and ROC are reported (default: rarer)."),
-    seed: int = typer.Option(0, help="Seed of the fold shuffles, bootstrap and forest."),
+    seed: int = typer.Option(0, help="Seed of the fold shuffles, bootstrap, forest and MIL."),
 ) -> None:
-    """Patient-level diagnosis from concept barcodes, with baselines, in repeated cross-validation over patients."""
+    """Patient-level diagnosis from concept barcodes, with baselines and attention MIL, in repeated cross-validation
+    over patients (and on an external cohort)."""
+    import json
+
     import pandas as pd
 
     from cytosae.analysis.classify import ClassifyConfig, classify_patients, write_classify
+    from cytosae.analysis.mil import MILConfig
 
     def read_barcodes(path: Path):
         file = path / "barcodes.parquet" if path.is_dir() else path
@@ -345,27 +370,66 @@ def classify(
             _fail(f"{file} not found: give the folder written by `cytosae patients` or its barcodes.parquet")
         return pd.read_parquet(file)
 
-    st = None
-    if store is not None:
-        st = _open_store(store)
-    cfg = ClassifyConfig(target=target, n_splits=folds, n_repeats=repeats, seed=seed, positive=positive)
+    bc = read_barcodes(barcodes)
+    ext_bc = read_barcodes(external) if external else None
+    st = _open_store(store) if store is not None else None
+    ext_st = _open_store(external_store) if external_store is not None else None
+    model = _open_sae(sae) if sae is not None else None
+    if mil == "auto":
+        kinds = tuple(k for k, ok in (("embedding", st is not None), ("concepts", st is not None and model is not None))
+                      if ok)
+    elif mil == "none":
+        kinds = ()
+    else:
+        kinds = tuple(k.strip() for k in mil.split(",") if k.strip())
+        bad = [k for k in kinds if k not in ("embedding", "concepts")]
+        if bad:
+            _fail(f"--mil {mil!r}: unknown input {bad[0]!r}; use auto, none, or a comma list of embedding,concepts")
+        if st is None or ("concepts" in kinds and model is None):
+            _fail(f"--mil {mil}: MIL needs --store (and --sae for concepts)")
+    if token_policy is None:
+        summary = barcodes / "summary.json" if barcodes.is_dir() else barcodes.parent / "summary.json"
+        token_policy = json.loads(summary.read_text()).get("token_policy", "cls") if summary.is_file() else "cls"
+    cfg = ClassifyConfig(target=target, n_splits=folds, n_repeats=repeats, seed=seed, positive=positive, mil=kinds,
+                         mil_repeats=mil_repeats)
+    mil_cfg = MILConfig(seed=seed, device=device, max_epochs=mil_epochs)
     try:
-        res = classify_patients(read_barcodes(barcodes), cfg, store=st, cell_type_column=cell_type_column,
-                                proportion=proportion, external=read_barcodes(external) if external else None,
-                                dataset=store.name if store else None)
+        bags, ext_bags = _mil_inputs(kinds, st, ext_st, model, token_policy, mil_embedding)
+        res = classify_patients(bc, cfg, store=st, cell_type_column=cell_type_column, proportion=proportion,
+                                external=ext_bc, dataset=store.name if store else None, external_store=ext_st,
+                                bags=bags, external_bags=ext_bags, mil_cfg=mil_cfg)
     except ValueError as exc:
         _fail(f"{barcodes}: {exc}")
     write_classify(res, out)
     p = res["protocol"]
     typer.echo(f"{target} of {res['n_patients']} patients {res['class_counts']}, {p['repeats']} x {p['folds']}-fold CV "
-               f"over patients; AUROC and macro-F1 of out-of-fold predictions (95% CI: bootstrap over patients):")
+               f"over patients; AUROC and macro-F1 of calibrated out-of-fold predictions (threshold from training "
+               f"folds; 95% CI: bootstrap over patients):")
     for name, m in res["models"].items():
         ci = m["auroc_ci"] or [float("nan")] * 2
-        typer.echo(f"  {name:<45} AUROC {m['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  macro-F1 {m['macro_f1']:.3f}")
+        typer.echo(f"  {name:<45} AUROC {m['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  macro-F1 {m['macro_f1']:.3f}  "
+                   f"weighted-F1 {m['weighted_f1']:.3f}" + (f"  ({m['repeats']} repeats)" if m['repeats'] != repeats
+                                                             else ""))
     for name, m in res.get("external", {}).items():
-        typer.echo(f"  external cohort, {name:<28} AUROC {m['auroc']:.3f}  macro-F1 {m['macro_f1']:.3f} "
-                   f"({m['n_train']} train / {m['n_test']} test patients)")
-    typer.echo(f"-> {out / 'results.json'}, {out / 'figures' / 'roc.png'}")
+        ci = m["auroc_ci"] or [float("nan")] * 2
+        typer.echo(f"  external cohort, {name:<28} AUROC {m['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
+                   f"(CV {m['auroc_cv']:.3f}, drop {m['auroc_drop_from_cv']:+.3f})  macro-F1 {m['macro_f1']:.3f} "
+                   f"(drop {m['macro_f1_drop_from_cv']:+.3f}) ({m['n_train']} train / {m['n_test']} test patients)")
+    typer.echo(f"-> {out / 'results.json'}, {out / 'figures' / 'roc.png'}, {out / 'figures' / 'confusion.png'}"
+               + "".join(f", {out / f}" for f in ("explanations.parquet", "attention.parquet") if (out / f).is_file()))
+
+
+def _mil_inputs(kinds, store, external_store, sae, token_policy: str, embedding: str) -> tuple[dict, dict]:
+    """Per MIL input kind, the cells' features of the training and (when given) the external cohort."""
+    from cytosae.analysis.mil import cell_features
+
+    bags, ext = {}, {}
+    for kind in kinds:
+        args = dict(encode=sae.encode if sae is not None else None, token_policy=token_policy, embedding=embedding)
+        bags[kind] = cell_features(store, kind, **args)
+        if external_store is not None:
+            ext[kind] = cell_features(external_store, kind, **args)
+    return bags, ext
 
 
 # ---------------------------------------------------------------- explorer (explore, report, annotations)

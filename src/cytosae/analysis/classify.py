@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from sklearn.base import clone
+from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.feature_selection import VarianceThreshold
 from sklearn.linear_model import LogisticRegression
@@ -273,13 +274,20 @@ def _in_classes(proba: np.ndarray, model_classes, classes: list[str]) -> np.ndar
     return np.stack([proba[:, j] if j is not None else np.zeros(len(proba)) for j in cols], 1)
 
 
+def _fit(kind: str, cfg: ClassifyConfig, x: np.ndarray, y: np.ndarray):
+    """The model fitted; when no feature varies among these patients, the class frequencies (nothing to learn)."""
+    if not (np.ptp(x, axis=0) > 0).any():
+        return DummyClassifier(strategy="prior").fit(x, y)
+    return make_model(kind, cfg.seed, cfg.C, cfg.n_trees, len(set(y))).fit(x, y)
+
+
 def sklearn_fit_predict(xv: np.ndarray, yv: np.ndarray, kind: str, cfg: ClassifyConfig, classes: list[str]):
     """fit_predict(train, test) for a scikit-learn model: (test probabilities, held-out training labels and
     probabilities from an inner stratified k-fold of the training patients, for calibration, or None, None)."""
     def fit_predict(train: np.ndarray, test: np.ndarray):
         ytr = yv[train]
         n_cls = len(set(ytr))
-        model = make_model(kind, cfg.seed, cfg.C, cfg.n_trees, n_cls).fit(xv[train], ytr)
+        model = _fit(kind, cfg, xv[train], ytr)
         proba = _in_classes(model.predict_proba(xv[test]), model.classes_, classes)
         smallest = int(pd.Series(ytr).value_counts().min())
         if cfg.inner_folds < 2 or smallest < 2 or n_cls < len(classes):
@@ -287,7 +295,7 @@ def sklearn_fit_predict(xv: np.ndarray, yv: np.ndarray, kind: str, cfg: Classify
         inner = StratifiedKFold(min(cfg.inner_folds, smallest), shuffle=True, random_state=cfg.seed)
         held = np.zeros((len(train), len(classes)))
         for a, b in inner.split(xv[train], ytr):
-            m = make_model(kind, cfg.seed, cfg.C, cfg.n_trees, len(set(ytr[a]))).fit(xv[train][a], ytr[a])
+            m = _fit(kind, cfg, xv[train][a], ytr[a])
             held[b] = _in_classes(m.predict_proba(xv[train][b]), m.classes_, classes)
         return proba, ytr, held
     return fit_predict

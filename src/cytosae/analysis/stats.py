@@ -9,6 +9,8 @@ Definitions (also written to summary.json, so every number says what it is):
 - mean_act: mean image-level activation over the images where it fires (0 when it never fires);
 - top images: the k images with the highest image-level activation, and the k with the strongest
   single patch (patch index p = row * grid + col, token p + 1; CLS excluded);
+- stores with one vector per image (imported embeddings, no patch tokens): that vector is the image's
+  activation, and there are no top images by patch;
 - label entropy: natural-log entropy of the labels of its top-k images (over those present when fewer than k).
 """
 from __future__ import annotations
@@ -78,9 +80,10 @@ def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images:
     with torch.inference_mode():
         for batch_ids, tokens in images:
             b, t, d = tokens.shape
-            grid = math.isqrt(t - 1)
+            grid = math.isqrt(t - 1) if t > 1 else None
             z = encode(tokens.reshape(-1, d)).reshape(b, t, n_latents).float()
-            patch = z[:, 1:]
+            # one vector per image (imported embeddings): that token stands for the image and its only "patch"
+            patch = z[:, 1:] if t > 1 else z
             img_act = patch.mean(1)  # (b, n_latents)
             fires_img = (z > 0).any(1)
             fire_tokens += (z > 0).sum((0, 1)).double()
@@ -96,7 +99,8 @@ def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images:
                     class_n[j] += 1
             positions = torch.arange(n_images, n_images + b)
             patch_max, patch_arg = patch.max(1)
-            for by, vals, where in (("image", img_act, torch.full_like(patch_arg, -1)), ("patch", patch_max, patch_arg)):
+            for by, vals, where in (("image", img_act, torch.full_like(patch_arg, -1)), ("patch", patch_max, patch_arg))[
+                    :1 if t == 1 else 2]:
                 v0, i0, p0 = top[by]
                 v = torch.cat([v0, vals.T], 1)
                 ii = torch.cat([i0, positions.expand(n_latents, b)], 1)
