@@ -246,6 +246,8 @@ def stats(
     label_column: str = typer.Option("label", help="Manifest column holding (possibly 'a|b' multi-) labels."),
     noisy_threshold: float = typer.Option(0.1, help="CytoSAE's noisy-latent rule: mean activation above this."),
     galleries: int = typer.Option(12, help="Gallery PNGs (top images with overlays) for this many label-specific latents."),
+    labels: Optional[str] = typer.Option(None, help="Multi-label targets: comma list of 0/1 manifest columns (one per "
+                                                    "label); class profiles per label instead of --label-column."),
 ) -> None:
     """Per-latent firing frequencies, mean activations, top images, label entropy and class profiles."""
     from cytosae.analysis import compute_latent_stats, write_stats
@@ -255,9 +257,12 @@ def stats(
     for path in stores:
         st = _open_store(path)
         opened.append(st)
-        results.append(compute_latent_stats(sae.encode, st.iter_images(8), st.images, sae.cfg.n_latents, k=k,
-                                            label_column=label_column, noisy_threshold=noisy_threshold,
-                                            dataset=path.name))
+        try:
+            results.append(compute_latent_stats(sae.encode, st.iter_images(8), st.images, sae.cfg.n_latents, k=k,
+                                                label_column=label_column, noisy_threshold=noisy_threshold,
+                                                dataset=path.name, label_columns=_split(labels)))
+        except ValueError as exc:
+            _fail(f"{path}: {exc}")
         s = results[-1].summary
         typer.echo(f"{path.name}: {s['n_images']} images, {s['n_latents']} latents; {s['n_dead_on_dataset']} never fire "
                    f"on it; {s['n_noisy']} noisy (mean image activation > {noisy_threshold})")
@@ -274,6 +279,10 @@ def stats(
             typer.echo(f"{path.name}: galleries of the {len(written)} latents with the lowest label entropy among those "
                        f"firing on >= {k} images -> {out / 'figures' / 'galleries' / path.name}")
     typer.echo(f"tables and figures -> {out} (definitions in {out / 'summary.json'})")
+
+
+def _split(csv: Optional[str]) -> list[str]:
+    return [c.strip() for c in csv.split(",") if c.strip()] if csv else []
 
 
 def _draws_images(store) -> bool:
@@ -329,9 +338,14 @@ def patients(
 
 @app.command()
 def classify(
-    barcodes: Path = typer.Argument(..., help="Patients folder from `cytosae patients` (or its barcodes.parquet)."),
+    barcodes: Optional[Path] = typer.Argument(None, help="Patients folder from `cytosae patients` (or its "
+                                                         "barcodes.parquet); not needed for --labels at image level."),
     out: Path = typer.Option(..., "--out", help="Folder for results.json, predictions and ROC figure (usually RUN/classify)."),
     target: str = typer.Option("diagnosis", help="Patient column to predict."),
+    labels: Optional[str] = typer.Option(None, help="Multi-label targets instead of --target: comma list of 0/1 "
+                                                    "manifest columns; per-label and macro AUROC (needs --store)."),
+    level: str = typer.Option("patient", help="--labels: predict per image (concepts from --sae) or per patient "
+                                              "(barcodes)."),
     store: Optional[Path] = typer.Option(None, help="The activation store of the same cells: enables the baselines "
                                                     "(mean-pooled embedding, cell-type composition) and MIL."),
     cell_type_column: Optional[str] = typer.Option(None, help="Manifest column of cell types (default: cell_type, else label)."),
@@ -370,6 +384,11 @@ def classify(
             _fail(f"{file} not found: give the folder written by `cytosae patients` or its barcodes.parquet")
         return pd.read_parquet(file)
 
+    if labels:
+        _classify_labels(barcodes, out, _split(labels), level, store, sae, token_policy, folds, repeats, seed)
+        return
+    if barcodes is None:
+        _fail("give the patients folder written by `cytosae patients` (or its barcodes.parquet)")
     bc = read_barcodes(barcodes)
     ext_bc = read_barcodes(external) if external else None
     st = _open_store(store) if store is not None else None
@@ -417,6 +436,36 @@ def classify(
                    f"(drop {m['macro_f1_drop_from_cv']:+.3f}) ({m['n_train']} train / {m['n_test']} test patients)")
     typer.echo(f"-> {out / 'results.json'}, {out / 'figures' / 'roc.png'}, {out / 'figures' / 'confusion.png'}"
                + "".join(f", {out / f}" for f in ("explanations.parquet", "attention.parquet") if (out / f).is_file()))
+
+
+def _classify_labels(barcodes, out, labels, level, store, sae, token_policy, folds, repeats, seed) -> None:
+    import pandas as pd
+
+    from cytosae.analysis.classify import ClassifyConfig, classify_labels, write_labels
+
+    if store is None:
+        _fail("--labels needs --store (its manifest holds the label columns)")
+    if level == "image" and sae is None:
+        typer.echo("no --sae: image-level labels from the embedding baseline only")
+    bc = None
+    if level == "patient" and barcodes is not None:
+        file = barcodes / "barcodes.parquet" if barcodes.is_dir() else barcodes
+        if not file.is_file():
+            _fail(f"{file} not found: give the folder written by `cytosae patients` or its barcodes.parquet")
+        bc = pd.read_parquet(file)
+    st, model = _open_store(store), (_open_sae(sae) if sae is not None else None)
+    cfg = ClassifyConfig(n_splits=folds, n_repeats=repeats, seed=seed)
+    try:
+        res = classify_labels(st, labels, cfg, level=level, encode=model.encode if model else None,
+                              token_policy=token_policy or "cls", barcodes=bc)
+    except ValueError as exc:
+        _fail(f"{store}: {exc}")
+    write_labels(res, out)
+    typer.echo(f"{len(labels)} labels of {res['n_units']} {level}s, {res['protocol']['cv']}; out-of-fold AUROC:")
+    for name, m in res["models"].items():
+        typer.echo(f"  {name:<30} macro AUROC {m['macro_auroc']:.3f} over {m['macro_auroc_over']}; "
+                   + ", ".join(f"{c} {v['auroc']:.2f}" for c, v in m["per_label"].items()))
+    typer.echo(f"-> {out / 'results.json'}, {out / 'predictions.parquet'}")
 
 
 def _mil_inputs(kinds, store, external_store, sae, token_policy: str, embedding: str) -> tuple[dict, dict]:

@@ -716,3 +716,134 @@ def _finite(obj):
 
 def _slug(name: str) -> str:
     return "".join(c.lower() if c.isalnum() else "_" for c in str(name)).strip("_")
+
+
+# ------------------------------------------------------------------ multi-label targets
+
+
+def truthy(values: pd.Series) -> pd.Series:
+    """A label column as booleans: 1 / true / yes / y / positive (any case) are present; anything else absent."""
+    if values.dtype == bool:
+        return values
+    if pd.api.types.is_numeric_dtype(values):
+        return values.fillna(0) > 0
+    return values.astype(str).str.strip().str.casefold().isin({"1", "1.0", "true", "yes", "y", "positive"})
+
+
+def label_table(manifest: pd.DataFrame, labels: list[str], level: str = "image") -> pd.DataFrame:
+    """(units x labels) booleans: images, or patients (a patient has a label when any of its images has it)."""
+    missing = [c for c in labels if c not in manifest]
+    if missing:
+        raise ValueError(f"the manifest has no label column(s) {missing}; columns: {list(manifest.columns)}")
+    table = pd.DataFrame({c: truthy(manifest[c]) for c in labels})
+    if level == "image":
+        return table.set_axis(manifest["image_id"].astype(str)).rename_axis("image_id")
+    if level == "patient":
+        if "patient_id" not in manifest or manifest["patient_id"].isna().all():
+            raise ValueError("--level patient needs a patient_id column in the manifest")
+        return table.groupby(manifest["patient_id"].astype(str).to_numpy()).any().rename_axis("patient_id")
+    raise ValueError(f"level must be 'image' or 'patient', got {level!r}")
+
+
+def _group_folds(groups: np.ndarray, n_splits: int, rng: np.random.Generator):
+    """k folds over groups (patients): every unit of a group in the same fold."""
+    uniq = rng.permutation(np.unique(groups))
+    fold_of = {g: i % n_splits for i, g in enumerate(uniq)}
+    f = np.array([fold_of[g] for g in groups])
+    return [(np.flatnonzero(f != k), np.flatnonzero(f == k)) for k in range(n_splits)]
+
+
+def classify_multilabel(x: pd.DataFrame, labels: pd.DataFrame, cfg: ClassifyConfig, groups: np.ndarray | None = None,
+                        name: str = "concepts_logreg_l2", kind: str = "logreg_l2") -> dict:
+    """One binary model per label on the same folds (grouped by patient when `groups` is given, so a patient's
+    images never straddle a split); per-label out-of-fold AUROC (mean over repeats) with a bootstrap CI over units
+    of the probabilities averaged over repeats, and the macro AUROC over labels."""
+    labels = labels.reindex(x.index)
+    if labels.isna().any().any():
+        raise ValueError("some rows of the features have no labels")
+    groups = np.asarray(x.index) if groups is None else np.asarray(groups)
+    n_splits = min(cfg.n_splits, len(np.unique(groups)))
+    if n_splits < 2:
+        raise ValueError("multi-label cross-validation needs at least 2 patients / images")
+    xv, yv = x.to_numpy(dtype=np.float64), labels.to_numpy(dtype=bool)
+    rng = np.random.default_rng(cfg.seed)
+    oof = np.zeros((cfg.n_repeats, *yv.shape))
+    for r in range(cfg.n_repeats):
+        for train, test in _group_folds(groups, n_splits, rng):
+            for j in range(yv.shape[1]):
+                ytr = np.where(yv[train, j], "yes", "no")
+                model = _fit(kind, cfg, xv[train], ytr)
+                oof[r][test, j] = _in_classes(model.predict_proba(xv[test]), model.classes_, ["no", "yes"])[:, 1]
+    per_label = {}
+    boot = np.random.default_rng(cfg.seed)
+    draws = boot.integers(0, len(yv), (cfg.n_bootstrap, len(yv))) if cfg.n_bootstrap > 0 else []
+    for j, col in enumerate(labels.columns):
+        aucs = [_auc(yv[:, j], oof[r][:, j]) for r in range(cfg.n_repeats)]
+        mean_p = oof[:, :, j].mean(0)
+        b = np.array([_auc(yv[idx, j], mean_p[idx]) for idx in draws])
+        b = b[np.isfinite(b)]
+        per_label[col] = {"auroc": float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan"),
+                          "auroc_ci": [float(v) for v in np.percentile(b, [2.5, 97.5])] if len(b) else None,
+                          "n_positive": int(yv[:, j].sum()), "n": int(len(yv))}
+    finite = [v["auroc"] for v in per_label.values() if np.isfinite(v["auroc"])]
+    return {"model": name, "n_units": int(len(yv)), "folds": n_splits, "repeats": cfg.n_repeats,
+            "grouped_by_patient": groups is not None and len(np.unique(groups)) < len(groups),
+            "macro_auroc": float(np.mean(finite)) if finite else float("nan"),
+            "macro_auroc_over": f"{len(finite)} of {len(per_label)} labels (a label without both values is left out)",
+            "per_label": per_label, "_oof": oof.mean(0)}
+
+
+def classify_labels(store, labels: list[str], cfg: ClassifyConfig, level: str = "image", encode=None,
+                    token_policy: str = "cls", barcodes: pd.DataFrame | None = None) -> dict:
+    """Multi-label targets (e.g. CT-RATE's abnormality columns): per label AUROC and the macro AUROC, for the
+    concepts (image level: the SAE activations of each image under `token_policy`; patient level: the barcodes)
+    and the backbone embedding (image level: the stored CLS token; patient level: its mean over the patient)."""
+    from cytosae.analysis.mil import image_features
+
+    manifest = store.images
+    y = label_table(manifest, labels, level)
+    sets = {}
+    if level == "image":
+        ids, emb = image_features(store, "embedding")
+        sets["baseline_embedding_logreg_l2"] = pd.DataFrame(emb.numpy(), index=pd.Index(ids, name="image_id"))
+        if encode is not None:
+            ids, z = image_features(store, "concepts", encode=encode, token_policy=token_policy)
+            sets["concepts_logreg_l2"] = pd.DataFrame(z.numpy(), index=pd.Index(ids, name="image_id"))
+        pid = dict(zip(manifest["image_id"].astype(str), manifest.get("patient_id", manifest["image_id"])))
+    else:
+        if barcodes is not None:
+            sets["concepts_logreg_l2"] = barcodes.pivot(index="patient_id", columns="latent", values="frac").sort_index()
+        sets["baseline_embedding_logreg_l2"] = mean_embedding_features(store)
+        pid = None
+    models, oof = {}, {}
+    for name, x in sets.items():
+        x = x[x.index.isin(y.index)]
+        groups = None
+        if pid is not None:
+            g = pd.Series([pid.get(i) for i in x.index])
+            groups = np.where(g.isna(), np.asarray(x.index), g.astype(str)) if g.notna().any() else None
+        res = classify_multilabel(x, y, cfg, groups=groups, name=name)
+        oof[name] = (list(x.index), res.pop("_oof"))
+        models[name] = res
+    return {"task": "multi-label", "labels": list(labels), "level": level, "n_units": int(len(y)),
+            "prevalence": {c: float(y[c].mean()) for c in labels},
+            "protocol": {"cv": f"{cfg.n_repeats} x {cfg.n_splits}-fold over "
+                               + ("images grouped by patient" if level == "image" else "patients"),
+                         "model": "one L2 logistic regression per label (class-balanced, standardised features)",
+                         "ci": "95% percentile bootstrap over units of the out-of-fold probabilities averaged over "
+                               "repeats", "seed": cfg.seed, "n_bootstrap": cfg.n_bootstrap},
+            "models": models, "_oof": oof, "_y": y}
+
+
+def write_labels(results: dict, out_dir: str | Path) -> Path:
+    """results.json and predictions.parquet (per model and unit, the out-of-fold probability of each label)."""
+    from cytosae.store.format import atomic_write_json, atomic_write_parquet
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    oof, y = results.pop("_oof"), results.pop("_y")
+    rows = [pd.DataFrame({"model": name, "unit": units, **{f"true_{c}": y.reindex(units)[c].to_numpy() for c in y},
+                          **{f"p_{c}": p[:, j] for j, c in enumerate(y.columns)}}) for name, (units, p) in oof.items()]
+    atomic_write_parquet(out / "predictions.parquet", pd.concat(rows, ignore_index=True))
+    atomic_write_json(out / "results.json", _finite(results))
+    return out

@@ -81,9 +81,9 @@ def concat_bags(a: Bags, b: Bags) -> Bags:
                 a.patients + b.patients, a.image_ids + b.image_ids, a.feature_names)
 
 
-def cell_features(store, kind: str = "embedding", encode=None, token_policy: str = "cls", embedding: str = "cls",
-                  batch_size: int = 64) -> Bags:
-    """Per-cell inputs of every patient's cells in `store`.
+def image_features(store, kind: str = "embedding", encode=None, token_policy: str = "cls", embedding: str = "cls",
+                   batch_size: int = 64) -> tuple[list[str], torch.Tensor]:
+    """(image ids, (n_images, d) float32) of every stored image, in store order.
 
     kind "embedding": the stored CLS token (`embedding="cls"`) or the mean patch token (`"mean_patch"`);
     kind "concepts": `encode`'s activations reduced per cell by `token_policy` (see patients.cell_activation),
@@ -97,10 +97,6 @@ def cell_features(store, kind: str = "embedding", encode=None, token_policy: str
         raise ValueError("concept MIL needs the SAE (its encode function)")
     if embedding not in ("cls", "mean_patch"):
         raise ValueError(f"embedding must be 'cls' or 'mean_patch', got {embedding!r}")
-    images = store.images
-    if "patient_id" not in images or images["patient_id"].isna().all():
-        raise ValueError("the store's manifest has no patient_id column: MIL needs patients")
-    patient_of = dict(zip(images["image_id"], images["patient_id"]))
     ids, rows = [], []
     with torch.inference_mode():
         for batch_ids, tokens in store.iter_images(batch_size):
@@ -108,14 +104,26 @@ def cell_features(store, kind: str = "embedding", encode=None, token_policy: str
             if kind == "embedding":
                 v = tokens[:, 0] if embedding == "cls" or t == 1 else tokens[:, 1:].mean(1)
             else:
-                z = encode(tokens.reshape(-1, d)).reshape(b, t, -1).float()
-                v = cell_activation(z, token_policy)
-            keep = [i for i, j in enumerate(batch_ids) if _is_patient(patient_of.get(j))]
-            ids += [batch_ids[i] for i in keep]
-            rows.append(v[keep].float().cpu())
+                v = cell_activation(encode(tokens.reshape(-1, d)).reshape(b, t, -1).float(), token_policy)
+            ids += list(batch_ids)
+            rows.append(v.float().cpu())
     if not ids:
+        raise ValueError(f"store {store.path} holds no images")
+    return ids, torch.cat(rows)
+
+
+def cell_features(store, kind: str = "embedding", encode=None, token_policy: str = "cls", embedding: str = "cls",
+                  batch_size: int = 64) -> Bags:
+    """Per-cell inputs (see image_features) of every patient's cells in `store`, grouped by patient."""
+    images = store.images
+    if "patient_id" not in images or images["patient_id"].isna().all():
+        raise ValueError("the store's manifest has no patient_id column: MIL needs patients")
+    patient_of = dict(zip(images["image_id"], images["patient_id"]))
+    all_ids, x = image_features(store, kind, encode, token_policy, embedding, batch_size)
+    keep = [i for i, j in enumerate(all_ids) if _is_patient(patient_of.get(j))]
+    if not keep:
         raise ValueError("no stored cell belongs to a patient in the store's manifest")
-    x = torch.cat(rows)
+    ids, x = [all_ids[i] for i in keep], x[torch.tensor(keep)]
     names = list(range(x.shape[1]))
     pid = np.array([str(patient_of[i]) for i in ids])
     order = np.argsort(pid, kind="stable")

@@ -56,9 +56,20 @@ def entropy(labels: list[str]) -> float:
 
 def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images: Iterable[tuple[list[str], torch.Tensor]],
                          manifest: pd.DataFrame, n_latents: int, k: int = 16, label_column: str = "label",
-                         noisy_threshold: float | None = 0.1, dataset: str = "data", n_bins: int = 20) -> LatentStats:
-    """Stream (image_ids, tokens (b, T, D)) with CLS first; `encode` maps (N, D) -> (N, n_latents) >= 0."""
-    labels_by_id = dict(zip(manifest["image_id"], manifest[label_column])) if label_column in manifest else {}
+                         noisy_threshold: float | None = 0.1, dataset: str = "data", n_bins: int = 20,
+                         label_columns: list[str] | None = None) -> LatentStats:
+    """Stream (image_ids, tokens (b, T, D)) with CLS first; `encode` maps (N, D) -> (N, n_latents) >= 0.
+    `label_columns`: multi-label targets as one 0/1 column per label (e.g. CT-RATE's abnormalities): an image's
+    labels are the columns it has (classify.truthy), and class profiles are per label (replaces label_column)."""
+    if label_columns:
+        from cytosae.analysis.classify import label_table
+
+        present = label_table(manifest, list(label_columns), "image")
+        labels_by_id = {i: "|".join(c for c, v in row.items() if v)
+                        for i, row in zip(present.index, present.to_dict("records"))}
+        label_column = ",".join(label_columns)
+    else:
+        labels_by_id = dict(zip(manifest["image_id"], manifest[label_column])) if label_column in manifest else {}
     classes = sorted({c for v in labels_by_id.values() for c in _labels_of(v)})
     cls_index = {c: i for i, c in enumerate(classes)}
 
