@@ -147,3 +147,31 @@ def test_synthetic_diagnostic_cells_are_found_by_mil_attention_and_by_a_concept(
     best = int(np.argmax(np.where(precision >= 0.8, coverage, 0)))
     assert precision[best] >= 0.8 and coverage[best] >= 0.5, (precision[best], coverage[best])
     assert _auc(is_rod, bags.x[:, best].numpy()) > 0.75
+
+
+def test_explorer_lists_a_clicked_patients_cells_by_attention(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from cytosae.analysis.classify import classify_patients, write_classify
+    from cytosae.explorer import create_app
+    from explorer_fixtures import make_run
+
+    fx = make_run(tmp_path / "fx")
+    store, planted = _cohort(tmp_path, "A", n_patients=12, cells=10)
+    pats = store.images.drop_duplicates("patient_id")
+    bc = pd.DataFrame([(p, d, j, float(d == "APL") * 0.5 + 0.1 * j, 1, 10) for p, d in zip(pats.patient_id, pats.diagnosis)
+                       for j in range(3)], columns=["patient_id", "diagnosis", "latent", "frac", "count", "n_cells"])
+    cfg = ClassifyConfig(n_splits=3, n_repeats=1, n_bootstrap=20, ablate=(), mil=("embedding",))
+    res = classify_patients(bc, cfg, bags={"embedding": cell_features(store, "embedding")}, dataset="A",
+                            mil_cfg=MILConfig(max_epochs=5))
+    write_classify(res, fx.path / "classify")
+    att = pd.read_parquet(fx.path / "classify" / "attention.parquet")
+    with TestClient(create_app(fx.path)) as client:
+        r = client.get("/api/patients/A00/cells")
+        assert r.status_code == 200, r.text
+        d = r.json()
+        want = att[att.patient_id == "A00"].sort_values("attention", ascending=False).image_id.tolist()
+        assert d["model"] == "mil_embedding" and [c["image_id"] for c in d["cells"]] == want and d["n_cells"] == 10
+        assert [c["rank"] for c in d["cells"]] == list(range(10)) and d["dataset"] == "A"
+        assert client.get("/api/patients/nobody/cells").status_code == 404
+        assert client.get("/api/patients/A00/cells", params={"model": "mil_x"}).status_code == 404
