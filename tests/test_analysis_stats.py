@@ -123,3 +123,7 @@ def test_a_store_of_one_vector_per_image_goes_through_stats_patients_and_classif
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "cl" / "results.json").read_text())
     assert {"mil_embedding", "mil_concepts", "baseline_mean_embedding_logreg_l2"} <= set(res["models"])
+    assert {w["class"] for w in res["mil_concept_weights"]["weights"]} == {"A", "B"}
+    att = pd.read_parquet(tmp_path / "cl" / "attention.parquet")
+    assert len(att) == 2 * 60 and set(att.model) == {"mil_embedding", "mil_concepts"}
+    assert (att.groupby(["model", "patient_id"]).attention.sum() <= 1 + 1e-5).all()  # attention sums to 1 per class

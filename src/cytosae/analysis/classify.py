@@ -598,6 +598,15 @@ def classify_patients(barcodes: pd.DataFrame, cfg: ClassifyConfig, store=None, c
         "importance": {k: v.to_dict("records") for k, v in importance.items()},
         "ablation": ablation(x, y, cfg) if cfg.ablate else [],
     }
+    if "concepts" in cfg.mil:
+        from cytosae.analysis.mil import MILConfig, concept_weights, fit_mil
+
+        concept_bags = bags["concepts"].subset(list(y.index))
+        fitted = fit_mil(concept_bags, y.to_numpy(), sorted(set(y)), "concepts", mil_cfg or MILConfig(seed=cfg.seed))
+        results["mil_concept_weights"] = {
+            "what": "concept MIL fitted on all patients: per class, the latents whose input weights most raise that "
+                    "class's attention and score (linearised through the first layer; see mil.concept_weights)",
+            "weights": concept_weights(fitted, concept_bags).to_dict("records")}
     if external is not None:
         results["external"] = _external_all(x, y, feature_sets, external, cfg, store, external_store,
                                             cell_type_column, proportion, bags, external_bags, mil_cfg, models)
