@@ -411,6 +411,11 @@ def classify(
         token_policy = json.loads(summary.read_text()).get("token_policy", "cls") if summary.is_file() else "cls"
     cfg = ClassifyConfig(target=target, n_splits=folds, n_repeats=repeats, seed=seed, positive=positive, mil=kinds,
                          mil_repeats=mil_repeats)
+    if kinds and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail(f"--device {device}: no CUDA device is available here; use --device cpu")
     mil_cfg = MILConfig(seed=seed, device=device, max_epochs=mil_epochs)
     try:
         bags, ext_bags = _mil_inputs(kinds, st, ext_st, model, token_policy, mil_embedding)
