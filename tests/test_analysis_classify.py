@@ -136,6 +136,10 @@ def test_three_classes_use_one_vs_rest_auroc():
     x, y = barcode_features(pd.DataFrame(rows, columns=["patient_id", "diagnosis", "latent", "frac", "count", "n_cells"]))
     s = cross_validate(x, y, "logreg_l2", FAST)["scores"]
     assert s["positive"] is None and s["auroc"] > 0.9 and len(s["per_class_f1"]) == 3
+    assert set(s["per_class_auroc"]) == {"APL", "AML-NPM1", "AML-other"} and min(s["per_class_auroc"].values()) > 0.8
+    assert 0.7 < s["weighted_f1"] <= 1 and "threshold_mean" not in s
+    m = np.array(s["confusion"]["matrix"])
+    assert m.sum() == 24 and np.trace(m) >= 18 and s["confusion"]["classes"] == ["AML-NPM1", "AML-other", "APL"]
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
@@ -203,3 +207,48 @@ def test_cli_analysis_commands_name_a_missing_store(tmp_path):
         assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output, r.output
     r = CliRunner().invoke(app, ["classify", str(tmp_path), "--store", str(tmp_path / "images"), "--out", str(tmp_path / "o")])
     assert "images is not an activation store" in r.output.replace("\n", " ") and "cytosae extract" in r.output
+
+
+def test_calibration_sets_the_threshold_on_training_predictions_only():
+    from cytosae.analysis.classify import Calibration
+
+    rng = np.random.default_rng(0)
+    y = np.array(["APL"] * 20 + ["AML"] * 40)
+    # a model whose probabilities rank well but sit on the wrong side of 0.5 (e.g. trained on another prevalence)
+    p_apl = np.clip(0.15 + 0.2 * (y == "APL") + rng.normal(0, 0.05, len(y)), 0.01, 0.99)
+    proba = np.stack([1 - p_apl, p_apl], 1)
+    cal = Calibration(["AML", "APL"], "APL").fit(y, proba)
+    decided = cal.decide(cal.apply(proba))
+    assert (np.array(["AML", "APL"])[proba.argmax(1)] == "AML").all()  # argmax never says APL
+    assert (decided == y).mean() > 0.9 and 0 < cal.threshold < 1
+    calibrated = cal.apply(proba)[:, 1]
+    assert abs(calibrated.mean() - (y == "APL").mean()) < 0.05  # calibrated: mean probability = prevalence
+    ident = Calibration(["AML", "APL"], "APL").fit(y[:5], proba[:5])  # too few held-out patients: identity
+    assert ident.threshold == 0.5 and np.array_equal(ident.apply(proba), proba)
+
+
+def test_every_model_is_validated_externally_with_its_drop_from_cv(tmp_path):
+    store, ext_store = _FakeStore(seed=0), _FakeStore(n_patients=9, seed=1)
+
+    def barcodes(s, seed):
+        pats = s.images.drop_duplicates("patient_id")
+        rng = np.random.default_rng(seed)
+        return pd.DataFrame([(p, d, j, rng.uniform(0, 1) + (1.5 if d == "APL" and j == 2 else 0), 1, 6)
+                             for p, d in zip(pats.patient_id, pats.diagnosis) for j in range(6)],
+                            columns=["patient_id", "diagnosis", "latent", "frac", "count", "n_cells"])
+    ext_store.images["cell_type"] = ext_store.images.cell_type.replace("blast", "myeloblast")  # a type unseen here
+    cfg = ClassifyConfig(n_splits=3, n_repeats=2, n_bootstrap=50, ablate=(), n_trees=20)
+    res = classify_patients(barcodes(store, 0), cfg, store=store, external=barcodes(ext_store, 1),
+                            external_store=ext_store, proportion="promyelocyte")
+    ext = res["external"]
+    assert set(ext) == set(res["models"])  # baselines included
+    for name, e in ext.items():
+        assert e["n_test"] == 9 and e["auroc_drop_from_cv"] == pytest.approx(res["models"][name]["auroc"] - e["auroc"])
+        assert sum(map(sum, e["confusion"]["matrix"])) == 9
+    assert ext["baseline_promyelocyte_proportion"]["auroc"] == 1.0
+    out = write_classify(res, tmp_path / "c")
+    expl = pd.read_parquet(out / "explanations.parquet")
+    assert set(expl.patient_id) == set(store.images.patient_id) and (expl.groupby("patient_id").size() <= 10).all()
+    top = expl[(expl["rank"] == 0) & (expl.predicted == "APL")]
+    assert (top.latent == 2).mean() > 0.5  # the planted concept pushed most APL predictions
+    assert (out / "figures" / "confusion.png").stat().st_size > 3000

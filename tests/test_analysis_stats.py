@@ -95,3 +95,45 @@ def test_histogram_of_a_latent_with_a_range_of_a_few_ulps():
     s = compute_latent_stats(torch.relu, [(["x", "y"], acts)], pd.DataFrame({"image_id": ["x", "y"], "label": ["p", "q"]}),
                              1, k=2)
     assert sum(s.histograms.counts[0]) == 2
+
+
+def test_a_store_of_one_vector_per_image_goes_through_stats_patients_and_classify(tmp_path):
+    """Imported embeddings (N, D): no patch tokens. Every token policy uses the one vector; no patch tops."""
+    from typer.testing import CliRunner
+
+    from cytosae.cli import app
+    from cytosae.sae import SAE, SAEConfig
+    from cytosae.store import import_embeddings
+
+    rng = np.random.default_rng(0)
+    rows = [{"image_id": f"P{p:02d}/{c}", "patient_id": f"P{p:02d}", "diagnosis": "A" if p % 2 else "B",
+             "label": "x" if c % 2 else "y"} for p in range(12) for c in range(5)]
+    x = rng.normal(size=(len(rows), 8)).astype(np.float32)
+    x[[i for i, r in enumerate(rows) if r["diagnosis"] == "A"], 0] += 3.0
+    np.save(tmp_path / "emb.npy", x)
+    store = import_embeddings(tmp_path / "emb.npy", pd.DataFrame(rows), tmp_path / "store")
+    SAE(SAEConfig(arch="relu-l1", d_in=8, n_latents=16), seed=0).save(tmp_path / "sae")
+    run = CliRunner()
+    r = run.invoke(app, ["stats", str(tmp_path / "sae"), str(store), "--out", str(tmp_path / "stats")])
+    assert r.exit_code == 0, r.output
+    assert "no galleries: a store of imported embeddings" in r.output
+    tops = pd.read_parquet(tmp_path / "stats" / "top_images.parquet")
+    assert set(tops.by) == {"image"} and len(tops) > 0
+    lat = pd.read_parquet(tmp_path / "stats" / "latents.parquet")
+    assert lat.freq_image.between(0, 1).all() and lat.mean_act.notna().all()
+    for policy in ("cls", "any_patch", "mean"):
+        r = run.invoke(app, ["patients", str(tmp_path / "sae"), str(store), "--out", str(tmp_path / policy),
+                             "--token-policy", policy])
+        assert r.exit_code == 0, r.output
+    frac = [pd.read_parquet(tmp_path / p / "barcodes.parquet").frac.to_numpy() for p in ("cls", "any_patch", "mean")]
+    np.testing.assert_array_equal(frac[0], frac[1])  # the one vector is every policy's view of the cell
+    np.testing.assert_array_equal(frac[0], frac[2])
+    r = run.invoke(app, ["classify", str(tmp_path / "cls"), "--store", str(store), "--out", str(tmp_path / "cl"),
+                         "--repeats", "1", "--folds", "3", "--sae", str(tmp_path / "sae"), "--mil-epochs", "5"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "cl" / "results.json").read_text())
+    assert {"mil_embedding", "mil_concepts", "baseline_mean_embedding_logreg_l2"} <= set(res["models"])
+    assert {w["class"] for w in res["mil_concept_weights"]["weights"]} == {"A", "B"}
+    att = pd.read_parquet(tmp_path / "cl" / "attention.parquet")
+    assert len(att) == 2 * 60 and set(att.model) == {"mil_embedding", "mil_concepts"}
+    assert (att.groupby(["model", "patient_id"]).attention.sum() <= 1 + 1e-5).all()  # attention sums to 1 per class

@@ -21,7 +21,7 @@ def test_demo_writes_a_complete_run_the_explorer_serves(tmp_path):
     assert (run / "stats" / "factor_purity.csv").is_file() and (run / "sae" / "eval.json").is_file()
     assert any("RANDOM weights" in l for l in lines) and lines[-1].endswith(f"cytosae explore {run}")
     assert pd.read_parquet(run / "patients" / "barcodes.parquet").frac.between(0, 1).all()
-    with TestClient(create_app(run)) as c:
+    with TestClient(create_app(run), base_url="http://127.0.0.1") as c:
         assert c.get("/api/patients/barcodes").status_code == 200
         assert c.get("/api/latents/0").status_code == 200
         assert c.get("/api/image", params={"dataset": "sample", "image_id": "P000/cell_000.png"}).status_code == 200
@@ -57,7 +57,7 @@ def test_full_demo_finds_the_generating_factors_and_writes_every_analysis(demo_r
     assert (run / "classify" / "figures" / "roc.png").is_file()
     assert any(l.startswith("[6/6] classify") for l in lines) and lines[-1].endswith(f"cytosae explore {run}")
     assert json.loads((run / "run.json").read_text())["steps"]["classify"]["command"] == "cytosae classify"
-    with TestClient(create_app(run)) as c:
+    with TestClient(create_app(run), base_url="http://127.0.0.1") as c:
         r = c.get("/api/classify")
         assert r.status_code == 200 and r.json()["models"]["concepts_logreg_l2"]["folds"] == 5
         cmp = c.get("/api/patients/compare").json()

@@ -82,7 +82,7 @@ def _a_shown_image(run: Path) -> tuple[int, str]:
 
 def _check_api(run: Path, data_roots=()) -> None:
     latent, image_id = _a_shown_image(run)
-    with TestClient(create_app(run, data_roots=list(data_roots))) as c:
+    with TestClient(create_app(run, data_roots=list(data_roots)), base_url="http://127.0.0.1") as c:
         info = c.get("/api/run").json()
         assert str(run.parent) not in str(info)  # no absolute server paths
         assert c.get(f"/api/latents/{latent}").status_code == 200
@@ -151,7 +151,7 @@ def test_a_copied_run_with_moved_data_still_shows_its_cells(readme_run, tmp_path
     os.rename(cwd / "data" / "sample", hidden)  # now the original data is gone
     try:
         latent, image_id = _a_shown_image(run)
-        with TestClient(create_app(run)) as c:
+        with TestClient(create_app(run), base_url="http://127.0.0.1") as c:
             r = c.get("/api/image/file", params={"dataset": "sample", "image_id": image_id})
             assert r.status_code == 404 and "--data-root" in r.json()["detail"]
         _check_api(run, data_roots=[str(moved)])

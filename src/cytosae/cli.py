@@ -449,6 +449,8 @@ def stats(
                                                      "write the purity of each value's best latent to factor_purity.csv."),
     allow_unfinished: bool = ALLOW_UNFINISHED,
     device: str = typer.Option("auto", help="auto (the GPU when there is one) | cpu | cuda | cuda:N: where tokens are encoded."),
+    labels: Optional[str] = typer.Option(None, help="Multi-label targets: comma list of 0/1 manifest columns (one per "
+                                                    "label); class profiles per label instead of --label-column."),
 ) -> None:
     """Per-latent firing frequencies, mean activations, top images, label entropy and class profiles."""
     import time
@@ -469,14 +471,20 @@ def stats(
     for path in stores:
         st = _open_store(path)
         opened.append(st)
-        results.append(compute_latent_stats(sae.encode, st.iter_images(_analysis_batch(dev)), st.images,
-                                            sae.cfg.n_latents, k=k, label_column=label_column,
-                                            noisy_threshold=noisy_threshold, dataset=path.name, device=dev))
+        try:
+            results.append(compute_latent_stats(sae.encode, st.iter_images(_analysis_batch(dev)), st.images,
+                                                sae.cfg.n_latents, k=k, label_column=label_column,
+                                                noisy_threshold=noisy_threshold, dataset=path.name, device=dev,
+                                                label_columns=_split(labels)))
+        except ValueError as exc:
+            _fail(f"{path}: {exc}")
         s = results[-1].summary
         typer.echo(f"{path.name}: {s['n_images']} images, {s['n_latents']} latents; {s['n_dead_on_dataset']} never fire "
                    f"on it; {s['n_noisy']} noisy (mean image activation > {noisy_threshold})")
     write_stats(results, out)
-    if galleries:
+    if galleries and not all(_draws_images(st) for st in opened):
+        typer.echo("no galleries: a store of imported embeddings has no images or patch grid to draw")
+    elif galleries:
         from cytosae.analysis.heatmaps import CellViewer, write_latent_galleries
 
         for path, st, res in zip(stores, opened, results):
@@ -532,6 +540,15 @@ def _analysis_batch(device) -> int:
     """Images per SAE encoding batch: 8 keeps CPU memory small (8 x 257 x 49,152 floats = 0.4 GB);
     a GPU wants bigger batches to be busy, and 32 (1.6 GB) fits any GPU."""
     return 32 if device.type == "cuda" else 8
+
+
+def _split(csv: Optional[str]) -> list[str]:
+    return [c.strip() for c in csv.split(",") if c.strip()] if csv else []
+
+
+def _draws_images(store) -> bool:
+    """Galleries need the images as the backbone saw them and patch tokens; imported embeddings have neither."""
+    return bool(store.meta.get("settings", {}).get("preprocessing")) and store.grid is not None
 
 
 def _gallery_latents(latents, n: int, k: int, n_images: int) -> list[int]:
@@ -592,7 +609,9 @@ def patients(
         for c in summary["comparisons"]:
             typer.echo(f"{target} {c['group_a']} vs {c['group_b']}: {c['n_q_below_0.05']} of {c['n_latents']} latents "
                        f"with BH q < 0.05 -> {out / c['figure']}")
-        if examples:
+        if examples and not _draws_images(st):
+            typer.echo("no example cells: a store of imported embeddings has no images or patch grid to draw")
+        elif examples:
             from cytosae.analysis.patients import write_disease_examples
 
             drawn = write_disease_examples(sae.encode, st, out, target, per_comparison=examples, device=dev)
@@ -604,27 +623,48 @@ def patients(
 @app.command()
 def classify(
     ctx: typer.Context,
-    barcodes: Optional[Path] = typer.Argument(None, help="Patients folder from `cytosae patients` (or its barcodes.parquet); "
-                                                         "with --run: RUN/patients."),
+    barcodes: Optional[Path] = typer.Argument(None, help="Patients folder from `cytosae patients` (or its "
+                                                         "barcodes.parquet); with --run: RUN/patients; not needed for "
+                                                         "--labels at image level."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for results.json, predictions and ROC figure "
                                                            "(with --run: RUN/classify)."),
     run: Optional[Path] = typer.Option(None, "--run", help=RUN_HELP),
     target: str = typer.Option("diagnosis", help="Patient column to predict."),
+    labels: Optional[str] = typer.Option(None, help="Multi-label targets instead of --target: comma list of 0/1 "
+                                                    "manifest columns; per-label and macro AUROC (needs --store)."),
+    level: str = typer.Option("patient", help="--labels: predict per image (concepts from --sae) or per patient "
+                                              "(barcodes)."),
     store: Optional[Path] = typer.Option(None, help="The activation store of the same cells: enables the baselines "
-                                                    "(mean-pooled embedding, cell-type composition)."),
+                                                    "(mean-pooled embedding, cell-type composition) and MIL."),
     cell_type_column: Optional[str] = typer.Option(None, help="Manifest column of cell types (default: cell_type, else label)."),
     proportion: Optional[str] = typer.Option(None, help="Also a one-feature baseline: the proportion of this cell type "
                                                         "(e.g. Promyelocyte for APL)."),
     external: Optional[Path] = typer.Option(None, help="Barcodes of another cohort (same SAE): train here, test there."),
+    external_store: Optional[Path] = typer.Option(None, help="That cohort's activation store: tests the baselines and "
+                                                             "MIL there too."),
+    sae: Optional[Path] = typer.Option(None, "--sae", help="SAE directory of the barcodes: enables concept MIL."),
+    mil: str = typer.Option("auto", help="Attention MIL inputs: auto (embedding with --store, and concepts with --sae), "
+                                         "none, or a comma list of embedding,concepts."),
+    token_policy: Optional[str] = typer.Option(None, help="Concept MIL: cls | any_patch | mean (default: the "
+                                                          "barcodes' policy from their summary.json, else cls)."),
+    mil_embedding: str = typer.Option("cls", help="Embedding MIL: cls (the stored CLS token) or mean_patch."),
+    mil_repeats: Optional[int] = typer.Option(None, help="Repeats of the MIL models (default: --repeats; the first "
+                                                         "repeats use the same folds as the other models)."),
+    mil_epochs: int = typer.Option(100, help="Most MIL training epochs (early stopping usually ends sooner)."),
+    device: str = typer.Option("cpu", help="MIL training device: cpu, cuda, cuda:1, ..."),
     folds: int = typer.Option(5, help="k of stratified k-fold (lowered to the smallest class's patient count)."),
     repeats: int = typer.Option(10, help="Repeats of k-fold with different shuffles."),
     positive: Optional[str] = typer.Option(None, help="Binary tasks: class whose AUROC and ROC are reported (default: rarer)."),
-    seed: int = typer.Option(0, help="Seed of the fold shuffles, bootstrap and forest."),
+    seed: int = typer.Option(0, help="Seed of the fold shuffles, bootstrap, forest and MIL."),
 ) -> None:
-    """Patient-level diagnosis from concept barcodes, with baselines, in repeated cross-validation over patients."""
+    """Patient-level diagnosis from concept barcodes, with baselines and attention MIL, in repeated cross-validation
+    over patients (and on an external cohort)."""
+    import json
+
     import pandas as pd
 
     from cytosae.analysis.classify import ClassifyConfig, classify_patients, write_classify
+    from cytosae.analysis.mil import MILConfig
 
     def read_barcodes(path: Path):
         file = path / "barcodes.parquet" if path.is_dir() else path
@@ -642,30 +682,111 @@ def classify(
         dataset = rd.steps.get("patients", {}).get("settings", {}).get("dataset")
         if store is None and dataset in rd.datasets:
             store = rd.store_dir(dataset)
-    barcodes = _need(barcodes, "BARCODES", "use RUN/patients")
+        if sae is None and rd.has_sae():
+            sae = rd.sae_dir  # concept MIL and concept features use the run's SAE
+        if external is not None and external_store is None and external.name in rd.datasets:
+            external_store = rd.store_dir(external.name)  # RUN/external/NAME: barcodes of dataset NAME
     out = _need(out, "--out", "write to RUN/classify")
-    st = None
-    if store is not None:
-        st = _open_store(store)
-    cfg = ClassifyConfig(target=target, n_splits=folds, n_repeats=repeats, seed=seed, positive=positive)
+    if labels:
+        _classify_labels(barcodes, out, _split(labels), level, store, sae, token_policy, folds, repeats, seed)
+        return
+    barcodes = _need(barcodes, "BARCODES (the patients folder written by `cytosae patients`)", "use RUN/patients")
+    bc = read_barcodes(barcodes)
+    ext_bc = read_barcodes(external) if external else None
+    st = _open_store(store) if store is not None else None
+    ext_st = _open_store(external_store) if external_store is not None else None
+    model = _open_sae(sae) if sae is not None else None
+    if mil == "auto":
+        kinds = tuple(k for k, ok in (("embedding", st is not None), ("concepts", st is not None and model is not None))
+                      if ok)
+    elif mil == "none":
+        kinds = ()
+    else:
+        kinds = tuple(k.strip() for k in mil.split(",") if k.strip())
+        bad = [k for k in kinds if k not in ("embedding", "concepts")]
+        if bad:
+            _fail(f"--mil {mil!r}: unknown input {bad[0]!r}; use auto, none, or a comma list of embedding,concepts")
+        if st is None or ("concepts" in kinds and model is None):
+            _fail(f"--mil {mil}: MIL needs --store (and --sae for concepts)")
+    if token_policy is None:
+        summary = barcodes / "summary.json" if barcodes.is_dir() else barcodes.parent / "summary.json"
+        token_policy = json.loads(summary.read_text()).get("token_policy", "cls") if summary.is_file() else "cls"
+    cfg = ClassifyConfig(target=target, n_splits=folds, n_repeats=repeats, seed=seed, positive=positive, mil=kinds,
+                         mil_repeats=mil_repeats)
+    if kinds and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail(f"--device {device}: no CUDA device is available here; use --device cpu")
+    mil_cfg = MILConfig(seed=seed, device=device, max_epochs=mil_epochs)
     try:
-        res = classify_patients(read_barcodes(barcodes), cfg, store=st, cell_type_column=cell_type_column,
-                                proportion=proportion, external=read_barcodes(external) if external else None,
-                                dataset=dataset or (store.name if store else None))
+        bags, ext_bags = _mil_inputs(kinds, st, ext_st, model, token_policy, mil_embedding)
+        res = classify_patients(bc, cfg, store=st, cell_type_column=cell_type_column, proportion=proportion,
+                                external=ext_bc, dataset=dataset or (store.name if store else None), external_store=ext_st,
+                                bags=bags, external_bags=ext_bags, mil_cfg=mil_cfg)
     except ValueError as exc:
         _fail(f"{barcodes}: {exc}")
     write_classify(res, out)
     p = res["protocol"]
     typer.echo(f"{target} of {res['n_patients']} patients {res['class_counts']}, {p['repeats']} x {p['folds']}-fold CV "
-               f"over patients; AUROC and macro-F1 of out-of-fold predictions (95% CI: bootstrap over patients):")
+               f"over patients; AUROC and macro-F1 of calibrated out-of-fold predictions (threshold from training "
+               f"folds; 95% CI: bootstrap over patients):")
     for name, m in res["models"].items():
         ci = m["auroc_ci"] or [float("nan")] * 2
-        typer.echo(f"  {name:<45} AUROC {m['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  macro-F1 {m['macro_f1']:.3f}")
+        typer.echo(f"  {name:<45} AUROC {m['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  macro-F1 {m['macro_f1']:.3f}  "
+                   f"weighted-F1 {m['weighted_f1']:.3f}" + (f"  ({m['repeats']} repeats)" if m['repeats'] != repeats
+                                                             else ""))
     for name, m in res.get("external", {}).items():
-        typer.echo(f"  external cohort, {name:<28} AUROC {m['auroc']:.3f}  macro-F1 {m['macro_f1']:.3f} "
-                   f"({m['n_train']} train / {m['n_test']} test patients)")
-    typer.echo(f"-> {out / 'results.json'}, {out / 'figures' / 'roc.png'}")
+        ci = m["auroc_ci"] or [float("nan")] * 2
+        typer.echo(f"  external cohort, {name:<28} AUROC {m['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
+                   f"(CV {m['auroc_cv']:.3f}, drop {m['auroc_drop_from_cv']:+.3f})  macro-F1 {m['macro_f1']:.3f} "
+                   f"(drop {m['macro_f1_drop_from_cv']:+.3f}) ({m['n_train']} train / {m['n_test']} test patients)")
+    typer.echo(f"-> {out / 'results.json'}, {out / 'figures' / 'roc.png'}, {out / 'figures' / 'confusion.png'}"
+               + "".join(f", {out / f}" for f in ("explanations.parquet", "attention.parquet") if (out / f).is_file()))
     _record(ctx, rd, "classify", started, dataset=dataset)
+
+
+def _classify_labels(barcodes, out, labels, level, store, sae, token_policy, folds, repeats, seed) -> None:
+    import pandas as pd
+
+    from cytosae.analysis.classify import ClassifyConfig, classify_labels, write_labels
+
+    if store is None:
+        _fail("--labels needs --store (its manifest holds the label columns)")
+    if level == "image" and sae is None:
+        typer.echo("no --sae: image-level labels from the embedding baseline only")
+    bc = None
+    if level == "patient" and barcodes is not None:
+        file = barcodes / "barcodes.parquet" if barcodes.is_dir() else barcodes
+        if not file.is_file():
+            _fail(f"{file} not found: give the folder written by `cytosae patients` or its barcodes.parquet")
+        bc = pd.read_parquet(file)
+    st, model = _open_store(store), (_open_sae(sae) if sae is not None else None)
+    cfg = ClassifyConfig(n_splits=folds, n_repeats=repeats, seed=seed)
+    try:
+        res = classify_labels(st, labels, cfg, level=level, encode=model.encode if model else None,
+                              token_policy=token_policy or "cls", barcodes=bc)
+    except ValueError as exc:
+        _fail(f"{store}: {exc}")
+    write_labels(res, out)
+    typer.echo(f"{len(labels)} labels of {res['n_units']} {level}s, {res['protocol']['cv']}; out-of-fold AUROC:")
+    for name, m in res["models"].items():
+        typer.echo(f"  {name:<30} macro AUROC {m['macro_auroc']:.3f} over {m['macro_auroc_over']}; "
+                   + ", ".join(f"{c} {v['auroc']:.2f}" for c, v in m["per_label"].items()))
+    typer.echo(f"-> {out / 'results.json'}, {out / 'predictions.parquet'}")
+
+
+def _mil_inputs(kinds, store, external_store, sae, token_policy: str, embedding: str) -> tuple[dict, dict]:
+    """Per MIL input kind, the cells' features of the training and (when given) the external cohort."""
+    from cytosae.analysis.mil import cell_features
+
+    bags, ext = {}, {}
+    for kind in kinds:
+        args = dict(encode=sae.encode if sae is not None else None, token_policy=token_policy, embedding=embedding)
+        bags[kind] = cell_features(store, kind, **args)
+        if external_store is not None:
+            ext[kind] = cell_features(external_store, kind, **args)
+    return bags, ext
 
 
 # ---------------------------------------------------------------- explorer (explore, report, annotations)

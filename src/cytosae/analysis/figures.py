@@ -138,3 +138,27 @@ def _group_ticks(ax, groups: np.ndarray, axis: str) -> None:
         ax.set_xticks(centres, names)
         for e in edges[1:-1]:
             ax.axvline(e - 0.5, color="k", lw=0.8)
+
+
+def confusion_figure(matrices: dict[str, dict], title: str) -> plt.Figure:
+    """matrices: model name -> {"classes", "matrix"} (rows true class, columns decided class), one panel each."""
+    n = len(matrices)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    k = len(next(iter(matrices.values()))["classes"])
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * (1.2 + 0.45 * k), rows * (1.0 + 0.45 * k)), squeeze=False)
+    for ax, (name, c) in zip(axes.flat, matrices.items()):
+        m = np.asarray(c["matrix"])
+        ax.imshow(m, cmap="Blues")
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > m.max() / 2 else "black")
+        ax.set_xticks(range(k), c["classes"], rotation=45, ha="right", fontsize=6)
+        ax.set_yticks(range(k), c["classes"], fontsize=6)
+        ax.set_title(name, fontsize=7)
+        ax.set_xlabel("decided class (patients)", fontsize=6)
+        ax.set_ylabel("true class", fontsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=7.5)
+    fig.tight_layout()
+    return fig

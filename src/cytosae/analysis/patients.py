@@ -20,8 +20,13 @@ TOKEN_POLICIES = ("cls", "any_patch", "mean")
 
 
 def cell_activation(z: torch.Tensor, policy: str) -> torch.Tensor:
-    """(b, T, n_latents) token activations -> (b, n_latents) per cell, CLS at token 0."""
-    if policy == "cls":
+    """(b, T, n_latents) token activations -> (b, n_latents) per cell, CLS at token 0.
+
+    A store with one vector per image (T = 1, imported embeddings) has no patch tokens: every policy then uses
+    that vector, the only view of the cell there is."""
+    if policy not in TOKEN_POLICIES:
+        raise ValueError(f"token policy must be one of {TOKEN_POLICIES}, got {policy!r}")
+    if policy == "cls" or z.shape[1] == 1:
         return z[:, 0]
     if policy == "any_patch":
         return z[:, 1:].amax(1)

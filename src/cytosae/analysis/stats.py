@@ -9,6 +9,8 @@ Definitions (also written to summary.json, so every number says what it is):
 - mean_act: mean image-level activation over the images where it fires (0 when it never fires);
 - top images: the k images with the highest image-level activation, and the k with the strongest
   single patch (patch index p = row * grid + col, token p + 1; CLS excluded);
+- stores with one vector per image (imported embeddings, no patch tokens): that vector is the image's
+  activation, and there are no top images by patch;
 - label entropy: natural-log entropy of the labels of its top-k images (over those present when fewer than k).
 """
 from __future__ import annotations
@@ -55,15 +57,25 @@ def entropy(labels: list[str]) -> float:
 def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images: Iterable[tuple[list[str], torch.Tensor]],
                          manifest: pd.DataFrame, n_latents: int, k: int = 16, label_column: str = "label",
                          noisy_threshold: float | None = 0.1, dataset: str = "data", n_bins: int = 20,
-                         device: str | torch.device = "cpu") -> LatentStats:
+                         device: str | torch.device = "cpu", label_columns: list[str] | None = None) -> LatentStats:
     """Stream (image_ids, tokens (b, T, D)) with CLS first; `encode` maps (N, D) -> (N, n_latents) >= 0.
 
     Each batch and every running total live on `device` (where `encode`'s SAE must be, e.g.
-    `SAE.load(dir, device=...)`); the tables come back on the CPU."""
+    `SAE.load(dir, device=...)`); the tables come back on the CPU.
+    `label_columns`: multi-label targets as one 0/1 column per label (e.g. CT-RATE's abnormalities): an image's
+    labels are the columns it has (classify.truthy), and class profiles are per label (replaces label_column)."""
     from cytosae.devices import resolve_device
 
     dev = resolve_device(device)
-    labels_by_id = dict(zip(manifest["image_id"], manifest[label_column])) if label_column in manifest else {}
+    if label_columns:
+        from cytosae.analysis.classify import label_table
+
+        present = label_table(manifest, list(label_columns), "image")
+        labels_by_id = {i: "|".join(c for c, v in row.items() if v)
+                        for i, row in zip(present.index, present.to_dict("records"))}
+        label_column = ",".join(label_columns)
+    else:
+        labels_by_id = dict(zip(manifest["image_id"], manifest[label_column])) if label_column in manifest else {}
     classes = sorted({c for v in labels_by_id.values() for c in _labels_of(v)})
     cls_index = {c: i for i, c in enumerate(classes)}
 
@@ -85,9 +97,10 @@ def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images:
     with torch.inference_mode():
         for batch_ids, tokens in images:
             b, t, d = tokens.shape
-            grid = math.isqrt(t - 1)
+            grid = math.isqrt(t - 1) if t > 1 else None
             z = encode(tokens.to(dev, non_blocking=True).reshape(-1, d)).reshape(b, t, n_latents).float()
-            patch = z[:, 1:]
+            # one vector per image (imported embeddings): that token stands for the image and its only "patch"
+            patch = z[:, 1:] if t > 1 else z
             img_act = patch.mean(1)  # (b, n_latents)
             fires_img = (z > 0).any(1)
             fire_tokens += (z > 0).sum((0, 1)).double()
@@ -103,7 +116,8 @@ def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images:
                     class_n[j] += 1
             positions = torch.arange(n_images, n_images + b, device=dev)
             patch_max, patch_arg = patch.max(1)
-            for by, vals, where in (("image", img_act, torch.full_like(patch_arg, -1)), ("patch", patch_max, patch_arg)):
+            for by, vals, where in (("image", img_act, torch.full_like(patch_arg, -1)), ("patch", patch_max, patch_arg))[
+                    :1 if t == 1 else 2]:
                 v0, i0, p0 = top[by]
                 v = torch.cat([v0, vals.T], 1)
                 ii = torch.cat([i0, positions.expand(n_latents, b)], 1)

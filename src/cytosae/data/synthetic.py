@@ -4,7 +4,10 @@ Each cell is drawn from its class's factor values (nucleus shape and lobes,
 granule colour and density, size) with per-cell variation, plus two factors drawn
 independently of the class for every cell (cytoplasm colour and smear background),
 so that a latent can be checked against a factor that is not just the class in
-disguise. Patients differ in class mix by diagnosis. The factors are written to the
+disguise. Patients differ in class mix by diagnosis, and a small share of the cells of
+APL-like patients carry diagnostic inclusions (dark red rods in the cytoplasm, like Auer
+rods) that no other patient's cells ever have: factor `inclusion` ("auer_rods" / "none"),
+the few cells a patient-level model should attend to. The factors are written to the
 manifest, so they are ground truth for checking what SAE latents found.
 Every image has its own RNG seeded by (seed, index): deterministic and order-free.
 """
@@ -47,10 +50,16 @@ DIAGNOSES = {
     "APL": (0.15, 0.05, 0.1, 0.05, 0.15, 0.5),
     "AML": (0.15, 0.05, 0.15, 0.1, 0.5, 0.05),
 }
-FACTORS = ("nucleus_shape", "lobes", "granule_colour", "granule_density", "size_px", "cytoplasm_colour", "background")
+FACTORS = ("nucleus_shape", "lobes", "granule_colour", "granule_density", "size_px", "cytoplasm_colour", "background",
+           "inclusion")
+# Diagnostic cells: the share of an APL-like patient's cells with rods. Drawn from their own RNG stream, so every
+# other factor (and every cell without rods) is the same pixel for pixel with or without them.
+DIAGNOSTIC_CELLS = {"APL": 0.1}
+ROD_RGB = (150, 0, 25)
 
 
-def _draw_cell(cls: CellClass, rng: np.random.Generator, size: int) -> tuple[Image.Image, dict]:
+def _draw_cell(cls: CellClass, rng: np.random.Generator, size: int,
+               rods: np.random.Generator | None = None) -> tuple[Image.Image, dict]:
     s = size / 224
     cytoplasm_colour, background = (str(rng.choice(v)) for v in INDEPENDENT_FACTORS.values())
     img = Image.new("RGB", (size, size), BACKGROUND_RGB[background])
@@ -87,19 +96,36 @@ def _draw_cell(cls: CellClass, rng: np.random.Generator, size: int) -> tuple[Ima
             x, y = cx + rho * np.cos(th), cy + rho * np.sin(th)
             col = tuple(int(v) for v in np.clip(g + rng.integers(-15, 16, 3), 0, 255))
             d.ellipse([x - gr, y - gr, x + gr, y + gr], fill=col)
+    if rods:
+        _draw_rods(d, cx, cy, r, s, rods)
     img = img.filter(ImageFilter.GaussianBlur(0.6 * s))
     factors = {"nucleus_shape": cls.nucleus_shape, "lobes": cls.lobes, "granule_colour": cls.granule_colour,
                "granule_density": cls.granule_density, "size_px": cls.size_px,
-               "cytoplasm_colour": cytoplasm_colour, "background": background}
+               "cytoplasm_colour": cytoplasm_colour, "background": background,
+               "inclusion": "auer_rods" if rods else "none"}
     return img, factors
 
 
+def _draw_rods(d: ImageDraw.ImageDraw, cx: float, cy: float, r: float, s: float, rng: np.random.Generator) -> None:
+    """Two or three thick rods between nucleus and membrane, at random angles."""
+    for _ in range(int(rng.integers(2, 4))):
+        a, tilt = rng.uniform(0, 2 * np.pi), rng.uniform(-0.6, 0.6)
+        mx, my = cx + 0.78 * r * np.cos(a), cy + 0.78 * r * np.sin(a)
+        dx, dy = 0.3 * r * np.cos(a + np.pi / 2 + tilt), 0.3 * r * np.sin(a + np.pi / 2 + tilt)
+        d.line([(mx - dx, my - dy), (mx + dx, my + dy)], fill=ROD_RGB, width=max(2, int(5 * s)))
+
+
 def make_sample(out_dir: str | Path, seed: int = 0, n_patients: int = 12, cells_per_patient: int = 24,
-                size: int = 224) -> Path:
-    """Draw the sample into `out_dir` (images, manifest.csv, patients.csv); returns the manifest path."""
+                size: int = 224, diagnostic: dict[str, float] | None = None,
+                mixes: dict[str, tuple[float, ...]] | None = None) -> Path:
+    """Draw the sample into `out_dir` (images, manifest.csv, patients.csv); returns the manifest path.
+    `diagnostic`: per diagnosis, the share of its cells with rods (default DIAGNOSTIC_CELLS; {} for none).
+    `mixes`: per diagnosis, the class mix (default DIAGNOSES); one mix for all makes the rods the only difference."""
+    diagnostic = DIAGNOSTIC_CELLS if diagnostic is None else diagnostic
+    mixes = DIAGNOSES if mixes is None else mixes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    diagnoses = list(DIAGNOSES)
+    diagnoses = list(mixes)
     rows, patients = [], []
     for p in range(n_patients):
         pid = f"P{p:03d}"
@@ -109,8 +135,9 @@ def make_sample(out_dir: str | Path, seed: int = 0, n_patients: int = 12, cells_
         for c in range(cells_per_patient):
             index = p * cells_per_patient + c
             rng = np.random.default_rng([seed, index])
-            cls = CLASSES[int(rng.choice(len(CLASSES), p=DIAGNOSES[dx]))]
-            img, factors = _draw_cell(cls, rng, size)
+            cls = CLASSES[int(rng.choice(len(CLASSES), p=mixes[dx]))]
+            rods = np.random.default_rng([seed, index, 1])
+            img, factors = _draw_cell(cls, rng, size, rods if rods.uniform() < diagnostic.get(dx, 0.0) else None)
             rel = f"{pid}/cell_{c:03d}.png"
             img.save(out / rel, optimize=False)
             rows.append({"path": rel, "label": cls.name, "patient_id": pid, "diagnosis": dx, **factors})

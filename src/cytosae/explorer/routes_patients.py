@@ -56,6 +56,24 @@ def register(app, ex: Explorer) -> None:
                 "per latent: difference between patient groups of the fraction of cells where it fires; "
                 "q = Benjamini-Hochberg adjusted p"})
 
+    @app.get("/api/patients/{patient_id}/cells", summary="A patient's cells ranked by MIL attention (classify/attention.parquet)")
+    def patient_cells(patient_id: str, model: str | None = Query(None, max_length=200), top: int = Query(48, ge=1, le=1000)):
+        att = ex.run.raw_table("classify/attention")
+        if att is None:
+            raise MissingData(f"{ex.run.path}/classify/attention.parquet is missing: run `cytosae classify` with --store (MIL)")
+        models = sorted(att["model"].astype(str).unique())
+        model = model or models[0]
+        if model not in models:
+            raise HTTPException(404, f"no MIL model {model!r} in classify/attention.parquet; available: {models}")
+        rows = att[(att["model"] == model) & (att["patient_id"].astype(str) == patient_id)].sort_values("rank")
+        if not len(rows):
+            raise HTTPException(404, f"patient {patient_id!r} has no cells in classify/attention.parquet")
+        cols = [c for c in ("image_id", "rank", "attention", "predicted") if c in rows]
+        return {"patient_id": patient_id, "model": model, "models": models, "n_cells": int(len(rows)),
+                "dataset": (ex.run.classify_results or {}).get("dataset"), "cells": records(rows[cols].head(top)),
+                "measured": "attention of each cell for the class the MIL model predicted for this patient, "
+                            "out of fold (first repeat); rank 0 = the cell that weighed most"}
+
     @app.get("/api/classify", summary="Patient-level diagnosis classifiers: results.json")
     def classify():
         res = ex.run.classify_results

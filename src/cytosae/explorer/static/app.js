@@ -430,7 +430,9 @@ async function viewPatients() {
   $app.replaceChildren(h("h1", {}, "Patients"));
   const bcBox = h("div", { id: "barcodes" }), volBox = h("div", { id: "volcano" }), clsBox = h("div", { id: "classify" });
   $app.append(h("h2", {}, "Patient barcodes"), bcBox, h("h2", {}, "Disease comparison"), volBox, h("h2", {}, "Diagnosis classifiers"), clsBox);
-  api(u("patients/barcodes", {})).then(r => drawBarcodes(bcBox, r)).catch(e => showError(bcBox, e));
+  const cellsBox = h("div", { id: "patient-cells" });
+  bcBox.after(cellsBox);
+  api(u("patients/barcodes", {})).then(r => { drawBarcodes(bcBox, r); hookPatientCells(bcBox, r, cellsBox); }).catch(e => showError(bcBox, e));
   const loadVolcano = (a, b) => api(u("patients/compare", { group_a: a, group_b: b })).then(r => {
     volBox.replaceChildren();
     if (r.pairs.length > 1) {
@@ -442,6 +444,22 @@ async function viewPatients() {
   }).catch(e => showError(volBox, e));
   loadVolcano(null, null);
   api(u("classify", {})).then(r => drawClassify(clsBox, r)).catch(e => showError(clsBox, e));
+}
+// Click a patient's name in the barcodes: its cells ranked by MIL attention (classify/attention.parquet).
+function hookPatientCells(bcBox, r, box) {
+  const cv = bcBox.querySelector("canvas"), rh = 14, L = 170;
+  if (!cv) return;
+  const show = (pid, model) => api(u(`patients/${encodeURIComponent(pid)}/cells`, model ? { model } : {})).then(d => {
+    const sel = h("select", { id: "attention-model" }, ...d.models.map(m => h("option", { value: m, selected: m === d.model }, m)));
+    sel.addEventListener("change", () => show(pid, sel.value));
+    const cells = d.cells.map(c => h("figure", { class: "thumb" },
+      d.dataset ? h("img", { src: fileUrl(u("image/file", { dataset: d.dataset, image_id: c.image_id })), alt: c.image_id, loading: "lazy" }) : "",
+      h("figcaption", {}, `#${c.rank + 1} · ${fmt(c.attention, 3)}`)));
+    box.replaceChildren(h("h3", {}, `Cells of ${pid} by attention (predicted ${d.cells[0].predicted})`), h("label", { class: "muted" }, "model: ", sel),
+      h("div", { class: "gallery" }, ...cells), h("p", { class: "caption" }, `${d.measured}; ${d.n_cells} cells, ${d.cells.length} shown.`));
+  }).catch(e => showError(box, e));
+  cv.addEventListener("click", ev => { const b = cv.getBoundingClientRect(); const i = Math.floor((ev.clientY - b.top) / rh);
+    if (ev.clientX - b.left < L && i >= 0 && i < r.patients.length) show(r.patients[i].patient_id); });
 }
 function drawBarcodes(box, r) {
   const rows = r.patients.length, cols = r.latents.length, cw = Math.max(4, Math.min(18, Math.floor(900 / Math.max(1, cols)))), rh = 14, L = 170;
