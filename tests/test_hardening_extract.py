@@ -1,14 +1,11 @@
 """Hardening of extraction (issue #12): deterministic random backbones, odd files on disk, pixel budget."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +13,8 @@ from PIL import Image
 from cytosae import load_backbone
 from cytosae.data import load_manifest
 from cytosae.store import ActivationStore, ExtractConfig, extract
+
+from kill_helpers import kill_after_first_shard
 
 TINY = dict(depth=2)
 
@@ -61,9 +60,9 @@ from cytosae.data import load_manifest
 from cytosae.store import ExtractConfig, extract
 bb = load_backbone("dinobloom-s", depth=2)  # no weights: random, drawn from the default seed
 real = bb.tokens
-def slow(x, layer):
+def slow(x, layer, **kw):
     time.sleep(float(sys.argv[3]))  # give the test time to kill us mid-run
-    return real(x, layer=layer)
+    return real(x, layer=layer, **kw)
 bb.tokens = slow
 extract(load_manifest(sys.argv[1]), bb, sys.argv[2], ExtractConfig(batch_size=2, shard_size=4, progress=False,
                                                                    num_workers=0))
@@ -78,16 +77,7 @@ def test_sigkill_then_rerun_without_weights_matches_uninterrupted(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     subprocess.run([sys.executable, str(script), str(data), str(tmp_path / "full"), "0"], check=True, env=env)
 
-    proc = subprocess.Popen([sys.executable, str(script), str(data), str(tmp_path / "killed"), "0.3"], env=env)
-    manifest_path = tmp_path / "killed" / "manifest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if manifest_path.exists() and len(json.loads(manifest_path.read_text())["shards"]) >= 1:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not json.loads(manifest_path.read_text())["complete"]
+    kill_after_first_shard([sys.executable, str(script), str(data), str(tmp_path / "killed"), "0.3"], tmp_path / "killed", env)
 
     subprocess.run([sys.executable, str(script), str(data), str(tmp_path / "killed"), "0"], check=True, env=env)
     for name in ["shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors", "images.parquet"]:

@@ -1,10 +1,7 @@
 """Activation store: extract (skips, resume, exactness), reader, import."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,8 @@ from safetensors.torch import save_file
 from cytosae import load_backbone
 from cytosae.data import load_manifest
 from cytosae.store import ActivationStore, ExtractConfig, extract, import_embeddings
+
+from kill_helpers import kill_after_first_shard
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(depth=3)  # a 3-block DinoBloom-S: same tokens and width, a quarter of the compute
@@ -168,16 +167,7 @@ def test_sigkill_then_rerun_matches_uninterrupted(tmp_path, weights):
     script.write_text(KILL_SCRIPT)
     subprocess.run([sys.executable, str(script), str(weights), str(data), str(tmp_path / "full"), "0"], check=True)
 
-    proc = subprocess.Popen([sys.executable, str(script), str(weights), str(data), str(tmp_path / "killed"), "0.3"])
-    manifest_path = tmp_path / "killed" / "manifest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if manifest_path.exists() and len(json.loads(manifest_path.read_text())["shards"]) >= 1:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not json.loads(manifest_path.read_text())["complete"]
+    kill_after_first_shard([sys.executable, str(script), str(weights), str(data), str(tmp_path / "killed"), "0.3"], tmp_path / "killed")
 
     subprocess.run([sys.executable, str(script), str(weights), str(data), str(tmp_path / "killed"), "0"], check=True)
     for name in ["shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors", "images.parquet"]:

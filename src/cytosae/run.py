@@ -304,12 +304,9 @@ def _new_meta() -> dict:
 
 
 def _read_run_json(file: Path) -> dict:
-    try:
-        meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{file} is not valid JSON ({exc}); restore it, or delete it and rerun the study") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{file} must hold a JSON object")
+    from cytosae.store.format import read_json_object
+
+    meta = read_json_object(file, "restore it, or delete it and rerun the study")
     if meta.get("format_version", RUN_FORMAT_VERSION) > RUN_FORMAT_VERSION:
         raise ValueError(f"{file}: format_version {meta['format_version']} is newer than this cytosae understands "
                          f"({RUN_FORMAT_VERSION}); upgrade cytosae")

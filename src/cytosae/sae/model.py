@@ -414,12 +414,9 @@ class SAE(nn.Module):
 
 
 def _read_config(cfg_path: Path) -> tuple[SAEConfig, dict, dict | None]:
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg_path} is not valid JSON ({exc}); rewrite it with sae.save()") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_path} does not hold a JSON object; rewrite it with sae.save()")
+    from cytosae.store.format import read_json_object
+
+    raw = read_json_object(cfg_path, "rewrite it with sae.save()")
     version = raw.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise ValueError(f"{cfg_path}: expected format_version {FORMAT_VERSION}, got {version!r}; "

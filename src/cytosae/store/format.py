@@ -100,6 +100,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON object from `path`, or a one-line ValueError naming the file and saying what to do (`fix`)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} does not hold a JSON object; {fix}")
+    return obj
+
+
 def read_manifest(store_dir: Path) -> dict:
     path = Path(store_dir) / MANIFEST
     if not path.is_file():
