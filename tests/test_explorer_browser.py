@@ -184,7 +184,8 @@ def test_patients_page_on_the_real_demo_outputs(demo_run, page):
         for name in ("concepts_logreg_l1", "concepts_random_forest", "baseline_mean_embedding_logreg_l2",
                      "baseline_promyelocyte_proportion"):
             assert name in table
-        assert page.locator("#classify-table tr").count() == 1 + 6  # header + every model and baseline
+        assert page.locator("#classify-table tr").count() == 1 + 8  # header + every model, baseline and MIL model
+        assert "mil_concepts" in table and "mil_embedding" in table
         page.wait_for_selector("#volcano p.muted:has-text('AML vs APL')")
         assert page.locator("#compare-pair").count() == 0  # one comparison: no selector to choose from
         page.screenshot(path=str(ARTIFACTS / "patients_demo_run.png"), full_page=True)

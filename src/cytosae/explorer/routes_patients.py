@@ -60,7 +60,7 @@ def register(app, ex: Explorer) -> None:
     def patient_cells(patient_id: str, model: str | None = Query(None, max_length=200), top: int = Query(48, ge=1, le=1000)):
         att = ex.run.raw_table("classify/attention")
         if att is None:
-            raise MissingData(f"{ex.run.path}/classify/attention.parquet is missing: run `cytosae classify` with --store (MIL)")
+            raise ex.run.missing("classify/attention.parquet")
         models = sorted(att["model"].astype(str).unique())
         model = model or models[0]
         if model not in models:

@@ -83,20 +83,17 @@ class RunDir:
 
     def rebuild_command(self, rel: str) -> str:
         """The command that writes the run file `rel` (RUN = this run directory)."""
-        stores = " ".join(f"RUN/{self.rel(self.store_dir(d))}" for d in self.datasets) or "RUN/stores/DATASET"
-        first = f"RUN/{self.rel(self.store_dir(next(iter(self.datasets))))}" if self.datasets else "RUN/stores/DATASET"
-        sae = f"RUN/{self.rel(self.sae_dir)}"
         if rel.startswith("stats/"):
-            return f"cytosae stats {sae} {stores} --out RUN/stats"
+            return "cytosae stats --run RUN"
         if rel.startswith("patients/"):
-            return f"cytosae patients {sae} {first} --out RUN/patients"
+            return "cytosae patients --run RUN"
         if rel.startswith("classify/"):
-            return "cytosae classify RUN/patients --out RUN/classify"
+            return "cytosae classify --run RUN"
         if rel.startswith(self.rel(self.sae_dir) + "/"):
-            return f"cytosae train {first} --out {sae}"
+            return "cytosae train --run RUN"
         for d in self.datasets:
             if rel.startswith(self.rel(self.store_dir(d))):
-                return f"cytosae extract DATA --out RUN/{self.rel(self.store_dir(d))}"
+                return f"cytosae extract DATA --run RUN --name {d}"
         return "the cytosae command that wrote it"
 
     def damaged(self, path: Path, exc: BaseException) -> DamagedData:
