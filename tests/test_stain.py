@@ -145,3 +145,25 @@ def test_extract_records_the_stain_and_refuses_another_reference(tmp_path, caplo
     bad = _extract(manifest, tmp_path / "other", "--stain", "reinhard", "--stain-reference", tmp_path / "no.png")
     assert bad.exit_code == 2 and "stain reference" in bad.output and "file not found" in bad.output
     assert not (tmp_path / "other" / "manifest.json").exists()
+
+
+def test_explorer_uploads_use_the_stores_stain(tmp_path):
+    """An upload is encoded with the store's colour normalisation, as its cells were."""
+    from safetensors.torch import save_file
+
+    from cytosae.backbones import load_backbone
+    from cytosae.explorer.activations import Encoder
+    from cytosae.explorer.rundir import RunDir
+
+    manifest = make_sample(tmp_path / "cells", n_patients=2, cells_per_patient=1, size=64)
+    ref = manifest.parent / pd.read_csv(manifest)["path"][0]
+    weights = tmp_path / "w.safetensors"  # uploads need a backbone with known weights
+    save_file({k: v.contiguous() for k, v in load_backbone("dinobloom-s", seed=3).model.state_dict().items()}, weights)
+    res = CliRunner().invoke(app, ["extract", str(manifest), "--run", str(tmp_path / "run"), "--name", "cells",
+                                   "--backbone", "dinobloom-s", "--weights", str(weights), "--layer", "0",
+                                   "--workers", "0", "--stain", "reinhard", "--stain-reference", str(ref)])
+    assert res.exit_code == 0, res.output
+    bb, _ = Encoder(RunDir(tmp_path / "run")).backbone()
+    assert bb.preprocess_config.stain == fit_stain("reinhard", ref)
+    img = _shifted(open_rgb(manifest.parent / pd.read_csv(manifest)["path"][1]))
+    assert np.array_equal(bb.preprocess(img).numpy(), Preprocess(stain=fit_stain("reinhard", ref))(img).numpy())
