@@ -163,6 +163,9 @@ def test_explorer_uploads_use_the_stores_stain(tmp_path):
                                    "--backbone", "dinobloom-s", "--weights", str(weights), "--layer", "0",
                                    "--workers", "0", "--stain", "reinhard", "--stain-reference", str(ref)])
     assert res.exit_code == 0, res.output
+    step = json.loads((tmp_path / "run" / "run.json").read_text())["steps"]["extract:cells"]
+    assert step["settings"]["stain"] == "reinhard"
+    assert step["inputs"]["stain_reference"]["sha256"] == fit_stain("reinhard", ref).reference_sha256
     bb, _ = Encoder(RunDir(tmp_path / "run")).backbone()
     assert bb.preprocess_config.stain == fit_stain("reinhard", ref)
     img = _shifted(open_rgb(manifest.parent / pd.read_csv(manifest)["path"][1]))

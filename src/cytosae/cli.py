@@ -260,7 +260,8 @@ def extract(
         rd.set_backbone({"name": backbone, "weights": rd.portable(weights) if weights else None, "layer": layer,
                          "seed": None if weights else seed, "options": {}})
         _record(ctx, rd, f"extract:{name}", started, inputs={"weights": weights, "patients": patients,
-                                                        "manifest": data if data.is_file() else None})
+                                                        "manifest": data if data.is_file() else None,
+                                                        "stain_reference": stain_reference})
 
 
 @app.command("import-embeddings")
