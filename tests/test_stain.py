@@ -144,6 +144,10 @@ def test_extract_records_the_stain_and_refuses_another_reference(tmp_path, caplo
     assert len(missing.output.strip().splitlines()) == 1
     bad = _extract(manifest, tmp_path / "other", "--stain", "reinhard", "--stain-reference", tmp_path / "no.png")
     assert bad.exit_code == 2 and "stain reference" in bad.output and "file not found" in bad.output
+    flat = _extract(manifest, tmp_path / "other", "--stain", "reinhard", "--stain-reference", blank)
+    assert flat.exit_code == 2 and flat.output.startswith("error: stain reference") and "uniform colour" in flat.output
+    flat = _extract(manifest, tmp_path / "other", "--stain", "macenko", "--stain-reference", blank)
+    assert flat.exit_code == 2 and "no stained pixels" in flat.output, flat.output
     assert not (tmp_path / "other" / "manifest.json").exists()
 
 

@@ -131,4 +131,7 @@ def fit_stain(method: str, reference: str | Path) -> Stain:
         params = {"target_means": [float(v) for v in n.target_means], "target_stds": [float(v) for v in n.target_stds]}
     if not all(np.isfinite(v).all() for v in map(np.asarray, params.values())):
         raise ValueError(f"stain reference {ref}: the fitted {method} parameters are not finite; choose another image")
+    if method == "reinhard" and min(params["target_stds"]) < 1e-3:  # every image would become one flat colour
+        raise ValueError(f"stain reference {ref}: the image has a uniform colour (no stain to match); "
+                         "choose a reference image with a stained cell")
     return Stain(method, params, hashlib.sha256(ref.read_bytes()).hexdigest())
