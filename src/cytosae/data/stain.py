@@ -55,7 +55,7 @@ def _stained_pixels(arr: np.ndarray) -> int:
 
 def _check_macenko(arr: np.ndarray) -> None:
     if _stained_pixels(arr) < 3:  # its covariance needs a few pixels
-        raise StainError("no stained pixels (a blank image has no stain to measure)")
+        raise StainError("no stained pixels: a blank image has no stain to measure")
 
 
 @dataclass(frozen=True)
