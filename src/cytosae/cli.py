@@ -149,6 +149,21 @@ def run_cmd(
 # ---------------------------------------------------------------- backbones / store (extract, import)
 
 
+def _fit_stain(method: str, reference: Optional[Path]):
+    """extract's --stain/--stain-reference as a fitted Stain (None for none); ValueError saying what is missing."""
+    from cytosae.data.stain import STAIN_METHODS, fit_stain
+
+    if method not in STAIN_METHODS:
+        raise ValueError(f"--stain must be one of {' | '.join(STAIN_METHODS)}, got {method!r}")
+    if method == "none":
+        if reference is not None:
+            raise ValueError("--stain-reference needs --stain macenko or --stain reinhard")
+        return None
+    if reference is None:
+        raise ValueError(f"--stain {method} needs --stain-reference REF (an image with the colours to match)")
+    return fit_stain(method, reference)
+
+
 @app.command()
 def extract(
     ctx: typer.Context,
@@ -176,6 +191,10 @@ def extract(
     seed: int = typer.Option(0, help="Seed of the RANDOM backbone weights used without --weights (recorded in the store)."),
     max_pixels: int = typer.Option(50_000_000, help="Images with more pixels are skipped (read from the header, before "
                                                     "decoding: a 164 KB PNG can decode to 2 GB); 0 = no budget."),
+    stain: str = typer.Option("none", help="Colour normalisation to --stain-reference before resizing: none | macenko "
+                                           "| reinhard (its fitted numbers are recorded in the store)."),
+    stain_reference: Optional[Path] = typer.Option(None, help="Reference image whose colours every image is "
+                                                              "normalised to (with --stain)."),
 ) -> None:
     """Write a backbone's token activations (CLS + patches) for every image to a sharded store.
 
@@ -206,6 +225,7 @@ def extract(
                             num_workers=workers, precision=precision, max_pixels=max_pixels or None,
                             max_seconds=60 * max_minutes if max_minutes is not None else None)
         dev, rank, world = init_from_env(device)
+        fitted = _fit_stain(stain, stain_reference)
     except ValueError as exc:
         _fail(str(exc))
     try:
@@ -215,6 +235,10 @@ def extract(
         if bb.random_weights and rank == 0:
             typer.secho("WARNING: no --weights given: the backbone has RANDOM weights; its activations mean nothing "
                         "about blood cells. Fine for a demo, never for a study.", fg=typer.colors.YELLOW, err=True)
+        if fitted is not None:
+            from dataclasses import replace
+
+            bb.preprocess_config = replace(bb.preprocess_config, stain=fitted)
         res = run_extract(manifest, bb, out, cfg)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
@@ -236,7 +260,8 @@ def extract(
         rd.set_backbone({"name": backbone, "weights": rd.portable(weights) if weights else None, "layer": layer,
                          "seed": None if weights else seed, "options": {}})
         _record(ctx, rd, f"extract:{name}", started, inputs={"weights": weights, "patients": patients,
-                                                        "manifest": data if data.is_file() else None})
+                                                        "manifest": data if data.is_file() else None,
+                                                        "stain_reference": stain_reference})
 
 
 @app.command("import-embeddings")

@@ -9,10 +9,11 @@ and images larger than a pixel budget are refused from their header, before deco
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +21,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+from .stain import Stain, StainError
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,6 +120,9 @@ def open_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXEL
 class Preprocess:
     """PIL RGB -> normalised float tensor (3, size, size).
 
+    stain:  optional colour normalisation to a reference image (cytosae.data.stain), applied first, at the
+            image's own resolution. Where it fails on an image (a blank one has no stain to measure) the image
+            keeps its own colours and a warning names it: one odd image never stops an extraction.
     squash: resize to size x size ignoring aspect ratio (CytoSAE's choice; cells stay whole).
     pad:    fit the longer side, pad with white (a smear's background) to a square.
     crop:   fit the shorter side, centre crop (may cut the cell's edge).
@@ -125,12 +133,27 @@ class Preprocess:
     resize: str = "squash"
     mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
+    stain: Stain | None = None
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_POLICIES:
             raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
 
-    def resize_image(self, img: Image.Image) -> Image.Image:
+    def normalise_colours(self, img: Image.Image, source: str | None = None) -> Image.Image:
+        """`img` in the stain reference's colours; unchanged without a stain or where the normaliser fails."""
+        if self.stain is None:
+            return img
+        try:
+            return self.stain.apply(img)
+        except StainError as exc:
+            log.warning("%s stain normalisation failed on %s (%s); it keeps its own colours",
+                        self.stain.method, source or "an image", exc)
+            return img
+
+    def resize_image(self, img: Image.Image, source: str | None = None) -> Image.Image:
+        """The size x size RGB image the backbone sees: colour-normalised (with a stain), then resized.
+        The explorer shows this, so a viewer sees the colours the model saw."""
+        img = self.normalise_colours(img.convert("RGB"), source)
         s = self.size
         if self.resize == "squash":
             return img.resize((s, s), Image.BICUBIC)
@@ -146,21 +169,24 @@ class Preprocess:
         left, top = (big.width - s) // 2, (big.height - s) // 2
         return big.crop((left, top, left + s, top + s))
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        arr = np.asarray(self.resize_image(img.convert("RGB")), dtype=np.float32) / 255.0
+    def __call__(self, img: Image.Image, source: str | None = None) -> torch.Tensor:
+        arr = np.asarray(self.resize_image(img, source), dtype=np.float32) / 255.0
         x = torch.from_numpy(arr).permute(2, 0, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
         return ((x - mean) / std).contiguous()
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
+        d = {"size": self.size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
+        if self.stain is not None:  # absent without one: stores written before stains existed still resume
+            d["stain"] = self.stain.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(size=int(d["size"]), resize=d["resize"], mean=tuple(d["mean"]), std=tuple(d["std"]))
+        stain = d.get("stain")
+        return cls(size=int(d["size"]), resize=d["resize"], mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   stain=Stain.from_dict(stain) if stain else None)
 
 
 class ImageDataset(Dataset):
@@ -176,7 +202,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.preprocess(open_rgb(self.paths[i], self.max_pixels)), None
+            return i, self.preprocess(open_rgb(self.paths[i], self.max_pixels), str(self.paths[i])), None
         except ImageDecodeError as exc:
             return i, None, exc.reason
 

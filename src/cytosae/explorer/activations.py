@@ -169,6 +169,12 @@ class Encoder:
             bb = load_backbone(name, weights=weights, device=self.device, **options)
         except Exception as exc:  # missing weights file, no network for a download, unknown name
             raise BackboneUnavailable(f"backbone {name!r} (weights {weights or 'default'}) could not be loaded: {exc}") from None
+        stain = (self.run.preprocessing() or {}).get("stain")
+        if stain:  # the store's colour normalisation (extract --stain), so an upload is seen as its cells were
+            from dataclasses import replace
+
+            from cytosae.data.stain import Stain
+            bb.preprocess_config = replace(bb.preprocess_config, stain=Stain.from_dict(stain))
         if spec.get("weights_sha256") and getattr(bb, "weights_sha256", None) not in (None, spec["weights_sha256"]):
             raise BackboneUnavailable(f"backbone weights differ from those the store was extracted with "
                                       f"(sha256 {bb.weights_sha256[:12]} vs {spec['weights_sha256'][:12]})")
