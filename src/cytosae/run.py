@@ -58,7 +58,7 @@ def versions() -> dict[str, str]:
     from cytosae import __version__
 
     out = {"cytosae": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "timm", "numpy", "safetensors", "scikit-learn"):
+    for pkg in ("torch", "timm", "numpy", "safetensors", "scikit-learn", "torchstain"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
     return out
