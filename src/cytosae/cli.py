@@ -90,6 +90,10 @@ def _record(ctx: typer.Context, run, step: str, started: float, inputs: Optional
         return
     import time
 
+    from cytosae.distributed import world_from_env
+
+    if world_from_env()[0] != 0:  # under torchrun, rank 0 speaks for the run
+        return
     settings = {k: v for k, v in ctx.params.items() if k != "run"}
     settings.update(extra)
     run.record_step(step, f"cytosae {ctx.info_name}", settings, inputs=inputs, seconds=time.time() - started)
