@@ -31,13 +31,36 @@ def _worker(rank, world, init_file, out_dir, kw, interrupt):
         if rank == 0:
             torch.save({k: v.detach() for k, v in sae.state_dict().items()}, f"{out_dir}/ddp.pt")
     finally:
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
+
+
+def _spawn_retrying_an_abort(tmp_path, kw, interrupt):
+    """Run the two ranks; once more if a rank died of SIGABRT. About 1 run in 20 on the loaded 2-core machine
+    (never seen alone) ended with "terminate called without an active exception" in a rank; training is
+    deterministic, so a second run is compared exactly like the first. Cause not found yet (see the note of
+    2026-11-25); any other failure, or a second abort, fails the test."""
+    import shutil
+
+    for attempt in range(2):
+        try:
+            mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), kw, interrupt), nprocs=2, join=True)
+            return
+        except mp.ProcessExitedException as exc:
+            if attempt or exc.signal_name != "SIGABRT":
+                raise
+            for leftover in ("init", "ddp", "ddp.pt"):
+                p = tmp_path / leftover
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            import warnings
+
+            warnings.warn(f"DDP test: a rank aborted ({exc}); ran the two ranks again")
 
 
 @pytest.mark.parametrize("kw,interrupt", [(KW, False), (INIT_KW, False), (INIT_KW, True)],
                          ids=["fixed-init", "data-init", "data-init-resumed"])
 def test_two_processes_equal_one(tmp_path, kw, interrupt):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), kw, interrupt), nprocs=2, join=True)
+    _spawn_retrying_an_abort(tmp_path, kw, interrupt)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     single = train_sae(_data(), batch_size=256, **kw)  # one global batch = the two ranks' batches
     for k, v in single.state_dict().items():

@@ -7,7 +7,7 @@ training and a test fold at once. Scores are computed on out-of-fold predictions
   per-class F1 and AUROC (binary: of the positive class; several classes: one-vs-rest, macro) are
   computed over all patients of that repeat, then averaged over repeats;
 - confidence intervals: 95% percentile bootstrap over patients (resampling patients with
-  replacement) of the metric on the out-of-fold probabilities averaged over repeats.
+  replacement) of that same statistic: in each resample, the per-repeat metrics averaged over repeats.
 
 Feature sets ("models"): concept barcodes (fraction of the patient's cells where each latent fires)
 with L1- and L2-regularised logistic regression and a random forest; baselines on the same cells:
@@ -33,8 +33,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from scipy import stats as sps
 
-CI_METHOD = ("95% percentile bootstrap over patients of the metric on the out-of-fold calibrated probabilities "
-             "averaged over repeats (AUROC) and on each patient's majority decision over repeats (F1)")
+CI_METHOD = ("95% percentile bootstrap over patients of the reported statistic: in each resample, the mean over "
+             "repeats of each repeat's out-of-fold AUROC (calibrated probabilities) and macro-F1 (decisions)")
 
 
 @dataclass
@@ -169,13 +169,20 @@ def _auc(is_pos: np.ndarray, score: np.ndarray) -> float:
 
 def _bootstrap_ci(y: np.ndarray, proba: np.ndarray, classes: list[str], positive: str | None, n: int,
                   seed: int, pred: np.ndarray | None = None) -> dict:
+    """95% percentile CIs of the reported statistic: for each resample of patients, the mean over repeats of each
+    repeat's macro-F1 and AUROC. `proba` is (n_patients, n_classes) or (repeats, n_patients, n_classes), `pred` the
+    decisions likewise. (Bootstrapping probabilities averaged over repeats would score an ensemble, which ranks
+    better than any one repeat: its interval can miss the reported point.)"""
     if n <= 0:
         return {"macro_f1_ci": None, "auroc_ci": None}
     rng = np.random.default_rng(seed)
     codes = np.searchsorted(classes, y)
-    pred_codes = None if pred is None else np.searchsorted(classes, np.asarray(pred))
+    probas = proba[None] if proba.ndim == 2 else proba
+    preds = [None] * len(probas) if pred is None else (np.asarray(pred)[None] if np.ndim(pred) == 1 else pred)
+    pred_codes = [None if p is None else np.searchsorted(classes, np.asarray(p).astype(str)) for p in preds]
     pos = classes.index(positive) if positive is not None else None
-    draws = np.array([_fast_scores(codes[idx], proba[idx], pos, None if pred_codes is None else pred_codes[idx])
+    draws = np.array([np.mean([_fast_scores(codes[idx], pr[idx], pos, None if pc is None else pc[idx])
+                               for pr, pc in zip(probas, pred_codes)], axis=0)
                       for idx in rng.integers(0, len(y), (n, len(y)))])
 
     def ci(v):
@@ -338,7 +345,7 @@ def run_cv(yv: np.ndarray, patients: list, fit_predict, cfg: ClassifyConfig, nam
                                                        for r in range(n_repeats)])),
         "brier": float(np.mean(((oof - (np.asarray(classes)[None, None, :] == yv[None, :, None])) ** 2).sum(2))),
         "confusion": _confusion(yv, vote, classes),
-        **_bootstrap_ci(yv, mean_proba, classes, positive, cfg.n_bootstrap, cfg.seed, vote),
+        **_bootstrap_ci(yv, oof, classes, positive, cfg.n_bootstrap, cfg.seed, decided.astype(str)),
     }
     if positive is not None:
         result["threshold_mean"], result["threshold_sd"] = float(np.mean(thresholds)), float(np.std(thresholds))

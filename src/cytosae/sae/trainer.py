@@ -354,6 +354,8 @@ class Trainer:
         self.compute_s = time.perf_counter() - t_start - self.data_wait_s
         self._check_finite("at the end,")
         self.checkpoint(run_args)
+        if self.world > 1:  # leave together: a rank that exits while rank 0 still writes can abort in gloo
+            dist.barrier()
         self._check_ran_out(max_tokens_this_run, run_tokens)
         self.sae.training_summary = {"steps": self.step, "tokens_seen": self.tokens_seen, "finished": self.finished}
         return self.sae.eval()
