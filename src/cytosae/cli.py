@@ -330,10 +330,10 @@ def train(
     """Train a sparse autoencoder on a store's token activations (resumable; several GPUs with torchrun)."""
     import time
 
-    from cytosae.devices import resolve_device
     from cytosae.sae import TrainingDiverged, store_epochs, train_sae
     from cytosae.sae.loggers import make_logger
-    from cytosae.sae.trainer import PRECISIONS, init_distributed_from_env
+    from cytosae.distributed import init_from_env, shutdown
+    from cytosae.sae.trainer import PRECISIONS
 
     started = time.time()
     rd = _open_run(run)
@@ -355,7 +355,7 @@ def train(
         _fail(f"--total-tokens {total_tokens:,} is more than {epochs} epoch(s) of {store} hold ({available:,} {tokens} "
               f"tokens each); pass --epochs {-(-total_tokens // available)} or ask for fewer tokens")
     try:
-        dev = init_distributed_from_env(resolve_device(device))
+        dev, rank, _ = init_from_env(device)
     except ValueError as exc:
         _fail(str(exc))
     batches = store_epochs(st, epochs, tokens=tokens, batch_size=batch_size, seed=seed, shuffle_tokens=shuffle)
@@ -375,13 +375,9 @@ def train(
         if logger is not None:
             logger.close()
     s = sae.training_summary
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        rank = dist.get_rank()
-        dist.destroy_process_group()
-        if rank != 0:
-            return
+    shutdown()
+    if rank != 0:
+        return
     typer.echo(f"SAE {arch} ({sae.cfg.n_latents} latents on d={sae.cfg.d_in}) trained on {s['tokens_seen']:,} "
                f"{tokens} tokens of {store} ({epochs} epoch(s), images in shuffled order) in {s['steps']} steps "
                f"on {dev} ({precision}) -> {out}")
@@ -407,7 +403,6 @@ def evaluate(
 
     import time
 
-    from cytosae.devices import resolve_device
     from cytosae.sae import evaluate_sae
 
     started = time.time()
@@ -418,10 +413,7 @@ def evaluate(
         out = out or rd.sae_dir / "eval.json"
     sae_dir = _need(sae_dir, "SAE_DIR", "use the run's SAE")
     store = _need(store, "STORE", "measure on the run's dataset")
-    try:
-        dev = resolve_device(device)
-    except ValueError as exc:
-        _fail(str(exc))
+    dev = _device(device)
     sae, st = _open_sae(sae_dir, allow_unfinished), _open_store(store)
     sae = sae.to(dev)
     res = evaluate_sae(sae, st, max_images=max_images)
@@ -523,7 +515,7 @@ def stats(
             typer.echo(f"{path.name}: galleries of the {len(written)} latents with the lowest label entropy among those "
                        f"firing on >= {k} images -> {out / 'figures' / 'galleries' / path.name}")
     if factors:
-        _factor_purity(sae, stores, opened, results, [f.strip() for f in factors.split(",") if f.strip()], k, out,
+        _factor_purity(sae, stores, opened, results, _split(factors), k, out,
                        label_column)
     typer.echo(f"tables and figures -> {out} (definitions in {out / 'summary.json'})")
     _record(ctx, rd, "stats", started)
@@ -742,12 +734,7 @@ def classify(
         token_policy = json.loads(summary.read_text()).get("token_policy", "cls") if summary.is_file() else "cls"
     cfg = ClassifyConfig(target=target, n_splits=folds, n_repeats=repeats, seed=seed, positive=positive, mil=kinds,
                          mil_repeats=mil_repeats)
-    if kinds and device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            _fail(f"--device {device}: no CUDA device is available here; use --device cpu")
-    mil_cfg = MILConfig(seed=seed, device=device, max_epochs=mil_epochs)
+    mil_cfg = MILConfig(seed=seed, device=str(_device(device)) if kinds else device, max_epochs=mil_epochs)
     try:
         bags, ext_bags = _mil_inputs(kinds, st, ext_st, model, token_policy, mil_embedding)
         res = classify_patients(bc, cfg, store=st, cell_type_column=cell_type_column, proportion=proportion,
@@ -903,7 +890,9 @@ def annotations_export(
     """Export every latent annotation (name, tags, note, status, author, time)."""
     from cytosae.explorer.annotations import AnnotationStore, export
 
-    db = run_dir / "annotations.sqlite"
+    from cytosae.run import ANNOTATIONS
+
+    db = run_dir / ANNOTATIONS
     if not db.is_file():
         _fail(f"{db} does not exist: no annotations have been made in this run yet")
     if format not in ("csv", "json"):

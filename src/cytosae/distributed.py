@@ -12,6 +12,15 @@ def world_from_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def init_from_env(device_spec: str = "auto", timeout_minutes: float = 120) -> tuple[torch.device, int, int]:
     """Resolve `--device` and, under torchrun, join the process group: NCCL on GPUs, gloo on CPUs.
 

@@ -92,10 +92,9 @@ def _json_safe(value):
 class Run:
     """A run directory. Open with `Run.open(path)` (existing) or `Run.open(path, create=True)`."""
 
-    def __init__(self, path: str | Path, meta: dict, written: bool) -> None:
+    def __init__(self, path: str | Path, meta: dict) -> None:
         self.path = Path(path).absolute()
-        self.meta = meta
-        self.written = written  # False for a run inferred from its layout (no run.json yet)
+        self.meta = meta  # inferred from the layout (not written) until a command records a step
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -103,21 +102,16 @@ class Run:
         path = Path(path)
         file = path / RUN_JSON
         if file.is_file():
-            return cls(path, _read_run_json(file), written=True)
+            return cls(path, _read_run_json(file))
         if path.is_dir():
             inferred = _infer_meta(path)
             if inferred is not None:
-                return cls(path, inferred, written=False)
+                return cls(path, inferred)
         if create:
             path.mkdir(parents=True, exist_ok=True)
-            return cls(path, _new_meta(), written=False)
+            return cls(path, _new_meta())
         raise NotARun(f"{path} is not a cytosae run: it has no run.json and no sae/ + stores/NAME/ folders; "
                       f"make one with `cytosae run study.toml` or commands given `--run {path}`")
-
-    @classmethod
-    def is_run(cls, path: str | Path) -> bool:
-        path = Path(path)
-        return (path / RUN_JSON).is_file() or (path.is_dir() and _infer_meta(path) is not None)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -189,7 +183,7 @@ class Run:
                 yield meta
                 meta["updated"] = now()
                 atomic_write_json(file, meta)
-                self.meta, self.written = meta, True
+                self.meta = meta
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -224,6 +218,11 @@ class Run:
             meta.setdefault("steps", {})[step] = record
         return record
 
+    def set_study_keys(self, study_file: str, keys: dict[str, str]) -> None:
+        """The study that drives this run, and the settings key of each of its steps (cytosae.study)."""
+        with self._locked() as meta:
+            meta["study"] = {"file": study_file, "keys": dict(keys)}
+
     def forget_steps(self, steps: Iterable[str]) -> None:
         with self._locked() as meta:
             for s in steps:
@@ -242,7 +241,7 @@ class Run:
             return str(p)
 
     def resolve(self, recorded: str | None) -> Path | None:
-        """A path as written by `_portable`, back to an absolute path."""
+        """A path as written by `portable`, back to an absolute path."""
         if not recorded:
             return None
         p = Path(recorded)

@@ -10,6 +10,7 @@ removing its stale outputs, and every step after it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -121,6 +122,7 @@ def _options(section: dict, command: str, where: str, skip: set[str] = frozenset
     return argv
 
 
+@functools.lru_cache(maxsize=None)
 def _command_options(command: str) -> dict[str, tuple[bool, bool]]:
     import typer.main
 
@@ -192,7 +194,7 @@ def _patient_steps(study: dict, run: str, f: str) -> list[Step]:
         if ext is not None:
             if ext not in external:
                 raise StudyError(f"{f}: [classify] external = {ext!r} must also be listed in [patients] external")
-            argv += ["--external", str(Run(run, {}, False).external_patients_dir(ext))]
+            argv += ["--external", str(Run(run, {}).external_patients_dir(ext))]
             needs.append(f"patients:{ext}")
         steps.append(Step("classify", argv, needs=needs))
     return steps
@@ -250,7 +252,7 @@ def run_study(path: str | Path, say: Callable[[str], None] = print, dry_run: boo
             say(f"{head}: settings changed since the last run: removing its outputs and rerunning")
             _remove(run, step.name)
         keys[step.name] = step.key
-        _save_keys(run, study, keys)
+        run.set_study_keys(study["_file"], keys)
         say(f"{head}: {step.command}")
         try:
             code = app(step.argv, standalone_mode=False, prog_name="cytosae")
@@ -273,8 +275,3 @@ def _remove(run: Run, step: str) -> None:
         elif p.exists():
             p.unlink()
     run.forget_steps([step])
-
-
-def _save_keys(run: Run, study: dict, keys: dict) -> None:
-    with run._locked() as meta:
-        meta["study"] = {"file": study["_file"], "keys": keys}

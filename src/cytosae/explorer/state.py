@@ -47,7 +47,7 @@ class Explorer:
 
     def __init__(self, run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTES, device: str = "cpu") -> None:
         self.run = RunDir(run_dir, data_roots)
-        self.annotations = AnnotationStore(self.run.path / "annotations.sqlite")
+        self.annotations = AnnotationStore(self.run.run.annotations)
         self.encoder = Encoder(self.run, device=resolve_device(device))
         self.neighbours = LazyNeighbours(self.run)
         self.max_upload_bytes = max_upload_bytes

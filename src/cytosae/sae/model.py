@@ -6,10 +6,7 @@ Layout follows CytoSAE: W_enc (d_in, n_latents), W_dec (n_latents, d_in), unit-n
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,13 +60,6 @@ class SAEOutput:
             z[rows, cols] = vals
             self._dense = z
         return self._dense
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
 
 
 class SAE(nn.Module):
@@ -360,7 +350,7 @@ class SAE(nn.Module):
         got ({"finished", "step", "total_steps", "tokens_seen", "total_tokens"}), so an SAE saved at an
         intermediate checkpoint is never mistaken for a finished one.
         """
-        from cytosae.store.format import atomic_write_bytes, bytes_checksum
+        from cytosae.store.format import atomic_write_bytes, atomic_write_json, bytes_checksum
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -369,7 +359,7 @@ class SAE(nn.Module):
         meta = {"format_version": FORMAT_VERSION, **self.cfg.to_dict(), "checksums": {WEIGHTS_FILE: bytes_checksum(data)}}
         if training is not None:
             meta["training"] = training
-        _atomic_json(out / "config.json", meta)
+        atomic_write_json(out / "config.json", meta)
         return out
 
     @staticmethod

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..devices import resolve_device
+from ..distributed import rank_and_world
 from .checkpoint import load_training_state, save_training_state
 from .config import SAEConfig
 from .data import EpochSource, prefetch, rechunk
@@ -52,20 +52,6 @@ def lr_factor(step: int, total_steps: int, warmup: int, decay: int) -> float:
     return f
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed_from_env(device: torch.device) -> torch.device:
-    """Join the process group torchrun describes (cytosae.distributed owns this); the device this rank uses."""
-    from cytosae.distributed import init_from_env
-
-    return init_from_env(str(device))[0]
-
-
 class Trainer:
     """Trains one SAE on a deterministic stream of (N, d_in) tensors; resumable; data-parallel under torch.distributed.
 
@@ -91,7 +77,7 @@ class Trainer:
         self.precision, self.log_every, self.logger, self.progress = precision, log_every, logger, progress
         self.ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every, self.prefetch_batches = checkpoint_every, prefetch_batches
-        self.rank, self.world = world()
+        self.rank, self.world = rank_and_world()
         torch.manual_seed(seed)
         self.sae = SAE(cfg, seed=seed).to(self.device).train()
         # fused: one kernel over all parameters (0.41 s -> 0.06 s per step for 75 M parameters on 2 CPU cores)

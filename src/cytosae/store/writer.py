@@ -32,6 +32,8 @@ from torch.utils.data import DataLoader
 
 from cytosae.data.images import DEFAULT_MAX_PIXELS
 
+from cytosae.distributed import rank_and_world
+
 from .format import (
     DTYPES,
     FORMAT,
@@ -145,14 +147,6 @@ def _resolve_layer(layer: int, n_blocks: int) -> int:
     return layer % n_blocks
 
 
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
@@ -217,7 +211,7 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
         raise ValueError("the data manifest is empty: no images to extract")
     layer_index = _resolve_layer(cfg.layer, backbone.n_blocks)
     settings = _settings(backbone, manifest, cfg, layer_index)
-    rank, world = _world()
+    rank, world = rank_and_world()
     previous, done = _previous(out, settings)  # every rank checks, so a mismatch stops them all before any barrier
     if previous is not None and previous.get("complete"):
         log.info("store %s is already complete", out)
