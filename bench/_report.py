@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -15,3 +16,15 @@ def write_result(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+
+
+ACEVEDO = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "acevedo").resolve()
+
+
+def acevedo_sample(n: int):
+    """`n` real Acevedo cells (seed 0) as a data manifest; exits saying where the images are expected when absent."""
+    from cytosae.data import load_manifest
+
+    if not (ACEVEDO / "manifest.csv").is_file():
+        sys.exit(f"real images not found at {ACEVEDO}; this benchmark needs ../shared/data/acevedo")
+    return load_manifest(ACEVEDO / "manifest.csv").sample(n=n, random_state=0)

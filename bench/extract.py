@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from _report import write_result
+from _report import acevedo_sample, write_result
 
 REPO = Path(__file__).resolve().parents[1]
-ACEVEDO = (REPO / ".." / "shared" / "data" / "acevedo").resolve()
 
 
 def _sync(device: torch.device) -> None:
@@ -109,13 +107,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "extract.json")
     args = ap.parse_args()
 
-    from cytosae.data import load_manifest
     from cytosae.devices import resolve_device
 
-    if not (ACEVEDO / "manifest.csv").is_file():
-        sys.exit(f"real images not found at {ACEVEDO}; this benchmark needs ../shared/data/acevedo")
     device = resolve_device(args.device)
-    manifest = load_manifest(ACEVEDO / "manifest.csv").sample(n=args.n_images, random_state=0).sort_values("image_id")
+    manifest = acevedo_sample(args.n_images).sort_values("image_id")
     manifest = manifest.reset_index(drop=True)
     result = {name: bench_backbone(name, manifest, args, device) for name in args.backbones.split(",")}
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

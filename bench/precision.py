@@ -13,15 +13,13 @@ Writes bench/results/precision.json (or --out).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from _report import write_result
+from _report import acevedo_sample, write_result
 
 REPO = Path(__file__).resolve().parents[1]
-ACEVEDO = (REPO / ".." / "shared" / "data" / "acevedo").resolve()
 
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -43,13 +41,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from cytosae import load_backbone
-    from cytosae.data import load_manifest, open_rgb
+    from cytosae.data import open_rgb
     from cytosae.devices import resolve_device
 
-    if not (ACEVEDO / "manifest.csv").is_file():
-        sys.exit(f"real images not found at {ACEVEDO}; this benchmark needs ../shared/data/acevedo")
     device = resolve_device(args.device)
-    manifest = load_manifest(ACEVEDO / "manifest.csv").sample(n=args.n_images, random_state=0)
+    manifest = acevedo_sample(args.n_images)
     weights = f"weights {args.weights}" if args.weights else "seeded random weights (torch.manual_seed(0))"
     result = {"what": f"block -2 tokens under autocast vs fp32, {args.n_images} real Acevedo images, {weights}, on {device}"}
     for name in args.backbones.split(","):
