@@ -86,18 +86,6 @@ def test_sae_adapter_is_the_package_sae_and_reads_decoder_rows(tmp_path):
         load_sae(tmp_path)
 
 
-def test_resolve_device():
-    from cytosae.explorer.sae_adapter import resolve_device
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ValueError, match="auto, cpu, cuda"):
-        resolve_device("tpu")
-    if not torch.cuda.is_available():
-        for dev in ("cuda", "cuda:1"):
-            with pytest.raises(ValueError, match="CUDA is not available"):
-                resolve_device(dev)
-
-
 @pytest.mark.parametrize("resize", ["squash", "pad", "crop"])
 @pytest.mark.parametrize("size", [(300, 180), (90, 160)])
 def test_model_view_is_the_model_input(resize, size):
@@ -183,7 +171,7 @@ def test_explore_device_cuda_without_cuda_is_one_line_error(tmp_path_factory):
     fx = session_run(tmp_path_factory)
     r = subprocess.run([sys.executable, "-m", "cytosae.cli", "explore", str(fx.path), "--device", "cuda"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "CUDA is not available" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "no CUDA GPU is available" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
@@ -212,3 +200,29 @@ def test_precomputed_neighbours_equal_the_query():
         assert [j for j, _ in a] == [j for j, _ in b] or latent == 5  # a dead row ties everything at 0
         assert np.allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
     assert len(pre.query(3, 40)) == 40  # more than were precomputed: the direct product
+
+
+def test_explore_and_report_read_the_sae_once(tmp_path_factory, tmp_path, monkeypatch):
+    """The CLI checks the SAE (checksum, finished) and hands that object on: the weights are read and hashed once."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from cytosae.cli import app
+    from cytosae.sae import SAE
+    from explorer_fixtures import session_run
+
+    fx = session_run(tmp_path_factory)
+    loads, served = [], []
+    load = SAE.load.__func__
+    monkeypatch.setattr(SAE, "load", classmethod(lambda cls, d, *a, **k: loads.append(Path(d)) or load(cls, d, *a, **k)))
+    monkeypatch.setattr(uvicorn, "run", lambda web, **_: served.append(web))
+    r = CliRunner().invoke(app, ["explore", str(fx.path)])
+    assert r.exit_code == 0, r.output
+    encoder = served[0].state.explorer.encoder
+    assert encoder.for_store_image("acevedo", "neutrophil/cell_03.png").acts.shape[1] == fx.n_latents
+    assert len(loads) == 1 and encoder.sae.cfg.n_latents == fx.n_latents
+    loads.clear()
+    r = CliRunner().invoke(app, ["report", str(fx.path), "--out", str(tmp_path / "site"), "--latents", "2",
+                                 "--images", "1"])
+    assert r.exit_code == 0, r.output
+    assert len(loads) == 1 and (tmp_path / "site" / "index.html").is_file()

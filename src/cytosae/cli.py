@@ -833,11 +833,11 @@ def explore(
     from cytosae.explorer import create_app
     from cytosae.explorer.api import startup_lines
 
-    _check_run_sae(run_dir, allow_unfinished)
+    sae = _check_run_sae(run_dir, allow_unfinished)
     lines, token = startup_lines(run_dir.resolve(), host, port)
     try:
         web = create_app(run_dir, data_roots=data_root, preload=True, device=device, host=host, token=token,
-                         allow_hosts=allow_host)
+                         allow_hosts=allow_host, sae=sae)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     for line in lines:  # the token is printed once, here, and nowhere else
@@ -845,8 +845,9 @@ def explore(
     uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
-def _check_run_sae(run_dir: Path, allow_unfinished: bool) -> None:
-    """A run's cytosae SAE is checked like `evaluate` checks it (the explorer reports missing ones itself)."""
+def _check_run_sae(run_dir: Path, allow_unfinished: bool):
+    """A run's cytosae SAE, checked like `evaluate` checks it, handed on to the explorer so that it is read once;
+    None where there is none to check (the explorer reports missing ones itself)."""
     import json
 
     from cytosae.run import Run
@@ -855,9 +856,8 @@ def _check_run_sae(run_dir: Path, allow_unfinished: bool) -> None:
         sae_dir = Run.open(run_dir).sae_dir
         written_by_cytosae = "format_version" in json.loads((sae_dir / "config.json").read_text())
     except (OSError, ValueError, TypeError):
-        return  # not a run, or no SAE config: create_app says what is missing
-    if written_by_cytosae:
-        _open_sae(sae_dir, allow_unfinished)
+        return None  # not a run, or no SAE config: create_app says what is missing
+    return _open_sae(sae_dir, allow_unfinished) if written_by_cytosae else None
 
 
 @app.command()
@@ -872,9 +872,9 @@ def report(
     """Write the explorer's pages as a static site that opens without a server (index.html)."""
     from cytosae.explorer import build_report
 
-    _check_run_sae(run_dir, allow_unfinished)
+    sae = _check_run_sae(run_dir, allow_unfinished)
     try:
-        res = build_report(run_dir, out, n_latents=latents, n_images=images, data_roots=data_root)
+        res = build_report(run_dir, out, n_latents=latents, n_images=images, data_roots=data_root, sae=sae)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"static report of {run_dir}: {res['latent_pages']} latent pages, {res['image_pages']} image pages, "

@@ -78,14 +78,16 @@ class ImageActivations:
 class Encoder:
     """Turns tokens (from the store, or from the backbone for uploads) into ImageActivations."""
 
-    def __init__(self, run: RunDir, cache_size: int = 256, chunk: int = 128, device: str = "cpu") -> None:
+    def __init__(self, run: RunDir, cache_size: int = 256, chunk: int = 128, device="cpu", sae=None) -> None:
+        """`sae`: the run's SAE already loaded and checked by the caller (the CLI does, to refuse a damaged or
+        unfinished one in one line), so the large weights file is not read and hashed a second time."""
         self.run = run
-        self.device = device
+        self.device = torch.device(device)
         self.chunk = chunk
         self._cache: OrderedDict[tuple, ImageActivations] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self._sae = None
+        self._sae = None if sae is None else sae.to(self.device).eval()
         self._backbone = None
 
     @property

@@ -79,10 +79,11 @@ def _choose_latents(overview: dict, annotated: list[int], n: int) -> list[int]:
     return list(dict.fromkeys(annotated + by_freq))[:n]
 
 
-def build_report(run_dir, out, n_latents: int = 200, n_images: int = 12, k: int = 12, data_roots=None) -> dict:
+def build_report(run_dir, out, n_latents: int = 200, n_images: int = 12, k: int = 12, data_roots=None,
+                 sae=None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    client = TestClient(create_app(run_dir, data_roots=data_roots, static=False),
+    client = TestClient(create_app(run_dir, data_roots=data_roots, static=False, sae=sae),
                         base_url="http://127.0.0.1")  # a loopback Host
     site = _Site(out, client)
 

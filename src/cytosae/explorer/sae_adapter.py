@@ -8,7 +8,6 @@ file for neighbours, which needs no model.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -38,22 +37,6 @@ def read_decoder(sae_dir: Path) -> np.ndarray:
             raise KeyError(f"{sae_dir / 'sae.safetensors'} has no W_dec tensor (it has {keys})")
         w = fh.get_tensor(key)
     return np.ascontiguousarray(_decoder_rows(w.astype(np.float32, copy=False), int(cfg["n_latents"])))
-
-
-def resolve_device(device: str | None) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda[:N]' must exist. Raises ValueError with a one-line reason."""
-    device = (device or "auto").strip().lower()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return "cpu"
-    if device == "cuda" or re.fullmatch(r"cuda:\d+", device):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
-        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return device
-    raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def load_sae(sae_dir: Path, device: str = "cpu"):

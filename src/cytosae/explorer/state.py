@@ -19,7 +19,7 @@ from .annotations import AnnotationStore
 from .imaging import MAX_UPLOAD_BYTES
 from .neighbours import LazyNeighbours
 from .rundir import DamagedData, MissingData, RunDir
-from .sae_adapter import resolve_device
+from ..devices import resolve_device
 from .safety import resolve_inside
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,11 @@ def nan_none(values) -> list:
 class Explorer:
     """State shared by the routes: the run, the encoder cache, neighbours, annotations, uploads."""
 
-    def __init__(self, run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTES, device: str = "cpu") -> None:
+    def __init__(self, run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTES, device: str = "cpu",
+                 sae=None) -> None:
         self.run = RunDir(run_dir, data_roots)
         self.annotations = AnnotationStore(self.run.run.annotations)
-        self.encoder = Encoder(self.run, device=resolve_device(device))
+        self.encoder = Encoder(self.run, device=resolve_device(device), sae=sae)
         self.neighbours = LazyNeighbours(self.run)
         self.max_upload_bytes = max_upload_bytes
         self.uploads: OrderedDict[str, dict] = OrderedDict()
