@@ -58,9 +58,8 @@ class SparseEncoderGather(torch.autograd.Function):
 def sparse_decode(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, w_dec: torch.Tensor,
                   n_rows: int) -> torch.Tensor:
     """sum_m vals[m] * W_dec[cols[m]] into row rows[m]; `rows` must be sorted ascending."""
-    counts = torch.bincount(rows, minlength=n_rows)
-    offsets = torch.zeros(n_rows, dtype=torch.long, device=rows.device)
-    offsets[1:] = torch.cumsum(counts, 0)[:-1]
+    # each row's first pair by binary search: bincount would size its output from rows.max(), a wait for the GPU
+    offsets = torch.searchsorted(rows, torch.arange(n_rows, device=rows.device, dtype=rows.dtype))
     return F.embedding_bag(cols, w_dec, offsets, mode="sum", per_sample_weights=vals.to(w_dec.dtype),
                            include_last_offset=False)
 

@@ -22,6 +22,14 @@ from .kernels import EncoderLinear, JumpReLUFn, SparseEncoderGather, StepFn, spa
 
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 WEIGHTS_FILE = "sae.safetensors"
+# Devices where a training step may branch on a value it computed. On the CPU that is free and lets a step skip
+# work (no dead latent: no AuxK pass; BatchTopK from per-token candidates, checked). On a GPU reading a value back
+# stalls the queue of kernels every step, so the same results are computed branch-free there (tests/test_sae_sync.py).
+HOST_BRANCH_DEVICES = {"cpu"}
+
+
+def _host_branch(t: torch.Tensor) -> bool:
+    return t.device.type in HOST_BRANCH_DEVICES
 
 
 class UnfinishedSAE(ValueError):
@@ -209,7 +217,9 @@ class SAE(nn.Module):
             rows = torch.arange(n_rows, device=pre.device).repeat_interleave(self.cfg.k)
             return rows, idx.flatten()
         if self.training:
-            flat_idx = self._batch_topk_indices(pre, min(self.cfg.k * n_rows, pre.numel())).sort().values
+            n_keep = min(self.cfg.k * n_rows, pre.numel())
+            flat_idx = (self._batch_topk_indices(pre, n_keep) if _host_branch(pre)
+                        else pre.flatten().topk(n_keep).indices).sort().values
         else:
             flat_idx = (pre.flatten() > self.threshold).nonzero().squeeze(1)
         return flat_idx // n, flat_idx % n
@@ -267,7 +277,9 @@ class SAE(nn.Module):
         # counts, not `fired[cols[active]] = True`: boolean indexing would wait for the device every step
         fired = torch.zeros(n, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
         aux = x.new_zeros(())
-        if dead is not None and bool(dead.any()):
+        if dead is not None and not _host_branch(x):
+            aux = cfg.aux_coeff * torch.where(dead.any(), self._auxk(x, x_hat, pre, dead, gather), 0.0)
+        elif dead is not None and bool(dead.any()):
             aux = cfg.aux_coeff * self._auxk(x, x_hat, pre, dead, gather)
         if self.training and cfg.arch in ("batchtopk", "matryoshka"):
             with torch.no_grad():  # written with where(): no host round trip per step
@@ -280,14 +292,17 @@ class SAE(nn.Module):
                          _sparse=(rows, cols, vals.detach(), n_rows, n))
 
     def _auxk(self, x, x_hat, pre, dead, gather) -> torch.Tensor:
-        """Gao et al. AuxK: the top k_aux dead latents reconstruct the residual (normalised MSE)."""
-        k_aux = min(self.cfg.aux_k_effective, int(dead.sum()))
+        """Gao et al. AuxK: the top k_aux dead latents reconstruct the residual (normalised MSE).
+
+        k_aux does not depend on how many latents are dead (counting them would wait for the device): where fewer
+        are dead, the picks beyond them are live latents, zeroed by the mask, so the sum is the same."""
+        k_aux = min(self.cfg.aux_k_effective, self.cfg.n_latents)
         with torch.no_grad():
             masked = pre.masked_fill(~dead, float("-inf"))
             idx = masked.topk(k_aux, dim=1).indices
             rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
             cols = idx.flatten()
-        v = F.relu(gather(rows, cols))
+        v = F.relu(gather(rows, cols)) * dead[cols]
         e = (x - x_hat).detach()
         e_hat = sparse_decode(rows, cols, v, self.W_dec, x.shape[0])
         return (e_hat - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-12)
