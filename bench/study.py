@@ -1,28 +1,29 @@
-"""A whole study at MLL23 scale, timed step by step: ViT-B extraction, one relu-l1 SAE epoch, statistics.
+"""A whole study at MLL23 scale, as a user runs it: a study file, `cytosae run`, timed step by step.
 
 MLL23 has 41,906 single-cell images of 360 x 360 px; when no real data is given (--data), as many
-synthetic 360 px JPEG cells are drawn first (not timed as part of the study). The steps:
+synthetic 360 px JPEG cells are drawn first (not timed as part of the study). The study file
+(WORK/study.toml, written here) holds three steps of the CLI, composed by `cytosae run`:
 
-  extract  dinobloom-b block -2, every token (257 per image), float16 store
-  train    relu-l1 SAE, 64 x 768 = 49,152 latents, one pass over all tokens (cytosae.sae.train_sae)
-  stats    every token encoded through the SAE; per-latent tables (cytosae stats without galleries)
+  extract  dinobloom-b (seeded random weights: none ship here) block -2, every token, float16 store
+  train    relu-l1 SAE, 64 x 768 = 49,152 latents, one epoch over all tokens (images in a seeded random
+           order, tokens through the shuffle buffer), checkpointed every --checkpoint-tokens
+  stats    every token encoded through the SAE; per-latent tables (no galleries)
 
-Every step resumes (extraction by shard, training from its checkpoint, stats as a whole), so the
-study runs in slices: --max-minutes bounds one invocation (extraction stops after the shard that
-crosses it, training after the checkpoint slice that does; stats starts only with time left), and
-the same command run again carries on. Goal on one H200-class GPU: the whole study in under 10 minutes.
-On a machine that cannot run it at full scale, --n-images scales it down and the JSON extrapolates
-each step linearly to 41,906 images (saying so).
+The study runs in slices of at most --max-minutes: `cytosae run` is started in its own process group and
+killed (SIGKILL) when the slice is up; the same command run again resumes it (extraction by shard,
+training from its checkpoint, finished steps skipped), so every slice fits a 10-minute limit. A step's
+seconds are those of the slices it ran in (run.json's own record for the slice that finished it).
+Goal on one H200-class GPU: the whole study in under 10 minutes. On a machine that cannot run it at full
+scale, --n-images scales it down and the JSON extrapolates each step linearly to 41,906 images (saying so).
 
     python bench/study.py --work /scratch/study [--n-images 41906] [--device auto] [--precision fp32]
                           [--expansion 64] [--max-minutes 9] [--data MANIFEST_OR_FOLDER]
 
-Writes WORK/study.json (state and figures) and bench/results/study.json (or --out).
+Writes WORK/bench_state.json (slices) and bench/results/study.json (or --out).
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import time
@@ -71,105 +72,114 @@ def synthetic_cells(root: Path, n: int, size: int = 360) -> Path:
     return manifest
 
 
-class Study:
-    """State in WORK/study.json: per step whether it is done and the seconds spent on it so far."""
-
-    def __init__(self, work: Path, deadline: float) -> None:
-        self.work, self.deadline = work, deadline
-        self.path = work / "study.json"
-        self.state = json.loads(self.path.read_text()) if self.path.is_file() else {"steps": {}}
-
-    def left(self) -> float:
-        return self.deadline - time.perf_counter()
-
-    def step(self, name: str) -> dict:
-        return self.state["steps"].setdefault(name, {"done": False, "seconds": 0.0})
-
-    def save(self) -> None:
-        from cytosae.store.format import atomic_write_json
-
-        atomic_write_json(self.path, self.state)
+STEPS = ("extract:mll23", "train", "stats")
 
 
-def run_extract(study: Study, manifest, device, precision: str) -> None:
-    from cytosae import load_backbone
-    from cytosae.store import ExtractConfig, extract
+def write_study(work: Path, manifest: Path, a) -> Path:
+    """WORK/study.toml: the three steps, with this bench's settings."""
+    path = work / "study.toml"
+    path.write_text(f"""# written by bench/study.py: a CytoSAE-scale study (MLL23-sized), one relu-l1 epoch
+[run]
+dir = "run"
 
-    s = study.step("extract")
-    if s["done"] or study.left() <= 0:
-        return
-    torch.manual_seed(0)  # random weights (no DinoBloom weights here), the same in every slice
-    bb = load_backbone("dinobloom-b", device=device)
+[backbone]
+name = "dinobloom-b"
+seed = 0
+precision = "{a.precision}"
+device = "{a.device}"
+shard_size = {a.shard_size}
+
+[datasets.mll23]
+data = "{manifest}"
+
+[sae]
+arch = "relu-l1"
+expansion = {a.expansion}
+epochs = 1
+batch_size = 4096
+checkpoint_every = {a.checkpoint_tokens}
+device = "{a.device}"
+seed = 0
+
+[evaluate]
+enabled = false
+
+[stats]
+galleries = 0
+device = "{a.device}"
+""")
+    return path
+
+
+def run_slices(work: Path, study_file: Path, max_minutes: float) -> dict:
+    """One slice of `cytosae run`: killed with its process group when the time is up. State in bench_state.json."""
+    import signal
+    import subprocess
+    import sys
+
+    from cytosae.store.format import atomic_write_json
+
+    state_path = work / "bench_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"slices": [], "seconds": {}}
+    run_json = work / "run" / "run.json"
+
+    def finished() -> dict:
+        return json.loads(run_json.read_text()).get("steps", {}) if run_json.is_file() else {}
+
+    before = set(finished())
+    if all(s in before for s in STEPS):
+        return state
     t0 = time.perf_counter()
-    res = extract(manifest, bb, study.work / "store", ExtractConfig(precision=precision, max_seconds=study.left(),
-                                                                    progress=False))
-    s["seconds"] += time.perf_counter() - t0
-    s.update(done=res.complete, n_images=res.n_images, decode_wait_s=res.decode_wait_seconds,
-             forward_s=res.compute_seconds, write_s=res.write_seconds)
-    study.save()
+    proc = subprocess.Popen([sys.executable, "-m", "cytosae", "run", str(study_file)], start_new_session=True)
+    try:
+        rc = proc.wait(timeout=60 * max_minutes)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+    wall = time.perf_counter() - t0
+    steps = finished()
+    done_now = [s for s in STEPS if s in steps and s not in before]
+    for s in done_now:  # run.json's own figure for the slice that finished the step
+        state["seconds"][s] = state["seconds"].get(s, 0.0) + steps[s]["seconds"]
+    rest = wall - sum(steps[s]["seconds"] for s in done_now)
+    running = next((s for s in STEPS if s not in steps), None)
+    if running is not None:  # killed mid-step: the slice's remaining time went to it
+        state["seconds"][running] = state["seconds"].get(running, 0.0) + rest
+    state["slices"].append({"wall_s": round(wall, 1), "exit": rc, "finished": done_now,
+                            "killed_in": running if rc != 0 else None})
+    atomic_write_json(state_path, state)
+    if rc != 0 and running is None:
+        raise SystemExit(f"cytosae run exited with {rc}")
+    return state
 
 
-def run_train(study: Study, device, expansion: int, slice_tokens: int) -> None:
-    from cytosae.sae import ShuffleBuffer, train_sae
-    from cytosae.store import ActivationStore
+def report(work: Path, state: dict, n_images: int, a) -> dict:
+    from cytosae.devices import resolve_device
 
-    s = study.step("train")
-    if s["done"] or not study.step("extract")["done"]:
-        return
-    store = ActivationStore(study.work / "store")
-    total = store.n_images * store.n_tokens
-    extra = {"device": device} if "device" in inspect.signature(train_sae).parameters else {}
-    s["sae_device"] = str(device) if extra else "cpu (train_sae takes no device in this checkout)"
-    while study.left() > 0 and not s["done"]:
-        t0 = time.perf_counter()
-        batches = ShuffleBuffer(262_144, 0)(store.iter_tokens(batch_size=4096), batch_size=4096)
-        sae = train_sae(batches, store.d_model, "relu-l1", expansion * store.d_model, total, seed=0,
-                        batch_size=4096, checkpoint_dir=study.work / "sae", checkpoint_every=slice_tokens,
-                        max_tokens_this_run=slice_tokens, progress=False, **extra)
-        s["seconds"] += time.perf_counter() - t0
-        summary = sae.training_summary
-        s.update(done=bool(summary["finished"]), tokens=summary["tokens_seen"], total_tokens=total,
-                 n_latents=sae.cfg.n_latents)
-        study.save()
-
-
-def run_stats(study: Study, device) -> None:
-    from cytosae.analysis import compute_latent_stats, write_stats
-    from cytosae.sae import SAE
-    from cytosae.store import ActivationStore
-
-    s = study.step("stats")
-    if s["done"] or not study.step("train")["done"] or study.left() <= 0:
-        return
-    t0 = time.perf_counter()
-    store = ActivationStore(study.work / "store")
-    sae = SAE.load(study.work / "sae", device=device)
-    res = compute_latent_stats(sae.encode, store.iter_images(32 if device.type == "cuda" else 8), store.images,
-                               sae.cfg.n_latents, device=device, dataset="study")
-    s["encode_s"] = time.perf_counter() - t0
-    write_stats([res], study.work / "stats")
-    s["seconds"] += time.perf_counter() - t0
-    s.update(done=True, n_images=res.summary["n_images"], n_tokens=res.summary["n_tokens"])
-    study.save()
-
-
-def report(study: Study, n_images: int, device, precision: str, args) -> dict:
-    steps = study.state["steps"]
-    done = all(steps.get(k, {}).get("done") for k in ("extract", "train", "stats"))
+    steps = json.loads((work / "run" / "run.json").read_text()).get("steps", {})
+    done = all(s in steps for s in STEPS)
+    device = resolve_device(a.device)
     scale = MLL23_IMAGES / n_images
+    train = steps.get("train", {}).get("settings", {})
     out = {
-        "what": f"whole study (dinobloom-b extraction, relu-l1 {args.expansion * 768:,}-latent SAE epoch over all "
-                f"tokens, stats) on {n_images:,} {'synthetic 360 px JPEG cells' if args.data is None else 'images of ' + str(args.data)}, "
-                f"device {device}, precision {precision}",
+        "what": f"whole study by `cytosae run` (dinobloom-b extraction, relu-l1 {a.expansion * 768:,}-latent SAE, "
+                f"one epoch over all tokens, stats) on {n_images:,} "
+                f"{'synthetic 360 px JPEG cells' if a.data is None else 'images of ' + str(a.data)}, "
+                f"device {device}, extraction precision {a.precision}",
         "complete": done,
-        "seconds": {k: round(v["seconds"], 1) for k, v in steps.items()},
-        "steps": steps,
-        "total_s": round(sum(v["seconds"] for v in steps.values()), 1),
+        "seconds": {s: round(v, 1) for s, v in state["seconds"].items()},
+        "total_s": round(sum(state["seconds"].values()), 1),
+        "wall_s": round(sum(sl["wall_s"] for sl in state["slices"]), 1),
+        "wall_note": "wall_s adds each slice's start-up (interpreter, imports, study checks) to the steps' seconds",
+        "slices": state["slices"],
+        "max_minutes_per_slice": a.max_minutes,
+        "sae_settings": {k: train.get(k) for k in ("arch", "expansion", "epochs", "batch_size", "device")},
         "goal": "whole study at MLL23 scale (41,906 images) under 600 s on one H200-class GPU",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "study_file": str(work / "study.toml"),
     }
     if done and n_images != MLL23_IMAGES:
-        per_step = {k: round(v["seconds"] * scale, 0) for k, v in steps.items()}
+        per_step = {k: round(v * scale, 0) for k, v in state["seconds"].items()}
         out["extrapolated_to_mll23_s"] = {
             "how": f"each step's seconds x {scale:.1f} (41,906 / {n_images} images): linear in images, "
                    "ignoring fixed start-up costs (which makes it pessimistic) and cache effects",
@@ -179,21 +189,24 @@ def report(study: Study, n_images: int, device, precision: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, required=True, help="folder for data, store, SAE, stats and state")
+    ap.add_argument("--work", type=Path, required=True, help="folder for data, the study file and its run")
     ap.add_argument("--n-images", type=int, default=MLL23_IMAGES)
-    ap.add_argument("--data", type=Path, default=None, help="real manifest CSV or class folder instead of synthetic cells")
+    ap.add_argument("--data", type=Path, default=None, help="real manifest CSV instead of synthetic cells")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", help="extraction forward pass: fp32 | bf16 | fp16")
     ap.add_argument("--expansion", type=int, default=64, help="n_latents = expansion x 768")
-    ap.add_argument("--slice-tokens", type=int, default=2_000_000, help="SAE tokens between checkpoints / time checks")
-    ap.add_argument("--max-minutes", type=float, default=9.0, help="stop this invocation after the step slice crossing it")
+    ap.add_argument("--shard-size", type=int, default=256, help="images per store shard (extraction resumes by shard)")
+    ap.add_argument("--checkpoint-tokens", type=int, default=2_000_000, help="SAE tokens between checkpoints")
+    ap.add_argument("--max-minutes", type=float, default=9.0, help="length of one slice (then killed; rerun resumes)")
+    ap.add_argument("--slices", type=int, default=1, help="slices to run in this invocation")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "study.json")
     args = ap.parse_args()
 
-    from cytosae.data import load_manifest
-    from cytosae.devices import resolve_device
+    import pandas as pd
 
-    device = resolve_device(args.device)
+    from cytosae.data import load_manifest
+    from cytosae.store.format import atomic_write_bytes
+
     args.work.mkdir(parents=True, exist_ok=True)
     if args.data is None:
         t0 = time.perf_counter()
@@ -201,15 +214,19 @@ def main() -> None:
         print(f"synthetic data ready in {time.perf_counter() - t0:.0f} s (not part of the study's time)")
     else:
         source = args.data
-    manifest = load_manifest(source).head(args.n_images).reset_index(drop=True)
-    study = Study(args.work, time.perf_counter() + 60 * args.max_minutes)
-    run_extract(study, manifest, device, args.precision)
-    run_train(study, device, args.expansion, args.slice_tokens)
-    run_stats(study, device)
-    result = report(study, len(manifest), device, args.precision, args)
+    manifest = args.work / "study_manifest.csv"
+    if not manifest.is_file():
+        table = load_manifest(source).head(args.n_images).reset_index(drop=True)
+        atomic_write_bytes(manifest, pd.DataFrame({"path": table["path"].astype(str),
+                                                   "label": table["label"]}).to_csv(index=False).encode())
+    n_images = len(pd.read_csv(manifest))
+    study_file = write_study(args.work, manifest, args)
+    for _ in range(args.slices):
+        state = run_slices(args.work, study_file, args.max_minutes)
+    result = report(args.work, state, n_images, args)
     write_result(args.out, result)
     if not result["complete"]:
-        print("not finished within --max-minutes: run the same command again to carry on")
+        print("not finished in this slice: run the same command again to carry on")
 
 
 if __name__ == "__main__":
