@@ -18,7 +18,10 @@ def write_result(path: Path, result: dict) -> None:
     print(json.dumps(result, indent=1))
 
 
-ACEVEDO = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "acevedo").resolve()
+# CYTOSAE_SHARED_DATA: the folder holding acevedo/ and deepapl/ when it is not ../shared/data (a GPU machine)
+SHARED_DATA = Path(os.environ.get("CYTOSAE_SHARED_DATA")
+                   or Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+ACEVEDO = SHARED_DATA / "acevedo"
 
 
 def acevedo_sample(n: int):
@@ -26,5 +29,5 @@ def acevedo_sample(n: int):
     from cytosae.data import load_manifest
 
     if not (ACEVEDO / "manifest.csv").is_file():
-        sys.exit(f"real images not found at {ACEVEDO}; this benchmark needs ../shared/data/acevedo")
+        sys.exit(f"real images not found at {ACEVEDO}; this benchmark needs ../shared/data/acevedo (or CYTOSAE_SHARED_DATA)")
     return load_manifest(ACEVEDO / "manifest.csv").sample(n=n, random_state=0)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from _report import write_result
+from _report import SHARED_DATA, write_result
 
 REPO = Path(__file__).resolve().parents[1]
-DEEPAPL = (REPO / ".." / "shared" / "data" / "deepapl").resolve()
+DEEPAPL = SHARED_DATA / "deepapl"
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+# CYTOSAE_SHARED_DATA: the same folders elsewhere (a machine the checkout was copied to without ../shared)
+SHARED_DATA = Path(os.environ.get("CYTOSAE_SHARED_DATA") or REPO / ".." / "shared" / "data").resolve()
 
 # Two cores: one intra-op thread per test process keeps timings predictable when pytest runs beside other work.
 torch.set_num_threads(int(os.environ.get("CYTOSAE_TEST_THREADS", "2")))
