@@ -184,3 +184,25 @@ def test_cpu_results_equal_the_pre_trainer_code(arch):
     with torch.no_grad():
         got = [float(s.W_enc.sum()), float(s.b_dec.sum()), float(s.W_dec[:8].abs().sum()), float(s.b_enc.sum())]
     assert got == pytest.approx(BEFORE_TRAINER[arch], abs=2e-4), got
+
+
+@pytest.mark.parametrize("momentum, follows", [(None, True), (0.99, False)])
+def test_batchtopk_threshold_is_that_of_the_end_of_a_short_run(momentum, follows):
+    """The inference threshold must be the trained model's: on a 40-step run a fixed 0.99 EMA still weighs the
+    first batches' (larger) thresholds by 0.67; the default scales the average with the run (the last 2 steps)."""
+    from cytosae.sae.trainer import threshold_momentum
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(32, 24, generator=g) * 3
+    x = centres[torch.randint(0, 32, (40 * 256,), generator=g)] + torch.randn(40 * 256, 24, generator=g)
+    batches = list(x.split(256))
+    sae = train_sae(iter(batches), 24, "batchtopk", 192, x.shape[0], seed=0, batch_size=256, lr=5e-3, k=4,
+                    progress=False, threshold_momentum=momentum)
+    assert threshold_momentum(sae.cfg, 40) == (0.5 if momentum is None else 0.99)
+    with torch.no_grad():  # the trained model's own batch threshold: the k*N-th largest activation of a batch
+        pre = torch.relu((batches[-1] * sae.input_scale - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        final = float(pre.flatten().topk(4 * 256).values[-1])
+    close = abs(float(sae.threshold) - final) / final < 0.1
+    assert close == follows, (float(sae.threshold), final)
+    l0 = float((sae.encode(x[-2048:]) > 0).sum(1).float().mean())
+    assert (abs(l0 - 4) < 1) == follows, l0

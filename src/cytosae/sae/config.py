@@ -24,7 +24,10 @@ class SAEConfig:
     dead_tokens: int = 10_000_000    # topk family: a latent is dead after this many tokens without firing
     dead_feature_window: int = 64    # relu-l1 ghost grads: dead after this many steps without firing (CytoSAE: 64)
     use_ghost_grads: bool = True
-    threshold_momentum: float = 0.99  # batchtopk running threshold (EMA of the smallest kept activation)
+    # batchtopk/matryoshka inference threshold: EMA of the smallest kept activation. None -> scales with the run:
+    # an average over the last 5% of its steps, at most 100 (0.99); a fixed 0.99 kept a 147-step run's threshold
+    # near its first batches' (held-out L0 18 for k=32). 0.99 where the run length is unknown.
+    threshold_momentum: float | None = None
     matryoshka_prefixes: list[int] = field(default_factory=list)  # empty -> [n/64, n/16, n/4, n]
     # input normalisation: x_internal = x * input_scale; input_scale makes E||x||^2 = 1 over the first batches
     # None -> off for relu-l1 (CytoSAE trained on raw activations), on for the other architectures

@@ -120,15 +120,20 @@ class SAE(nn.Module):
         """(N, n_latents) -> (N, d_in) reconstruction in raw store units."""
         return (z @ self.W_dec + self.b_dec) / self.input_scale
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> SAEOutput:
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+                threshold_momentum: float | None = None) -> SAEOutput:
         """Reconstruct raw inputs and compute the training loss terms.
 
         dead_mask: (n_latents,) bool, the latents the trainer counts as dead; they get the ghost-grad
         (relu-l1) or AuxK (topk family) term in training mode. The model keeps no training statistics.
+        threshold_momentum: the trainer's run-scaled EMA momentum for batchtopk/matryoshka's inference threshold
+        (default: cfg.threshold_momentum, or 0.99 when that is None).
         """
         self._check_input(x)
         xn = x.float() * self.input_scale
-        out = self._forward_normalised(xn, dead_mask)
+        if threshold_momentum is None:
+            threshold_momentum = 0.99 if self.cfg.threshold_momentum is None else self.cfg.threshold_momentum
+        out = self._forward_normalised(xn, dead_mask, threshold_momentum)
         out.recon = out.recon / self.input_scale
         return out
 
@@ -150,7 +155,7 @@ class SAE(nn.Module):
         vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()))
         return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
 
-    def _forward_normalised(self, x: torch.Tensor, dead: torch.Tensor | None) -> SAEOutput:
+    def _forward_normalised(self, x: torch.Tensor, dead: torch.Tensor | None, momentum: float = 0.99) -> SAEOutput:
         arch = self.cfg.arch
         if dead is not None and (dead.dtype != torch.bool or tuple(dead.shape) != (self.cfg.n_latents,)):
             raise ValueError(f"dead_mask must be a ({self.cfg.n_latents},) bool tensor, got {dead.dtype} "
@@ -161,7 +166,7 @@ class SAE(nn.Module):
             return self._forward_relu_l1(x, dead)
         if arch == "jumprelu":
             return self._forward_jumprelu(x)
-        return self._forward_topk_family(x, dead)
+        return self._forward_topk_family(x, dead, momentum)
 
     @staticmethod
     def _fvu(x, x_hat):
@@ -225,24 +230,34 @@ class SAE(nn.Module):
         return flat_idx // n, flat_idx % n
 
     def _batch_topk_indices(self, pre: torch.Tensor, n_keep: int) -> torch.Tensor:
-        """Flat indices of the n_keep largest pre-activations of the batch.
+        """Flat indices of the n_keep largest pre-activations of the batch (exact).
 
         A top-k over all N x n_latents values (201 M at 64x, batch 4096) is ~70% of a step. Each token's share
-        of the batch's top n_keep is k on average, so the winners are found among each token's top 4k candidates;
-        if some token's 4k-th candidate still reaches the threshold, it might have had more winners, and the
-        exact full top-k is taken instead."""
+        of the batch's top n_keep is k on average, so the winners are looked for among each token's top 4k
+        candidates; t, the n_keep-th largest candidate, is at most the true threshold. A token whose 4k-th
+        candidate still reaches t ("overflowing": real tokens of very large norm do) may have more winners, so
+        all its values join the search; any other token's values beyond its candidates are below t, so the
+        top n_keep of that union is the exact answer. Each overflowing token holds 4k of the N*k candidates
+        reaching t, so at most a quarter of the tokens overflow: the search never exceeds a quarter of the
+        batch's values plus the candidates."""
         n_rows, n = pre.shape
         per_row = min(n, 4 * self.cfg.k)
         if per_row * n_rows <= n_keep or per_row == n:
             return pre.flatten().topk(n_keep).indices
         cand_vals, cand_idx = pre.topk(per_row, dim=1)
         top_vals, top_pos = cand_vals.flatten().topk(n_keep)
-        if bool((cand_vals[:, -1] >= top_vals[-1]).any()):
-            return pre.flatten().topk(n_keep).indices
-        rows = torch.div(top_pos, per_row, rounding_mode="floor")
-        return rows * n + cand_idx.flatten()[top_pos]
+        over = cand_vals[:, -1] >= top_vals[-1]
+        if not bool(over.any()):
+            rows = torch.div(top_pos, per_row, rounding_mode="floor")
+            return rows * n + cand_idx.flatten()[top_pos]
+        over_rows = over.nonzero().squeeze(1)
+        rest = (~over).nonzero().squeeze(1)
+        vals = torch.cat([cand_vals[rest].flatten(), pre[over_rows].flatten()])
+        flat = torch.cat([(rest[:, None] * n + cand_idx[rest]).flatten(),
+                          (over_rows[:, None] * n + torch.arange(n, device=pre.device)).flatten()])
+        return flat[vals.topk(n_keep).indices]
 
-    def _forward_topk_family(self, x: torch.Tensor, dead: torch.Tensor | None) -> SAEOutput:
+    def _forward_topk_family(self, x: torch.Tensor, dead: torch.Tensor | None, momentum: float) -> SAEOutput:
         cfg, n_rows, n = self.cfg, x.shape[0], self.cfg.n_latents
         x_c = x - self.b_dec
         if cfg.sparse_kernels:
@@ -284,7 +299,7 @@ class SAE(nn.Module):
         if self.training and cfg.arch in ("batchtopk", "matryoshka"):
             with torch.no_grad():  # written with where(): no host round trip per step
                 kept_min = vals.detach().masked_fill(~active, float("inf")).min()
-                m = torch.where(self.threshold > 0, cfg.threshold_momentum, 0.0)  # first batch: no zero bias
+                m = torch.where(self.threshold > 0, momentum, 0.0)  # first batch: no zero bias
                 updated = self.threshold * m + (1 - m) * kept_min
                 self.threshold.copy_(torch.where(torch.isfinite(kept_min), updated, self.threshold))
         return SAEOutput(recon=x_hat, loss=mse + aux, mse=mse.detach(), sparsity=x.new_zeros(()), aux=aux.detach(),
