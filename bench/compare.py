@@ -1,6 +1,6 @@
-"""cytosae's TopK SAE against overcomplete's TopKSAE: same data, same settings, same process.
+"""cytosae's TopK/BatchTopK SAE against overcomplete's: same data, same settings, same process.
 
-    .venv-bench/bin/python bench/compare.py [--quick] [--tokens N] [--epochs E] [--store STORE]
+    .venv-bench/bin/python bench/compare.py [--arch topk|batchtopk] [--quick] [--tokens N] [--epochs E] [--store STORE]
 
 Run from the repository root in the benchmark venv (bench/requirements-compare.txt); the
 comparison library is never installed into the project venv.
@@ -27,8 +27,13 @@ default warm-up (min(500, 5% of the steps)), evaluated on the same held-out toke
 500-step warm-up once cost held-out FVU 0.232 vs overcomplete's 0.084 on a 146-step real run.)
 
 --store STORE: real tokens instead of synthetic ones, from an activation store (`cytosae extract`, e.g. of
-../shared/data/acevedo): images in a seeded random order, the first whole images (>= --test-tokens tokens)
-held out, the next --tokens tokens (shuffled at token level) for training; d is the store's.
+../shared/data/deepapl): whole folders (patients there) held out in a seeded order until >= --test-tokens
+tokens, --tokens tokens of the other folders' images (seeded order, shuffled at token level) for training;
+d is the store's. The issue's real-token setting (DeepAPL through random DinoBloom-S, 6,144 latents, k=32,
+600,000 tokens, one epoch = 146 steps, held-out FVU on other patients' cells):
+    .venv-bench/bin/python bench/compare.py --store STORE --tokens 600000 --test-tokens 65536 --epochs 1 --expansion 16
+--arch batchtopk: overcomplete's BatchTopKSAE keeps k x batch activations per batch (its top_k), ours k per
+token on average; both use a threshold at evaluation, so L0 there is measured, not set.
 Writes bench/results/compare.json and prints it.
 """
 from __future__ import annotations
@@ -69,23 +74,40 @@ def make_data(n_train: int, n_test: int, d: int, seed: int) -> tuple[torch.Tenso
     return out[:n_train].contiguous(), out[n_train:].contiguous()
 
 
-def store_data(path: Path, n_train: int, n_test: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held-out) tokens of a store; held-out images are disjoint from training images."""
+def store_data(path: Path, n_train: int, n_test: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(train, held-out, split) tokens of a store. Held out: whole folders (patients, in a class-per-folder or
+    patient-per-folder layout; whole images when ids have no folder) in a seeded order until >= n_test tokens;
+    training: the other folders' images in a seeded order until n_train tokens, shuffled at token level."""
     from cytosae.store import ActivationStore
 
     st = ActivationStore(path)
-    n_test = -(-n_test // st.n_tokens) * st.n_tokens  # whole images
-    if n_train + n_test > st.n_images * st.n_tokens:
-        raise SystemExit(f"{path} holds {st.n_images * st.n_tokens:,} tokens; asked for {n_train:,} + {n_test:,}")
-    rows, got = [], 0
-    for b in st.iter_tokens_shuffled(0, seed=seed, batch_size=4096):
-        rows.append(b)
-        got += b.shape[0]
-        if got >= n_train + n_test:
+    ids = st.image_ids
+    group = [i.split("/", 1)[0] if "/" in i else i for i in ids]
+    g = torch.Generator().manual_seed(seed)
+    groups = sorted(set(group))
+    held, held_tokens = set(), 0
+    for j in torch.randperm(len(groups), generator=g).tolist():
+        if held_tokens >= n_test:
             break
-    x = torch.cat(rows)
-    train = x[n_test:n_test + n_train]
-    return train[torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))].contiguous(), x[:n_test]
+        held.add(groups[j])
+        held_tokens += st.n_tokens * group.count(groups[j])
+    train_ids = [ids[j] for j in torch.randperm(len(ids), generator=g).tolist() if group[j] not in held]
+    train_ids = set(train_ids[:-(-n_train // st.n_tokens)])
+    if len(train_ids) * st.n_tokens < n_train:
+        raise SystemExit(f"{path}: {len(train_ids) * st.n_tokens:,} tokens outside the held-out folders; "
+                         f"asked for {n_train:,}")
+    train, test = [], []
+    for batch_ids, block in st.iter_images(batch_size=64):
+        for i, toks in zip(batch_ids, block):
+            if i in train_ids:
+                train.append(toks)
+            elif (i.split("/", 1)[0] if "/" in i else i) in held:
+                test.append(toks)
+    x_train, x_test = torch.cat(train)[:n_train], torch.cat(test)
+    x_train = x_train[torch.randperm(x_train.shape[0], generator=g)].contiguous()
+    split = {"heldout_folders": len(held), "heldout_images": len(test), "heldout_tokens": x_test.shape[0],
+             "train_images": len(train), "folders": len(groups)}
+    return x_train, x_test, split
 
 
 # ---------------------------------------------------------------------------- shared evaluation
@@ -121,7 +143,7 @@ def train_ours(batches: list[torch.Tensor], epochs: int, a, default_schedule: bo
     total = epochs * sum(b.shape[0] for b in batches)
     t0 = time.perf_counter()
     schedule = {} if default_schedule else {"lr_warmup_steps": 0}
-    sae = train_sae(stream(), a.d, "topk", a.n_latents, total, seed=a.seed, batch_size=a.batch, lr=a.lr, k=a.k,
+    sae = train_sae(stream(), a.d, a.arch, a.n_latents, total, seed=a.seed, batch_size=a.batch, lr=a.lr, k=a.k,
                     progress=False, **schedule)
     return sae, time.perf_counter() - t0
 
@@ -140,16 +162,18 @@ def import_overcomplete():
 
 def train_theirs(batches: list[torch.Tensor], epochs: int, a) -> tuple[object, float]:
     oc = import_overcomplete()
-    TopKSAE, train_sae = oc.TopKSAE, oc.train_sae
 
     def criterion(x, x_hat, pre_codes, codes, dictionary):  # overcomplete README's TopK criterion
         return (x - x_hat).square().mean()
 
     t0 = time.perf_counter()
     torch.manual_seed(a.seed)
-    model = TopKSAE(a.d, nb_concepts=a.n_latents, top_k=a.k, device="cpu")
+    if a.arch == "topk":
+        model = oc.TopKSAE(a.d, nb_concepts=a.n_latents, top_k=a.k, device="cpu")
+    else:  # its top_k counts the activations kept over the whole batch
+        model = oc.BatchTopKSAE(a.d, nb_concepts=a.n_latents, top_k=a.k * a.batch, device="cpu")
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
-    train_sae(model, batches, criterion, opt, nb_epochs=epochs, monitoring=0, device="cpu")
+    oc.train_sae(model, batches, criterion, opt, nb_epochs=epochs, monitoring=0, device="cpu")
     model.eval()  # fuses the (normalised) dictionary, as its inference uses
     return model, time.perf_counter() - t0
 
@@ -161,6 +185,8 @@ def loadavg() -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=("topk", "batchtopk"), default="topk",
+                    help="both sides' TopK or BatchTopK SAE (overcomplete's TopKSAE / BatchTopKSAE)")
     ap.add_argument("--tokens", type=int, default=65_536)
     ap.add_argument("--test-tokens", type=int, default=8_192)
     ap.add_argument("--epochs", type=int, default=3)
@@ -187,9 +213,9 @@ def main() -> None:
     import cytosae.sae  # noqa: F401
 
     if a.store is not None:
-        x_train, x_test = store_data(a.store, a.tokens, a.test_tokens, a.seed)
+        x_train, x_test, split = store_data(a.store, a.tokens, a.test_tokens, a.seed)
     else:
-        x_train, x_test = make_data(a.tokens, a.test_tokens, a.d, a.seed)
+        (x_train, x_test), split = make_data(a.tokens, a.test_tokens, a.d, a.seed), None
     batches = [x_train[s:s + a.batch] for s in range(0, a.tokens, a.batch)]
     n_train_tokens = a.epochs * a.tokens
 
@@ -251,25 +277,28 @@ def main() -> None:
                   else "Claim does NOT hold on this run."))
 
     result = {
-        "what": f"TopK SAE training, cytosae vs overcomplete, same {'real tokens of ' + str(a.store) if a.store else 'synthetic'} "
+        "what": f"{a.arch} SAE training, cytosae vs overcomplete, same {'real tokens of ' + str(a.store) if a.store else 'synthetic'} "
                 f"data/order/settings, one process",
         "library": {"name": "overcomplete", "version": metadata.version("overcomplete")},
         "cytosae_version": metadata.version("cytosae"),
         "torch": torch.__version__,
-        "settings": {"d_in": a.d, "n_latents": a.n_latents, "expansion": a.expansion, "k": a.k,
+        "settings": {"arch": a.arch, "d_in": a.d, "n_latents": a.n_latents, "expansion": a.expansion, "k": a.k,
                      "batch_size": a.batch, "optimizer": "Adam", "lr": a.lr, "lr_schedule": "constant",
                      "epochs": a.epochs, "train_tokens": a.tokens, "tokens_trained": n_train_tokens,
-                     "steps": a.epochs * len(batches), "heldout_tokens": a.test_tokens, "dtype": "float32",
+                     "steps": a.epochs * len(batches), "heldout_tokens": x_test.shape[0], "dtype": "float32",
                      "device": "cpu", "torch_threads": a.threads, "seed": a.seed, "quick": a.quick,
                      "timing": f"wall-clock, best of {a.repeats} per side in ABBA order, after one untimed "
                                f"warm-up step each; includes model construction and each trainer's own init",
-                     "data": f"store {a.store}: held-out whole images in a seeded random order" if a.store else
+                     "data": f"store {a.store}: held out whole folders (patients) in a seeded order: {split}"
+                             if a.store else
                              f"{N_ATOMS} random unit directions, {ACTIVE} active per token (Zipf-like frequency, "
                              f"exponential x lognormal coefficients, non-negative) + N(0, {NOISE}^2) noise",
-                     "ours_options": "train_sae(arch='topk', lr_warmup_steps=0); defaults otherwise "
+                     "ours_options": f"train_sae(arch='{a.arch}', lr_warmup_steps=0); defaults otherwise "
                                      "(sparse_kernels=True, normalize_inputs, geometric-median b_dec, AuxK after "
                                      "10M dead tokens, so inactive in this run)",
-                     "theirs_options": "TopKSAE default encoder (Linear+ReLU, top-k), train_sae with "
+                     "theirs_options": ("TopKSAE" if a.arch == "topk" else f"BatchTopKSAE(top_k=k x batch = "
+                                        f"{a.k * a.batch}, running threshold at evaluation)")
+                                       + " default encoder (Linear+ReLU), train_sae with "
                                        "MSE criterion (README), clip_grad=1.0 (default), monitoring=0"},
         "ours": ours,
         "ours_defaults": sides["ours_defaults"],
