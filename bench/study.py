@@ -111,6 +111,16 @@ device = "{a.device}"
     return path
 
 
+def finished(work: Path) -> dict:
+    """The steps the study's run has recorded as done (none before its first step)."""
+    from cytosae.run import NotARun, Run
+
+    try:
+        return Run.open(work / "run").steps
+    except NotARun:
+        return {}
+
+
 def run_slices(work: Path, study_file: Path, max_minutes: float) -> dict:
     """One slice of `cytosae run`: killed with its process group when the time is up. State in bench_state.json."""
     import signal
@@ -121,12 +131,7 @@ def run_slices(work: Path, study_file: Path, max_minutes: float) -> dict:
 
     state_path = work / "bench_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"slices": [], "seconds": {}}
-    run_json = work / "run" / "run.json"
-
-    def finished() -> dict:
-        return json.loads(run_json.read_text()).get("steps", {}) if run_json.is_file() else {}
-
-    before = set(finished())
+    before = set(finished(work))
     if all(s in before for s in STEPS):
         return state
     t0 = time.perf_counter()
@@ -137,7 +142,7 @@ def run_slices(work: Path, study_file: Path, max_minutes: float) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)
         rc = proc.wait()
     wall = time.perf_counter() - t0
-    steps = finished()
+    steps = finished(work)
     done_now = [s for s in STEPS if s in steps and s not in before]
     for s in done_now:  # run.json's own figure for the slice that finished the step
         state["seconds"][s] = state["seconds"].get(s, 0.0) + steps[s]["seconds"]
@@ -156,7 +161,7 @@ def run_slices(work: Path, study_file: Path, max_minutes: float) -> dict:
 def report(work: Path, state: dict, n_images: int, a) -> dict:
     from cytosae.devices import resolve_device
 
-    steps = json.loads((work / "run" / "run.json").read_text()).get("steps", {})
+    steps = finished(work)
     done = all(s in steps for s in STEPS)
     device = resolve_device(a.device)
     scale = MLL23_IMAGES / n_images

@@ -155,7 +155,7 @@ class SAE(nn.Module):
         vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()))
         return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
 
-    def _forward_normalised(self, x: torch.Tensor, dead: torch.Tensor | None, momentum: float = 0.99) -> SAEOutput:
+    def _forward_normalised(self, x: torch.Tensor, dead: torch.Tensor | None, momentum: float) -> SAEOutput:
         arch = self.cfg.arch
         if dead is not None and (dead.dtype != torch.bool or tuple(dead.shape) != (self.cfg.n_latents,)):
             raise ValueError(f"dead_mask must be a ({self.cfg.n_latents},) bool tensor, got {dead.dtype} "
