@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-run
 
-.PHONY: demo test test-fast browser bench bench-extract bench-sae bench-explorer bench-compare bench-deepapl clean
+.PHONY: lock demo test test-fast browser bench bench-extract bench-sae bench-explorer bench-compare bench-deepapl clean
 
 # The venv is rebuilt when pyproject.toml or constraints.txt changes; constraints.txt pins every version exactly. dinov2 (Meta's reference code, test-only) is installed
 # without its dependencies because it pins torch 2.0 and CUDA-only packages we neither need nor can use.
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps dinov2==0.0.1.dev2
 	touch $(STAMP)
+
+# requirements-lock.txt: every package of the venv at an exact version with hashes (pip-compile in a throwaway venv).
+lock:
+	PYTHON=$(PYTHON) scripts/lock.sh
 
 # Debian's chromium drives the browser tests; Playwright never downloads a browser of its own.
 browser:
