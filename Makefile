@@ -5,19 +5,26 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-run
 
-.PHONY: lock demo test test-fast browser bench bench-extract bench-sae bench-explorer bench-compare bench-deepapl clean
+.PHONY: lock fresh-check demo test test-fast browser bench bench-extract bench-sae bench-explorer bench-compare bench-deepapl clean
 
-# The venv is rebuilt when pyproject.toml or constraints.txt changes; constraints.txt pins every version exactly. dinov2 (Meta's reference code, test-only) is installed
-# without its dependencies because it pins torch 2.0 and CUDA-only packages we neither need nor can use.
-$(STAMP): pyproject.toml constraints.txt
+# The venv is rebuilt when pyproject.toml or the lock changes. requirements-lock.txt pins every package, transitive
+# ones included, with hashes (`make lock` writes it), so every machine installs the same set: --no-deps installs the
+# lock exactly as written, and pip refuses a file whose hash differs. cytosae itself goes in last, editable, without
+# dependencies (all are in the lock) and without a build environment (setuptools is in the lock too).
+$(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
-	$(BIN)/pip install --quiet --no-deps dinov2==0.0.1.dev2
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements-lock.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # requirements-lock.txt: every package of the venv at an exact version with hashes (pip-compile in a throwaway venv).
 lock:
 	PYTHON=$(PYTHON) scripts/lock.sh
+
+# From nothing, as a new user's machine: a clean clone in a temporary folder, pip's cache off, then the README's two
+# commands; times and results in fresh-check.json.
+fresh-check:
+	scripts/fresh_check.sh
 
 # Debian's chromium drives the browser tests; Playwright never downloads a browser of its own.
 browser:

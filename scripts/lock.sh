@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make lock`: writes requirements-lock.txt, every package of the project venv (transitive included) at an exact
 # version with its sha256 hashes. pip-compile (pip-tools) runs in its own throwaway venv and resolves through this
-# machine's pip configuration (indexes, find-links, global constraints), which uv would not read.
+# machine's pip configuration (indexes, find-links, global constraints), which uv would not read. The lock names no
+# index: each machine's own pip configuration says where packages come from, the hashes say what they must be.
 # Versions already in the lock are kept; `make lock UPGRADE=1` moves every package to the newest allowed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ upgrade=()
 # pip-compile keeps the pins of the file it writes; it is given the lock without the dinov2 section.
 [ -f "$LOCK" ] && sed '/^# ---- installed with --no-deps/,$d' "$LOCK" > "$tmp/lock.txt"
 CUSTOM_COMPILE_COMMAND="make lock" "$tmp/tools/bin/pip-compile" --quiet --strip-extras --allow-unsafe \
-  --generate-hashes --extra dev --output-file "$tmp/lock.txt" "${upgrade[@]}" pyproject.toml scripts/lock.in
+  --generate-hashes --no-emit-index-url --no-emit-find-links --extra dev --output-file "$tmp/lock.txt" "${upgrade[@]}" pyproject.toml scripts/lock.in
 "$tmp/tools/bin/pip" download --quiet --no-deps --dest "$tmp/dl" "$DINOV2"
 {
   cat <<'HEAD'
