@@ -29,12 +29,12 @@ def _sh(argv, **kw) -> subprocess.CompletedProcess:
     return r
 
 
-def _user_libraries(site: Path, into: Path) -> None:
+def _user_libraries(site: Path, into: Path, leave_out: tuple[str, ...] = DEV_ONLY + OURS) -> None:
     """The libraries a user's environment already has: links to the project venv's, without dev tools or torch."""
     into.mkdir()
     for entry in site.iterdir():
         name = entry.name.lower()
-        if name.startswith(DEV_ONLY) or name.startswith(OURS) or name.endswith(".pth") or name == "__pycache__":
+        if name.startswith(leave_out) or name.endswith(".pth") or name == "__pycache__":
             continue
         (into / entry.name).symlink_to(entry)
 
