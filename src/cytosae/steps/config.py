@@ -63,7 +63,7 @@ class ExtractSettings(StepSettings):
     workers: Optional[NonNegative] = None
     device: str = "auto"
     precision: str = "fp32"
-    max_minutes: Optional[Annotated[float, Field(gt=0)]] = None
+    max_minutes: Optional[Annotated[float, Field(ge=0)]] = None  # 0: stop after the first shard
     seed: int = 0
     max_pixels: NonNegative = 50_000_000
     stain: str = "none"

@@ -58,13 +58,15 @@ def _backbone(cfg: ExtractSettings, dev, rank: int, warn: Warn):
     from cytosae.backbones import load_backbone
     from cytosae.data.stain import fit_stain
 
+    # the stain reference first: a bad one is refused in a second, before a backbone is loaded or a warning printed
+    stain = fit_stain(cfg.stain, cfg.stain_reference) if cfg.stain != "none" else None
     # random weights are a function of the seed: the same in every process and in every resumed run
     bb = load_backbone(cfg.backbone, weights=cfg.weights, resize=cfg.resize, seed=cfg.seed, device=dev)
     if bb.random_weights and rank == 0:
         warner(warn)("WARNING: no --weights given: the backbone has RANDOM weights; its activations mean nothing "
                      "about blood cells. Fine for a demo, never for a study.")
-    if cfg.stain != "none":
-        bb.preprocess_config = replace(bb.preprocess_config, stain=fit_stain(cfg.stain, cfg.stain_reference))
+    if stain is not None:
+        bb.preprocess_config = replace(bb.preprocess_config, stain=stain)
     return bb
 
 
