@@ -116,7 +116,7 @@ def test_a_step_whose_output_was_removed_runs_again(sample, tmp_path):
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"sae": 'arch = "topk"\nexpansoin = 2'}, "unknown setting 'expansoin': `cytosae train` has no --expansoin"),
+    ({"sae": 'arch = "topk"\nexpansoin = 2'}, "study.toml [sae]: unknown key 'expansoin'; known: dataset, arch, expansion"),
     ({"run": None}, "[run] dir"),
     ({"datasets.sample": 'data = 3'}, "[datasets.sample] needs data"),
     ({"datasets.sample": None}, "at least one [datasets.NAME]"),

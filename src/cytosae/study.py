@@ -1,31 +1,33 @@
-"""`cytosae run study.toml`: a whole study from one file, composed of the CLI's own commands.
+"""`cytosae run study.toml`: a whole study from one file, run through the steps of cytosae.steps.
 
-A study file names the datasets, the backbone, the SAE and the analyses. Each becomes
-one step, a `cytosae` command writing into the run (`--run RUN`), so a study can do
-exactly what the commands do, with the same options (docs/run-layout.md lists them).
-A step runs when it has not finished yet; a killed step resumes (extract and train
-checkpoint themselves); a finished step is skipped while its settings and those of
-every step it depends on are unchanged. A changed setting reruns that step, after
-removing its stale outputs, and every step after it.
+A study file names the datasets, the backbone, the SAE and the analyses. Each section is the
+settings of one step (cytosae.steps: the same classes the CLI's flags fill), checked key by key
+before anything runs; its inputs and outputs are the run's. A step runs when it has not finished
+yet; a killed step resumes (extract and train checkpoint themselves); a finished step is skipped
+while its settings and those of every step it depends on are unchanged. A changed setting reruns
+that step, after removing its stale outputs, and every step after it. One `cytosae run` at a time
+per run directory: a second one is refused while the first holds the run's lock.
 """
 from __future__ import annotations
 
-import functools
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from cytosae.run import Run, check_name
+from cytosae.steps import (ClassifySettings, EvaluateSettings, ExtractSettings, PatientsSettings, StatsSettings,
+                           StepError, StepSettings, TrainSettings, build, run_classify, run_evaluate, run_extract,
+                           run_patients, run_stats, run_train)
 
 SECTIONS = {"run", "backbone", "datasets", "sae", "evaluate", "stats", "patients", "classify"}
-# study keys that the study itself uses and does not pass on as command options
-_OWN = {"sae": {"dataset"}, "patients": {"dataset", "external"}, "classify": {"external"},
-        "evaluate": {"enabled"}, "stats": {"enabled"}}
-_BACKBONE_ALIASES = {"name": "backbone"}
+STUDY_LOCK = ".study.lock"
 
 
 class StudyError(ValueError):
@@ -35,13 +37,18 @@ class StudyError(ValueError):
 @dataclass
 class Step:
     name: str
-    argv: list[str]
+    argv: list[str]  # the equivalent command line: what is shown, and what the step's key digests
+    settings: StepSettings | None = None
     needs: list[str] = field(default_factory=list)
     key: str = ""
 
     @property
     def command(self) -> str:
         return "cytosae " + " ".join(_quote(a) for a in self.argv)
+
+    @property
+    def kind(self) -> str:
+        return self.name.partition(":")[0]
 
 
 def _quote(a: str) -> str:
@@ -64,10 +71,29 @@ def load_study(path: str | Path) -> dict:
     if unknown:
         raise StudyError(f"{path}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
     base = path.parent.resolve()
+    _resolve_run_dir(study, path, base)
+    _resolve_datasets(study, path, base)
+    weights = (study.get("backbone") or {}).get("weights")
+    if isinstance(weights, str):
+        study["backbone"]["weights"] = str(base / weights)
+    study["_file"] = str(path.resolve())
+    study["_base"] = str(base)
+    return study
+
+
+def _resolve_run_dir(study: dict, path: Path, base: Path) -> None:
     run_dir = (study.get("run") or {}).get("dir")
     if not isinstance(run_dir, str) or not run_dir:
         raise StudyError(f"{path}: [run] dir = \"FOLDER\" is required (the run directory, relative to the study file)")
+    unknown = sorted(set(study["run"]) - {"dir"})
+    if unknown:
+        raise StudyError(f"{path} [run]: unknown key {unknown[0]!r}; known: dir")
     study["run"]["dir"] = str(base / run_dir)
+    if Path(study["run"]["dir"]).exists() and not Path(study["run"]["dir"]).is_dir():
+        raise StudyError(f"{path} [run]: dir {study['run']['dir']} is a file, not a folder: name a run directory")
+
+
+def _resolve_datasets(study: dict, path: Path, base: Path) -> None:
     datasets = study.get("datasets") or {}
     if not isinstance(datasets, dict) or not datasets:
         raise StudyError(f"{path}: at least one [datasets.NAME] section with data = \"FOLDER or CSV\" is required")
@@ -79,125 +105,151 @@ def load_study(path: str | Path) -> dict:
         if not isinstance(ds, dict) or not isinstance(ds.get("data"), str):
             raise StudyError(f"{path}: [datasets.{name}] needs data = \"FOLDER or CSV\"")
         for key in ("data", "patients"):
-            if key in ds:
+            if isinstance(ds.get(key), str):
                 ds[key] = str(base / ds[key])
-    weights = (study.get("backbone") or {}).get("weights")
-    if isinstance(weights, str):
-        study["backbone"]["weights"] = str(base / weights)
-    study["_file"] = str(path.resolve())
-    study["_base"] = str(base)
-    return study
 
 
-# ---------------------------------------------------------------- planning
+# ---------------------------------------------------------------- sections as step settings
+
+# Settings a study does not take: a study step's inputs and outputs are the run's.
+_PLACED = {ExtractSettings: {"out", "name"}, TrainSettings: {"store", "out"},
+           EvaluateSettings: {"sae_dir", "store", "out"}, StatsSettings: {"sae_dir", "stores", "out"},
+           PatientsSettings: {"sae_dir", "store", "out", "external"},
+           ClassifySettings: {"barcodes", "out", "store", "sae", "external", "external_store"}}
+# Keys of the study's own (not step settings): which steps run and on which datasets.
+_OWN = {"evaluate": {"enabled"}, "stats": {"enabled"}, "patients": {"external"}, "classify": {"external"}}
 
 
-def _options(section: dict, command: str, where: str, skip: set[str] = frozenset()) -> list[str]:
-    """A study section as command-line options of `cytosae COMMAND`, checked against the command's own options."""
-    known = _command_options(command)
+def _settings(cls: type[StepSettings], section: dict, where: str, own: set[str] = frozenset(),
+              fixed: dict | None = None) -> StepSettings:
+    """A study section as `cls`, every key checked: unknown ones and the run's own places are refused."""
+    known = [k for k in cls.model_fields if k not in _PLACED[cls]] + sorted(own)
+    for key in section:
+        if key in _PLACED[cls] and key not in own:
+            raise StudyError(f"{where}: {key} cannot be set in a study: a study step's inputs and outputs "
+                             f"are in its run ([run] dir)")
+        if key not in known:
+            raise StudyError(f"{where}: unknown key {key!r}; known: {', '.join(known)}")
+    values = {k: v for k, v in section.items() if k not in own}
+    try:
+        return build(cls, {**values, **(fixed or {})}, where)
+    except StepError as exc:
+        raise StudyError(str(exc)) from None
+
+
+def _argv(section: dict, skip: set[str] = frozenset()) -> list[str]:
+    """A section as the options of the command doing the same step (what the step's key has digested since
+    studies were first run as commands: keep it, or every finished study reruns)."""
     argv: list[str] = []
     for key, value in section.items():
         if key in skip:
             continue
         opt = "--" + key.replace("_", "-")
-        if opt not in known:
-            raise StudyError(f"{where}: unknown setting {key!r}: `cytosae {command}` has no {opt} "
-                             f"(see `cytosae {command} --help`)")
-        flag, multiple = known[opt]
-        if flag:
-            if not isinstance(value, bool):
-                raise StudyError(f"{where}: {key} must be true or false")
-            if value:
-                argv.append(opt)
+        if isinstance(value, bool):
+            argv += [opt] if value else []
         elif isinstance(value, list):
-            if not multiple:
-                argv += [opt, ",".join(str(v) for v in value)]
-            else:
-                for v in value:
-                    argv += [opt, str(v)]
-        elif isinstance(value, dict):
-            raise StudyError(f"{where}: {key} must be a value, not a table")
+            argv += [opt, ",".join(str(v) for v in value)]
         else:
             argv += [opt, str(value)]
     return argv
 
 
-@functools.lru_cache(maxsize=None)
-def _command_options(command: str) -> dict[str, tuple[bool, bool]]:
-    import typer.main
+def _flag(section: dict, key: str, where: str) -> bool:
+    value = section.get(key, True)
+    if not isinstance(value, bool):
+        raise StudyError(f"{where}: {key} should be true or false, got {value!r}")
+    return value
 
-    from cytosae.cli import app
 
-    cmd = typer.main.get_command(app).commands[command]
-    out = {}
-    for p in cmd.params:
-        for o in getattr(p, "opts", []):
-            if o.startswith("--"):
-                out[o] = (bool(getattr(p, "is_flag", False)), bool(getattr(p, "multiple", False)))
-    return out
+def _dataset(study: dict, name, label: str) -> str:
+    names = list(study["datasets"])
+    if name not in names:
+        raise StudyError(f"{study['_file']}: {label} {name!r} is not one of the datasets {names}")
+    return name
+
+
+# ---------------------------------------------------------------- planning
 
 
 def plan(study: dict) -> list[Step]:
-    """The study's steps in order, each keyed by its own settings and those of the steps it needs."""
-    f = study["_file"]
-    run = study["run"]["dir"]
-    datasets = study["datasets"]
-    names = list(datasets)
-    backbone = dict(study.get("backbone") or {})
-    for alias, opt in _BACKBONE_ALIASES.items():
-        if alias in backbone:
-            backbone[opt] = backbone.pop(alias)
-    steps: list[Step] = []
-    for name, ds in datasets.items():
-        opts = {**backbone, **{k: v for k, v in ds.items() if k != "data"}}
-        steps.append(Step(f"extract:{name}", ["extract", ds["data"], "--run", run, "--name", name]
-                          + _options(opts, "extract", f"{f} [backbone]/[datasets.{name}]")))
+    """The study's steps in order, their settings checked, each keyed by its own settings and those of the steps
+    it needs. Everything a real run checks before its first step is checked here (a dry run is this)."""
+    f, run = study["_file"], study["run"]["dir"]
+    names = list(study["datasets"])
+    steps = [_extract_step(study, name) for name in names]
     sae = dict(study.get("sae") or {})
-    train_on = sae.get("dataset", names[0])
-    if train_on not in datasets:
-        raise StudyError(f"{f}: [sae] dataset = {train_on!r} is not one of the datasets {names}")
-    steps.append(Step("train", ["train", "--run", run, "--dataset", train_on]
-                      + _options(sae, "train", f"{f} [sae]", _OWN["sae"]), needs=[f"extract:{train_on}"]))
-    extracts = [f"extract:{n}" for n in names]
+    train_on = _dataset(study, sae.get("dataset", names[0]), "[sae] dataset =")
+    steps.append(Step("train", ["train", "--run", run, "--dataset", train_on] + _argv(sae, {"dataset"}),
+                      _settings(TrainSettings, sae, f"{f} [sae]", fixed={"dataset": train_on}),
+                      needs=[f"extract:{train_on}"]))
     ev = dict(study.get("evaluate") or {})
-    if ev.get("enabled", True):
-        steps.append(Step("evaluate", ["evaluate", "--run", run, "--dataset", train_on]
-                          + _options(ev, "evaluate", f"{f} [evaluate]", _OWN["evaluate"]), needs=["train"]))
+    if _flag(ev, "enabled", f"{f} [evaluate]"):
+        steps.append(Step("evaluate", ["evaluate", "--run", run, "--dataset", train_on] + _argv(ev, {"enabled"}),
+                          _settings(EvaluateSettings, {"dataset": train_on, **ev}, f"{f} [evaluate]", {"enabled"}),
+                          needs=["train"]))
     st = dict(study.get("stats") or {})
-    if st.get("enabled", True):
-        steps.append(Step("stats", ["stats", "--run", run] + _options(st, "stats", f"{f} [stats]", _OWN["stats"]),
-                          needs=["train", *extracts]))
+    if _flag(st, "enabled", f"{f} [stats]"):
+        steps.append(Step("stats", ["stats", "--run", run] + _argv(st, {"enabled"}),
+                          _settings(StatsSettings, st, f"{f} [stats]", {"enabled"}),
+                          needs=["train", *[f"extract:{n}" for n in names]]))
     if "patients" in study:
         steps += _patient_steps(study, run, f)
+    elif "classify" in study:
+        raise StudyError(f"{f}: [classify] needs a [patients] section (it classifies the patients' barcodes)")
     return _keyed(steps, study["_base"])
+
+
+def _extract_step(study: dict, name: str) -> Step:
+    backbone = dict(study.get("backbone") or {})
+    if "backbone" in backbone:
+        raise StudyError(f"{study['_file']} [backbone]: unknown key 'backbone'; the backbone is name = \"...\"")
+    if "name" in backbone:
+        backbone["backbone"] = backbone.pop("name")  # moved to the end, as the key has always digested it
+    for key in ("data", "patients"):
+        if key in backbone:
+            raise StudyError(f"{study['_file']} [backbone]: {key} belongs in each [datasets.NAME]")
+    ds = study["datasets"][name]
+    opts = {**backbone, **{k: v for k, v in ds.items() if k != "data"}}
+    where = f"{study['_file']} [backbone]/[datasets.{name}]"
+    cfg = _settings(ExtractSettings, {**opts, "data": ds["data"]}, where, fixed={"name": name})
+    return Step(f"extract:{name}", ["extract", ds["data"], "--run", study["run"]["dir"], "--name", name] + _argv(opts),
+                cfg)
 
 
 def _patient_steps(study: dict, run: str, f: str) -> list[Step]:
     pt = dict(study["patients"])
-    names = list(study["datasets"])
-    on = pt.get("dataset", names[0])
+    on = _dataset(study, pt.get("dataset", list(study["datasets"])[0]), "[patients] dataset")
     external = pt.get("external") or []
     external = [external] if isinstance(external, str) else list(external)
-    for n in [on, *external]:
-        if n not in study["datasets"]:
-            raise StudyError(f"{f}: [patients] dataset {n!r} is not one of the datasets {names}")
-    opts = _options(pt, "patients", f"{f} [patients]", _OWN["patients"])
-    steps = [Step("patients", ["patients", "--run", run, "--dataset", on] + opts, needs=["train", f"extract:{on}"])]
+    for n in external:
+        _dataset(study, n, "[patients] external dataset")
+    opts = _argv(pt, {"dataset", "external"})
+    where = f"{f} [patients]"
+    steps = [Step("patients", ["patients", "--run", run, "--dataset", on] + opts,
+                  _settings(PatientsSettings, {**pt, "dataset": on}, where, _OWN["patients"]),
+                  needs=["train", f"extract:{on}"])]
     for n in external:
         steps.append(Step(f"patients:{n}", ["patients", "--run", run, "--dataset", n, "--external"] + opts,
+                          _settings(PatientsSettings, {**pt, "dataset": n}, where, _OWN["patients"],
+                                    fixed={"external": True}),
                           needs=["train", f"extract:{n}"]))
     if "classify" in study:
-        cl = dict(study["classify"])
-        argv = ["classify", "--run", run] + _options(cl, "classify", f"{f} [classify]", _OWN["classify"])
-        ext = cl.get("external")
-        needs = ["patients"]
-        if ext is not None:
-            if ext not in external:
-                raise StudyError(f"{f}: [classify] external = {ext!r} must also be listed in [patients] external")
-            argv += ["--external", str(Run(run, {}).external_patients_dir(ext))]
-            needs.append(f"patients:{ext}")
-        steps.append(Step("classify", argv, needs=needs))
+        steps.append(_classify_step(study, run, f, external))
     return steps
+
+
+def _classify_step(study: dict, run: str, f: str, external: list[str]) -> Step:
+    cl = dict(study["classify"])
+    argv = ["classify", "--run", run] + _argv(cl, _OWN["classify"])
+    ext, needs, fixed = cl.get("external"), ["patients"], {}
+    if ext is not None:
+        if ext not in external:
+            raise StudyError(f"{f}: [classify] external = {ext!r} must also be listed in [patients] external")
+        fixed["external"] = Run(run, {}).external_patients_dir(ext)
+        argv += ["--external", str(fixed["external"])]
+        needs.append(f"patients:{ext}")
+    cfg = _settings(ClassifySettings, cl, f"{f} [classify]", _OWN["classify"], fixed=fixed)
+    return Step("classify", argv, cfg, needs=needs)
 
 
 def _keyed(steps: list[Step], base: str) -> list[Step]:
@@ -226,13 +278,52 @@ def _complete(run: Run, step: str) -> bool:
     return step in run.steps and all(p.exists() for p in outputs(run, step))
 
 
+_RUNNERS = {"extract": run_extract, "train": lambda cfg, run, warn: run_train(cfg, run=run),
+            "evaluate": run_evaluate, "stats": run_stats, "patients": run_patients, "classify": run_classify}
+
+
+@contextlib.contextmanager
+def study_lock(run_dir: Path) -> Iterator[None]:
+    """The run to this `cytosae run` alone: a second one at once would run every step into the same folders."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / STUDY_LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise StudyError(f"run {run_dir} is being run by another `cytosae run` (pid {holder}); wait for it to "
+                             f"finish, or stop it first") from None
+        try:
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def run_study(path: str | Path, say: Callable[[str], None] = print, dry_run: bool = False) -> dict:
     """Run every step of the study that is not done; returns {step: "done"|"skipped"|"planned"}."""
-    from cytosae.cli import app
-
     study = load_study(path)
     steps = plan(study)
-    run = Run.open(study["run"]["dir"], create=True)
+    run_dir = Path(study["run"]["dir"])
+    if dry_run:
+        run = Run.open(run_dir) if run_dir.is_dir() and _is_run(run_dir) else Run(run_dir, {})
+        return _walk(study, steps, run, say, dry_run=True)
+    with study_lock(run_dir):
+        return _walk(study, steps, Run.open(run_dir, create=True), say, dry_run=False)
+
+
+def _is_run(path: Path) -> bool:
+    try:
+        Run.open(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _walk(study: dict, steps: list[Step], run: Run, say: Callable[[str], None], dry_run: bool) -> dict:
     keys = dict((run.meta.get("study") or {}).get("keys") or {})
     status: dict[str, str] = {}
     changed: set[str] = set()
@@ -254,18 +345,19 @@ def run_study(path: str | Path, say: Callable[[str], None] = print, dry_run: boo
         keys[step.name] = step.key
         run.set_study_keys(study["_file"], keys)
         say(f"{head}: {step.command}")
-        try:
-            code = app(step.argv, standalone_mode=False, prog_name="cytosae")
-        except Exception as exc:
-            if not hasattr(exc, "format_message"):  # a bug, not a usage error: keep its traceback
-                raise
-            raise StudyError(f"step {step.name}: {exc.format_message()}") from None
-        if code not in (None, 0):
-            raise StudyError(f"step {step.name} failed (exit {code}); fix the cause above and run the study again: "
-                             f"finished steps are kept")
+        _execute(step, run, say)
         status[step.name] = "done"
         run = Run.open(run.path)
     return status
+
+
+def _execute(step: Step, run: Run, say: Callable[[str], None]) -> None:
+    try:
+        result = _RUNNERS[step.kind](step.settings, run=run.path, warn=say)
+    except StepError as exc:
+        raise StudyError(f"step {step.name}: {exc}; fix it and run the study again: finished steps are kept") from None
+    for line in result.lines():
+        say(line)
 
 
 def _remove(run: Run, step: str) -> None:

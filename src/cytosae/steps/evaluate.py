@@ -1,0 +1,66 @@
+"""The evaluate step: reconstruction and sparsity of an SAE on a store (RUN/sae/eval.json in a run)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from cytosae.run import Run
+from cytosae.steps.common import Warn, device, need, open_run, open_sae, open_store, record, run_dataset
+from cytosae.steps.config import EvaluateSettings
+
+COLUMNS = ["tokens", "fvu", "explained_variance", "cosine_similarity", "l0", "dead_fraction", "dense_fraction",
+           "shrinkage"]
+
+
+@dataclass
+class EvaluateResult:
+    sae_dir: Path
+    store: Path
+    arch: str
+    n_latents: int
+    figures: dict  # what eval.json holds: per token group (all, cls, patch) the measured figures
+    out: Optional[Path]
+
+    def lines(self) -> list[str]:
+        out = [f"SAE {self.sae_dir} ({self.arch}, {self.n_latents} latents) measured on store {self.store}:",
+               f"{'tokens':<8}" + "".join(f"{c:>20}" for c in COLUMNS)]
+        for group in ("all", "cls", "patch"):
+            if group in self.figures:
+                out.append(f"{group:<8}" + "".join(f"{self.figures[group].get(c, float('nan')):>20.4g}"
+                                                   for c in COLUMNS))
+        out.append("fvu = unexplained variance fraction; dead = never fired on these tokens; dense = fires on >10% "
+                   "of them" + (f"; JSON -> {self.out}" if self.out else ""))
+        return out
+
+
+def _placed(cfg: EvaluateSettings, rd: Run | None) -> EvaluateSettings:
+    if rd is not None:
+        dataset = run_dataset(rd, cfg.dataset or rd.steps.get("train", {}).get("settings", {}).get("dataset"))
+        cfg = cfg.model_copy(update={"dataset": dataset, "sae_dir": cfg.sae_dir or rd.sae_dir,
+                                     "store": cfg.store or rd.store_dir(dataset),
+                                     "out": cfg.out or rd.sae_dir / "eval.json"})
+    need(cfg.sae_dir, "SAE_DIR", "use the run's SAE")
+    need(cfg.store, "STORE", "measure on the run's dataset")
+    return cfg
+
+
+def run_evaluate(cfg: EvaluateSettings, run: str | Path | Run | None = None, warn: Warn = None) -> EvaluateResult:
+    """Measure the SAE on the store for all, CLS and patch tokens; write the figures to cfg.out when given."""
+    from cytosae.sae import evaluate_sae
+    from cytosae.store.format import atomic_write_json
+
+    started = time.time()
+    rd = open_run(run)
+    given, cfg = cfg, _placed(cfg, rd)
+    dev = device(cfg.device)
+    sae, st = open_sae(cfg.sae_dir, cfg.allow_unfinished, warn), open_store(cfg.store)
+    res = evaluate_sae(sae.to(dev), st, max_images=cfg.max_images)
+    res["sae_dir"], res["store"] = str(cfg.sae_dir), str(cfg.store)
+    if rd is not None:  # a run can move: paths inside it are recorded relative to it
+        res["sae_dir"], res["store"], res["dataset"] = rd.portable(cfg.sae_dir), rd.portable(cfg.store), cfg.dataset
+    if cfg.out is not None:
+        atomic_write_json(cfg.out, res)
+    record(rd, "evaluate", given, started, dataset=cfg.dataset)
+    return EvaluateResult(cfg.sae_dir, cfg.store, sae.cfg.arch, sae.cfg.n_latents, res, cfg.out)
