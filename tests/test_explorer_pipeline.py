@@ -49,3 +49,20 @@ def test_app_js_reads_only_summary_fields_the_writers_write():
     assert not re.search(r"stats_summary \|\| \{\}\)\.n_images", js)
     assert "patients_summary || {}).dataset" not in js
     assert "bits" not in js  # label entropy is in nats (analysis/stats.py)
+
+
+def test_uploads_rebuild_the_seeded_random_backbone_and_match_the_store(client):
+    """Random weights are a pure function of the recorded seed, so an upload of a store's own cell is encoded as the
+    store encoded it (fp16 store vs fp32 upload: close, not equal) and the page says which weights did it."""
+    ex = client.app.state.explorer
+    image_id = client.get("/api/images", params={"dataset": "sample", "limit": 1}).json()["images"][0]["image_id"]
+    stored = client.get("/api/image", params={"dataset": "sample", "image_id": image_id, "k": 5}).json()
+    original = ex.run.path / "data" / "sample" / image_id  # make_sample's folder, the manifest's root
+    r = client.post("/api/uploads", files={"file": ("cell.png", Path(original).read_bytes(), "image/png")},
+                    params={"k": 5})
+    assert r.status_code == 201, r.text
+    up = r.json()
+    assert "RANDOM weights rebuilt from the run's seed 0" in up["encoded_with"] and "dinobloom-s" in up["encoded_with"]
+    assert [t["latent"] for t in up["top_cls"]] == [t["latent"] for t in stored["top_cls"]]
+    assert [t["value"] for t in up["top_cls"]] == pytest.approx([t["value"] for t in stored["top_cls"]], rel=0.02)
+    assert "encoded_with" in APP_JS.read_text()  # the page shows it

@@ -167,6 +167,15 @@ class Encoder:
         resize = (self.run.preprocessing() or {}).get("resize")
         if resize and "resize" not in options:
             options["resize"] = resize  # same squash/pad/crop as the store, or the patches would not correspond
+        # random weights are a pure function of the seed the store recorded, so the same backbone is rebuilt here
+        random_seed = next((spec[k] for k in ("random_weights_seed", "seed") if spec.get(k) is not None), None)
+        if weights or spec.get("weights_sha256"):
+            random_seed = None
+        if not weights and spec.get("weights_sha256") is None and random_seed is None:
+            raise BackboneUnavailable(f"backbone {name!r} had random weights drawn without a recorded seed; uploads "
+                                      "would not match the store (re-extract, or pass --weights)")
+        if random_seed is not None:
+            options["seed"] = int(random_seed)
         try:
             bb = load_backbone(name, weights=weights, device=self.device, **options)
         except Exception as exc:  # missing weights file, no network for a download, unknown name
@@ -180,9 +189,15 @@ class Encoder:
         if spec.get("weights_sha256") and getattr(bb, "weights_sha256", None) not in (None, spec["weights_sha256"]):
             raise BackboneUnavailable(f"backbone weights differ from those the store was extracted with "
                                       f"(sha256 {bb.weights_sha256[:12]} vs {spec['weights_sha256'][:12]})")
-        if getattr(bb, "random_weights", False) and spec.get("weights_sha256") is None and not spec.get("weights"):
-            raise BackboneUnavailable(f"backbone {name!r} has random weights here; uploads would not match the store")
         return bb, spec.get("layer", -2)
+
+    def backbone_note(self) -> str:
+        """What encoded the uploads, for the page: random weights are said plainly, with the seed they came from."""
+        bb, layer = self.backbone()
+        if bb.random_weights:
+            return (f"{bb.name}, block {layer}, RANDOM weights rebuilt from the run's seed {bb.seed} (as the store "
+                    "was extracted): the latents mean nothing about blood cells")
+        return f"{bb.name}, block {layer}, weights sha256 {bb.weights_sha256[:12]}"
 
     @torch.no_grad()
     def for_upload(self, upload_id: str, pil_image) -> ImageActivations:

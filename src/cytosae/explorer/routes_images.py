@@ -103,7 +103,7 @@ def register(app, ex: Explorer) -> None:
             while len(ex.uploads) > 32:
                 ex.uploads.popitem(last=False)
         return to_json({"upload_id": upload_id, "filename": (file.filename or "")[:200], "size": list(img.size),
-                        **_image_summary(acts, k)})
+                        "encoded_with": ex.encoder.backbone_note(), **_image_summary(acts, k)})
 
     @app.get("/api/uploads/{upload_id}/patch", summary="Top latents of one patch of an uploaded image")
     def upload_patch(upload_id: str = PathParam(..., pattern="^[0-9a-f]{16}$"), patch: int = Query(...),

@@ -238,6 +238,7 @@ class RunDir:
                 spec.setdefault("name", s.get("backbone"))
                 spec.setdefault("layer", s.get("layer"))
                 spec.setdefault("weights_sha256", s.get("weights_sha256"))
+                spec.setdefault("random_weights_seed", s.get("random_weights_seed"))
                 spec.setdefault("grid", meta.get("grid"))
                 break
         return spec

@@ -405,7 +405,7 @@ async function viewImage(params) {
       if (r.top.length) overlay(r.top[0].latent);
     } catch (e) { patchBox.replaceChildren(h("p", { class: "error" }, e.message)); }
   });
-  const meta = info.meta ? Object.entries(info.meta).filter(([k]) => k !== "image_id").map(([k, v]) => `${k}: ${v}`).join(" · ") : `uploaded ${info.filename || ""} (${info.size.join("×")} px)`;
+  const meta = info.meta ? Object.entries(info.meta).filter(([k]) => k !== "image_id").map(([k, v]) => `${k}: ${v}`).join(" · ") : `uploaded ${info.filename || ""} (${info.size.join("×")} px)` + (info.encoded_with ? ` · encoded with ${info.encoded_with}` : "");
   main.append(h("h2", {}, imageId || "uploaded image"), h("p", { class: "muted" }, meta),
     h("div", { class: "row" },
       h("div", {}, h("div", { class: "viewer" }, img, cv), h("label", { class: "muted" }, "display: ", modeSel), heading,
