@@ -24,10 +24,24 @@ from PIL import Image, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 50_000_000
 
 
+def printable_name(name: str | os.PathLike) -> str:
+    """A file name as text that can be written anywhere: bytes that are not UTF-8 (which the OS hands to Python as
+    lone surrogates) shown as backslash escapes, `\\xe9`. Valid names are returned unchanged."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def is_utf8_name(name: str | os.PathLike) -> bool:
+    try:
+        os.fspath(name).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 class ImageDecodeError(Exception):
     def __init__(self, path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = str(path)
+        super().__init__(f"{printable_name(path)}: {reason}")
+        self.path = printable_name(path)
         self.reason = reason
 
 
@@ -80,6 +94,9 @@ def open_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXEL
     None = no budget (PIL's own decompression-bomb limit still applies).
     """
     p = Path(path)
+    if not is_utf8_name(p):  # its name could be written to no table, log or page; the file itself may be fine
+        raise ImageDecodeError(p, "the file name is not UTF-8 text (shown with \\x escapes); rename the file to "
+                                  "include it")
     try:
         if _regular_file_size(p) == 0:
             raise ImageDecodeError(p, "zero-byte file")

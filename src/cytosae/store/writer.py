@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch.utils.data import DataLoader
 
-from cytosae.data.images import DEFAULT_MAX_PIXELS
+from cytosae.data.decode import DEFAULT_MAX_PIXELS, printable_name
 
 from cytosae.distributed import rank_and_world
 
@@ -100,6 +100,10 @@ class ExtractResult:
     decode_wait_seconds: float = 0.0
     compute_seconds: float = 0.0
     write_seconds: float = 0.0
+
+
+class EmptyStoreError(ValueError):
+    """Extraction decoded no image at all: nothing downstream could use the store."""
 
 
 def _ids_digest(image_ids: Sequence[str]) -> str:
@@ -303,7 +307,7 @@ def _compute_shards(manifest: pd.DataFrame, backbone, out: Path, cfg: ExtractCon
             tokens = backbone.tokens(images, layer=cfg.layer, precision=cfg.precision).to(dtype).cpu()
             run["compute"] += time.perf_counter() - t
             current.add(indices.tolist(), tokens)
-        current.skipped += [(ids[i], manifest.iloc[i]["path"], reason) for i, reason in skipped]
+        current.skipped += [(ids[i], printable_name(manifest.iloc[i]["path"]), reason) for i, reason in skipped]
         bar.update(len(indices) + len(skipped))
         run["images"] += len(indices) + len(skipped)
         last_in_shard = min((shard_index + 1) * cfg.shard_size, n) - 1
@@ -401,10 +405,15 @@ def _finalise(out: Path, meta: dict, manifest: pd.DataFrame) -> None:
     rows = [r for s in meta["shards"] for r in s["rows"]]
     id_of = dict(zip(manifest["path"], manifest["image_id"]))  # shards written before image ids were recorded
     skipped = [s if len(s) == 3 else [id_of.get(s[0]), *s] for shard in meta["shards"] for s in shard["skipped"]]
-    images, meta["data_root"] = relocatable_paths(manifest.iloc[rows].reset_index(drop=True))
-    atomic_write_parquet(out / IMAGES, images)
     skipped_df = pd.DataFrame(skipped, columns=["image_id", "path", "reason"])
     atomic_write_bytes(out / SKIPPED, skipped_df.to_csv(index=False).encode())
+    if not rows:  # an empty store would only fail later, in training, with a message about tokens per epoch
+        reasons = skipped_df["reason"].value_counts()
+        raise EmptyStoreError(f"none of the {len(manifest)} images listed could be decoded (most often: "
+                              f"{reasons.index[0]!r}, {reasons.iloc[0]} images); the reasons per file are in "
+                              f"{out / SKIPPED}; no store was written")
+    images, meta["data_root"] = relocatable_paths(manifest.iloc[rows].reset_index(drop=True))
+    atomic_write_parquet(out / IMAGES, images)
     meta["n_images"] = len(rows)
     meta["n_skipped"] = len(skipped)
     meta["complete"] = True
