@@ -47,8 +47,10 @@ from .format import (
     atomic_write_parquet,
     bytes_checksum,
     read_manifest,
+    file_checksum,
     shard_name,
     verify_file,
+    write_manifest,
 )
 
 log = logging.getLogger(__name__)
@@ -241,7 +243,7 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
     if world > 1:
         _check_same_weights(backbone, world)
     if rank == 0:
-        atomic_write_json(out / MANIFEST, meta)
+        write_manifest(out, meta)
     _barrier(world)
 
     n = len(manifest)
@@ -316,7 +318,7 @@ def _compute_shards(manifest: pd.DataFrame, backbone, out: Path, cfg: ExtractCon
             entry = current.write(out, ids)  # the shard is durable before it is listed
             if meta is not None:
                 meta["shards"] = sorted(meta["shards"] + [entry], key=lambda s: s["index"])
-                atomic_write_json(out / MANIFEST, meta)
+                write_manifest(out, meta)
             else:
                 (out / PROGRESS).mkdir(exist_ok=True)
                 atomic_write_json(out / PROGRESS / f"shard_{entry['index']:05d}.json", entry)
@@ -340,7 +342,7 @@ def _merge(out: Path, meta: dict, manifest: pd.DataFrame, n_shards: int) -> None
     if len(done) == n_shards:
         _finalise(out, meta, manifest)
     else:
-        atomic_write_json(out / MANIFEST, meta)
+        write_manifest(out, meta)
     if (out / PROGRESS).is_dir():  # merged into manifest.json, which is durable now
         shutil.rmtree(out / PROGRESS)
 
@@ -355,6 +357,8 @@ def _intact(out: Path, done: dict[int, dict]) -> dict[int, dict]:
             except (FileNotFoundError, DamagedFile) as exc:
                 log.warning("%s", exc)
                 continue
+            if not s.get("checksum"):  # written before checksums existed: the current format requires one
+                s = {**s, "checksum": file_checksum(out / s["file"])}
         kept[i] = s
     return kept
 
@@ -417,7 +421,7 @@ def _finalise(out: Path, meta: dict, manifest: pd.DataFrame) -> None:
     meta["n_images"] = len(rows)
     meta["n_skipped"] = len(skipped)
     meta["complete"] = True
-    atomic_write_json(out / MANIFEST, meta)
+    write_manifest(out, meta)
     if skipped:
         log.warning("%d of %d images could not be decoded and were skipped; see %s",
                     len(skipped), len(manifest), out / SKIPPED)
