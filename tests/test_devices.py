@@ -109,7 +109,9 @@ def test_store_from_before_precision_existed_resumes(tmp_path, backbone, data):
         k: getattr(cfg, k) for k in ("batch_size", "shard_size", "progress", "num_workers")}))
     assert not part.complete and part.n_shards == 1
     meta = json.loads((tmp_path / "old" / "manifest.json").read_text())
-    del meta["settings"]["precision"]  # as written by cytosae before --precision
+    del meta["settings"]["precision"]  # as written by cytosae before --precision (format_version 1, unsealed)
+    meta.pop("manifest_sha256")
+    meta["format_version"] = 1
     (tmp_path / "old" / "manifest.json").write_text(json.dumps(meta))
     res = extract(data, backbone, tmp_path / "old", cfg)
     assert res.complete and res.shards_reused == 1 and res.n_images == ref.n_images == 6

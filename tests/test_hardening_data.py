@@ -125,3 +125,59 @@ def test_paths_are_normalised_and_patients_checked(tmp_path):
     (tmp_path / "p.csv").write_text("patient_id,diagnosis\nP1,APL\nP1,AML\n")
     with pytest.raises(ManifestError, match=r"p.csv: duplicate patient ids: lines 2 and 3 both name 'P1'"):
         load_manifest(tmp_path / "cells", patients=tmp_path / "p.csv")
+
+
+# Tensor digests of Preprocess output computed with the code before the bounded resize existed (issue #20):
+# ordinary images must keep their bytes, or a resumed crop-mode store would mix two preprocessings.
+_BEFORE = {((40, 50), "squash"): "cedd506718aae916", ((40, 50), "pad"): "db1fafa15255c83c",
+           ((40, 50), "crop"): "9250ad6ff9c24f99", ((363, 517), "squash"): "cf047a57d7645f27",
+           ((363, 517), "pad"): "40d4bc5384293654", ((363, 517), "crop"): "36bba7a6543dbbf3",
+           ((600, 90), "squash"): "5ff85fc5e85e06f3", ((600, 90), "pad"): "275c802ed12523eb",
+           ((600, 90), "crop"): "7b5c200c93e50826", ((7, 300), "squash"): "fe68461cb952dadb",
+           ((7, 300), "pad"): "8565c728e720cba3", ((7, 300), "crop"): "4c24e6d297ccffff"}
+
+
+def test_preprocessing_of_ordinary_images_is_unchanged():
+    import hashlib
+
+    from cytosae.data import Preprocess
+
+    rng = np.random.default_rng(7)
+    for size in [(40, 50), (363, 517), (600, 90), (7, 300)]:
+        img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+        for mode in ["squash", "pad", "crop"]:
+            x = Preprocess(resize=mode)(img)
+            assert hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16] == _BEFORE[size, mode], (size, mode)
+
+
+THIN_SCRIPT = """
+import resource, sys
+import numpy as np
+from PIL import Image
+from cytosae.data import Preprocess
+img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400_000, 8, 3), dtype=np.uint8))  # 3.2 MP
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+shapes = [tuple(Preprocess(resize=m)(img).shape) for m in ("crop", "pad", "squash")]
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+print(shapes, f"{grown:.0f}")
+"""
+
+
+def test_a_thin_image_is_preprocessed_in_bounded_memory(tmp_path):
+    """8 x 400,000 px with crop used to be resized whole to 224 x 11.2 M px (10 GB, MemoryError)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", THIN_SCRIPT], capture_output=True, text=True, check=True).stdout.split()
+    assert out[:-1] == ["[(3,", "224,", "224),", "(3,", "224,", "224),", "(3,", "224,", "224)]"]
+    assert float(out[-1]) < 200, f"peak memory grew by {out[-1]} MB while preprocessing a 3.2 MP image"
+
+
+def test_extreme_crop_takes_the_centre_of_the_source():
+    """The bounded crop samples the same place as a whole resize would: a thin image whose centre is red."""
+    from cytosae.data import Preprocess
+
+    a = np.full((40_000, 8, 3), 255, np.uint8)
+    a[19_996:20_004] = (200, 0, 0)  # the centre 8 x 8 px, all the crop keeps of an 8-px-wide image
+    out = np.asarray(Preprocess(resize="crop").resize_image(Image.fromarray(a))).astype(int)
+    assert np.abs(out[16:208, 16:208] - [200, 0, 0]).max() <= 6  # bicubic ringing near the white edge

@@ -27,9 +27,12 @@ def _flip_byte(path: Path, offset_from_end: int = 10) -> None:
 
 
 def _strip_checksums(store: Path) -> None:
+    """The store as a writer from before checksums wrote it: format_version 1, no shard or manifest checksum."""
     meta = json.loads((store / "manifest.json").read_text())
     for s in meta["shards"]:
         s.pop("checksum", None)
+    meta.pop("manifest_sha256")
+    meta["format_version"] = 1
     (store / "manifest.json").write_text(json.dumps(meta))
 
 
@@ -66,6 +69,7 @@ def test_resume_recomputes_a_damaged_shard(tmp_path):
     from cytosae import load_backbone
     from cytosae.data import load_manifest
     from cytosae.store import ExtractConfig, extract
+    from cytosae.store.format import write_manifest
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -83,7 +87,7 @@ def test_resume_recomputes_a_damaged_shard(tmp_path):
     for s in meta["shards"]:
         (out / s["file"]).write_bytes((tmp_path / "full" / s["file"]).read_bytes())
     meta["complete"] = False
-    (out / "manifest.json").write_text(json.dumps(meta))
+    write_manifest(out, meta)  # as the writer leaves it after a kill
     _flip_byte(out / "shard_00001.safetensors")
     res = extract(manifest, bb, out, cfg)
     assert res.shards_reused == 2  # shards 0 and 2 kept; only the damaged shard 1 is computed again
@@ -178,3 +182,58 @@ def test_damaged_training_state_is_named(tmp_path):
     _flip_byte(tmp_path / "training_state" / "state.safetensors")
     with pytest.raises(DamagedFile, match=r"training_state/state.safetensors is damaged.*delete .* to restart"):
         train_sae(list(x.split(250)), **kw)
+
+
+# ---------------------------------------------------------------- manifest.json: schema and its own checksum
+def _edits():
+    def dup_shard(m): m["shards"].insert(1, m["shards"][0])
+    def rename_id(m): m["shards"][0]["image_ids"][0] = "a/not-there.png"
+    def dup_id(m): m["shards"][1]["image_ids"][0] = m["shards"][0]["image_ids"][0]
+    def short_ids(m): m["shards"][0]["image_ids"].pop()
+    def swap_shards(m): m["shards"][0], m["shards"][1] = m["shards"][1], m["shards"][0]
+    def grid0(m): m["grid"] = 0
+    def no_settings(m): del m["settings"]
+    def no_checksum(m): del m["shards"][0]["checksum"]
+    def no_shards(m): m["shards"] = []
+    def null_shards(m): m["shards"] = None
+    def finished_string(m): m["complete"] = "true"
+    def n_images_wrong(m): m["n_images"] += 1
+    return [dup_shard, rename_id, dup_id, short_ids, swap_shards, grid0, no_settings, no_checksum, no_shards,
+            null_shards, finished_string, n_images_wrong]
+
+
+@pytest.mark.parametrize("edit", _edits(), ids=lambda f: f.__name__)
+def test_an_edited_manifest_is_refused_with_one_line_naming_the_file(tmp_path, edit):
+    from cytosae.store.schema import seal
+    store = _store(tmp_path)
+    meta = json.loads((store / "manifest.json").read_text())
+    edit(meta)
+    (store / "manifest.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"manifest.json: its content differs|manifest.json: field") as raw:
+        ActivationStore(store)
+    assert "\n" not in str(raw.value)
+    # the same edit with a recomputed checksum (or in a store from before checksums) is refused by the schema,
+    # or by the images table that no longer matches
+    if edit.__name__ != "no_checksum":
+        (store / "manifest.json").write_text(json.dumps(seal(meta)))
+        with pytest.raises(ValueError, match=r"manifest.json: field|images.parquet does not match") as sealed:
+            ActivationStore(store)
+        assert "\n" not in str(sealed.value)
+
+
+def test_a_manifest_that_is_not_an_object_or_not_json_is_one_line(tmp_path):
+    store = _store(tmp_path)
+    for text in ("[1, 2]", "null", "{", '"store"'):
+        (store / "manifest.json").write_text(text)
+        with pytest.raises(ValueError, match="manifest.json") as exc:
+            ActivationStore(store)
+        assert "\n" not in str(exc.value)
+
+
+def test_a_fresh_store_is_sealed_and_an_old_one_still_opens(tmp_path):
+    from cytosae.store.schema import FORMAT_VERSION
+    store = _store(tmp_path)
+    meta = json.loads((store / "manifest.json").read_text())
+    assert meta["format_version"] == FORMAT_VERSION == 2 and len(meta["manifest_sha256"]) == 64
+    _strip_checksums(store)
+    assert ActivationStore(store).n_images == 6

@@ -1,27 +1,16 @@
-"""Decoding blood-cell images to RGB and preprocessing them for a ViT.
-
-Every image type a slide scanner or a dataset may hand us (grayscale, palette,
-RGBA, CMYK, 16-bit TIFF) becomes 8-bit RGB. Anything that cannot be decoded
-raises `ImageDecodeError` so a caller can record it and move on: symlink loops,
-dangling links and FIFOs are named without being opened (opening a FIFO blocks),
-and images larger than a pixel budget are refused from their header, before decoding.
-"""
+"""Preprocessing decoded blood-cell images for a ViT (decoding itself: cytosae.data.decode)."""
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import stat
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, _to_rgb, open_rgb  # noqa: F401  (re-exported)
 from .stain import Stain, StainError
 
 log = logging.getLogger(__name__)
@@ -29,91 +18,43 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_POLICIES = ("squash", "pad", "crop")
-# A 13000 x 13000 PNG compresses to 164 KB and decodes to 2 GB; a single-cell image is well under 1 MP.
-DEFAULT_MAX_PIXELS = 50_000_000
 
 
-class ImageDecodeError(Exception):
-    def __init__(self, path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = str(path)
-        self.reason = reason
+# Above this many pixels a resize step takes the bounded route below. At 224 px that is a source side over 18,724 px
+# or (crop) an aspect ratio over 83:1, never a cell image: images extracted before the bound keep their bytes.
+MAX_INTERMEDIATE_PIXELS = 1 << 22  # 4.2 M pixels, 17 MB as PIL stores them
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit microscopy TIFFs rarely use the full range; stretching by the image's own
-        # min..max keeps the contrast visible instead of an almost black picture.
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
-        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Smear backgrounds are bright; compositing on white keeps transparent margins background-like.
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+def _bicubic(img: Image.Image, size: tuple[int, int], box: tuple[float, ...] | None = None) -> Image.Image:
+    """PIL's bicubic resize of `box` (the whole image by default) to `size`, with a bounded intermediate.
 
-
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
-def _regular_file_size(p: Path) -> int:
-    """Size of the regular file at `p` (following symlinks), or ImageDecodeError saying what it is instead."""
-    try:
-        st = os.stat(p)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ImageDecodeError(p, "symlink loop (the link leads back to itself)") from None
-        if exc.errno == errno.ENOENT and os.path.islink(p):
-            raise ImageDecodeError(p, f"dangling symlink (its target {os.readlink(p)} does not exist)") from None
-        if exc.errno == errno.ENOENT:
-            raise ImageDecodeError(p, "file not found") from None
-        if exc.errno == errno.EACCES:
-            raise ImageDecodeError(p, "permission denied") from None
-        raise ImageDecodeError(p, f"cannot be read ({exc.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a plain file")
-        raise ImageDecodeError(p, f"not a regular file ({kind})")
-    return st.st_size
-
-
-def open_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Fully decode `path` to 8-bit RGB, or raise ImageDecodeError saying why.
-
-    max_pixels: images with more pixels (width x height, read from the header) are refused before decoding;
-    None = no budget (PIL's own decompression-bomb limit still applies).
+    PIL resamples horizontally first, into an image of the output's width and the source's height: squashing an
+    8 x 400,000 image would allocate 224 x 400,000 pixels. Where that intermediate is large the two passes are
+    run in the order with the smaller one (vertical first: the source's width x the output's height).
     """
-    p = Path(path)
-    try:
-        if _regular_file_size(p) == 0:
-            raise ImageDecodeError(p, "zero-byte file")
-        with warnings.catch_warnings():  # PIL warns above 89 MP while opening; our budget speaks instead
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(p)
-        with img:
-            w, h = img.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise ImageDecodeError(p, f"{w} x {h} = {w * h / 1e6:.1f} megapixels, above the pixel budget of "
-                                          f"{max_pixels / 1e6:g} MP (raise it with --max-pixels to decode it)")
-            img.load()  # force full decode so truncated files fail here, not later
-            return _to_rgb(img).copy()
-    except ImageDecodeError:
-        raise
-    except FileNotFoundError:
-        raise ImageDecodeError(p, "file not found") from None
-    except PermissionError:
-        raise ImageDecodeError(p, "permission denied") from None
-    except UnidentifiedImageError:
-        raise ImageDecodeError(p, "not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(p, f"too many pixels to decode safely ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(p, f"corrupt or truncated image ({exc})") from None
+    w, h = img.size
+    x0, y0, x1, y1 = box or (0, 0, w, h)
+    if size[0] * h <= MAX_INTERMEDIATE_PIXELS or size[0] * h <= w * size[1]:
+        return img.resize(size, Image.BICUBIC, box=box)
+    rows = img.resize((w, size[1]), Image.BICUBIC, box=(0, y0, w, y1))  # vertical pass only: w x size[1]
+    return rows.resize(size, Image.BICUBIC, box=(x0, 0, x1, size[1]))
+
+
+def _centre_crop(img: Image.Image, s: int) -> Image.Image:
+    """Fit the shorter side to `s`, keep the centre s x s.
+
+    Resizing the whole image and cropping it (as below for ordinary images, whose bytes stay as they were) would
+    allocate s x 11.2 M pixels for an 8 x 400,000 image; there the centre square alone is resampled from the
+    source (PIL's `box`), each output pixel taken from the same source position as before.
+    """
+    w, h = img.size
+    scale = s / min(w, h)
+    big_w, big_h = max(s, round(w * scale)), max(s, round(h * scale))
+    left, top = (big_w - s) // 2, (big_h - s) // 2
+    if big_w * big_h <= MAX_INTERMEDIATE_PIXELS and big_w * h <= MAX_INTERMEDIATE_PIXELS:
+        return img.resize((big_w, big_h), Image.BICUBIC).crop((left, top, left + s, top + s))
+    fx, fy = w / big_w, h / big_h
+    return _bicubic(img, (s, s), box=(left * fx, top * fy, (left + s) * fx, (top + s) * fy))
 
 
 @dataclass(frozen=True)
@@ -156,18 +97,15 @@ class Preprocess:
         img = self.normalise_colours(img.convert("RGB"), source)
         s = self.size
         if self.resize == "squash":
-            return img.resize((s, s), Image.BICUBIC)
+            return _bicubic(img, (s, s))
         w, h = img.size
         if self.resize == "pad":
             scale = s / max(w, h)
-            inner = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+            inner = _bicubic(img, (max(1, round(w * scale)), max(1, round(h * scale))))
             canvas = Image.new("RGB", (s, s), (255, 255, 255))
             canvas.paste(inner, ((s - inner.width) // 2, (s - inner.height) // 2))
             return canvas
-        scale = s / min(w, h)
-        big = img.resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.BICUBIC)
-        left, top = (big.width - s) // 2, (big.height - s) // 2
-        return big.crop((left, top, left + s, top + s))
+        return _centre_crop(img, s)
 
     def __call__(self, img: Image.Image, source: str | None = None) -> torch.Tensor:
         arr = np.asarray(self.resize_image(img, source), dtype=np.float32) / 255.0

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .decode import printable_name
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 CORE_COLUMNS = ["image_id", "path", "label", "patient_id", "diagnosis"]
 
@@ -121,9 +123,10 @@ def _from_class_tree(root: Path) -> pd.DataFrame:
     rows = []
     for p in _images_under(root):
         rel = p.relative_to(root)
-        rows.append({"image_id": rel.as_posix(), "path": str(p),
-                     "label": rel.parts[0] if len(rel.parts) > 1 else None})
-    return pd.DataFrame(rows)
+        # ids are text (tables, pages); a non-UTF-8 name keeps its real path and is skipped, listed, at decoding
+        rows.append({"image_id": printable_name(rel.as_posix()), "path": str(p),
+                     "label": printable_name(rel.parts[0]) if len(rel.parts) > 1 else None})
+    return pd.DataFrame(rows, dtype=object)  # object: an arrow string column cannot hold a non-UTF-8 path
 
 
 def _from_patient_tree(root: Path, patients_csv: Path) -> pd.DataFrame:
@@ -136,9 +139,9 @@ def _from_patient_tree(root: Path, patients_csv: Path) -> pd.DataFrame:
         rel = p.relative_to(root)
         if len(rel.parts) < 2:
             raise ManifestError(f"{p} is not inside a patient folder; expected ROOT/<patient>/[<class>/]image")
-        rows.append({"image_id": rel.as_posix(), "path": str(p), "patient_id": rel.parts[0],
-                     "label": rel.parts[1] if len(rel.parts) > 2 else None})
-    cells = pd.DataFrame(rows)
+        rows.append({"image_id": printable_name(rel.as_posix()), "path": str(p), "patient_id": printable_name(rel.parts[0]),
+                     "label": printable_name(rel.parts[1]) if len(rel.parts) > 2 else None})
+    cells = pd.DataFrame(rows, dtype=object)  # object: an arrow string column cannot hold a non-UTF-8 path
     if len(cells):
         missing = sorted(set(cells.patient_id) - set(patients.patient_id))
         if missing:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .decode import ImageDecodeError, open_rgb
+
 STAIN_METHODS = ("none", "macenko", "reinhard")
 
 
@@ -109,8 +111,6 @@ class Stain:
 
 def fit_stain(method: str, reference: str | Path) -> Stain:
     """Fit `method` (macenko | reinhard) on the reference image; ValueError naming the file if it cannot be."""
-    from cytosae.data.images import ImageDecodeError, open_rgb
-
     ref = Path(reference)
     n = _normaliser(method)
     try:

@@ -2,6 +2,6 @@
 from .format import FORMAT, FORMAT_VERSION
 from .importer import import_embeddings
 from .reader import ActivationStore
-from .writer import ExtractConfig, ExtractResult, extract
+from .writer import EmptyStoreError, ExtractConfig, ExtractResult, extract
 
-__all__ = ["ActivationStore", "ExtractConfig", "ExtractResult", "extract", "import_embeddings", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["ActivationStore", "EmptyStoreError", "ExtractConfig", "ExtractResult", "extract", "import_embeddings", "FORMAT", "FORMAT_VERSION"]

@@ -8,7 +8,8 @@ A store is one directory:
 
 Every shard's size and sha256 are recorded in manifest.json when it is written and
 checked when the store is opened, so a truncated or bit-flipped shard is named
-instead of being read (stores written before checksums existed still open).
+instead of being read; manifest.json is checked against its schema and its own
+checksum (schema.py). Stores written before checksums existed still open.
 """
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-FORMAT = "cytosae-activation-store"
-FORMAT_VERSION = 1
+from .schema import FORMAT, FORMAT_VERSION, seal, validate  # noqa: F401  (the schema owns the format's name)
 MANIFEST = "manifest.json"
 IMAGES = "images.parquet"
 SKIPPED = "skipped.csv"
@@ -120,13 +120,11 @@ def read_manifest(store_dir: Path) -> dict:
         )
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); the store is damaged, extract it again.") from exc
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}.")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {meta['format_version']} is newer than this cytosae "
-            f"understands ({FORMAT_VERSION}); upgrade cytosae."
-        )
-    return meta
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); the store is damaged, extract it again.") from None
+    return validate(meta, path)
+
+
+def write_manifest(store_dir: Path, meta: dict) -> None:
+    """The one writer of manifest.json: the current format version and the manifest's own checksum added."""
+    atomic_write_json(Path(store_dir) / MANIFEST, seal(meta))

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from .format import DTYPES, FORMAT, FORMAT_VERSION, IMAGES, MANIFEST, SKIPPED, atomic_write_bytes, atomic_write_json, atomic_write_parquet, bytes_checksum, shard_name
+from .format import DTYPES, FORMAT, FORMAT_VERSION, IMAGES, MANIFEST, SKIPPED, atomic_write_bytes, atomic_write_parquet, bytes_checksum, shard_name, write_manifest
 
 
 def _load_array(path: Path, key: str | None) -> np.ndarray:
@@ -96,7 +96,7 @@ def import_embeddings(
     with open(array_path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
-    atomic_write_json(out / MANIFEST, {
+    write_manifest(out, {
         "format": FORMAT, "format_version": FORMAT_VERSION, "complete": True,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {"backbone": source, "imported_from": str(array_path), "source_sha256": digest.hexdigest(),

@@ -51,6 +51,17 @@ class ActivationStore:
             )
         self._shards = [s for s in self.meta["shards"] if s.get("file")]
         self._verify_shards(full=verify)
+        self._check_images_table()
+
+    def _check_images_table(self) -> None:
+        """images.parquet must describe the shards' images, in their order (an edit to either is otherwise silent)."""
+        path = self.path / IMAGES
+        if self.meta.get("complete") and path.is_file():
+            ids = pd.read_parquet(path, columns=["image_id"])["image_id"].astype(str).tolist()
+            if ids != self.image_ids:
+                at = next((i for i, (a, b) in enumerate(zip(ids, self.image_ids)) if a != b), min(len(ids), len(self.image_ids)))
+                raise DamagedFile(f"{path} does not match {self.path / 'manifest.json'}: {len(ids)} rows for "
+                                  f"{len(self.image_ids)} stored images, first difference at row {at}; extract the store again")
 
     def _verify_shards(self, full: bool) -> None:
         remedy = (f"it is listed in {self.path / 'manifest.json'}; extract the store again "

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch.utils.data import DataLoader
 
-from cytosae.data.images import DEFAULT_MAX_PIXELS
+from cytosae.data.decode import DEFAULT_MAX_PIXELS, printable_name
 
 from cytosae.distributed import rank_and_world
 
@@ -47,8 +47,10 @@ from .format import (
     atomic_write_parquet,
     bytes_checksum,
     read_manifest,
+    file_checksum,
     shard_name,
     verify_file,
+    write_manifest,
 )
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,10 @@ class ExtractResult:
     decode_wait_seconds: float = 0.0
     compute_seconds: float = 0.0
     write_seconds: float = 0.0
+
+
+class EmptyStoreError(ValueError):
+    """Extraction decoded no image at all: nothing downstream could use the store."""
 
 
 def _ids_digest(image_ids: Sequence[str]) -> str:
@@ -237,7 +243,7 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
     if world > 1:
         _check_same_weights(backbone, world)
     if rank == 0:
-        atomic_write_json(out / MANIFEST, meta)
+        write_manifest(out, meta)
     _barrier(world)
 
     n = len(manifest)
@@ -303,7 +309,7 @@ def _compute_shards(manifest: pd.DataFrame, backbone, out: Path, cfg: ExtractCon
             tokens = backbone.tokens(images, layer=cfg.layer, precision=cfg.precision).to(dtype).cpu()
             run["compute"] += time.perf_counter() - t
             current.add(indices.tolist(), tokens)
-        current.skipped += [(ids[i], manifest.iloc[i]["path"], reason) for i, reason in skipped]
+        current.skipped += [(ids[i], printable_name(manifest.iloc[i]["path"]), reason) for i, reason in skipped]
         bar.update(len(indices) + len(skipped))
         run["images"] += len(indices) + len(skipped)
         last_in_shard = min((shard_index + 1) * cfg.shard_size, n) - 1
@@ -312,7 +318,7 @@ def _compute_shards(manifest: pd.DataFrame, backbone, out: Path, cfg: ExtractCon
             entry = current.write(out, ids)  # the shard is durable before it is listed
             if meta is not None:
                 meta["shards"] = sorted(meta["shards"] + [entry], key=lambda s: s["index"])
-                atomic_write_json(out / MANIFEST, meta)
+                write_manifest(out, meta)
             else:
                 (out / PROGRESS).mkdir(exist_ok=True)
                 atomic_write_json(out / PROGRESS / f"shard_{entry['index']:05d}.json", entry)
@@ -336,7 +342,7 @@ def _merge(out: Path, meta: dict, manifest: pd.DataFrame, n_shards: int) -> None
     if len(done) == n_shards:
         _finalise(out, meta, manifest)
     else:
-        atomic_write_json(out / MANIFEST, meta)
+        write_manifest(out, meta)
     if (out / PROGRESS).is_dir():  # merged into manifest.json, which is durable now
         shutil.rmtree(out / PROGRESS)
 
@@ -351,6 +357,8 @@ def _intact(out: Path, done: dict[int, dict]) -> dict[int, dict]:
             except (FileNotFoundError, DamagedFile) as exc:
                 log.warning("%s", exc)
                 continue
+            if not s.get("checksum"):  # written before checksums existed: the current format requires one
+                s = {**s, "checksum": file_checksum(out / s["file"])}
         kept[i] = s
     return kept
 
@@ -401,14 +409,19 @@ def _finalise(out: Path, meta: dict, manifest: pd.DataFrame) -> None:
     rows = [r for s in meta["shards"] for r in s["rows"]]
     id_of = dict(zip(manifest["path"], manifest["image_id"]))  # shards written before image ids were recorded
     skipped = [s if len(s) == 3 else [id_of.get(s[0]), *s] for shard in meta["shards"] for s in shard["skipped"]]
-    images, meta["data_root"] = relocatable_paths(manifest.iloc[rows].reset_index(drop=True))
-    atomic_write_parquet(out / IMAGES, images)
     skipped_df = pd.DataFrame(skipped, columns=["image_id", "path", "reason"])
     atomic_write_bytes(out / SKIPPED, skipped_df.to_csv(index=False).encode())
+    if not rows:  # an empty store would only fail later, in training, with a message about tokens per epoch
+        reasons = skipped_df["reason"].value_counts()
+        raise EmptyStoreError(f"none of the {len(manifest)} images listed could be decoded (most often: "
+                              f"{reasons.index[0]!r}, {reasons.iloc[0]} images); the reasons per file are in "
+                              f"{out / SKIPPED}; no store was written")
+    images, meta["data_root"] = relocatable_paths(manifest.iloc[rows].reset_index(drop=True))
+    atomic_write_parquet(out / IMAGES, images)
     meta["n_images"] = len(rows)
     meta["n_skipped"] = len(skipped)
     meta["complete"] = True
-    atomic_write_json(out / MANIFEST, meta)
+    write_manifest(out, meta)
     if skipped:
         log.warning("%d of %d images could not be decoded and were skipped; see %s",
                     len(skipped), len(manifest), out / SKIPPED)
