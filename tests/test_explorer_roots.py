@@ -120,3 +120,21 @@ def test_manifest_roots(tmp_path):
     with pytest.raises(ManifestError, match="share no folder but /"):
         load_manifest(write_pick(tmp_path / "picks" / "root.csv", [data / "a" / "x.png", Path("/etc/hostname")],
                                  ["", ""]))
+
+
+def test_static_report_holds_the_picked_cells(tmp_path):
+    """The report is rendered through the same app: every top image of a picked run is in it as a JPEG."""
+    from explorer_fixtures import make_pipeline_run
+    from PIL import Image
+
+    from cytosae.explorer.report import build_report, canonical_url, fnv1a
+
+    run = make_pipeline_run(tmp_path / "p", picked=True)
+    res = build_report(run, tmp_path / "site", n_latents=3, n_images=2)
+    top = pd.read_parquet(run / "stats" / "top_images.parquet")
+    shown = top[top["latent"].isin(res["latents"])]
+    assert len(shown) and not any(i.startswith("/") for i in shown["image_id"])
+    for image_id in set(shown["image_id"]):
+        jpg = tmp_path / "site" / "data" / f"{fnv1a(canonical_url('image/file', {'dataset': 'sample', 'image_id': image_id}))}.jpg"
+        assert jpg.is_file(), image_id
+        assert Image.open(jpg).size[0] > 0
