@@ -138,3 +138,32 @@ def test_static_report_holds_the_picked_cells(tmp_path):
         jpg = tmp_path / "site" / "data" / f"{fnv1a(canonical_url('image/file', {'dataset': 'sample', 'image_id': image_id}))}.jpg"
         assert jpg.is_file(), image_id
         assert Image.open(jpg).size[0] > 0
+
+
+def test_a_store_made_before_the_fix_is_served_once_its_folder_is_named(tmp_path):
+    """Stores written before issue #16 was fixed hold absolute image ids and no data root: refused (403, naming
+    --data-root), then served once `--data-root` names the collection; a file outside that folder stays refused."""
+    import numpy as np
+
+    from cytosae.explorer import create_app
+    from cytosae.run import Run
+    from cytosae.store import import_embeddings
+
+    collection = tmp_path / "collection"
+    sample = pd.read_csv(make_sample(collection, n_patients=1, cells_per_patient=2, size=32))
+    files = [str((collection / p).resolve()) for p in sample["path"]]
+    other = tmp_path / "other" / "x.png"
+    other.parent.mkdir()
+    shutil.copy(files[0], other)
+    files.append(str(other.resolve()))
+    old = pd.DataFrame({"image_id": files, "path": files})  # what load_manifest gave such a CSV before the fix
+    np.save(tmp_path / "emb.npy", np.zeros((len(files), 8), np.float32))
+    run = Run.open(tmp_path / "run", create=True)
+    import_embeddings(tmp_path / "emb.npy", old, run.store_dir("old"), dtype="float32")
+    run.add_dataset("old", data=tmp_path / "picks" / "pick.csv")
+    with TestClient(create_app(run.path), base_url=LOCAL) as c:
+        r = c.get("/api/image/file", params={"dataset": "old", "image_id": files[0]})
+        assert r.status_code == 403 and "--data-root" in r.json()["detail"]
+    with TestClient(create_app(run.path, data_roots=[str(collection)]), base_url=LOCAL) as c:
+        assert c.get("/api/image/file", params={"dataset": "old", "image_id": files[1]}).status_code == 200
+        assert c.get("/api/image/file", params={"dataset": "old", "image_id": files[2]}).status_code == 403
