@@ -64,7 +64,7 @@ function shortId(id) {
   const parts = String(id).split("/").filter(Boolean), last2 = parts.slice(-2).join("/");
   return last2.length <= SHORT_ID ? last2 : (parts[parts.length - 1] || String(id));
 }
-function idCaption(id, extra) { return h("div", { class: "id muted", title: id }, shortId(id), extra || ""); }
+function idCaption(id) { return h("div", { class: "id muted", title: id }, shortId(id)); }
 const fmt = (x, d = 3) => x === null || x === undefined || Number.isNaN(x) ? "–" :
   (Math.abs(x) >= 1000 || (Math.abs(x) < 1e-3 && x !== 0) ? Number(x).toExponential(2) : Number(x).toFixed(d));
 function showError(where, e) { where.append(h("p", { class: "error" }, String(e.message || e))); }
