@@ -153,10 +153,12 @@ def copy_of(fx: FixtureRun, dest: Path) -> FixtureRun:
     return dataclasses.replace(fx, path=Path(dest) / "run")
 
 
-def make_pipeline_run(root: Path, seed: int = 0) -> Path:
+def make_pipeline_run(root: Path, seed: int = 0, picked: bool = False) -> Path:
     """A tiny run made end to end by the package, the way `cytosae.demo` makes one: synthetic cells, a 1-block
     dinobloom-s with random weights, `extract`, a small TopK SAE from `train_sae`, stats, patients, classify,
-    run.json. Nothing is designed: it checks that the explorer reads whatever the writers write."""
+    run.json. Nothing is designed: it checks that the explorer reads whatever the writers write.
+    `picked`: the cells lie in a collection outside the run, and the manifest is a CSV in the run naming 12 of
+    them by absolute path (issue #16: the store's data root is then the collection's folder)."""
     import json
 
     import torch
@@ -173,7 +175,14 @@ def make_pipeline_run(root: Path, seed: int = 0) -> Path:
 
     run = Path(root) / "run"
     run.mkdir(parents=True)
-    manifest_csv = make_sample(run / "data" / "sample", seed=seed, n_patients=4, cells_per_patient=4, size=64)
+    manifest_csv = make_sample(run / "data" / "sample" if not picked else Path(root) / "collection" / "cells",
+                               seed=seed, n_patients=4, cells_per_patient=4, size=64)
+    if picked:
+        table = pd.read_csv(manifest_csv)
+        table = table[table.index % 4 != 3].assign(path=lambda t: [str(manifest_csv.parent / p) for p in t["path"]])
+        manifest_csv = run / "data" / "picked.csv"
+        manifest_csv.parent.mkdir(parents=True)
+        table.to_csv(manifest_csv, index=False)
     torch.manual_seed(seed)
     bb = load_backbone("dinobloom-s", depth=1)
     extract(load_manifest(manifest_csv), bb, run / "stores" / "sample",

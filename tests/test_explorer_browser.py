@@ -260,3 +260,48 @@ def test_image_picker_filters(server, page):
     page.click("#image-list button")
     page.wait_for_selector("#top-cls button")
     assert "lymphocyte/cell_10.png" in page.inner_text("#image-main h2")
+
+
+@pytest.fixture(scope="module")
+def picked_server(tmp_path_factory):
+    """A run whose manifest is a CSV naming cells of a collection outside the run by absolute path (issue #16)."""
+    from explorer_fixtures import make_pipeline_run
+
+    run = make_pipeline_run(tmp_path_factory.mktemp("picked"), picked=True)
+    with _serve(run) as url:
+        yield url, run
+
+
+def test_cells_picked_by_absolute_path_show_as_images_with_short_captions(picked_server, page):
+    import pandas as pd
+
+    url, run = picked_server
+    ids = set(pd.read_parquet(run / "stores" / "sample" / "images.parquet")["image_id"])
+    assert len(ids) == 12 and not any(i.startswith("/") for i in ids)
+    top = pd.read_parquet(run / "stats" / "top_images.parquet")
+    latent = int(top["latent"].value_counts().index[0])
+    page.goto(url + f"#/latent/{latent}")
+    page.wait_for_selector("#top-images .tile img")
+    # every tile's image loads (before the fix each answered 403: outside the run and data folders)
+    page.wait_for_function("() => [...document.querySelectorAll('#top-images img')].every(i => i.complete)")
+    sizes = page.eval_on_selector_all("#top-images img", "els => els.map(i => i.naturalWidth)")
+    assert sizes and all(w > 0 for w in sizes), sizes
+    caps = page.eval_on_selector_all("#top-images .tile .id.muted", """els => els.map(e => ({text: e.innerText,
+        title: e.title, right: e.getBoundingClientRect().right, tile: e.closest('.tile').getBoundingClientRect().right}))""")
+    assert len(caps) == len(sizes)
+    for c in caps:
+        # the full id, relative to the collection, on hover; shown: its folder and file name (P001/cell_002.png)
+        assert c["title"] in ids and c["title"].endswith(c["text"]) and c["text"].count("/") == 1, c
+        assert c["right"] <= c["tile"] + 0.5, c  # stays inside its tile
+    # a long id is shown by its file name
+    assert page.evaluate("shortId('patient_0017_bone_marrow/neutrophil_segmented/cell_0001.png')") == "cell_0001.png"
+    assert page.evaluate("shortId('P001/cell_002.png')") == "P001/cell_002.png"
+    page.screenshot(path=str(ARTIFACTS / "latent_picked.png"), full_page=True)
+    # the image page: picker lists short ids, the chosen cell's image loads
+    page.goto(url + "#/image?dataset=sample")
+    page.wait_for_selector("#image-list button")
+    buttons = page.eval_on_selector_all("#image-list button", "els => els.map(b => [b.innerText, b.title])")
+    assert len(buttons) == 12 and all(title in ids and title.endswith(text.split(" · ")[0]) for text, title in buttons)
+    page.click("#image-list button")
+    page.wait_for_selector("#top-cls button")
+    page.wait_for_function("() => { const i = document.querySelector('#image-main .viewer img'); return i.complete && i.naturalWidth > 0; }")

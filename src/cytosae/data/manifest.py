@@ -1,7 +1,7 @@
 """One manifest for every input layout.
 
-An image's id is its POSIX path relative to the data root, so results stay
-attached to the same cell whatever order images are read or shuffled in.
+An image's id is its POSIX path relative to the data root (for a CSV, its folder or the folder common to the
+files it lists: `csv_data_root`), so results stay attached to the same cell whatever order images are read in.
 Paths are normalised (`a/../a/x.jpg` is `a/x.jpg`) but symlinks are not resolved:
 a link is listed, and reported if unreadable, under its own name.
 CSV tables are validated before use; a bad one is a one-line ManifestError naming
@@ -106,12 +106,28 @@ def _check_unique(path: Path, values: list[str], lines: list[int], what: str) ->
         first[v] = line
 
 
+def csv_data_root(csv_path: Path, paths: list[Path]) -> Path:
+    """The folder a CSV's image ids are relative to: the CSV's own folder when it holds every listed file, else
+    the deepest folder holding them all (a CSV picking cells from a larger collection by absolute path). The
+    store records it as its data root, so the explorer serves these files and `--data-root` can remap them."""
+    here = csv_path.parent.resolve()
+    if all(p.is_relative_to(here) for p in paths):
+        return here
+    common = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    if common == Path(common.anchor):
+        outside = next(p for p in paths if not p.is_relative_to(here))
+        raise ManifestError(f"{csv_path}: the listed images share no folder but {common} (e.g. {paths[0]} and "
+                            f"{outside}); list images of one collection per CSV, or copy them under one folder")
+    return common
+
+
 def _from_csv(csv_path: Path) -> pd.DataFrame:
     table, lines = read_table(csv_path, ("path",))
-    root = csv_path.parent.resolve()
+    here = csv_path.parent.resolve()
     # lexical normalisation: a/../a/x.jpg and a/x.jpg are one image; symlinks keep their own names
-    paths = [Path(os.path.normpath(p if os.path.isabs(p) else root / p)) for p in table["path"]]
-    ids = [p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix() for p in paths]
+    paths = [Path(os.path.normpath(p if os.path.isabs(p) else here / p)) for p in table["path"]]
+    root = csv_data_root(csv_path, paths)
+    ids = [p.relative_to(root).as_posix() for p in paths]
     _check_unique(csv_path, ids, lines, "image ids (paths compared after normalisation)")
     table = table.drop(columns=["path"])
     table.insert(0, "path", [str(p) for p in paths])

@@ -22,7 +22,8 @@ def resolve_inside(path: str | os.PathLike, roots: Iterable[Path]) -> Path:
         root_real = Path(os.path.realpath(root))
         if real == root_real or root_real in real.parents:
             return real
-    raise OutsideRoots(f"{path} is outside the run and data folders")
+    raise OutsideRoots(f"{path} is outside the run and data folders the run records; if the images are kept there "
+                       "on purpose, start the explorer (or report) with --data-root FOLDER naming their folder")
 
 
 def is_safe_name(name: str, max_len: int = 200) -> bool:

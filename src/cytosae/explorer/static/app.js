@@ -56,6 +56,15 @@ function h(tag, attrs, ...children) {
   for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c.nodeType ? c : String(c));
   return el;
 }
+// Image ids are paths relative to the data root and can be long: captions show the file name with its folder when
+// both fit in a tile (cells of different patients are often all cell_000.png), else the file name alone (ellipsised
+// by CSS if still too wide), the full id on hover: tiles never print paths over each other.
+const SHORT_ID = 24;
+function shortId(id) {
+  const parts = String(id).split("/").filter(Boolean), last2 = parts.slice(-2).join("/");
+  return last2.length <= SHORT_ID ? last2 : (parts[parts.length - 1] || String(id));
+}
+function idCaption(id) { return h("div", { class: "id muted", title: id }, shortId(id)); }
 const fmt = (x, d = 3) => x === null || x === undefined || Number.isNaN(x) ? "–" :
   (Math.abs(x) >= 1000 || (Math.abs(x) < 1e-3 && x !== 0) ? Number(x).toExponential(2) : Number(x).toFixed(d));
 function showError(where, e) { where.append(h("p", { class: "error" }, String(e.message || e))); }
@@ -259,7 +268,7 @@ async function viewLatent(j) {
         const cv = h("canvas", { width: 224, height: 224, class: "heat", "data-image": it.image_id });
         byId[it.image_id] = cv;
         tiles.append(h("div", { class: "tile" }, h("a", { href: `#/image?dataset=${encodeURIComponent(ds)}&id=${encodeURIComponent(it.image_id)}&latent=${d.latent}`, class: "imgwrap" }, img, cv),
-          h("div", {}, `${it.label || ""} · ${fmt(it.value)}`), h("div", { class: "muted" }, it.image_id)));
+          h("div", { class: "id", title: it.image_id }, `${it.label || ""} · ${fmt(it.value)}`), idCaption(it.image_id)));
       }
       api(u(`latents/${d.latent}/heatmaps`, { by, dataset: ds })).then(hm => {
         for (const it of hm.items) { const cv = byId[it.image_id]; if (!cv) continue;
@@ -356,7 +365,7 @@ async function viewImage(params) {
     const included = STATIC ? new Set(window.CYTOSAE_STATIC.images.filter(x => x[0] === ds).map(x => x[1])) : null;
     if (STATIC) list.append(h("p", { class: "muted" }, `static report: ${included.size} of them have an image page`));
     for (const im of r.images) if (!included || included.has(im.image_id)) list.append(h("button", { class: imageId === im.image_id ? "active" : "",
-      onclick: () => { location.hash = `#/image?dataset=${encodeURIComponent(ds)}&id=${encodeURIComponent(im.image_id)}`; } }, `${im.image_id} · ${im.label || ""}`));
+      title: im.image_id, onclick: () => { location.hash = `#/image?dataset=${encodeURIComponent(ds)}&id=${encodeURIComponent(im.image_id)}`; } }, `${shortId(im.image_id)} · ${im.label || ""}`));
   }).catch(e => showError(list, e));
   labelSel.addEventListener("change", fill);
   let timer = null;
@@ -406,7 +415,7 @@ async function viewImage(params) {
     } catch (e) { patchBox.replaceChildren(h("p", { class: "error" }, e.message)); }
   });
   const meta = info.meta ? Object.entries(info.meta).filter(([k]) => k !== "image_id").map(([k, v]) => `${k}: ${v}`).join(" · ") : `uploaded ${info.filename || ""} (${info.size.join("×")} px)` + (info.encoded_with ? ` · encoded with ${info.encoded_with}` : "");
-  main.append(h("h2", {}, imageId || "uploaded image"), h("p", { class: "muted" }, meta),
+  main.append(h("h2", { class: "image-id", title: imageId || "" }, imageId || "uploaded image"), h("p", { class: "muted" }, meta),
     h("div", { class: "row" },
       h("div", {}, h("div", { class: "viewer" }, img, cv), h("label", { class: "muted" }, "display: ", modeSel), heading,
         h("p", { class: "caption" }, `Image as the model saw it (${grid}×${grid} patches). Overlay = SAE latent activation per patch token, scaled to its maximum on this image.`)),
@@ -454,7 +463,7 @@ function hookPatientCells(bcBox, r, box) {
     sel.addEventListener("change", () => show(pid, sel.value));
     const cells = d.cells.map(c => h("figure", { class: "thumb" },
       d.dataset ? h("img", { src: fileUrl(u("image/file", { dataset: d.dataset, image_id: c.image_id })), alt: c.image_id, loading: "lazy" }) : "",
-      h("figcaption", {}, `#${c.rank + 1} · ${fmt(c.attention, 3)}`)));
+      h("figcaption", { title: c.image_id }, `#${c.rank + 1} · ${fmt(c.attention, 3)}`)));
     box.replaceChildren(h("h3", {}, `Cells of ${pid} by attention (predicted ${d.cells[0].predicted})`), h("label", { class: "muted" }, "model: ", sel),
       h("div", { class: "gallery" }, ...cells), h("p", { class: "caption" }, `${d.measured}; ${d.n_cells} cells, ${d.cells.length} shown.`));
   }).catch(e => showError(box, e));
