@@ -11,8 +11,10 @@
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-WHEELS="fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
-typing-inspection==0.4.5 python-multipart==0.0.34 uvicorn==0.54.0 torchstain==1.4.1"
+# What the image lacks, at the versions of requirements-lock.txt (the lock owns every version; none is repeated here)
+LACKING="fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection python-multipart
+uvicorn h11 anyio torchstain"
+WHEELS=$(for n in $LACKING; do grep -m1 -o "^$n==[^ ]*" requirements-lock.txt || echo "MISSING-FROM-LOCK:$n"; done)
 
 setup() {
     export PYTHONPATH=src PYTHONUNBUFFERED=1
