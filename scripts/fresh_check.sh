@@ -27,7 +27,10 @@ step() {  # step NAME COMMAND...: runs, times, records; later steps still run so
 step venv make .venv/.installed
 step demo make demo
 step test make test
-summary=$(grep -E '^[0-9]+ (passed|failed)|[0-9]+ passed' "$tmp/test.log" | tail -n 1)
+summary=$(grep -aoE '[0-9]+ (passed|failed)[^=]* in [0-9.]+s' "$tmp/test.log" | tail -n 1)
+# a suite that ends without pytest's summary line did not run to the end, whatever its exit code
+[ -n "$summary" ] || { status=1; echo "fresh-check: make test printed no pytest summary"; tail -n 20 "$tmp/test.log"; }
+mkdir -p "$out.logs" && cp "$tmp"/*.log "$out.logs/"
 {
   echo "{\"commit\": \"$(git rev-parse HEAD)\", \"date\": \"$(date -u +%FT%TZ)\", \"cpus\": $(nproc),"
   echo " \"pytest\": \"${summary//\"/}\","

@@ -219,6 +219,7 @@ def test_explore_and_report_read_the_sae_once(tmp_path_factory, tmp_path, monkey
     monkeypatch.setattr(uvicorn, "run", lambda web, **_: served.append(web))
     r = CliRunner().invoke(app, ["explore", str(fx.path)])
     assert r.exit_code == 0, r.output
+    assert not served[0].state.explorer._preloading.is_alive()  # stopped and waited for when the server returned
     encoder = served[0].state.explorer.encoder
     assert encoder.for_store_image("acevedo", "neutrophil/cell_03.png").acts.shape[1] == fx.n_latents
     assert len(loads) == 1 and encoder.sae.cfg.n_latents == fx.n_latents

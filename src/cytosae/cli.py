@@ -5,8 +5,6 @@ on what. Heavy imports happen inside commands so `cytosae --help` stays fast.
 """
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -380,13 +378,9 @@ def explore(
     for line in lines:  # the token is printed once, here, and nowhere else
         typer.echo(line)
     uvicorn.run(web, host=host, port=port, log_level="warning")
-    preloading = web.state.preloading
-    if preloading is not None and preloading.is_alive():
-        # Ctrl-C while the tables still load: interpreter shutdown under a thread inside torch can abort (SIGABRT,
-        # seen as exit -6); nothing is left to write (annotations commit per request), so leave at once
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    # Ctrl-C while the tables still load: interpreter shutdown under a thread inside torch can abort (SIGABRT, exit
+    # -6), so the preload stops at its next step and is waited for
+    web.state.explorer.stop_preload()
 
 
 def _check_run_sae(run_dir: Path, allow_unfinished: bool):

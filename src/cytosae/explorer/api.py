@@ -71,14 +71,14 @@ def create_app(run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTE
     `token`, they must also carry it (header, cookie, or ?token= on the first page). `sae`: the run's SAE when the
     caller has loaded it already (otherwise it is loaded on first use)."""
     ex = Explorer(run_dir, data_roots, max_upload_bytes, device=device, sae=sae)
-    preloading = ex.preload() if preload else None
+    if preload:
+        ex.preload()
     # /docs and /redoc would load Swagger/ReDoc from a CDN: off; the schema itself stays at /openapi.json
     app = FastAPI(title="cytosae explorer", version="1", default_response_class=FastJSON, docs_url=None, redoc_url=None,
                   responses=COMMON_RESPONSES,
                   description="Browse, inspect and name the latents of a sparse autoencoder trained on "
                               "a hematology foundation model's activations.")
     app.state.explorer = ex
-    app.state.preloading = preloading  # `cytosae explore` checks it at exit
     _error_handlers(app, ex)
     for routes in (routes_latents, routes_images, routes_patients, routes_annotations):
         routes.register(app, ex)

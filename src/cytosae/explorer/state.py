@@ -54,22 +54,33 @@ class Explorer:
         self.max_upload_bytes = max_upload_bytes
         self.uploads: OrderedDict[str, dict] = OrderedDict()
         self._lock = threading.Lock()
+        self._stop_preload = threading.Event()
+        self._preloading: threading.Thread | None = None
 
     def preload(self) -> threading.Thread:
         """Load and index the tables and the decoder in the background, so the first page is not the slow one."""
         def work():
             run = self.run
+            steps = [run.latents_indexed] + [lambda n=name: run.table(n) for name in (
+                "stats/top_images", "stats/class_profile", "stats/histograms", "patients/barcodes",
+                "patients/compare")] + [self.neighbours.precompute]
             try:
-                run.latents_indexed()
-                for name in ("stats/top_images", "stats/class_profile", "stats/histograms",
-                             "patients/barcodes", "patients/compare"):
-                    run.table(name)
-                self.neighbours.precompute()
+                for step in steps:
+                    if self._stop_preload.is_set():
+                        return
+                    step()
             except Exception as exc:  # a missing or broken table is reported when a page asks for it
                 log.info("preload stopped: %s", exc)
-        t = threading.Thread(target=work, name="cytosae-preload", daemon=True)
-        t.start()
-        return t
+        self._preloading = threading.Thread(target=work, name="cytosae-preload", daemon=True)
+        self._preloading.start()
+        return self._preloading
+
+    def stop_preload(self, timeout: float = 60.0) -> None:
+        """Stop the preload after its current step and wait for it: interpreter shutdown while that thread is inside
+        torch can abort the process."""
+        self._stop_preload.set()
+        if self._preloading is not None:
+            self._preloading.join(timeout)
 
     # ------------------------------------------------------------------ checks
     def dataset(self, name: str | None) -> str:
