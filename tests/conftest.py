@@ -29,3 +29,13 @@ def demo_run(tmp_path_factory) -> tuple[Path, list[str]]:
     lines: list[str] = []
     run_demo(run, say=lines.append)
     return run, lines
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """One simulated CUDA GPU for the test (tests/fake_cuda.py): GPU code paths run on CPU and fail where a GPU
+    would (mixed-device ops, .numpy() of a CUDA tensor, CPU generators on CUDA factories)."""
+    from fake_cuda import simulated_cuda
+
+    with simulated_cuda(monkeypatch):
+        yield
