@@ -126,8 +126,27 @@ class FakeCudaTensor(torch.Tensor):
         out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
         if func in (aten._to_copy.default,) and kwargs.get("device") == CPU:
             return out
-        out = tree_map(_wrap, out)
+        if func.is_view and torch.is_inference_mode_enabled() and not args[0].is_inference():
+            # a view of a normal tensor is a normal tensor in inference mode too (autograd sets its version counter)
+            with torch.inference_mode(False):
+                out = tree_map(_wrap, out)
+        else:
+            out = tree_map(_wrap, out)
+        if torch.is_inference_mode_enabled():
+            return _inference_aliasing(func, args, kwargs, out)
         return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+def _inference_aliasing(func, args, kwargs, out):
+    """return_and_correct_aliasing cannot re-point an inference tensor's version counter (views fail). The data
+    is aliased already (a view's `.elem` is a view of the base's), so only in-place and out= ops need their
+    mutated argument back as the result."""
+    schema = func._schema
+    if schema.name.endswith("_") or getattr(func._overloadpacket, "__name__", "").endswith("_"):
+        return args[0]
+    if "out" in kwargs:
+        return kwargs["out"]
+    return out
 
 
 def _unwrap(t):
@@ -228,12 +247,30 @@ def _to(args, kwargs):
 _DATA_FACTORIES = {torch.tensor, torch.as_tensor, torch.asarray}
 
 
+def _backward(tensors, gradient=None, retain_graph=None, create_graph=False, inputs=None, grad_tensors=None):
+    """torch.autograd.backward's body below its __torch_function__ check (torch.autograd.grad is not covered)."""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(gradient if gradient is not None else grad_tensors,
+                                                             len(tensors)), is_grads_batched=False)
+    inputs = () if inputs is None else (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph, create_graph,
+                         inputs, allow_unreachable=True, accumulate_grad=True)
+
+
 class SimulatedCudaMode(TorchFunctionMode):
     """`device="cuda"` on any torch call (factories, *_like, new_*) and `.to("cuda")` / `.cuda()` of CPU tensors
     produce FakeCudaTensors."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.backward, torch.autograd.backward):
+            # a mode is off while its handler runs, and backward runs inside this one: re-entered around the
+            # engine, custom backward passes creating tensors with device=grad.device still get simulated ones
+            with self:
+                return _backward(*args, **kwargs)
         if func is torch.Tensor.cuda:
             _cuda_index(args[1] if len(args) > 1 else kwargs.get("device", 0))
             return to_cuda(args[0])
@@ -337,6 +374,15 @@ def _pin_memory(self, *args, **kwargs):
     return out
 
 
+def _properties(device=None):
+    """torch.cuda.get_device_properties: the fields code reads to size its work."""
+    import types
+
+    _cuda_index(device if device is not None else 0)
+    return types.SimpleNamespace(name=GPU_NAME, total_memory=TOTAL_MEMORY, major=9, minor=0,
+                                 multi_processor_count=132, is_integrated=False)
+
+
 class _Stream:
     """The one (default) stream: work is done when it is queued, nothing is being captured into a graph."""
 
@@ -369,7 +415,7 @@ def simulated_cuda(monkeypatch):
         "is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
         "is_initialized": lambda: True,
         "set_device": lambda d: _cuda_index(d), "get_device_name": lambda d=None: (_cuda_index(d or 0), GPU_NAME)[1],
-        "get_device_capability": lambda d=None: (9, 0), "is_bf16_supported": lambda *a, **k: True,
+        "get_device_capability": lambda d=None: (9, 0), "get_device_properties": _properties, "is_bf16_supported": lambda *a, **k: True,
         "synchronize": lambda d=None: _cuda_index(d or 0), "empty_cache": lambda: None,
         "memory_allocated": mem.allocated, "max_memory_allocated": mem.max_allocated,
         "memory_reserved": mem.allocated, "max_memory_reserved": mem.max_allocated,

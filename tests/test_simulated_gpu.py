@@ -1,0 +1,90 @@
+"""The README's steps (the cytosae.steps functions the CLI calls) on a simulated GPU (tests/fake_cuda.py): every
+tensor the code puts on `cuda` is checked as CUDA checks it, so a CPU tensor meeting a GPU one, a `.numpy()` of a
+GPU tensor or a CPU generator on a GPU factory fails here as it would on the cluster, without one."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from fake_cuda import simulated_cuda
+from cytosae.steps import (ClassifySettings, EvaluateSettings, ExtractSettings, PatientsSettings, StatsSettings,
+                           TrainSettings, run_classify, run_evaluate, run_extract, run_patients, run_stats, run_train)
+
+BACKBONE = "vit_tiny_patch16_224"  # a timm ViT with random weights: 192 dims, 1 + 14x14 tokens, fast on one core
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+    """A sample of 4 patients x 3 cells (the project's synthetic writer), extracted and an SAE trained on it, both
+    with --device cuda on the simulated GPU."""
+    from cytosae.data.synthetic import make_sample
+
+    root = tmp_path_factory.mktemp("gpu")
+    manifest = make_sample(root / "data", seed=0, n_patients=4, cells_per_patient=3)
+    run = root / "run"
+    with pytest.MonkeyPatch.context() as mp, simulated_cuda(mp):
+        ext = run_extract(ExtractSettings(data=manifest, backbone=BACKBONE, batch_size=4, shard_size=8, workers=0,
+                                          device="cuda"), run=run, warn=lambda _: None)
+        tr = run_train(TrainSettings(arch="topk", expansion=2, k=8, batch_size=256, shuffle=1024, log="none",
+                                     device="cuda"), run=run)
+    return run, ext, tr
+
+
+def test_extract_and_train_run_on_the_gpu(gpu_run):
+    run, ext, tr = gpu_run
+    assert ext.device.startswith("cuda") and ext.complete and ext.n_images == 12 and ext.n_skipped == 0
+    assert ext.n_tokens == 197 and ext.embed_dim == 192
+    assert tr.device.startswith("cuda")
+    steps = json.loads((run / "run.json").read_text())["steps"]
+    assert {"extract:data", "train"} <= set(steps)
+    from cytosae.store import ActivationStore
+
+    ids, tokens = zip(*ActivationStore(run / "stores" / "data").iter_images(12))
+    tokens = torch.cat(tokens)
+    assert tokens.shape == (12, 197, 192) and type(tokens) is torch.Tensor and torch.isfinite(tokens).all()
+    assert (run / "sae").is_dir() and tr.out.is_dir()
+
+
+def test_extract_auto_picks_the_gpu_and_matches_cpu(fake_cuda, gpu_run, tmp_path):
+    """`--device auto` resolves to the GPU, and what it writes equals the CPU's (same kernels underneath)."""
+    run, _, _ = gpu_run
+    data = run.parent / "data" / "manifest.csv"
+    kw = dict(data=data, backbone=BACKBONE, batch_size=4, shard_size=8, workers=0, layer=1)
+    gpu = run_extract(ExtractSettings(**kw, out=tmp_path / "gpu", device="auto"), warn=lambda _: None)
+    assert gpu.device.startswith("cuda")
+    cpu = run_extract(ExtractSettings(**kw, out=tmp_path / "cpu", device="cpu"), warn=lambda _: None)
+    assert cpu.device == "cpu"
+    from cytosae.store import ActivationStore
+
+    a, b = ActivationStore(tmp_path / "gpu"), ActivationStore(tmp_path / "cpu")
+    for (ia, x), (ib, y) in zip(a.iter_images(12), b.iter_images(12), strict=True):
+        assert ia == ib
+        torch.testing.assert_close(x, y)
+
+
+def test_evaluate_on_the_gpu(fake_cuda, gpu_run):
+    run, _, _ = gpu_run
+    res = run_evaluate(EvaluateSettings(device="cuda"), run=run)
+    text = "\n".join(res.lines())
+    assert "FVU" in text or "fvu" in text.lower()
+
+
+def test_stats_with_factors_on_the_gpu(fake_cuda, gpu_run):
+    """--factors draws galleries through a CellViewer: it must encode on the SAE's device (it was built without
+    one, so the GPU SAE met CPU tokens)."""
+    run, _, _ = gpu_run
+    res = run_stats(StatsSettings(device="cuda", galleries=2, k=4, factors="nucleus_shape,lobes"), run=run)
+    purity = pd.read_csv(run / "stats" / "factor_purity.csv")
+    assert set(purity.factor) == {"nucleus_shape", "lobes"} and purity.purity.between(0, 1).all()
+    assert list((run / "stats" / "figures" / "galleries").rglob("*.png"))
+    assert any("purity" in line for line in res.lines())
+
+
+def test_patients_and_classify_with_mil_on_the_gpu(fake_cuda, gpu_run):
+    run, _, _ = gpu_run
+    run_patients(PatientsSettings(device="cuda", token_policy="any_patch", examples=1), run=run)
+    res = run_classify(ClassifySettings(device="cuda", folds=2, repeats=1, mil="embedding,concepts", mil_epochs=3,
+                                        mil_repeats=1), run=run)
+    text = "\n".join(res.lines())
+    assert "MIL" in text or "mil" in text.lower(), text
