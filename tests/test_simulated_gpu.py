@@ -63,11 +63,30 @@ def test_extract_auto_picks_the_gpu_and_matches_cpu(fake_cuda, gpu_run, tmp_path
         torch.testing.assert_close(x, y)
 
 
-def test_evaluate_on_the_gpu(fake_cuda, gpu_run):
+def test_evaluate_on_the_gpu_measures_what_the_cpu_does(fake_cuda, gpu_run, tmp_path):
     run, _, _ = gpu_run
-    res = run_evaluate(EvaluateSettings(device="cuda"), run=run)
-    text = "\n".join(res.lines())
-    assert "FVU" in text or "fvu" in text.lower()
+    gpu = run_evaluate(EvaluateSettings(device="cuda", out=tmp_path / "gpu.json"), run=run)
+    cpu = run_evaluate(EvaluateSettings(device="cpu", out=tmp_path / "cpu.json"), run=run)
+    assert set(gpu.figures) >= {"all", "cls", "patch"}
+    for group in ("all", "cls", "patch"):
+        figs = cpu.figures[group]
+        for name, value in figs.items():
+            if isinstance(value, float):
+                assert gpu.figures[group][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (group, name)
+    assert json.loads((tmp_path / "gpu.json").read_text())
+
+
+def test_the_cli_takes_device_cuda_and_refuses_a_second_gpu(fake_cuda, gpu_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from cytosae.cli import app
+
+    run, _, _ = gpu_run
+    r = CliRunner().invoke(app, ["evaluate", "--run", str(run), "--device", "cuda", "--out", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "e.json").is_file()
+    r = CliRunner().invoke(app, ["evaluate", "--run", str(run), "--device", "cuda:1"])
+    assert r.exit_code != 0 and "only 1 CUDA device" in r.output and "Traceback" not in r.output
 
 
 def test_stats_with_factors_on_the_gpu(fake_cuda, gpu_run):
@@ -81,10 +100,16 @@ def test_stats_with_factors_on_the_gpu(fake_cuda, gpu_run):
     assert any("purity" in line for line in res.lines())
 
 
-def test_patients_and_classify_with_mil_on_the_gpu(fake_cuda, gpu_run):
+def test_patients_and_classify_with_mil_on_the_gpu(fake_cuda, gpu_run, tmp_path):
     run, _, _ = gpu_run
-    run_patients(PatientsSettings(device="cuda", token_policy="any_patch", examples=1), run=run)
+    pat = run_patients(PatientsSettings(device="cuda", token_policy="any_patch", examples=1), run=run)
+    barcodes = pd.read_parquet(run / "patients" / "barcodes.parquet")
+    assert barcodes.patient_id.nunique() == 4 and len(barcodes) == 4 * 384 and pat.lines()
+    run_patients(PatientsSettings(device="cpu", token_policy="any_patch", examples=0, out=tmp_path / "p"), run=run)
+    on_cpu = pd.read_parquet(tmp_path / "p" / "barcodes.parquet")
+    pd.testing.assert_frame_equal(barcodes[on_cpu.columns], on_cpu)  # the GPU's barcodes are the CPU's
     res = run_classify(ClassifySettings(device="cuda", folds=2, repeats=1, mil="embedding,concepts", mil_epochs=3,
                                         mil_repeats=1), run=run)
-    text = "\n".join(res.lines())
-    assert "MIL" in text or "mil" in text.lower(), text
+    assert {"mil_embedding", "mil_concepts"} <= set(res.results["models"])
+    assert all(0 <= res.results["models"][m]["auroc"] <= 1 for m in ("mil_embedding", "mil_concepts"))
+    assert (run / "classify" / "attention.parquet").is_file()
