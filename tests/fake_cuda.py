@@ -124,8 +124,8 @@ class FakeCudaTensor(torch.Tensor):
         kwargs = kwargs or {}
         _check_devices(func, args, kwargs)
         out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
-        if func in (aten._to_copy.default,) and kwargs.get("device") == CPU:
-            return out
+        # a _to_copy to device=cpu here comes from C++ (autograd formulas use the wrapper's C++ device, CPU): it
+        # stays on the GPU, as `.cpu()` / `.to("cpu")` from Python are moved in __torch_function__ instead
         if func.is_view and torch.is_inference_mode_enabled() and not args[0].is_inference():
             # a view of a normal tensor is a normal tensor in inference mode too (autograd sets its version counter)
             with torch.inference_mode(False):

@@ -88,3 +88,23 @@ def test_pinned_memory_autocast_and_device_queries(fake_cuda):
 def test_the_simulation_ends_with_the_test():
     assert not isinstance(torch.zeros(1), FakeCudaTensor)
     assert torch.Generator is torch._C.Generator or torch.Generator().device.type == "cpu"
+
+
+def test_backward_through_autocast_and_a_custom_function_stays_on_the_gpu(fake_cuda):
+    """Autograd formulas cast gradients back with the input's C++ device (CPU for the wrapper): they must stay
+    on the simulated GPU, and a custom backward creating tensors with device=grad.device gets GPU ones."""
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * torch.full(g.shape, 2.0, device=g.device)
+
+    lin = torch.nn.Linear(4, 3).to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = Double.apply(lin(torch.ones(2, 4, device="cuda")))
+    y.float().sum().backward()
+    assert lin.weight.grad.device.type == "cuda" and lin.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(lin.weight.grad.cpu(), torch.full((3, 4), 4.0))

@@ -113,3 +113,24 @@ def test_patients_and_classify_with_mil_on_the_gpu(fake_cuda, gpu_run, tmp_path)
     assert {"mil_embedding", "mil_concepts"} <= set(res.results["models"])
     assert all(0 <= res.results["models"][m]["auroc"] <= 1 for m in ("mil_embedding", "mil_concepts"))
     assert (run / "classify" / "attention.parquet").is_file()
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "matryoshka", "relu-l1"])
+def test_every_sae_architecture_trains_in_bf16_on_the_gpu(fake_cuda, gpu_run, tmp_path, arch):
+    """bf16 autocast and each architecture's own kernels and buffers (thresholds, prefix losses) on the GPU."""
+    from cytosae.sae import SAE
+
+    run, _, _ = gpu_run
+    res = run_train(TrainSettings(store=run / "stores" / "data", out=tmp_path / arch, arch=arch, expansion=2, k=8,
+                                  batch_size=256, shuffle=1024, log="none", device="cuda", precision="bf16"))
+    assert res.device.startswith("cuda") and res.tokens_seen == 12 * 197
+    sae = SAE.load(tmp_path / arch)
+    assert all(torch.isfinite(p).all() for p in sae.state_dict().values())
+
+
+def test_extract_in_bf16_on_the_gpu(fake_cuda, gpu_run, tmp_path):
+    run, _, _ = gpu_run
+    res = run_extract(ExtractSettings(data=run.parent / "data" / "manifest.csv", out=tmp_path / "s", backbone=BACKBONE,
+                                      layer=0, batch_size=6, workers=0, device="cuda", precision="bf16"),
+                      warn=lambda _: None)
+    assert res.complete and res.device.startswith("cuda")
