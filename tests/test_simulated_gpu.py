@@ -128,9 +128,9 @@ def test_every_sae_architecture_trains_in_bf16_on_the_gpu(fake_cuda, gpu_run, tm
     assert all(torch.isfinite(p).all() for p in sae.state_dict().values())
 
 
-def test_extract_in_bf16_on_the_gpu(fake_cuda, gpu_run, tmp_path):
+def test_extract_in_bf16_with_a_decoding_process_and_pinned_batches_on_the_gpu(fake_cuda, gpu_run, tmp_path):
     run, _, _ = gpu_run
     res = run_extract(ExtractSettings(data=run.parent / "data" / "manifest.csv", out=tmp_path / "s", backbone=BACKBONE,
-                                      layer=0, batch_size=6, workers=0, device="cuda", precision="bf16"),
+                                      layer=0, batch_size=6, workers=1, device="cuda", precision="bf16"),
                       warn=lambda _: None)
     assert res.complete and res.device.startswith("cuda")
