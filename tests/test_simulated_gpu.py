@@ -3,6 +3,7 @@ tensor the code puts on `cuda` is checked as CUDA checks it, so a CPU tensor mee
 GPU tensor or a CPU generator on a GPU factory fails here as it would on the cluster, without one."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -23,9 +24,16 @@ def gpu_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
     manifest = make_sample(root / "data", seed=0, n_patients=4, cells_per_patient=3)
     run = root / "run"
+    # a weights file (random ViT weights, saved as a published checkpoint is read): the explorer encodes uploads
+    from safetensors.torch import save_file
+
+    from cytosae.backbones import load_backbone
+
+    with pytest.warns(UserWarning, match="RANDOM"):
+        save_file(load_backbone(BACKBONE, seed=1).model.state_dict(), root / "vit.safetensors")
     with pytest.MonkeyPatch.context() as mp, simulated_cuda(mp):
-        ext = run_extract(ExtractSettings(data=manifest, backbone=BACKBONE, batch_size=4, shard_size=8, workers=0,
-                                          device="cuda"), run=run, warn=lambda _: None)
+        ext = run_extract(ExtractSettings(data=manifest, backbone=BACKBONE, weights=root / "vit.safetensors",
+                                          batch_size=4, shard_size=8, workers=0, device="cuda"), run=run)
         tr = run_train(TrainSettings(arch="topk", expansion=2, k=8, batch_size=256, shuffle=1024, log="none",
                                      device="cuda"), run=run)
     return run, ext, tr
@@ -134,3 +142,23 @@ def test_extract_in_bf16_with_a_decoding_process_and_pinned_batches_on_the_gpu(f
                                       layer=0, batch_size=6, workers=1, device="cuda", precision="bf16"),
                       warn=lambda _: None)
     assert res.complete and res.device.startswith("cuda")
+
+
+def test_the_explorer_encodes_stored_and_uploaded_cells_on_the_gpu(fake_cuda, gpu_run):
+    """The explorer's encoder with --device cuda (called in this thread: the simulation does not reach the web
+    server's threads) gives the CPU's activations, for a stored image and for an upload through the backbone."""
+    from PIL import Image
+
+    from cytosae.explorer.state import Explorer
+
+    run, _, _ = gpu_run
+    image_id = pd.read_parquet(run / "stores" / "data" / "images.parquet").image_id.iloc[0]
+    cell = Image.open(next((run.parent / "data").rglob("*.png"))).convert("RGB")
+    gpu, cpu = Explorer(run, device="cuda").encoder, Explorer(run, device="cpu").encoder
+    assert next(gpu.sae.parameters()).device.type == "cuda"
+    for a, b in ((gpu.for_store_image("data", image_id), cpu.for_store_image("data", image_id)),
+                 (gpu.for_upload("u", cell), cpu.for_upload("u", cell))):
+        assert a.acts.shape == b.acts.shape == (197, 384) and a.acts.nnz > 0
+        np.testing.assert_allclose(a.acts.toarray(), b.acts.toarray(), rtol=1e-4, atol=1e-5)
+    value, heat, grid = gpu.latent_map("data", image_id, int(cpu.for_store_image("data", image_id).acts[0].indices[0]))
+    assert grid == 14 and len(heat) == 196 and value > 0
