@@ -439,8 +439,18 @@ def simulated_cuda(monkeypatch):
     monkeypatch.setattr(torch, "Generator", _Generator)
     # the prefetch / DataLoader pin-memory threads do not see the (thread-local) mode: the class attribute they do
     monkeypatch.setattr(torch.Tensor, "pin_memory", _pin_memory)
+    mode = SimulatedCudaMode()
+    # the mode is thread-local: threads started while the simulation runs (prefetchers, a web server's workers)
+    # run inside it too; threads started before it (a pool already running) do not see it
+    bootstrap = threading.Thread._bootstrap_inner
+
+    def inside_mode(thread):
+        with mode:
+            bootstrap(thread)
+
+    monkeypatch.setattr(threading.Thread, "_bootstrap_inner", inside_mode)
     try:
-        with SimulatedCudaMode():
+        with mode:
             yield
     finally:
         _active.release()

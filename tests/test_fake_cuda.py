@@ -108,3 +108,13 @@ def test_backward_through_autocast_and_a_custom_function_stays_on_the_gpu(fake_c
     y.float().sum().backward()
     assert lin.weight.grad.device.type == "cuda" and lin.weight.grad.dtype == torch.float32
     torch.testing.assert_close(lin.weight.grad.cpu(), torch.full((3, 4), 4.0))
+
+
+def test_threads_started_during_the_simulation_see_it(fake_cuda):
+    import threading
+
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.zeros(2, device="cuda")))
+    t.start()
+    t.join()
+    assert isinstance(seen[0], FakeCudaTensor)

@@ -162,3 +162,38 @@ def test_the_explorer_encodes_stored_and_uploaded_cells_on_the_gpu(fake_cuda, gp
         np.testing.assert_allclose(a.acts.toarray(), b.acts.toarray(), rtol=1e-4, atol=1e-5)
     value, heat, grid = gpu.latent_map("data", image_id, int(cpu.for_store_image("data", image_id).acts[0].indices[0]))
     assert grid == 14 and len(heat) == 196 and value > 0
+
+
+def test_the_explorer_app_serves_heatmaps_and_uploads_from_the_gpu(fake_cuda, gpu_run):
+    """`cytosae explore --device cuda`: its routes run in the web server's threads, encoding on the GPU."""
+    from fastapi.testclient import TestClient
+
+    from cytosae.explorer import create_app
+
+    run, _, _ = gpu_run
+    image_id = str(pd.read_parquet(run / "stores" / "data" / "images.parquet").image_id.iloc[0])
+    png = next((run.parent / "data").rglob("*.png")).read_bytes()
+    with TestClient(create_app(run, device="cuda"), base_url="http://127.0.0.1") as c:
+        r = c.get("/api/image", params={"dataset": "data", "image_id": image_id})
+        assert r.status_code == 200, r.text
+        latent = int(c.get("/api/image/patch", params={"dataset": "data", "image_id": image_id, "patch": 0,
+                                                        "k": 1}).json()["top"][0]["latent"])
+        r = c.get("/api/image/heatmap", params={"dataset": "data", "image_id": image_id, "latent": latent})
+        assert r.status_code == 200 and len(r.json()["values"]) == 196, r.text
+        r = c.post("/api/uploads", files={"file": ("cell.png", png, "image/png")})
+        assert r.status_code == 201 and r.json()["top_cls"] and r.json()["grid"] == 14, r.text
+
+
+def test_a_gpu_failure_loading_the_explorers_sae_is_not_called_a_damaged_file(fake_cuda, gpu_run, monkeypatch):
+    """The explorer read the SAE straight onto the GPU inside its 'file damaged' handler: a GPU out of memory was
+    reported as `sae.safetensors could not be read ... the file is damaged`."""
+    import fake_cuda as fc
+
+    from cytosae.explorer.state import Explorer
+
+    def out_of_memory(t):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate (simulated)")
+
+    monkeypatch.setattr(fc, "to_cuda", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+        Explorer(gpu_run[0], device="cuda").encoder.sae
