@@ -197,3 +197,23 @@ def test_a_gpu_failure_loading_the_explorers_sae_is_not_called_a_damaged_file(fa
     monkeypatch.setattr(fc, "to_cuda", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
         Explorer(gpu_run[0], device="cuda").encoder.sae
+
+
+@pytest.mark.parametrize("script,args", [
+    ("sae.py", ["--d", "32", "--expansion", "2", "--batch", "64", "--steps", "1", "--k", "4"]),
+    ("precision.py", ["--backbones", BACKBONE, "--n-images", "2"]),
+])
+def test_the_gpu_session_benches_run_on_the_gpu(fake_cuda, monkeypatch, tmp_path, request, script, args):
+    """bench/gpu_session.sh's benches with --device cuda, at toy sizes: a crash found here costs no device time."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    if script == "precision.py":
+        request.getfixturevalue("shared_data")  # it reads real Acevedo cells
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    monkeypatch.setattr(sys, "argv", [script, "--device", "cuda", *args, "--out", str(tmp_path / "r.json")])
+    runpy.run_path(str(bench / script), run_name="__main__")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert "Simulated CUDA device" in json.dumps(result["device"])
