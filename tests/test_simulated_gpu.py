@@ -202,6 +202,8 @@ def test_a_gpu_failure_loading_the_explorers_sae_is_not_called_a_damaged_file(fa
 @pytest.mark.parametrize("script,args", [
     ("sae.py", ["--d", "32", "--expansion", "2", "--batch", "64", "--steps", "1", "--k", "4"]),
     ("precision.py", ["--backbones", BACKBONE, "--n-images", "2"]),
+    ("extract.py", ["--backbones", BACKBONE, "--n-images", "4", "--batch-size", "2", "--workers", "0",
+                    "--precision", "bf16"]),
 ])
 def test_the_gpu_session_benches_run_on_the_gpu(fake_cuda, monkeypatch, tmp_path, request, script, args):
     """bench/gpu_session.sh's benches with --device cuda, at toy sizes: a crash found here costs no device time."""
@@ -209,7 +211,7 @@ def test_the_gpu_session_benches_run_on_the_gpu(fake_cuda, monkeypatch, tmp_path
     import sys
     from pathlib import Path
 
-    if script == "precision.py":
+    if script in ("precision.py", "extract.py"):
         request.getfixturevalue("shared_data")  # it reads real Acevedo cells
     bench = Path(__file__).resolve().parents[1] / "bench"
     monkeypatch.syspath_prepend(str(bench))
