@@ -20,8 +20,16 @@ CPU tensor to C++ and `cuda:0` to Python (`.device`, `.is_cuda`, `.get_device()`
 code decides where things go; the device checks CUDA's kernels make are made here, in
 `__torch_dispatch__`.
 
-What it cannot see: speed, real kernels and their numerics (TF32, bf16 accumulation), memory limits,
-several GPUs / NCCL, streams and asynchronous errors (docs/gpu.md).
+Three consequences of that, handled here: autograd formulas cast gradients with the C++ device (a
+dispatch-level `_to_copy(device=cpu)` stays on the simulated GPU: Python's `.cpu()` is moved in
+`__torch_function__`); `Module.to` must replace parameters, not assign `.data` (overwrite-on-conversion is on);
+and a view made in inference mode of a normal tensor is made a normal tensor, as autograd expects.
+The mode is thread-local and off inside its own handler: backward is run re-entering it (custom backward passes
+create tensors with `device=grad.device`), and threads started while it runs are put inside it.
+
+What it cannot see: speed, real kernels and their numerics (TF32, bf16 accumulation), memory limits (the
+memory queries answer, the peak is not tracked), several GPUs / NCCL, streams and asynchronous errors,
+subprocesses, threads started before it (docs/gpu.md).
 """
 from __future__ import annotations
 
