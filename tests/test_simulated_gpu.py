@@ -219,3 +219,25 @@ def test_the_gpu_session_benches_run_on_the_gpu(fake_cuda, monkeypatch, tmp_path
     runpy.run_path(str(bench / script), run_name="__main__")
     result = json.loads((tmp_path / "r.json").read_text())
     assert "Simulated CUDA device" in json.dumps(result["device"])
+
+
+def test_an_external_cohort_on_the_gpu(fake_cuda, gpu_run, tmp_path):
+    """A second cohort extracted into the run, its barcodes (--external) and the MIL models tested on it."""
+    import shutil
+
+    from cytosae.data.synthetic import make_sample
+
+    run, _, _ = gpu_run
+    shutil.copytree(run.parent, tmp_path / "copy")
+    run = tmp_path / "copy" / "run"
+    ext = make_sample(tmp_path / "copy" / "ext", seed=1, n_patients=4, cells_per_patient=2)
+    run_extract(ExtractSettings(data=ext, name="ext", backbone=BACKBONE, weights=tmp_path / "copy" / "vit.safetensors",
+                                batch_size=4, workers=0, device="cuda"), run=run)
+    run_patients(PatientsSettings(device="cuda", dataset="data", token_policy="any_patch", examples=0), run=run)
+    run_patients(PatientsSettings(device="cuda", dataset="ext", external=True, token_policy="any_patch",
+                                  examples=0), run=run)
+    res = run_classify(ClassifySettings(device="cuda", folds=2, repeats=1, mil="embedding,concepts", mil_epochs=3,
+                                        mil_repeats=1, external=run / "external" / "ext"), run=run)
+    external = res.results["external"]
+    assert {"mil_embedding", "mil_concepts"} <= set(external), list(external)
+    assert all(external[m]["n_test"] == 4 for m in ("mil_embedding", "mil_concepts"))
