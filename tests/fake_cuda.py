@@ -285,6 +285,10 @@ class SimulatedCudaMode(TorchFunctionMode):
         if func is torch.Tensor.to:
             moved = _to(args, dict(kwargs))
             return func(*args, **kwargs) if moved is NotImplemented else moved
+        if func is torch.Tensor.type_as:  # other's device and dtype, as .to(other)
+            return _to((args[0], args[1]), {})
+        if func is torch.Tensor.new_tensor and "device" not in kwargs and isinstance(args[0], FakeCudaTensor):
+            return to_cuda(func(*args, **kwargs))  # C++ takes the wrapper's own (CPU) device
         if func is torch.Tensor.is_pinned:
             return bool(getattr(args[0], "_fake_pinned", False))
         if "device" not in kwargs:

@@ -16,6 +16,8 @@ def test_cuda_is_available_and_tensors_report_it(fake_cuda):
     assert y.device.type == "cuda" and (x[:3] + y).device.type == "cuda"
     assert torch.randn(2, 2, device=resolve_device("cuda")).device.type == "cuda"
     assert torch.ones_like(x).device.type == "cuda" and x.new_zeros(2).device.type == "cuda"
+    assert x.new_tensor([1.0]).device.type == "cuda" and torch.ones(2).type_as(x).device.type == "cuda"
+    assert x.type_as(torch.ones(1)).device.type == "cpu"
     with pytest.raises(ValueError, match="only 1 CUDA device"):
         resolve_device("cuda:1")
 

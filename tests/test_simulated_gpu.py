@@ -13,6 +13,7 @@ from cytosae.steps import (ClassifySettings, EvaluateSettings, ExtractSettings, 
                            TrainSettings, run_classify, run_evaluate, run_extract, run_patients, run_stats, run_train)
 
 BACKBONE = "vit_tiny_patch16_224"  # a timm ViT with random weights: 192 dims, 1 + 14x14 tokens, fast on one core
+pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM weights:UserWarning")
 
 
 @pytest.fixture(scope="module")
