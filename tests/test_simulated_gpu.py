@@ -242,3 +242,13 @@ def test_an_external_cohort_on_the_gpu(fake_cuda, gpu_run, tmp_path):
     external = res.results["external"]
     assert {"mil_embedding", "mil_concepts"} <= set(external), list(external)
     assert all(external[m]["n_test"] == 4 for m in ("mil_embedding", "mil_concepts"))
+
+
+def test_an_sae_too_big_for_the_gpu_is_refused_before_anything_is_read(fake_cuda, gpu_run, tmp_path):
+    from cytosae.steps import StepError
+
+    run, _, _ = gpu_run
+    with pytest.raises(StepError, match=r"more than the 80\.0 GiB of memory here; lower --expansion"):
+        run_train(TrainSettings(store=run / "stores" / "data", out=tmp_path / "big", expansion=400_000, log="none",
+                                device="cuda"))
+    assert not (tmp_path / "big").exists()
