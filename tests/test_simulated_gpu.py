@@ -252,3 +252,41 @@ def test_an_sae_too_big_for_the_gpu_is_refused_before_anything_is_read(fake_cuda
         run_train(TrainSettings(store=run / "stores" / "data", out=tmp_path / "big", expansion=400_000, log="none",
                                 device="cuda"))
     assert not (tmp_path / "big").exists()
+
+
+def test_a_whole_study_runs_on_the_gpu_with_device_auto(fake_cuda, tmp_path):
+    """`cytosae run study.toml`: every step in one process, each with its default --device auto (the GPU here)."""
+    from cytosae.data.synthetic import make_sample
+    from cytosae.study import run_study
+
+    make_sample(tmp_path / "data", seed=2, n_patients=4, cells_per_patient=2)
+    (tmp_path / "study.toml").write_text(f"""
+[run]
+dir = "{tmp_path / 'run'}"
+[backbone]
+name = "{BACKBONE}"
+batch_size = 4
+[datasets.cells]
+data = "{tmp_path / 'data' / 'manifest.csv'}"
+[sae]
+arch = "topk"
+expansion = 2
+k = 4
+batch_size = 256
+[stats]
+galleries = 1
+[patients]
+token_policy = "any_patch"
+examples = 0
+[classify]
+folds = 2
+repeats = 1
+mil_epochs = 2
+mil_repeats = 1
+device = "cuda"
+""")
+    lines: list[str] = []
+    status = run_study(tmp_path / "study.toml", say=lines.append)
+    assert set(status.values()) == {"done"} and len(status) >= 6, status
+    text = "\n".join(lines)
+    assert "on cuda" in text and "mil_embedding" in text, text
