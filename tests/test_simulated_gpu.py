@@ -206,14 +206,17 @@ def test_a_gpu_failure_loading_the_explorers_sae_is_not_called_a_damaged_file(fa
     ("extract.py", ["--backbones", BACKBONE, "--n-images", "4", "--batch-size", "2", "--workers", "0",
                     "--precision", "bf16"]),
 ])
-def test_the_gpu_session_benches_run_on_the_gpu(fake_cuda, monkeypatch, tmp_path, request, script, args):
-    """bench/gpu_session.sh's benches with --device cuda, at toy sizes: a crash found here costs no device time."""
+def test_the_gpu_session_benches_run_on_the_gpu(fake_cuda, gpu_run, monkeypatch, tmp_path, script, args):
+    """bench/gpu_session.sh's benches with --device cuda, at toy sizes: a crash found here costs no device time.
+    The cells they read from acevedo/ are the run's synthetic ones (CYTOSAE_SHARED_DATA points at a copy)."""
     import runpy
+    import shutil
     import sys
     from pathlib import Path
 
-    if script in ("precision.py", "extract.py"):
-        request.getfixturevalue("shared_data")  # it reads real Acevedo cells
+    shutil.copytree(gpu_run[0].parent / "data", tmp_path / "shared" / "acevedo")
+    monkeypatch.setenv("CYTOSAE_SHARED_DATA", str(tmp_path / "shared"))
+    monkeypatch.delitem(sys.modules, "_report", raising=False)  # it reads the variable when imported
     bench = Path(__file__).resolve().parents[1] / "bench"
     monkeypatch.syspath_prepend(str(bench))
     monkeypatch.setattr(sys, "argv", [script, "--device", "cuda", *args, "--out", str(tmp_path / "r.json")])
