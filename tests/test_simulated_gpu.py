@@ -293,3 +293,24 @@ device = "cuda"
     assert set(status.values()) == {"done"} and len(status) >= 6, status
     text = "\n".join(lines)
     assert "on cuda" in text and "mil_embedding" in text, text
+
+
+def test_imported_embeddings_train_and_stats_on_the_gpu(fake_cuda, gpu_run, tmp_path):
+    """One vector per image (`cytosae import-embeddings`): the t == 1 branches of training and statistics."""
+    from cytosae.store import ActivationStore, import_embeddings
+
+    run, _, _ = gpu_run
+    st = ActivationStore(run / "stores" / "data")
+    ids, tokens = zip(*st.iter_images(12))
+    table = pd.read_csv(run.parent / "data" / "manifest.csv")
+    table.insert(0, "image_id", table["path"].astype(str))
+    cls = torch.cat(tokens)[:, 0].numpy()  # the store's CLS tokens as "another model's" embeddings
+    np.save(tmp_path / "emb.npy", cls)
+    store = import_embeddings(tmp_path / "emb.npy", table, tmp_path / "imported")
+    res = run_train(TrainSettings(store=store, out=tmp_path / "sae", expansion=2, k=4, batch_size=8, shuffle=64,
+                                  log="none", device="cuda"))
+    assert res.device.startswith("cuda") and res.tokens_seen == 12
+    out = run_stats(StatsSettings(sae_dir=tmp_path / "sae", stores=[store], out=tmp_path / "stats", device="cuda",
+                                  k=3))
+    assert out.lines() and len(pd.read_parquet(tmp_path / "stats" / "latents.parquet")) == 384
+    assert len(pd.read_parquet(tmp_path / "stats" / "top_images.parquet"))
