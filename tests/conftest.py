@@ -29,3 +29,27 @@ def demo_run(tmp_path_factory) -> tuple[Path, list[str]]:
     lines: list[str] = []
     run_demo(run, say=lines.append)
     return run, lines
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """One simulated CUDA GPU for the test (tests/fake_cuda.py): GPU code paths run on CPU and fail where a GPU
+    would (mixed-device ops, .numpy() of a CUDA tensor, CPU generators on CUDA factories)."""
+    from fake_cuda import simulated_cuda
+
+    with simulated_cuda(monkeypatch):
+        yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """CYTOSAE_FAKE_CUDA=1: the tests marked gpu run on the simulated GPU (their "needs CUDA" skips dropped), a
+    check of the GPU session's tests before device time is spent on them."""
+    if os.environ.get("CYTOSAE_FAKE_CUDA") != "1":
+        return
+    for item in items:
+        if item.get_closest_marker("gpu") is None:
+            continue
+        item.own_markers = [m for m in item.own_markers
+                            if not (m.name == "skipif" and "CUDA" in str(m.kwargs.get("reason", "")))]
+        if "fake_cuda" not in item.fixturenames:
+            item.fixturenames.append("fake_cuda")

@@ -94,7 +94,9 @@ class Encoder:
     def sae(self):
         with self._lock:
             if self._sae is None:
-                self._sae = self.run.open_sae(lambda d: load_sae(d, self.device))
+                # read and checked on the CPU, moved after: a GPU failure (out of memory, no driver) is not
+                # reported as a damaged sae.safetensors
+                self._sae = self.run.open_sae(lambda d: load_sae(d, "cpu")).to(self.device)
             return self._sae
 
     @torch.no_grad()
