@@ -484,10 +484,13 @@ class ImageView:
         return _png(self.picture())
 
     def _repr_html_(self) -> str:
+        from .analysis.heatmaps import overlay
+
         try:
-            tiles = [_img_tag(self.picture(), "as the model saw it", self.image_id, size=224)]
+            picture = self.picture()
+            tiles = [_img_tag(picture, "as the model saw it", self.image_id, size=224)]
         except _ERRORS as exc:
-            tiles = [_failed_tile("image", exc, size=224)]
+            picture, tiles = None, [_failed_tile("image", exc, size=224)]
         try:
             top = self.top_latents
         except _ERRORS as exc:
@@ -495,10 +498,12 @@ class ImageView:
         else:
             body = _table_html(top) + _note("value: largest activation of the latent over the image's patch tokens; "
                                             "patches: how many patches it fires on; cls: on the CLS token")
-        if top is not None:
+        if top is not None and picture is not None:
             for j in top["latent"].head(3):
                 try:
-                    tiles.append(_img_tag(self.overlay(int(j)), f"latent {int(j)}", f"latent {int(j)}", size=224))
+                    amap = self.heatmap(int(j))
+                    tiles.append(_img_tag(overlay(picture, amap, alpha=ALPHA) if amap.size else picture,
+                                          f"latent {int(j)}", f"latent {int(j)}", size=224))
                 except _ERRORS as exc:
                     tiles.append(_failed_tile(f"latent {int(j)}", exc, size=224))
         meta = {k: v for k, v in self.meta.items() if k not in ("path", "image_id")}
@@ -521,11 +526,12 @@ class PatientView:
         t = rd.table("patients/barcodes")
         if t is None:
             raise rd.missing("patients/barcodes.parquet")
-        rows = t.df[t.df["patient_id"].astype(str) == self.patient_id]
-        if not len(rows):
-            known = sorted(t.df["patient_id"].astype(str).unique())
-            raise KeyError(f"patient {self.patient_id!r} is not in patients/barcodes.parquet; it has {len(known)} "
-                           f"patients, e.g. {known[:5]}")
+        # row positions per patient, found once: the table has n_patients x n_latents rows (millions at 49k latents)
+        where = rd.cached("notebook:patient_rows", lambda: t.df.groupby(t.df["patient_id"].astype(str), sort=True).indices)
+        if self.patient_id not in where:
+            raise KeyError(f"patient {self.patient_id!r} is not in patients/barcodes.parquet; it has {len(where)} "
+                           f"patients, e.g. {list(where)[:5]}")
+        rows = t.df.iloc[where[self.patient_id]]
         self._rows = rows
         self.diagnosis = rows["diagnosis"].iloc[0] if "diagnosis" in rows else None
         self.n_cells = int(rows["n_cells"].iloc[0]) if "n_cells" in rows else None
