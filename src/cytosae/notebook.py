@@ -306,7 +306,8 @@ class RunView:
 
     def _has(self) -> dict[str, bool]:
         p = self.path
-        return {"stats": (p / "stats/latents.parquet").is_file(), "top_images": (p / "stats/top_images.parquet").is_file(),
+        return {"stats": (p / "stats/latents.parquet").is_file(),
+                "top_images": (p / "stats/top_images.parquet").is_file(),
                 "patients": (p / "patients/barcodes.parquet").is_file(),
                 "classify": (p / "classify/results.json").is_file(), "annotations": self._dir.run.annotations.is_file()}
 
@@ -527,7 +528,8 @@ class PatientView:
         if t is None:
             raise rd.missing("patients/barcodes.parquet")
         # row positions per patient, found once: the table has n_patients x n_latents rows (millions at 49k latents)
-        where = rd.cached("notebook:patient_rows", lambda: t.df.groupby(t.df["patient_id"].astype(str), sort=True).indices)
+        where = rd.cached("notebook:patient_rows",
+                          lambda: t.df.groupby(t.df["patient_id"].astype(str), sort=True).indices)
         if self.patient_id not in where:
             raise KeyError(f"patient {self.patient_id!r} is not in patients/barcodes.parquet; it has {len(where)} "
                            f"patients, e.g. {list(where)[:5]}")
@@ -564,14 +566,17 @@ class PatientView:
         top = self.barcode.head(self.k)
         bars = "".join(
             f"<tr><td style='padding:1px 6px'>{int(r.latent)}</td><td style='padding:1px 6px'>{_e(r.name)}</td>"
-            f"<td style='width:160px'><div style='background:#4a7;height:10px;width:{max(0.0, min(1.0, float(r.frac))) * 100:.1f}%'>"
+            f"<td style='width:160px'><div style='background:#4a7;height:10px;"
+            f"width:{0.0 if pd.isna(r.frac) else 100 * max(0.0, min(1.0, float(r.frac))):.1f}%'>"
             f"</div></td><td style='padding:1px 6px'>{_e(_fmt(r.frac))}</td>"
             f"<td style='padding:1px 6px;color:#888'>{_e(_fmt(r.cohort_frac))}</td></tr>"
             for r in top.itertuples(index=False))
         table = ("<table style='border-collapse:collapse;font-size:12px'><tr><th>latent</th><th>name</th><th></th>"
                  f"<th>frac</th><th>cohort mean</th></tr>{bars}</table>")
-        pred = self.predictions
-        pred_html = ""
+        try:
+            pred, pred_html = self.predictions, ""
+        except DamagedData as exc:
+            pred, pred_html = None, _note(str(exc))
         if pred is not None and len(pred):
             pred_html = _table_html(pred, [c for c in ("model", "true", "decided") if c in pred]) + _note(
                 "classify/predictions.parquet: out-of-fold decisions (majority over repeats)")
