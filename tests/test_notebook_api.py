@@ -15,7 +15,7 @@ from PIL import Image
 
 import cytosae
 from cytosae.explorer import create_app
-from cytosae.notebook import ImageView, LatentView, MissingData, PatientView, RunView
+from cytosae.notebook import DamagedData, ImageView, LatentView, MissingData, PatientView, RunView
 from explorer_fixtures import LOCAL, make_pipeline_run
 
 DATA_PNG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -202,3 +202,16 @@ def test_missing_tables_are_one_line_errors_naming_the_file(run_path, tmp_path):
     with pytest.raises(IndexError, match=f"latents 0..{run.n_latents - 1}"):
         run.latent(run.n_latents)
     assert run.annotations.empty and not (copy / "annotations.sqlite").exists()  # reading creates nothing
+
+
+def test_a_damaged_table_is_a_one_line_error_naming_it(run_path, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_path, copy, ignore=shutil.ignore_patterns("annotations.sqlite*"))
+    (copy / "patients" / "barcodes.parquet").write_bytes(b"PAR1 not really")
+    run = cytosae.open_run(copy)
+    for get in (lambda: run.barcodes, lambda: run.patient("P000")):
+        with pytest.raises(DamagedData) as err:
+            get()
+        assert "patients/barcodes.parquet" in str(err.value) and "cytosae patients" in str(err.value)
+        assert "\n" not in str(err.value)
+    assert len(run.stats) == run.n_latents  # the other tables are still read
