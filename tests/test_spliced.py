@@ -137,3 +137,6 @@ def test_cli_evaluate_spliced_writes_the_json_and_prints_the_lines(tmp_path):
 
     bad = CliRunner().invoke(app, ["evaluate", "--run", str(run), "--weights", str(out)])
     assert bad.exit_code != 0 and "--weights is the backbone's, for --spliced only" in bad.output
+    plain = CliRunner().invoke(app, ["evaluate", "--run", str(run), "--device", "cpu"])
+    assert plain.exit_code == 0 and "spliced:" not in plain.output and "eval.spliced.json" not in plain.output
+    assert (run / "sae" / "eval.json").is_file() and not out.exists()  # no stale figures beside the new eval.json

@@ -77,6 +77,8 @@ def run_evaluate(cfg: EvaluateSettings, run: str | Path | Run | None = None, war
     result = EvaluateResult(cfg.sae_dir, cfg.store, sae.cfg.arch, sae.cfg.n_latents, res, cfg.out, dataset=cfg.dataset)
     if cfg.spliced:
         _spliced(cfg, rd, sae, st, dev, result, warn)
+    elif cfg.out is not None:  # a spliced JSON from an earlier evaluate would pass for this one's
+        spliced_path(cfg.out).unlink(missing_ok=True)
     record(rd, "evaluate", given, started, dataset=cfg.dataset)
     return result
 
