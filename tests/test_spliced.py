@@ -140,3 +140,40 @@ def test_cli_evaluate_spliced_writes_the_json_and_prints_the_lines(tmp_path):
     plain = CliRunner().invoke(app, ["evaluate", "--run", str(run), "--device", "cpu"])
     assert plain.exit_code == 0 and "spliced:" not in plain.output and "eval.spliced.json" not in plain.output
     assert (run / "sae" / "eval.json").is_file() and not out.exists()  # no stale figures beside the new eval.json
+
+
+def test_a_store_of_trained_weights_needs_the_same_weights_file(tmp_path, backbone):
+    from safetensors.torch import save_file
+
+    files = []
+    for seed in (0, 1):  # two different "trained" weight files
+        bb = load_backbone("dinobloom-s", depth=DEPTH, seed=seed)
+        files.append(tmp_path / f"w{seed}.safetensors")
+        save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, files[-1])
+    csv = make_sample(tmp_path / "data", seed=0, n_patients=2, cells_per_patient=2, size=64)
+    trained = load_backbone("dinobloom-s", weights=files[0], depth=DEPTH)
+    extract(load_manifest(csv), trained, tmp_path / "store", ExtractConfig(layer=0, dtype="float32", progress=False))
+    st = ActivationStore(tmp_path / "store")
+    options = {"options": {"depth": DEPTH}}
+    assert backbone_for_store(st, options, weights=files[0]).weights_sha256 == trained.weights_sha256
+    for spec, weights, says in ((options, None, "pass --weights the file"),
+                                (options, files[1], f"sha256 {trained.weights_sha256[:12]}, this backbone has sha256")):
+        with pytest.raises(ValueError, match=says) as err:
+            backbone_for_store(st, spec, weights=weights)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="this backbone has RANDOM weights"):
+        check_backbone(backbone, st)
+
+
+def test_an_imported_store_has_no_backbone_to_splice_into(tmp_path, backbone):
+    import pandas as pd
+
+    from cytosae.store import import_embeddings
+
+    np.save(tmp_path / "e.npy", np.random.default_rng(0).normal(size=(3, 257, 384)).astype(np.float32))
+    import_embeddings(tmp_path / "e.npy", pd.DataFrame({"image_id": ["a", "b", "c"]}), tmp_path / "store")
+    st = ActivationStore(tmp_path / "store")
+    for call in (lambda: backbone_for_store(st), lambda: check_backbone(backbone, st)):
+        with pytest.raises(ValueError, match="was imported, not extracted by cytosae") as err:
+            call()
+        assert "\n" not in str(err.value)

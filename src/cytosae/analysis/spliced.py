@@ -41,14 +41,19 @@ DEFINITIONS = {
 # ---------------------------------------------------------------- the same backbone as the store's
 
 
+def _extracted(store) -> dict:
+    """The store's extraction settings, or a one-line ValueError for a store with no backbone recorded."""
+    s = store.meta.get("settings") or {}
+    if not s.get("backbone") or s.get("backbone") == "imported" or s.get("layer_index") is None:
+        raise ValueError(f"store {store.path} was imported, not extracted by cytosae: it records no backbone to "
+                         "splice the SAE into; extract it with `cytosae extract`")
+    return s
+
+
 def check_backbone(backbone, store) -> int:
     """The block index L the store's tokens are after, or a one-line ValueError when `backbone` is not the one
     the store was extracted with (name, weights sha256 / random seed, depth, width)."""
-    s = store.meta.get("settings") or {}
-    where = f"store {store.path}"
-    if not s.get("backbone") or s.get("backbone") == "imported" or s.get("layer_index") is None:
-        raise ValueError(f"{where} was imported, not extracted by cytosae: it records no backbone to splice the "
-                         "SAE into; extract it with `cytosae extract`")
+    s, where = _extracted(store), f"store {store.path}"
     if backbone.name != s["backbone"]:
         raise ValueError(f"{where} was extracted with backbone {s['backbone']!r}, not {backbone.name!r}")
     if s.get("weights_sha256"):
@@ -75,7 +80,7 @@ def backbone_for_store(store, spec: dict | None = None, weights=None, device="cp
     (weights path, seed, timm options); `weights` overrides its weights file."""
     from cytosae.backbones import load_backbone
 
-    s, spec = store.meta.get("settings") or {}, dict(spec or {})
+    s, spec = _extracted(store), dict(spec or {})
     weights = weights or spec.get("weights")
     if s.get("weights_sha256") and not weights:
         raise ValueError(f"store {store.path} was extracted with weights sha256 {s['weights_sha256'][:12]}: pass "
@@ -83,7 +88,7 @@ def backbone_for_store(store, spec: dict | None = None, weights=None, device="cp
     seed = s.get("random_weights_seed")
     with warnings.catch_warnings():  # random weights are checked against the store's seed instead
         warnings.simplefilter("ignore", UserWarning)
-        bb = load_backbone(s.get("backbone") or spec.get("name"), weights=weights, device=device,
+        bb = load_backbone(s["backbone"], weights=weights, device=device,
                            seed=int(seed) if seed is not None else 0, **dict(spec.get("options") or {}))
     check_backbone(bb, store)
     return bb
