@@ -83,7 +83,7 @@ def test_identity_reconstruction_recovers_one_and_the_control_zero(backbone, sto
     warned = []
     control = spliced_faithfulness(backbone, store, reconstruct=to_means, warn=warned.append)
     for g in ("cls", "patch"):
-        assert control["output"]["spliced"] [g] == control["output"]["control"][g]
+        assert control["output"]["spliced"][g] == control["output"]["control"][g]
         assert control["fvu"][g] == pytest.approx(1.0, abs=1e-6)  # the mean explains nothing, by definition
     for col in ("label", "diagnosis"):
         for model in ("knn", "probe"):
