@@ -228,6 +228,12 @@ def evaluate(
     max_images: Optional[int] = typer.Option(None, help="Only the first N images of the store."),
     allow_unfinished: bool = ALLOW_UNFINISHED,
     device: str = typer.Option("auto", help="auto (CUDA when available) | cpu | cuda | cuda:N."),
+    spliced: bool = typer.Option(False, "--spliced", help="Also splice the SAE into the backbone: its reconstruction "
+                                 "of the store's tokens through the remaining blocks, against the clean tokens and a "
+                                 "token-mean control (final CLS/patches, k-NN and probe accuracy per label); JSON "
+                                 "next to --out as NAME.spliced.json."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="With --spliced: the backbone weights the store "
+                                           "was extracted with (default: the run's; random weights need none)."),
 ) -> None:
     """Reconstruction and sparsity of an SAE on a store, for all, CLS and patch tokens."""
     _step(ctx, "EvaluateSettings", "run_evaluate")

@@ -2,7 +2,7 @@
 
     RUN/run.json          what the run holds and how each step made it (docs/run-layout.md)
     RUN/stores/NAME/      activation store of dataset NAME            `cytosae extract --run RUN`
-    RUN/sae/              the SAE (+ eval.json)                       `cytosae train|evaluate --run RUN`
+    RUN/sae/              the SAE (+ eval.json, eval.spliced.json)    `cytosae train|evaluate [--spliced] --run RUN`
     RUN/stats/            per-latent statistics                       `cytosae stats --run RUN`
     RUN/patients/         barcodes, disease comparison                `cytosae patients --run RUN`
     RUN/classify/         patient-level diagnosis                     `cytosae classify --run RUN`

@@ -90,6 +90,19 @@ class Backbone:
                 h = blk(h)
         return h.float()
 
+    def finish(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """(B, n_tokens, D) float32 final output (after the final norm) from the residual stream `h` after block
+        `layer`: the rest of the forward pass `tokens` stops before, blocks layer+1.. and the norm, in fp32."""
+        if not -self.n_blocks <= layer < self.n_blocks:
+            raise ValueError(f"layer {layer} out of range for {self.name} with {self.n_blocks} blocks "
+                             f"(valid {-self.n_blocks}..{self.n_blocks - 1})")
+        m = self.model
+        h = h.to(self.device, dtype=torch.float32, non_blocking=True)
+        with torch.inference_mode(), _precision_context(self.device, "fp32"):
+            for blk in m.blocks[layer % self.n_blocks + 1:]:
+                h = blk(h)
+            return m.norm(h).float()
+
     def __repr__(self) -> str:
         w = f"RANDOM weights (seed {self.seed})" if self.random_weights else f"weights sha256 {self.weights_sha256[:12]}"
         return f"Backbone({self.name}, {self.n_blocks} blocks, d={self.embed_dim}, {self.n_tokens} tokens, {w})"

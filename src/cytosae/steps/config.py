@@ -125,6 +125,14 @@ class EvaluateSettings(StepSettings):
     max_images: Optional[Positive] = None
     allow_unfinished: bool = False
     device: str = "auto"
+    spliced: bool = False  # also splice the SAE into the backbone (cytosae.analysis.spliced)
+    weights: Optional[PathArg] = None  # the backbone's weights for --spliced (default: the run's)
+
+    @model_validator(mode="after")
+    def _weights_need_spliced(self):
+        if self.weights is not None and not self.spliced:
+            raise ValueError("--weights is the backbone's, for --spliced only; add --spliced")
+        return self
 
 
 class StatsSettings(StepSettings):

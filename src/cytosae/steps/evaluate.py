@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from cytosae.run import Run
-from cytosae.steps.common import Warn, device, need, open_run, open_sae, open_store, record, run_dataset
+from cytosae.steps.common import (Warn, analysis_batch, device, need, one_line, open_run, open_sae, open_store, record,
+                                  run_dataset, warner)
 from cytosae.steps.config import EvaluateSettings
 
 COLUMNS = ["tokens", "fvu", "explained_variance", "cosine_similarity", "l0", "dead_fraction", "dense_fraction",
@@ -22,6 +23,10 @@ class EvaluateResult:
     n_latents: int
     figures: dict  # what eval.json holds: per token group (all, cls, patch) the measured figures
     out: Optional[Path]
+    spliced: Optional[dict] = None  # --spliced: what cytosae.analysis.spliced measured
+    spliced_out: Optional[Path] = None
+    dataset: Optional[str] = None
+    spliced_lines: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"SAE {self.sae_dir} ({self.arch}, {self.n_latents} latents) measured on store {self.store}:",
@@ -32,7 +37,14 @@ class EvaluateResult:
                                                    for c in COLUMNS))
         out.append("fvu = unexplained variance fraction; dead = never fired on these tokens; dense = fires on >10% "
                    "of them" + (f"; JSON -> {self.out}" if self.out else ""))
+        if self.spliced is not None:
+            out += self.spliced_lines + ([f"spliced figures: JSON -> {self.spliced_out}"] if self.spliced_out else [])
         return out
+
+
+def spliced_path(out: Path) -> Path:
+    """Where --spliced writes its figures: next to evaluate's JSON (RUN/sae/eval.json -> RUN/sae/eval.spliced.json)."""
+    return out.with_name(f"{out.stem}.spliced.json")
 
 
 def _placed(cfg: EvaluateSettings, rd: Run | None) -> EvaluateSettings:
@@ -62,5 +74,31 @@ def run_evaluate(cfg: EvaluateSettings, run: str | Path | Run | None = None, war
         res["sae_dir"], res["store"], res["dataset"] = rd.portable(cfg.sae_dir), rd.portable(cfg.store), cfg.dataset
     if cfg.out is not None:
         atomic_write_json(cfg.out, res)
+    result = EvaluateResult(cfg.sae_dir, cfg.store, sae.cfg.arch, sae.cfg.n_latents, res, cfg.out, dataset=cfg.dataset)
+    if cfg.spliced:
+        _spliced(cfg, rd, sae, st, dev, result, warn)
+    elif cfg.out is not None:  # a spliced JSON from an earlier evaluate would pass for this one's
+        spliced_path(cfg.out).unlink(missing_ok=True)
     record(rd, "evaluate", given, started, dataset=cfg.dataset)
-    return EvaluateResult(cfg.sae_dir, cfg.store, sae.cfg.arch, sae.cfg.n_latents, res, cfg.out)
+    return result
+
+
+def _spliced(cfg: EvaluateSettings, rd: Run | None, sae, st, dev, result: EvaluateResult, warn: Warn) -> None:
+    """The SAE spliced into the backbone the store was extracted with (cytosae.analysis.spliced)."""
+    from cytosae.analysis.spliced import backbone_for_store, lines, spliced_faithfulness
+    from cytosae.store.format import atomic_write_json
+
+    spec = dict((rd.meta.get("backbone") or {}) if rd is not None else {})
+    if rd is not None and spec.get("weights"):
+        spec["weights"] = rd.resolve(spec["weights"])
+    with one_line("--spliced: "):
+        bb = backbone_for_store(st, spec, weights=cfg.weights, device=dev)
+        figures = spliced_faithfulness(bb, st, sae=sae, max_images=cfg.max_images, batch=analysis_batch(dev),
+                                       warn=warner(warn))
+    figures["sae_dir"], figures["dataset"] = str(cfg.sae_dir), cfg.dataset
+    if rd is not None:
+        figures["sae_dir"], figures["store"] = rd.portable(cfg.sae_dir), rd.portable(cfg.store)
+    result.spliced, result.spliced_lines = figures, lines(figures, cfg.dataset or str(cfg.store))
+    if cfg.out is not None:
+        result.spliced_out = spliced_path(cfg.out)
+        atomic_write_json(result.spliced_out, figures)
