@@ -185,8 +185,19 @@ def test_csv_export_neutralises_formula_starts(fx, tmp_path):
 
 
 # ------------------------------------------------------------------ 10: upload errors
+def _truncated_png() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
 @pytest.mark.parametrize("data", [b"#!/bin/sh\necho not an image\n", os.urandom(4096), b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
-                                  b"GIF89a" + b"\x00" * 30])
+                                  b"GIF89a" + b"\x00" * 30, _truncated_png()], ids=["script", "random", "png-header",
+                                                                                     "gif-header", "truncated-png"])
 def test_unreadable_upload_is_415_without_python_reprs(fx, tmp_path, data):
     run = copy_of(fx, tmp_path).path
     with TestClient(create_app(run), base_url=LOCAL) as c:
