@@ -432,7 +432,7 @@ def annotations_export(
     out: Path = typer.Option(..., "--out", help="File to write."),
 ) -> None:
     """Export every latent annotation (name, tags, note, status, author, time)."""
-    from cytosae.explorer.annotations import AnnotationStore, export
+    from cytosae.explorer.annotations import AnnotationStore, DamagedAnnotations, export
 
     from cytosae.run import ANNOTATIONS
 
@@ -441,7 +441,10 @@ def annotations_export(
         _fail(f"{db} does not exist: no annotations have been made in this run yet")
     if format not in ("csv", "json"):
         _fail(f"--format must be csv or json, got {format!r}")
-    n = export(AnnotationStore(db), out, format)
+    try:
+        n = export(AnnotationStore(db), out, format)
+    except DamagedAnnotations as exc:
+        _fail(str(exc))
     typer.echo(f"{n} annotations from {db} -> {out} ({format})")
 
 

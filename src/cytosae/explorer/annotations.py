@@ -1,7 +1,8 @@
 """Latent annotations (name, tags, note, review status) in the run's annotations.sqlite.
 
 One row per latent. Each write is one SQLite transaction, so a crash never leaves a
-half-written annotation, and the file survives explorer restarts.
+half-written annotation, and the file survives explorer restarts. A file that is not a readable SQLite database
+(overwritten, truncated) is never opened for writing: `open_store` gives a read-only stand-in that says why.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import io
 import json
 import sqlite3
 import threading
+import urllib.parse
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,6 +40,45 @@ CREATE TABLE IF NOT EXISTS annotations (
 
 class InvalidAnnotation(ValueError):
     pass
+
+
+class DamagedAnnotations(RuntimeError):
+    """annotations.sqlite exists but is not a readable SQLite database; the message names it and what to do."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        super().__init__(f"{path} is not a readable annotations database ({reason}); it is left unchanged: restore it "
+                         "from a backup, or move it aside to start an empty one")
+
+
+# SQLite's own words for "these bytes are not (all of) a database"; locked or unwritable files are other errors
+_DAMAGE_CODES = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+
+
+@contextmanager
+def _damage_is_named(path: Path):
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorname", None) in _DAMAGE_CODES:
+            raise DamagedAnnotations(path, str(exc)) from None
+        raise
+
+
+def check_readable(path: Path) -> None:
+    """Raise DamagedAnnotations unless `path` is absent, empty, or a SQLite database that passes quick_check.
+    Read-only: a damaged file must reach the person who can restore it with its bytes as they were."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
+    with _damage_is_named(path):
+        con = sqlite3.connect(uri, uri=True, timeout=10)
+        try:
+            problems = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]
+        finally:
+            con.close()
+    if problems != ["ok"]:
+        raise DamagedAnnotations(path, f"quick_check: {problems[0]}")
 
 
 def clean_text(text: str) -> str:
@@ -104,10 +146,18 @@ class AnnotationStore:
     """Reads come from an in-memory snapshot, reloaded when this store writes or the files change on disk (another
     process): a latent page asks for a dozen annotations, and a SQLite connection per read cost ~1 ms each."""
 
+    error: str | None = None  # the stand-in for a damaged file says why it is read-only
+
     def __init__(self, path: str | Path) -> None:
+        """Raises DamagedAnnotations (before writing anything) when `path` holds something that is not a database."""
         self.path = Path(path)
-        with self._connect() as con:
-            con.executescript(_SCHEMA)
+        check_readable(self.path)
+        with _damage_is_named(self.path):
+            con = self._connect()
+            try:
+                con.executescript(_SCHEMA)
+            finally:
+                con.close()
         self._lock = threading.Lock()
         self._snap: tuple[tuple, dict[int, Annotation]] | None = None
 
@@ -126,11 +176,12 @@ class AnnotationStore:
         with self._lock:
             if self._snap is not None and self._snap[0] == sig:
                 return self._snap[1]
-        con = self._connect()
-        try:
-            rows = con.execute(f"SELECT {', '.join(FIELDS)} FROM annotations ORDER BY latent").fetchall()
-        finally:
-            con.close()
+        with _damage_is_named(self.path):  # damaged while the explorer runs: a 503 that names the file, not a 500
+            con = self._connect()
+            try:
+                rows = con.execute(f"SELECT {', '.join(FIELDS)} FROM annotations ORDER BY latent").fetchall()
+            finally:
+                con.close()
         snap = {r[0]: self._row(r) for r in rows}
         with self._lock:
             self._snap = (sig, snap)
@@ -163,29 +214,28 @@ class AnnotationStore:
             raise InvalidAnnotation("latent must be >= 0")
         name, tags, note, status, author = validate(name, tags or [], note, status, author)
         updated = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        con = self._connect()
-        try:
-            with con:  # one transaction
-                con.execute("BEGIN IMMEDIATE")
-                con.execute(
-                    "INSERT INTO annotations (latent, name, tags, note, status, author, updated) VALUES (?,?,?,?,?,?,?) "
-                    "ON CONFLICT(latent) DO UPDATE SET name=excluded.name, tags=excluded.tags, note=excluded.note, "
-                    "status=excluded.status, author=excluded.author, updated=excluded.updated",
-                    (latent, name, json.dumps(tags), note, status, author, updated))
-        finally:
-            con.close()
-            self._invalidate()
+        self._write(
+            "INSERT INTO annotations (latent, name, tags, note, status, author, updated) VALUES (?,?,?,?,?,?,?) "
+            "ON CONFLICT(latent) DO UPDATE SET name=excluded.name, tags=excluded.tags, note=excluded.note, "
+            "status=excluded.status, author=excluded.author, updated=excluded.updated",
+            (latent, name, json.dumps(tags), note, status, author, updated))
         return Annotation(latent, name, tags, note, status, author, updated)
 
     def delete(self, latent: int) -> bool:
-        con = self._connect()
-        try:
-            with con:
-                n = con.execute("DELETE FROM annotations WHERE latent = ?", (latent,)).rowcount
-        finally:
-            con.close()
-            self._invalidate()
-        return n > 0
+        return self._write("DELETE FROM annotations WHERE latent = ?", (latent,)) > 0
+
+    def _write(self, sql: str, params: tuple) -> int:
+        """One statement in one transaction; returns the number of rows changed."""
+        with _damage_is_named(self.path):
+            con = self._connect()
+            try:
+                with con:  # one transaction
+                    con.execute("BEGIN IMMEDIATE")
+                    n = con.execute(sql, params).rowcount
+            finally:
+                con.close()
+                self._invalidate()
+        return n
 
     def search(self, text: str) -> list[Annotation]:
         """Annotations whose name, tags or note contain `text` (case-insensitive)."""
@@ -194,8 +244,52 @@ class AnnotationStore:
                 or any(needle in t.lower() for t in a.tags or [])]
 
 
+class UnavailableAnnotations:
+    """Stands in for the store of a damaged annotations.sqlite: no annotations to read, every write refused with the
+    reason. The file itself is never opened, so its bytes stay as they were for whoever restores it."""
+
+    def __init__(self, damage: DamagedAnnotations) -> None:
+        self.path = damage.path
+        self.damage = damage
+        self.error = (f"{damage}. Until then the explorer is read-only: no annotations are shown and none can be "
+                      "saved")
+
+    def get(self, latent: int) -> Annotation | None:
+        return None
+
+    def all(self) -> list[Annotation]:
+        return []
+
+    def search(self, text: str) -> list[Annotation]:
+        return []
+
+    def put(self, latent: int, *args, **kwargs) -> Annotation:
+        raise self.damage
+
+    def delete(self, latent: int) -> bool:
+        raise self.damage
+
+
+def open_store(path: str | Path) -> AnnotationStore | UnavailableAnnotations:
+    """The run's annotations; the read-only stand-in (its `error` says why) when the file is damaged."""
+    try:
+        return AnnotationStore(path)
+    except DamagedAnnotations as damage:
+        return UnavailableAnnotations(damage)
+
+
+# OWASP "CSV injection": a spreadsheet runs a cell that starts with one of these as a formula
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """`value` with a leading single quote when it is text a spreadsheet would run as a formula; otherwise as is."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def export(store: AnnotationStore, out: str | Path, fmt: str = "csv") -> int:
-    """Write every annotation to `out` (atomic) as csv or json; returns the number written."""
+    """Write every annotation to `out` (atomic) as csv or json; returns the number written. CSV cells that a
+    spreadsheet would run as formulas get a leading ' (see spreadsheet_safe); JSON keeps the exact text."""
     rows = [a.to_dict() for a in store.all()]
     if fmt == "json":
         data = (json.dumps({"annotations": rows, "statuses": list(STATUSES)}, indent=1) + "\n").encode()
@@ -204,7 +298,7 @@ def export(store: AnnotationStore, out: str | Path, fmt: str = "csv") -> int:
         w = csv.DictWriter(buf, fieldnames=list(FIELDS))
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "tags": ";".join(r["tags"])})
+            w.writerow({k: spreadsheet_safe(v) for k, v in {**r, "tags": ";".join(r["tags"])}.items()})
         data = buf.getvalue().encode()
     else:
         raise ValueError(f"format must be csv or json, got {fmt!r}")

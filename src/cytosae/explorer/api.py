@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import routes_annotations, routes_images, routes_latents, routes_patients
 from .activations import BackboneUnavailable
-from .annotations import clean_text
+from .annotations import DamagedAnnotations, clean_text
 from .guards import HostGuard, MethodGuard, allowed_hosts, is_loopback
 from .imaging import MAX_UPLOAD_BYTES
 from .limits import BodyLimit, SecurityHeaders
@@ -121,6 +121,10 @@ def _error_handlers(app: FastAPI, ex: Explorer) -> None:
 
     @app.exception_handler(DamagedData)
     async def _damaged(_: Request, exc: DamagedData):
+        return answer(503, str(exc))
+
+    @app.exception_handler(DamagedAnnotations)
+    async def _damaged_annotations(_: Request, exc: DamagedAnnotations):
         return answer(503, str(exc))
 
     @app.exception_handler(OutsideRoots)

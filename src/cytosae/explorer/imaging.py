@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 from PIL import Image, UnidentifiedImageError
@@ -10,6 +11,8 @@ from PIL import Image, UnidentifiedImageError
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 25_000_000
 ALLOWED_FORMATS = {"PNG", "JPEG", "TIFF", "BMP", "WEBP"}
+ACCEPTED = "PNG, JPEG, TIFF, BMP or WebP"
+NOT_READABLE = f"the uploaded file is not a readable image ({ACCEPTED})"
 
 
 class InvalidImage(ValueError):
@@ -27,7 +30,7 @@ def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: in
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.format not in ALLOWED_FORMATS:
-                raise InvalidImage(f"image format {img.format} is not accepted; use one of {sorted(ALLOWED_FORMATS)}")
+                raise InvalidImage(f"image format {img.format} is not accepted; send a {ACCEPTED} image")
             w, h = img.size
             if w * h > max_pixels:  # checked before decoding pixels: a tiny file can declare a huge canvas
                 raise InvalidImage(f"the image is {w}x{h} pixels; the limit is {max_pixels} pixels")
@@ -36,12 +39,20 @@ def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: in
             img.load()
     except InvalidImage:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as exc:
-        raise InvalidImage(f"the uploaded file is not a readable image ({type(exc).__name__}: {exc})") from None
+    except UnidentifiedImageError:  # its message is the repr of our BytesIO: nothing the sender can use
+        raise InvalidImage(NOT_READABLE) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise InvalidImage(f"{NOT_READABLE}: {_reason(exc)}") from None
     from cytosae.data.images import _to_rgb
 
     return _to_rgb(img).copy()  # the same colour conversion as images read for the store (16-bit, alpha on white)
+
+
+def _reason(exc: Exception) -> str:
+    """The decoder's complaint on one line, without object reprs (`<... object at 0x...>`) or memory addresses."""
+    text = re.sub(r"<[^<>]*\bat 0x[0-9a-fA-F]+>|\b0x[0-9a-fA-F]{8,}\b", "", str(exc))
+    text = " ".join(text.split())[:200]
+    return text or type(exc).__name__
 
 
 def open_image(path) -> Image.Image:

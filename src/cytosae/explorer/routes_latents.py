@@ -50,6 +50,7 @@ def register(app, ex: Explorer) -> None:
                     "classify": (run.path / "classify/results.json").is_file()},
             "statuses": list(STATUSES),
             "neighbours_precomputed": ex.neighbours.precomputed,
+            "annotations_error": ex.annotations.error,  # the page shows it as a banner: read-only, and why
         }))
 
     # ------------------------------------------------------------------ overview

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -15,7 +16,7 @@ from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 
 from .activations import Encoder, ImageActivations
-from .annotations import AnnotationStore
+from .annotations import open_store
 from .imaging import MAX_UPLOAD_BYTES
 from .neighbours import LazyNeighbours
 from .rundir import DamagedData, MissingData, RunDir
@@ -48,7 +49,9 @@ class Explorer:
     def __init__(self, run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTES, device: str = "cpu",
                  sae=None) -> None:
         self.run = RunDir(run_dir, data_roots)
-        self.annotations = AnnotationStore(self.run.run.annotations)
+        self.annotations = open_store(self.run.run.annotations)
+        if self.annotations.error:  # the explorer still starts: the person reads this and restores the file
+            print(f"warning: {self.annotations.error}", file=sys.stderr, flush=True)
         self.encoder = Encoder(self.run, device=resolve_device(device), sae=sae)
         self.neighbours = LazyNeighbours(self.run)
         self.max_upload_bytes = max_upload_bytes

@@ -314,7 +314,7 @@ function annotationForm(latent, a, titleEl) {
     h("label", { for: "a-status" }, "status"), h("select", { id: "a-status" }, ...(state.run.statuses || ["unreviewed", "validated", "rejected"]).map(s => h("option", { value: s, selected: s === a.status }, s))),
     h("label", { for: "a-note" }, "note"), h("textarea", { id: "a-note", maxlength: 10000 }, a.note),
     h("label", { for: "a-author" }, "author"), h("input", { id: "a-author", value: a.author || localStorage.getItem("cytosae-author") || "" }),
-    h("span"), h("div", {}, h("button", { type: "submit", id: "a-save", disabled: STATIC }, "Save"), " ", h("span", { id: "a-msg", class: "muted" }, STATIC ? "static report: read-only" : (a.updated ? `saved ${a.updated}` : ""))));
+    h("span"), h("div", {}, h("button", { type: "submit", id: "a-save", disabled: STATIC || !!state.run.annotations_error }, "Save"), " ", h("span", { id: "a-msg", class: "muted" }, STATIC ? "static report: read-only" : state.run.annotations_error ? "read-only: annotations.sqlite is damaged (see the banner)" : (a.updated ? `saved ${a.updated}` : ""))));
   f.addEventListener("submit", async ev => {
     ev.preventDefault();
     const msg = f.querySelector("#a-msg");
@@ -557,6 +557,9 @@ document.getElementById("global-search").addEventListener("submit", async ev => 
   try { state.run = await api(u("run", {})); }
   catch (e) { $app.replaceChildren(h("p", { class: "error" }, "cannot read the run: " + e.message)); return; }
   document.getElementById("run-name").textContent = `${state.run.run} · ${state.run.n_latents} latents · ${state.run.datasets.map(d => d.name).join(", ")}`;
+  if (state.run.annotations_error) {  // damaged annotations.sqlite: say so on every page, the explorer is read-only
+    $app.before(h("p", { class: "banner error", id: "annotations-banner", role: "alert" }, "Annotations are read-only: " + state.run.annotations_error));
+  }
   window.addEventListener("hashchange", route);
   route();
 })();
