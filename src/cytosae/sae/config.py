@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json carries config_sha256, its own checksum
+READABLE_VERSIONS = (1, 2)  # 1: SAEs saved before it, still loaded (their edits cannot be told)
 
 
 @dataclass

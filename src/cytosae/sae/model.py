@@ -8,6 +8,7 @@ Layout follows CytoSAE: W_enc (d_in, n_latents), W_dec (n_latents, d_in), unit-n
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
@@ -21,14 +22,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from .config import FORMAT_VERSION, SAEConfig
+from .config import FORMAT_VERSION, READABLE_VERSIONS, SAEConfig
 from .kernels import EncoderLinear
 from .options import CommonOptions, ConfigError, FileChecksum, TrainingProgress, validate
 
 WEIGHTS_FILE = "sae.safetensors"
-# sae.safetensors' header keeps a copy of the config.json content it was saved with; the weights' sha256 (recorded
-# in config.json) covers it, so a config.json edited afterwards (arch, training, ...) is refused naming the field
-RECORD_KEY = "cytosae_config"
+SELF_CHECKSUM = "config_sha256"  # config.json's sha256 of its own canonical content (format_version 2)
 # Devices where a training step may branch on a value it computed. On the CPU that is free and lets a step skip
 # work (no dead latent: no AuxK pass; BatchTopK from per-token candidates, checked). On a GPU reading a value back
 # stalls the queue of kernels every step, so the same results are computed branch-free there (tests/test_sae_sync.py).
@@ -238,24 +237,20 @@ class SAE(nn.Module):
 
         config.json records the weights file's size and sha256, and `training`: how far the run that wrote it
         got ({"finished", "step", "total_steps", "tokens_seen", "total_tokens"}), so an SAE saved at an
-        intermediate checkpoint is never mistaken for a finished one. The weights file's header keeps a copy of
-        the rest of config.json, so an edit to it is found on load.
+        intermediate checkpoint is never mistaken for a finished one. It ends with `config_sha256`, the sha256 of
+        its own content (as the store manifest's `manifest_sha256`), so an edit to it is found on load.
         """
         from cytosae.store.format import atomic_write_bytes, atomic_write_json, bytes_checksum
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"format_version": FORMAT_VERSION, **self.cfg.to_dict()}
-        if training is not None:
-            record["training"] = dict(training)
-        data = st_save({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()},
-                       metadata={RECORD_KEY: json.dumps(record, sort_keys=True)})
+        data = st_save({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()})
         atomic_write_bytes(out / WEIGHTS_FILE, data)
-        meta = {k: v for k, v in record.items() if k != "training"}
-        meta["checksums"] = {WEIGHTS_FILE: bytes_checksum(data)}
+        meta = {"format_version": FORMAT_VERSION, **self.cfg.to_dict(),
+                "checksums": {WEIGHTS_FILE: bytes_checksum(data)}}
         if training is not None:
-            meta["training"] = record["training"]
-        atomic_write_json(out / "config.json", meta)
+            meta["training"] = dict(training)
+        atomic_write_json(out / "config.json", seal(meta))
         return out
 
     @classmethod
@@ -270,7 +265,7 @@ class SAE(nn.Module):
     @classmethod
     def load(cls, sae_dir: str | Path, device: str = "cpu", require_finished: bool = False) -> "SAE":
         """The SAE in `sae_dir`, as the class its config.json's `arch` names, checked before use: config.json
-        against typed schemas and against the copy the weights file keeps, weights file size and sha256, tensor
+        against typed schemas and its own checksum (config_sha256), weights file size and sha256, tensor
         names and shapes (read from the header, before allocating), finite values; with `require_finished`, an
         SAE saved mid-training raises UnfinishedSAE saying how far it got.
         `.training_progress` holds the recorded progress (None for SAEs saved outside training)."""
@@ -280,10 +275,6 @@ class SAE(nn.Module):
             if not p.is_file():
                 raise FileNotFoundError(f"{p} does not exist: not an SAE directory written by cytosae (sae.save)")
         cfg, checksums, training, content = _read_config(cfg_path)
-        if cls is not SAE and cfg.arch != cls.arch:
-            raise ValueError(f"{cfg_path}: holds a {cfg.arch!r} SAE, not {cls.arch!r}; load it with SAE.load")
-        if require_finished:
-            check_finished(d, training)
         from cytosae.store.format import verify_file
 
         if checksums is None:  # SAEs saved before checksums existed must still open; say what is not checked
@@ -291,9 +282,13 @@ class SAE(nn.Module):
                           f"again (SAE.load(dir).save(dir)) to record them", UncheckedSAE, stacklevel=2)
         verify_file(w_path, (checksums or {}).get(WEIGHTS_FILE),
                     "write it again (rerun `cytosae train`, or sae.save())")
-        recorded = _check_header(w_path, cls._expected_shapes(cfg), cfg_path)
-        if recorded is not None:
-            _check_against_record(content, recorded, cfg_path, w_path)
+        # tensor names and shapes before the seal: a config.json edited to a huge n_latents says so, unallocated
+        _check_header(w_path, cls._expected_shapes(cfg), cfg_path)
+        _check_seal(content, cfg_path)
+        if cls is not SAE and cfg.arch != cls.arch:
+            raise ValueError(f"{cfg_path}: holds a {cfg.arch!r} SAE, not {cls.arch!r}; load it with SAE.load")
+        if require_finished:
+            check_finished(d, training)
         tensors = load_file(str(w_path))
         for k, v in tensors.items():
             if not bool(torch.isfinite(v).all()):
@@ -313,51 +308,72 @@ def _field_error(cfg_path: Path, exc: ConfigError, prefix: str = "") -> ValueErr
     return ValueError(f"{cfg_path}: field {prefix + exc.field!r} {exc.problem}; {_REMEDY}")
 
 
+def _canonical(meta: dict) -> bytes:
+    return json.dumps({k: v for k, v in meta.items() if k != SELF_CHECKSUM}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def seal(meta: dict) -> dict:
+    """config.json's content as save() writes it: `meta` plus the sha256 of its canonical JSON."""
+    return {**meta, SELF_CHECKSUM: hashlib.sha256(_canonical(meta)).hexdigest()}
+
+
 def _read_config(cfg_path: Path) -> tuple[SAEConfig, dict | None, dict | None, dict]:
-    """(config, checksums or None, training progress or None, the file's content less its checksums), each
-    checked against its typed schema: a bad field raises one line naming the file and the field."""
+    """(config, checksums or None, training progress or None, the file's content), each checked against its
+    typed schema: a bad field raises one line naming the file and the field. `_check_seal(content)` then checks
+    the file against its own checksum."""
     from cytosae.store.format import read_json_object
 
     raw = read_json_object(cfg_path, "rewrite it with sae.save()")
-    content = {k: v for k, v in raw.items() if k != "checksums"}
-    version = raw.pop("format_version", None)
-    if type(version) is not int or version != FORMAT_VERSION:
+    version = raw.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise ValueError(f"{cfg_path}: expected format_version {FORMAT_VERSION}, got {version!r}; "
                          f"written by another tool or cytosae version (import it, or upgrade cytosae)")
-    checksums = raw.pop("checksums", None)
+    fields = {k: v for k, v in raw.items() if k not in ("format_version", "checksums", "training", SELF_CHECKSUM)}
+    checksums, training, recorded = raw.get("checksums"), raw.get("training"), raw.get(SELF_CHECKSUM)
+    if version >= 2:  # written by code that always records them: a missing one was removed
+        for key, value in (("checksums", checksums), (SELF_CHECKSUM, recorded)):
+            if value is None:
+                raise ValueError(f"{cfg_path}: field {key!r} is missing, and format_version {version} always "
+                                 f"records it; {_REMEDY}")
+    elif recorded is not None:
+        raise ValueError(f"{cfg_path}: field {SELF_CHECKSUM!r} is not part of format_version {version}; {_REMEDY}")
     if checksums is not None:
-        if not isinstance(checksums, dict) or not isinstance(checksums.get(WEIGHTS_FILE), dict):
-            raise ValueError(f"{cfg_path}: field 'checksums' must map {WEIGHTS_FILE} to its size and sha256, got "
-                             f"{checksums!r}; {_REMEDY}")
-        try:
-            validate(FileChecksum, checksums[WEIGHTS_FILE])
-        except ConfigError as exc:
-            raise _field_error(cfg_path, exc, f"checksums.{WEIGHTS_FILE}.") from None
-    training = raw.pop("training", None)
+        if not isinstance(checksums, dict) or set(checksums) != {WEIGHTS_FILE}:
+            raise ValueError(f"{cfg_path}: field 'checksums' must map {WEIGHTS_FILE} (only) to its size and "
+                             f"sha256, got {checksums!r}; {_REMEDY}")
+        _validate_field(cfg_path, FileChecksum, checksums[WEIGHTS_FILE], f"checksums.{WEIGHTS_FILE}")
     if training is not None:
-        if not isinstance(training, dict):
-            raise ValueError(f"{cfg_path}: field 'training' must be an object, got {training!r}; {_REMEDY}")
-        try:
-            training = validate(TrainingProgress, training).model_dump()
-        except ConfigError as exc:
-            raise _field_error(cfg_path, exc, "training.") from None
-    cfg = SAEConfig.from_dict(raw, source=str(cfg_path))
-    return cfg, checksums, training, content
+        training = _validate_field(cfg_path, TrainingProgress, training, "training").model_dump()
+    cfg = SAEConfig.from_dict(fields, source=str(cfg_path))
+    return cfg, checksums, training, raw
 
 
-def _check_against_record(content: dict, recorded: dict, cfg_path: Path, w_path: Path) -> None:
-    """config.json's content must be the one sae.save() recorded in the weights file's header."""
-    for key in list(recorded) + [k for k in content if k not in recorded]:
-        if key not in content or key not in recorded or content[key] != recorded[key]:
-            now = f"is {content[key]!r}" if key in content else "is missing"
-            was = f"{recorded[key]!r}" if key in recorded else "no such field"
-            raise ValueError(f"{cfg_path}: field {key!r} {now} but {w_path.name} was saved with {was}: config.json "
-                             f"was edited after it was written; {_REMEDY}")
+def _check_seal(content: dict, cfg_path: Path) -> None:
+    """From format_version 2, config.json against its own checksum: an edit that keeps every field valid (arch, a
+    removed `training` block, ...) is refused too. Format 1 files carry none; their edits cannot be told."""
+    recorded = content.get(SELF_CHECKSUM)
+    if recorded is not None and (not isinstance(recorded, str)
+                                 or hashlib.sha256(_canonical(content)).hexdigest() != recorded):
+        raise ValueError(f"{cfg_path}: its content differs from the {SELF_CHECKSUM} recorded when it was written "
+                         f"(config.json was edited); {_REMEDY}")
+
+
+def _validate_field(cfg_path: Path, model, value, name: str):
+    if not isinstance(value, dict):
+        raise ValueError(f"{cfg_path}: field {name!r} must be an object, got {value!r}; {_REMEDY}")
+    try:
+        return validate(model, value)
+    except ConfigError as exc:
+        raise _field_error(cfg_path, exc, name + ".") from None
 
 
 def training_progress(sae_dir: str | Path) -> dict | None:
     """How far the training run that wrote `sae_dir` got, from its config.json alone (None: not recorded)."""
-    return _read_config(Path(sae_dir) / "config.json")[2]
+    cfg_path = Path(sae_dir) / "config.json"
+    _, _, training, content = _read_config(cfg_path)
+    _check_seal(content, cfg_path)
+    return training
 
 
 def check_finished(sae_dir: str | Path, training: dict | None = None) -> None:
@@ -372,15 +388,13 @@ def check_finished(sae_dir: str | Path, training: dict | None = None) -> None:
         f"finish it, or pass --allow-unfinished to use it as it is")
 
 
-def _check_header(w_path: Path, expected: dict[str, tuple[int, ...]], cfg_path: Path) -> dict | None:
+def _check_header(w_path: Path, expected: dict[str, tuple[int, ...]], cfg_path: Path) -> None:
     """Tensor names, shapes and dtypes from the safetensors header: a config.json edited to a huge n_latents is
-    refused here, before the SAE's parameters are allocated. Returns the config record the header keeps (None
-    for SAEs saved before it was kept)."""
+    refused here, before the SAE's parameters are allocated."""
     try:
         with safe_open(str(w_path), framework="pt") as fh:
             shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
             dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}
-            record = (fh.metadata() or {}).get(RECORD_KEY)
     except (SafetensorError, OSError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"{w_path} is damaged: not a readable safetensors file ({msg}); "
@@ -393,13 +407,3 @@ def _check_header(w_path: Path, expected: dict[str, tuple[int, ...]], cfg_path: 
                              f"the config and the weights do not belong together")
         if dtypes[k] not in ("F32", "F16", "BF16", "F64"):
             raise ValueError(f"{w_path}: tensor {k} has dtype {dtypes[k]}, expected floating point")
-    if record is None:
-        return None
-    try:
-        out = json.loads(record)
-    except json.JSONDecodeError:
-        out = None
-    if not isinstance(out, dict):
-        raise ValueError(f"{w_path} is damaged: its header's {RECORD_KEY} is not a JSON object; "
-                         f"write it again (rerun `cytosae train`, or sae.save())")
-    return out

@@ -78,6 +78,10 @@ def resolve_config(cfg) -> dict:
     own = {n: given[n] for n in cls.Options.model_fields if n in given}
     values = validate(cls.Options, own).model_dump()
     values.update(validate(_schema(), {**given, **values}).model_dump(exclude=set(values)))
+    # prefixes given to another architecture would be silently ignored (and a topk SAE reported as nested)
+    if "matryoshka_prefixes" not in cls.Options.model_fields and values.get("matryoshka_prefixes"):
+        raise ConfigError("matryoshka_prefixes", f"is an option of matryoshka SAEs, not of {cfg.arch!r} ones; "
+                          f"leave it empty, got {values['matryoshka_prefixes']!r}")
     return cls.resolve_options(values, cfg.d_in, cfg.n_latents)
 
 
