@@ -77,3 +77,10 @@ class SAEConfig:
         except ConfigError as exc:
             raise ValueError(f"{source}: field {exc.field!r} {exc.problem}; restore the file, or write the SAE "
                              f"again (rerun `cytosae train`, or sae.save())") from None
+
+
+def __getattr__(name):  # ARCHS lived here before the registry; the registry imports this module, hence lazily
+    if name == "ARCHS":
+        from .archs import ARCHS
+        return ARCHS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
