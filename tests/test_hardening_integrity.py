@@ -114,7 +114,10 @@ def test_damaged_sae_file_is_named(tmp_path, damage):
     with pytest.raises(ValueError, match=r"sae.safetensors is damaged"):
         SAE.load(d)
     cfg = json.loads((d / "config.json").read_text())
-    del cfg["checksums"]  # an SAE saved before checksums: the header check still names the file unless only bits flipped
+    # an SAE saved before checksums (format_version 1, no config_sha256): the header check still names the file
+    # unless only bits flipped
+    del cfg["checksums"], cfg["config_sha256"]
+    cfg["format_version"] = 1
     (d / "config.json").write_text(json.dumps(cfg))
     if damage == "bit-flip":
         SAE.load(d)

@@ -36,7 +36,7 @@ def test_interface_shapes_and_save_load_roundtrip(arch, tmp_path):
     s.eval()
     s.save(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["format_version"] == 1 and cfg["arch"] == arch and cfg["n_latents"] == 64
+    assert cfg["format_version"] == 2 and cfg["arch"] == arch and cfg["n_latents"] == 64
     t = SAE.load(tmp_path)
     assert torch.equal(s.encode(x), t.encode(x))
     assert torch.allclose(s.decode(s.encode(x)), t.decode(t.encode(x)))

@@ -11,8 +11,6 @@ from .data import EpochSource
 from .model import SAE
 from .trainer import Trainer, TrainingDiverged, lr_factor as _lr_factor  # noqa: F401 - re-exported
 
-DEFAULT_LR = {"relu-l1": 4e-4, "topk": 4e-4, "batchtopk": 4e-4, "jumprelu": 7e-5, "matryoshka": 4e-4}
-
 
 def train_sae(
     batches: Iterable[torch.Tensor] | EpochSource,
@@ -50,8 +48,7 @@ def train_sae(
     """
     if threads:
         torch.set_num_threads(threads)
-    cfg = SAEConfig(arch=arch, d_in=d_in, n_latents=n_latents, lr=lr if lr is not None else DEFAULT_LR.get(arch, 4e-4),
-                    **arch_options)
+    cfg = SAEConfig(arch=arch, d_in=d_in, n_latents=n_latents, lr=lr, **arch_options)  # None: the arch's default
     if total_tokens is not None and total_tokens <= 0:
         raise ValueError(f"total_tokens must be positive, got {total_tokens}")
     trainer = Trainer(cfg, total_tokens, seed=seed, batch_size=batch_size, device=device, precision=precision,

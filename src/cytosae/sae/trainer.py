@@ -27,7 +27,7 @@ from .checkpoint import load_training_state, save_training_state
 from .config import SAEConfig
 from .data import EpochSource, prefetch, rechunk
 from .init import geometric_median, unit_mean_square_scale
-from .model import SAE, TOPK_FAMILY
+from .model import SAE
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -101,12 +101,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ facts
     @property
-    def topk_family(self) -> bool:
-        return self.cfg.arch in TOPK_FAMILY
-
-    @property
     def dead_limit(self) -> int:
-        return self.cfg.dead_tokens if self.topk_family or self.cfg.arch == "jumprelu" else self.cfg.dead_feature_window
+        return self.sae.dead_limit
 
     @property
     def total_steps(self) -> int:
@@ -279,7 +275,7 @@ class Trainer:
             group["lr"] = lr_now
         self.opt.step()
         self.sae.normalize_decoder()
-        inc = n_tok if self.topk_family or self.cfg.arch == "jumprelu" else 1
+        inc = n_tok if self.sae.counts_dead_in_tokens else 1
         self.since_fired += inc
         self.since_fired.masked_fill_(fired, 0)
         self._since_fired_bound += inc

@@ -16,7 +16,8 @@ PathArg = Annotated[Path, Field(strict=False)]
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 
-ARCHS = ("relu-l1", "topk", "batchtopk", "jumprelu", "matryoshka")  # cytosae.sae.config.ARCHS (checked in a test)
+# cytosae.sae.archs.ARCHS, spelled out so reading settings needs no torch (tests/test_sae_schema.py compares them)
+ARCHS = ("relu-l1", "topk", "batchtopk", "jumprelu", "matryoshka")
 TRAIN_PRECISIONS = ("fp32", "bf16")  # cytosae.sae.trainer.PRECISIONS
 EXTRACT_PRECISIONS = ("fp32", "bf16", "fp16")  # cytosae.backbones.backbone.PRECISIONS
 LOGGERS = ("none", "jsonl", "tensorboard", "wandb")
@@ -110,11 +111,12 @@ class TrainSettings(StepSettings):
     _precision = field_validator("precision")(_one_of(TRAIN_PRECISIONS, "|"))
 
     def arch_options(self) -> dict:
-        """The architecture's own options for train_sae. The one place this mapping lives until the SAE
-        architectures carry it themselves (issue #17, the architecture registry)."""
-        if self.arch in ("topk", "batchtopk", "matryoshka"):
-            return {"k": self.k}
-        return {"l1_coeff": self.l1_coeff} if self.arch == "relu-l1" else {}
+        """The settings' options (k, l1_coeff) that the architecture takes, per its registry entry
+        (cytosae.sae.archs.arch_options): train_sae gets only those."""
+        from cytosae.sae.archs import arch_options
+
+        own = arch_options(self.arch)
+        return {name: getattr(self, name) for name in ("k", "l1_coeff") if name in own}
 
 
 class EvaluateSettings(StepSettings):
