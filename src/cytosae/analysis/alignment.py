@@ -123,7 +123,7 @@ def image_scores(encoders: dict[str, tuple[Encoder, int]], images: Iterable[tupl
             b, t, d = tokens.shape
             if (len(ids) + b) * width > max_cells:
                 raise ValueError(f"{len(ids) + b:,}+ images x {width:,} scores exceed max_cells={max_cells:,} "
-                                 f"(exact scores are kept in memory); raise max_cells if the memory is there")
+                                 f"(exact scores are kept in memory); raise --max-cells if the memory is there")
             x = tokens.to(device, non_blocking=True).reshape(-1, d)
             for name, (encode, n_out) in encoders.items():
                 z = encode(x).reshape(b, t, n_out).float()

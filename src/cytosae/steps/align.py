@@ -10,15 +10,13 @@ from cytosae.steps.common import Warn, analysis_batch, device, need, one_line, o
     record, run_dataset
 from cytosae.steps.config import AlignSettings
 
-QUALITY = "quality"  # RUN/quality: measurements of how good the SAE is (docs/run-layout.md)
-
 
 def _placed(cfg: AlignSettings, rd: Run | None) -> AlignSettings:
     if rd is not None:
         dataset = run_dataset(rd, cfg.dataset)
         cfg = cfg.model_copy(update={"dataset": dataset, "sae_dir": cfg.sae_dir or rd.sae_dir,
                                      "store": cfg.store or rd.store_dir(dataset),
-                                     "out": cfg.out or rd.path / QUALITY})
+                                     "out": cfg.out or rd.quality_dir})
     need(cfg.sae_dir, "SAE_DIR", "use the run's SAE")
     need(cfg.store, "STORE", "use the run's dataset")
     need(cfg.out, "--out", "write to RUN/quality")
