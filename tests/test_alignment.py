@@ -132,3 +132,11 @@ def test_cli_align_writes_the_tables_under_run_quality_and_records_the_step(tmp_
 
     bad = CliRunner().invoke(app, ["align", "--run", str(run), "--token-policy", "max"])
     assert bad.exit_code == 2 and "--token-policy must be one of" in bad.output
+
+
+def test_too_many_scores_for_memory_is_refused_in_one_line_naming_the_flag(tmp_path):
+    _planted_store(tmp_path)
+    _planted_sae(tmp_path / "run" / "sae")
+    res = CliRunner().invoke(app, ["align", "--run", str(tmp_path / "run"), "--device", "cpu", "--max-cells", "100"])
+    assert res.exit_code == 2 and "exceed max_cells=100" in res.output and "--max-cells" in res.output
+    assert not (tmp_path / "run" / "quality" / "alignment.parquet").exists()
