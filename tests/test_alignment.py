@@ -140,3 +140,15 @@ def test_too_many_scores_for_memory_is_refused_in_one_line_naming_the_flag(tmp_p
     res = CliRunner().invoke(app, ["align", "--run", str(tmp_path / "run"), "--device", "cpu", "--max-cells", "100"])
     assert res.exit_code == 2 and "exceed max_cells=100" in res.output and "--max-cells" in res.output
     assert not (tmp_path / "run" / "quality" / "alignment.parquet").exists()
+
+
+def test_a_label_column_without_labels_is_refused_before_the_pass(tmp_path):
+    store, manifest = _planted_store(tmp_path)
+    sae = _planted_sae(tmp_path / "run" / "sae")
+
+    def no_pass(*a, **k):
+        raise AssertionError("the store was read before the labels were checked")
+    store.iter_images = no_pass
+    store.images["empty"] = None
+    with pytest.raises(ValueError, match="column 'empty' holds no labels"):
+        compute_alignment(sae, store, label_column="empty")

@@ -207,7 +207,9 @@ def compute_alignment(sae, store, label_column: str = "label", token_policy: str
     if label_column not in images.columns:
         raise ValueError(f"{store.path}/images.parquet has no {label_column!r} column (the class labels); "
                          f"it has {list(images.columns)}")
-    label_of = dict(zip(images["image_id"].astype(str), images[label_column]))
+    label_of = {i: _label(v) for i, v in zip(images["image_id"].astype(str), images[label_column])}
+    if all(v is None for v in label_of.values()):  # said before the long pass, not after it
+        raise ValueError(f"{store.path}/images.parquet: column {label_column!r} holds no labels")
     n_latents = sae.cfg.n_latents
     sample = fit_sample(store.iter_images(batch_size), store.n_images, token_policy, max_fit_tokens, seed)
     encoders = {"sae": (sae.encode, n_latents),
@@ -215,10 +217,8 @@ def compute_alignment(sae, store, label_column: str = "label", token_policy: str
                 "kmeans": kmeans_encoder(sample, n_latents, max_clusters, seed, device),
                 "untrained_sae": (untrained_like(sae, seed).encode, n_latents)}
     ids, scores = image_scores(encoders, store.iter_images(batch_size), token_policy, device, max_cells)
-    labels = np.array([_label(label_of.get(i)) for i in ids], dtype=object)
+    labels = np.array([label_of.get(i) for i in ids], dtype=object)
     classes = sorted({lab for lab in labels if lab is not None})
-    if not classes:
-        raise ValueError(f"{store.path}/images.parquet: column {label_column!r} holds no labels")
     per_class = pd.concat([class_alignment(scores[m], labels, classes, m) for m in METHODS], ignore_index=True)
     table = summarise(per_class, {m: s.shape[1] for m, s in scores.items()})
     summary = {"dataset": dataset or store.path.name, "store": str(store.path), "n_images": len(ids),
