@@ -100,6 +100,7 @@ def test_a_latent_equal_to_a_class_indicator_scores_one_and_every_method_is_in_t
     # the untrained SAE is the same config at its seeded initial weights, not the trained ones
     assert table.loc["untrained_sae", "mean_best_ap"] < 1.0
     assert res.summary["n_images"] == 60 and res.summary["token_policy"] == "any_patch"
+    assert res.summary["n_labelled"] == 60 and res.summary["classes"] == CLASSES
     paths = write_alignment(res, tmp_path / "q")
     back = pd.read_parquet(paths[0])
     assert back.method.tolist() == list(table.index)
@@ -152,3 +153,14 @@ def test_a_label_column_without_labels_is_refused_before_the_pass(tmp_path):
     store.images["empty"] = None
     with pytest.raises(ValueError, match="column 'empty' holds no labels"):
         compute_alignment(sae, store, label_column="empty")
+
+
+def test_unlabelled_cells_are_left_out_not_counted_as_negatives(tmp_path):
+    store, _ = _planted_store(tmp_path)
+    sae = _planted_sae(tmp_path / "run" / "sae")
+    store.images.loc[store.images.label == "a", "label"] = None  # class a's cells lose their label
+    res = compute_alignment(sae, store, token_policy="cls", max_clusters=4)
+    assert res.summary["n_labelled"] == 40 and res.summary["classes"] == ["b", "c"]
+    rows = res.per_class[res.per_class.method == "sae"].set_index("class")
+    assert rows.n_images.tolist() == [20, 20] and (rows.ap == 1.0).all()
+    assert (rows.prevalence == 0.5).all()  # 20 of the 40 labelled cells, not of all 60

@@ -10,7 +10,8 @@ Definitions (also written to alignment.json, so every number says what it is):
   images (store order breaks ties) that are of the class; Coverage@0.3 is the share of the class's images
   where it exceeds 0.3 x its range over the dataset, i.e. (s - min) > 0.3 (max - min): saev's
   "exceeds 0.3 x its max" for SAE latents (min 0), and the same for baselines whose scores can be negative;
-- the table's figures are means over the classes that have at least one image;
+- only labelled images are ranked (an image without a label is no negative of every class); the table's
+  figures are means over the classes that have at least one image;
 - baselines on the same tokens and budget: pca = sklearn PCA with min(n_latents, D) components, each in both
   orientations (a component's sign is arbitrary); kmeans = sklearn MiniBatchKMeans with min(n_latents,
   max_clusters) centroids, score = minus the token's distance to the centroid; untrained_sae = the same SAE
@@ -218,11 +219,13 @@ def compute_alignment(sae, store, label_column: str = "label", token_policy: str
                 "untrained_sae": (untrained_like(sae, seed).encode, n_latents)}
     ids, scores = image_scores(encoders, store.iter_images(batch_size), token_policy, device, max_cells)
     labels = np.array([label_of.get(i) for i in ids], dtype=object)
-    classes = sorted({lab for lab in labels if lab is not None})
-    per_class = pd.concat([class_alignment(scores[m], labels, classes, m) for m in METHODS], ignore_index=True)
+    known = np.array([lab is not None for lab in labels])  # an unlabelled cell is no negative of every class
+    classes = sorted(set(labels[known]))
+    per_class = pd.concat([class_alignment(scores[m][known], labels[known], classes, m) for m in METHODS],
+                          ignore_index=True)
     table = summarise(per_class, {m: s.shape[1] for m, s in scores.items()})
     summary = {"dataset": dataset or store.path.name, "store": str(store.path), "n_images": len(ids),
-               "n_labelled": int(sum(lab is not None for lab in labels)), "classes": classes,
+               "n_labelled": int(known.sum()), "classes": classes,
                "label_column": label_column, "token_policy": token_policy, "n_tokens": store.n_tokens,
                "d_model": store.d_model, "sae": {"arch": sae.cfg.arch, "n_latents": n_latents},
                "seed": seed, "fit_tokens": int(len(sample)), "max_clusters": max_clusters,
