@@ -164,3 +164,15 @@ def test_unlabelled_cells_are_left_out_not_counted_as_negatives(tmp_path):
     rows = res.per_class[res.per_class.method == "sae"].set_index("class")
     assert rows.n_images.tolist() == [20, 20] and (rows.ap == 1.0).all()
     assert (rows.prevalence == 0.5).all()  # 20 of the 40 labelled cells, not of all 60
+
+
+def test_cli_align_on_explicit_paths_without_a_run(tmp_path):
+    store, _ = _planted_store(tmp_path)
+    _planted_sae(tmp_path / "sae")
+    res = CliRunner().invoke(app, ["align", str(tmp_path / "sae"), str(store.path), "--out", str(tmp_path / "q"),
+                                   "--device", "cpu", "--max-clusters", "4", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "q" / "alignment.json").read_text())
+    assert summary["seed"] == 3 and summary["dataset"] == "cells"
+    missing = CliRunner().invoke(app, ["align", str(tmp_path / "sae")])
+    assert missing.exit_code == 2 and "STORE is missing" in missing.output
