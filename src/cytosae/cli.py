@@ -305,6 +305,31 @@ def patients(
 
 
 @app.command()
+def align(
+    ctx: typer.Context,
+    sae_dir: Optional[Path] = typer.Argument(None, help="SAE directory; with --run: RUN/sae."),
+    store: Optional[Path] = typer.Argument(None, help="Labelled activation store; with --run: the store of --dataset."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for alignment.parquet/.json (with --run: RUN/quality)."),
+    run: Optional[Path] = typer.Option(None, "--run", help=RUN_HELP),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="With --run: the dataset to measure on (default: the "
+                                                                  "only one)."),
+    label_column: str = typer.Option("label", help="Manifest column holding each cell's class."),
+    token_policy: str = typer.Option("any_patch", help="cls | any_patch (max over patches) | mean: which tokens decide "
+                                                       "an image's score."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the untrained SAE and the baselines (default: the run's "
+                                                  "training seed, else 0)."),
+    max_clusters: int = typer.Option(512, help="Most k-means centroids (n_latents, capped here)."),
+    fit_tokens: int = typer.Option(20_000, help="Tokens PCA and k-means are fitted on."),
+    max_cells: int = typer.Option(500_000_000, help="Most images x scores kept in memory (exact AP/AUROC)."),
+    allow_unfinished: bool = ALLOW_UNFINISHED,
+    device: str = typer.Option("auto", help="auto (the GPU when there is one) | cpu | cuda | cuda:N: where tokens are encoded."),
+) -> None:
+    """Label alignment: per class, how well the best SAE latent ranks its cells (AP, Purity@16, Coverage@0.3),
+    against PCA, k-means and the untrained SAE on the same tokens."""
+    _step(ctx, "AlignSettings", "run_align")
+
+
+@app.command()
 def classify(
     ctx: typer.Context,
     barcodes: Optional[Path] = typer.Argument(None, help="Patients folder from `cytosae patients` (or its "

@@ -29,6 +29,7 @@ RUN_JSON = "run.json"
 RUN_FORMAT = "cytosae-run"
 RUN_FORMAT_VERSION = 1
 STORES, SAE_DIR, STATS, PATIENTS, CLASSIFY = "stores", "sae", "stats", "patients", "classify"
+QUALITY = "quality"  # measurements of how good the SAE is (`cytosae align`)
 ANNOTATIONS = "annotations.sqlite"
 EXTERNAL = "external"  # external/NAME: barcodes of a second cohort
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -129,6 +130,10 @@ class Run:
     @property
     def classify_dir(self) -> Path:
         return self.path / CLASSIFY
+
+    @property
+    def quality_dir(self) -> Path:
+        return self.path / QUALITY
 
     @property
     def annotations(self) -> Path:

@@ -9,9 +9,10 @@ step is recorded in its run.json) or explicit paths in the settings, and returns
 on what (`.lines()`). Bad settings raise StepError (a ValueError) with one line naming the key. The CLI
 (`cytosae train ...`) and studies (`cytosae run study.toml`) call these same functions.
 """
+from cytosae.steps.align import run_align
 from cytosae.steps.analysis import AnalysisResult, run_patients, run_stats
 from cytosae.steps.classify import ClassifyResult, run_classify
-from cytosae.steps.config import (ClassifySettings, EvaluateSettings, ExtractSettings, PatientsSettings,
+from cytosae.steps.config import (AlignSettings, ClassifySettings, EvaluateSettings, ExtractSettings, PatientsSettings,
                                   StatsSettings, StepError, StepSettings, TrainSettings, build)
 from cytosae.steps.evaluate import EvaluateResult, run_evaluate
 from cytosae.steps.extract import ExtractResult, run_extract
@@ -19,5 +20,5 @@ from cytosae.steps.train import TrainResult, run_train
 
 __all__ = ["StepError", "StepSettings", "build",
            "ExtractSettings", "TrainSettings", "EvaluateSettings", "StatsSettings", "PatientsSettings",
-           "ClassifySettings", "run_extract", "run_train", "run_evaluate", "run_stats", "run_patients",
-           "run_classify", "ExtractResult", "TrainResult", "EvaluateResult", "AnalysisResult", "ClassifyResult"]
+           "ClassifySettings", "AlignSettings", "run_extract", "run_train", "run_evaluate", "run_stats", "run_patients",
+           "run_classify", "run_align", "ExtractResult", "TrainResult", "EvaluateResult", "AnalysisResult", "ClassifyResult"]

@@ -153,6 +153,23 @@ class StatsSettings(StepSettings):
     _lists = field_validator("factors", "labels", mode="before")(_comma_list)
 
 
+class AlignSettings(StepSettings):
+    sae_dir: Optional[PathArg] = None
+    store: Optional[PathArg] = None
+    out: Optional[PathArg] = None
+    dataset: Optional[str] = None
+    label_column: str = "label"
+    token_policy: str = "any_patch"
+    seed: Optional[int] = None  # of the untrained SAE and the baselines; None: the run's training seed, else 0
+    max_clusters: Positive = 512
+    fit_tokens: Positive = 20_000
+    max_cells: Positive = 500_000_000
+    allow_unfinished: bool = False
+    device: str = "auto"
+
+    _policy = field_validator("token_policy")(_one_of(TOKEN_POLICIES, " | "))
+
+
 class PatientsSettings(StepSettings):
     sae_dir: Optional[PathArg] = None
     store: Optional[PathArg] = None

@@ -1,0 +1,263 @@
+"""Label alignment: do an SAE's latents track cell classes better than PCA, k-means or an untrained SAE?
+
+Definitions (also written to alignment.json, so every number says what it is):
+- each method is an encoder of token vectors (N, D) -> (N, L) scores, pooled to one score per image and
+  latent by the same token policy as patient barcodes (analysis.patients.cell_activation: cls = the CLS
+  token, any_patch = max over patch tokens, mean = mean over patch tokens);
+- per latent x class, that image-level score ranks the images as "of this class": average precision (AP,
+  sklearn's step-wise definition, ties grouped) and AUROC (ties count one half), both exact;
+- per class, the best latent is the one of highest AP; Purity@16 is the share of its 16 highest-scoring
+  images (store order breaks ties) that are of the class; Coverage@0.3 is the share of the class's images
+  where it exceeds 0.3 x its range over the dataset, i.e. (s - min) > 0.3 (max - min): saev's
+  "exceeds 0.3 x its max" for SAE latents (min 0), and the same for baselines whose scores can be negative;
+- only labelled images are ranked (an image without a label is no negative of every class); the table's
+  figures are means over the classes that have at least one image;
+- baselines on the same tokens and budget: pca = sklearn PCA with min(n_latents, D) components, each in both
+  orientations (a component's sign is arbitrary); kmeans = sklearn MiniBatchKMeans with min(n_latents,
+  max_clusters) centroids, score = minus the token's distance to the centroid; untrained_sae = the same SAE
+  config at its initial weights (SAE(cfg, seed) with the training seed) and the trained SAE's input scale
+  (a fixed normalisation computed from the data before training). PCA and k-means are fitted on a sample of
+  the tokens the policy pools (CLS tokens, or patch tokens spread evenly over the images).
+
+Exact, not binned: scores are kept as an (n_images x L) float32 matrix per method, so AP and AUROC are
+sklearn's numbers, not histogram estimates. Cell datasets hold 10^3 - 10^5 images: 20,000 images x 6,144
+latents is 0.5 GB; larger products are refused up front (max_cells) rather than approximated silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+DEFINITIONS = __doc__.split("Definitions (also written to alignment.json, so every number says what it is):\n")[1]
+METHODS = ("sae", "pca", "kmeans", "untrained_sae")
+PURITY_K = 16
+COVERAGE_FRACTION = 0.3
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Alignment:
+    table: pd.DataFrame      # one row per method: mean best AP, mean Purity@16, mean Coverage@0.3, ...
+    per_class: pd.DataFrame  # one row per method x class: best latent, its AP, AUROC, purity, coverage
+    summary: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- exact AP / AUROC for every latent at once
+
+
+def latent_class_metrics(scores: np.ndarray, positive: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(n_images, L) scores and (C, n_images) bool class membership -> AP (C, L) and AUROC (C, L), each column's
+    values equal to sklearn's average_precision_score / roc_auc_score (NaN for a class with no image, or AUROC
+    for a class with every image). Columns are sorted once per chunk of latents and reused for every class."""
+    n, n_latents = scores.shape
+    pos = torch.as_tensor(np.asarray(positive, dtype=np.float64))
+    n_pos = pos.sum(1)
+    ap = np.full((len(pos), n_latents), np.nan)
+    auc = np.full((len(pos), n_latents), np.nan)
+    idx = torch.arange(n)[:, None]
+    for lo in range(0, n_latents, chunk):
+        s = torch.as_tensor(scores[:, lo:lo + chunk], dtype=torch.float64)
+        order = s.argsort(dim=0, descending=True, stable=True)
+        ss = s.gather(0, order)
+        is_end = torch.ones_like(ss, dtype=torch.bool)
+        is_end[:-1] = ss[:-1] != ss[1:]
+        is_start = torch.ones_like(is_end)
+        is_start[1:] = is_end[:-1]
+        pos_idx = idx.expand_as(ss)
+        # each rank's tie group: where it ends (precision is read there) and starts (for mid-ranks)
+        end = torch.where(is_end, pos_idx, n).flip(0).cummin(0).values.flip(0)
+        start = torch.where(is_start, pos_idx, -1).cummax(0).values
+        midrank = n - (start + end).double() / 2  # ascending 1-based rank, ties averaged
+        for c in range(len(pos)):
+            p = float(n_pos[c])
+            if p == 0:
+                continue
+            y = pos[c][order]
+            tp_end = y.cumsum(0).gather(0, end)
+            ap[c, lo:lo + chunk] = ((y * tp_end / (end + 1).double()).sum(0) / p).numpy()
+            if p < n:
+                auc[c, lo:lo + chunk] = (((y * midrank).sum(0) - p * (p + 1) / 2) / (p * (n - p))).numpy()
+    return ap, auc
+
+
+def class_alignment(scores: np.ndarray, labels: np.ndarray, classes: list[str], method: str,
+                    k: int = PURITY_K, fraction: float = COVERAGE_FRACTION) -> pd.DataFrame:
+    """Per class: the best latent by AP, its AP and AUROC, Purity@k and Coverage@fraction (module docstring)."""
+    positive = np.stack([labels == c for c in classes])
+    ap, auc = latent_class_metrics(scores, positive)
+    lo, hi = scores.min(0), scores.max(0)
+    rows = []
+    for c, cls in enumerate(classes):
+        if not positive[c].any():
+            continue
+        best = int(np.nanargmax(ap[c]))
+        s = scores[:, best]
+        top = np.argsort(-s, kind="stable")[:k]
+        covered = (s - lo[best]) > fraction * (hi[best] - lo[best]) if hi[best] > lo[best] else np.zeros_like(s, bool)
+        rows.append({"method": method, "class": cls, "n_images": int(positive[c].sum()), "best_latent": best,
+                     "ap": float(ap[c, best]), "auroc": float(auc[c, best]),
+                     "prevalence": float(positive[c].mean()), f"purity@{k}": float(positive[c][top].mean()),
+                     f"coverage@{fraction:g}": float(covered[positive[c]].mean())})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- image-level scores of several encoders, one pass
+
+
+def image_scores(encoders: dict[str, tuple[Encoder, int]], images: Iterable[tuple[list[str], torch.Tensor]],
+                 token_policy: str, device: str | torch.device = "cpu", max_cells: int = 500_000_000
+                 ) -> tuple[list[str], dict[str, np.ndarray]]:
+    """One pass over (ids, tokens (b, T, D)): every encoder's (n_images, L) image-level scores, pooled by
+    `token_policy` (cell_activation). `encoders`: name -> (encode (N, D) -> (N, L), L)."""
+    from cytosae.analysis.patients import cell_activation
+
+    ids: list[str] = []
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
+    width = sum(n for _, n in encoders.values())
+    with torch.inference_mode():
+        for batch_ids, tokens in images:
+            b, t, d = tokens.shape
+            if (len(ids) + b) * width > max_cells:
+                raise ValueError(f"{len(ids) + b:,}+ images x {width:,} scores exceed max_cells={max_cells:,} "
+                                 f"(exact scores are kept in memory); raise --max-cells if the memory is there")
+            x = tokens.to(device, non_blocking=True).reshape(-1, d)
+            for name, (encode, n_out) in encoders.items():
+                z = encode(x).reshape(b, t, n_out).float()
+                parts[name].append(cell_activation(z, token_policy).cpu().numpy())
+            ids += list(batch_ids)
+    if not ids:
+        raise ValueError("the store has no images to measure alignment on")
+    return ids, {name: np.concatenate(p) for name, p in parts.items()}
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def fit_sample(images: Iterable[tuple[list[str], torch.Tensor]], n_images: int, token_policy: str,
+               max_tokens: int = 20_000, seed: int = 0) -> np.ndarray:
+    """Token vectors the baselines are fitted on: those the policy pools (CLS tokens for cls, else patch tokens,
+    the same number drawn at random from every image), at most about max_tokens in all."""
+    rng = np.random.default_rng(seed)
+    per_image = max(1, -(-max_tokens // max(n_images, 1)))
+    keep_every = max(1, -(-n_images // max_tokens))  # more images than tokens wanted: every few images
+    out, seen = [], 0
+    for _, tokens in images:
+        t = tokens.shape[1]
+        for img in tokens.float().numpy():
+            if seen % keep_every == 0:
+                out.append(img[:1] if token_policy == "cls" or t == 1
+                           else img[1 + rng.choice(t - 1, size=min(per_image, t - 1), replace=False)])
+            seen += 1
+    return np.concatenate(out)
+
+
+def pca_encoder(sample: np.ndarray, n_latents: int, seed: int = 0, device="cpu") -> tuple[Encoder, int]:
+    """Projections on min(n_latents, D) principal components, each in both orientations: (N, 2 n_components)."""
+    from sklearn.decomposition import PCA
+
+    n = min(n_latents, sample.shape[1], len(sample))
+    pca = PCA(n_components=n, random_state=seed).fit(sample.astype(np.float64))
+    mean = torch.as_tensor(pca.mean_, dtype=torch.float32, device=device)
+    comps = torch.as_tensor(pca.components_.T, dtype=torch.float32, device=device)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        p = (x.float() - mean) @ comps
+        return torch.cat([p, -p], 1)
+    return encode, 2 * n
+
+
+def kmeans_encoder(sample: np.ndarray, n_latents: int, max_clusters: int = 512, seed: int = 0,
+                   device="cpu") -> tuple[Encoder, int]:
+    """Minus the distance to each of min(n_latents, max_clusters) MiniBatchKMeans centroids: (N, n_clusters)."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    n = min(n_latents, max_clusters, len(sample))
+    km = MiniBatchKMeans(n_clusters=n, random_state=seed, n_init=3, batch_size=min(4096, len(sample)))
+    km.fit(sample.astype(np.float32))
+    centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float32, device=device)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return -torch.cdist(x.float(), centers)
+    return encode, n
+
+
+def untrained_like(sae, seed: int):
+    """The SAE's config at its initial weights (seed `seed`), with the trained SAE's input scale."""
+    from cytosae.sae import SAE
+
+    fresh = SAE(sae.cfg, seed=seed)
+    with torch.no_grad():
+        fresh.input_scale.copy_(sae.input_scale.detach().cpu())
+    return fresh.to(sae.input_scale.device).eval()
+
+
+# ---------------------------------------------------------------- the whole measurement
+
+
+def compute_alignment(sae, store, label_column: str = "label", token_policy: str = "any_patch", seed: int = 0,
+                      max_clusters: int = 512, max_fit_tokens: int = 20_000, batch_size: int = 8,
+                      device: str | torch.device = "cpu", max_cells: int = 500_000_000,
+                      dataset: str | None = None) -> Alignment:
+    """SAE vs PCA, k-means and the untrained SAE on one labelled ActivationStore (module docstring)."""
+    images = store.images
+    if label_column not in images.columns:
+        raise ValueError(f"{store.path}/images.parquet has no {label_column!r} column (the class labels); "
+                         f"it has {list(images.columns)}")
+    label_of = {i: _label(v) for i, v in zip(images["image_id"].astype(str), images[label_column])}
+    if all(v is None for v in label_of.values()):  # said before the long pass, not after it
+        raise ValueError(f"{store.path}/images.parquet: column {label_column!r} holds no labels")
+    n_latents = sae.cfg.n_latents
+    sample = fit_sample(store.iter_images(batch_size), store.n_images, token_policy, max_fit_tokens, seed)
+    encoders = {"sae": (sae.encode, n_latents),
+                "pca": pca_encoder(sample, n_latents, seed, device),
+                "kmeans": kmeans_encoder(sample, n_latents, max_clusters, seed, device),
+                "untrained_sae": (untrained_like(sae, seed).encode, n_latents)}
+    ids, scores = image_scores(encoders, store.iter_images(batch_size), token_policy, device, max_cells)
+    labels = np.array([label_of.get(i) for i in ids], dtype=object)
+    known = np.array([lab is not None for lab in labels])  # an unlabelled cell is no negative of every class
+    classes = sorted(set(labels[known]))
+    per_class = pd.concat([class_alignment(scores[m][known], labels[known], classes, m) for m in METHODS],
+                          ignore_index=True)
+    table = summarise(per_class, {m: s.shape[1] for m, s in scores.items()})
+    summary = {"dataset": dataset or store.path.name, "store": str(store.path), "n_images": len(ids),
+               "n_labelled": int(known.sum()), "classes": classes,
+               "label_column": label_column, "token_policy": token_policy, "n_tokens": store.n_tokens,
+               "d_model": store.d_model, "sae": {"arch": sae.cfg.arch, "n_latents": n_latents},
+               "seed": seed, "fit_tokens": int(len(sample)), "max_clusters": max_clusters,
+               "table": table.to_dict("records"), "definitions": DEFINITIONS.strip()}
+    return Alignment(table, per_class, summary)
+
+
+def _label(value):
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def summarise(per_class: pd.DataFrame, widths: dict[str, int]) -> pd.DataFrame:
+    """One row per method: the means over classes, and how many scores it had to choose from."""
+    means = per_class.groupby("method", sort=False)[["ap", "auroc", f"purity@{PURITY_K}",
+                                                     f"coverage@{COVERAGE_FRACTION:g}"]].mean()
+    means.columns = [f"mean_best_{c}" if c in ("ap", "auroc") else f"mean_{c}" for c in means.columns]
+    table = means.reset_index()
+    table.insert(1, "n_scores", table.method.map(widths))
+    table.insert(2, "n_classes", table.method.map(per_class.groupby("method").size()))
+    return table
+
+
+def write_alignment(res: Alignment, out_dir) -> list:
+    """OUT/alignment.parquet (the method table), alignment_classes.parquet (per class) and alignment.json."""
+    from pathlib import Path
+
+    from cytosae.store.format import atomic_write_json, atomic_write_parquet
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "alignment.parquet", out / "alignment_classes.parquet", out / "alignment.json"]
+    atomic_write_parquet(paths[0], res.table)
+    atomic_write_parquet(paths[1], res.per_class)
+    atomic_write_json(paths[2], {**res.summary, "per_class": res.per_class.to_dict("records")})
+    return paths
