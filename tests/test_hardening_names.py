@@ -56,3 +56,19 @@ def test_a_listing_where_no_image_decodes_is_an_error_not_an_empty_store(tmp_pat
     assert len(pd.read_csv(tmp_path / "s" / "skipped.csv")) == 3  # the reasons are kept
     with pytest.raises(Exception):
         ActivationStore(tmp_path / "s")  # no store to train on
+
+
+def test_a_nul_byte_in_a_csv_value_is_refused_naming_line_and_column(tmp_path):
+    from cytosae.data.manifest import ManifestError
+    (tmp_path / "cells.csv").write_text("path,label\na.png,neutro\x00phil\n")
+    with pytest.raises(ManifestError, match=r"cells.csv: line 2, column 'label' holds a NUL byte"):
+        load_manifest(tmp_path / "cells.csv")
+
+
+def test_an_image_above_pils_limit_is_refused_with_our_pixel_budget(tmp_path):
+    """PIL refuses > 2x its limit (179 MP) while reading the header; the message is the --max-pixels one."""
+    from cytosae.data.decode import ImageDecodeError, open_rgb
+    big = tmp_path / "big.png"
+    Image.new("1", (20_000, 20_000)).save(big)  # 400 MP, a few kB as a 1-bit PNG
+    with pytest.raises(ImageDecodeError, match=r"400.0 megapixels, above the pixel budget of 50 MP \(raise it with --max-pixels"):
+        open_rgb(big)

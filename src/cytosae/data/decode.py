@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import warnings
 from pathlib import Path
@@ -119,6 +120,13 @@ def open_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXEL
     except UnidentifiedImageError:
         raise ImageDecodeError(p, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(p, f"too many pixels to decode safely ({exc})") from None
+        # PIL refuses above twice its own limit while reading the header, before our budget is asked: say ours
+        n = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(n[1]) / 1e6:.1f} megapixels" if n else "too many pixels"
+        budget = (f"above the pixel budget of {max_pixels / 1e6:g} MP (raise it with --max-pixels to decode it)"
+                  if max_pixels is not None and (not n or int(n[1]) > max_pixels) else
+                  f"above PIL's decompression-bomb limit of {2 * Image.MAX_IMAGE_PIXELS / 1e6:g} MP, which "
+                  "--max-pixels does not lift")
+        raise ImageDecodeError(p, f"{size}, {budget}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(p, f"corrupt or truncated image ({exc})") from None

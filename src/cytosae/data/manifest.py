@@ -79,6 +79,9 @@ def read_table(path: str | Path, required: tuple[str, ...]) -> tuple[pd.DataFram
         if len(row) > len(header):
             raise ManifestError(f"{path}: line {start} has {len(row)} values but the header has {len(header)} columns; "
                                 "quote values that contain commas")
+        nul = next((header[i] if i < len(header) else i for i, v in enumerate(row) if "\x00" in v), None)
+        if nul is not None:  # NUL ends strings in C libraries, SQLite text and most viewers: the value would change
+            raise ManifestError(f"{path}: line {start}, column '{nul}' holds a NUL byte; remove it")
         rows.append(row + [""] * (len(header) - len(row)))
         lines.append(start)
     dup = sorted({h for h in header if header.count(h) > 1})
