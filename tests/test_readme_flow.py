@@ -66,7 +66,7 @@ def readme_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("readme")
     commands = readme_commands()
     assert [c.split()[1] for c in commands] == ["sample", "extract", "train", "evaluate", "stats", "patients",
-                                                "classify", "report", "explore"]
+                                                "align", "classify", "report", "explore"]
     for line in commands[:-1]:
         r = subprocess.run([CYTOSAE, *shlex.split(line)[1:]], cwd=cwd, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (line, r.stdout[-2000:], r.stderr[-3000:])
@@ -128,7 +128,7 @@ def test_readme_commands_make_a_run_the_explorer_and_report_open(readme_run):
     cwd, explore_argv = readme_run
     run = cwd / "run"
     meta = (run / "run.json").read_text()
-    for step in ("extract:sample", "train", "evaluate", "stats", "patients", "classify"):
+    for step in ("extract:sample", "train", "evaluate", "stats", "patients", "align", "classify"):
         assert f'"{step}"' in meta
     assert (cwd / "site" / "index.html").is_file() and len(list((cwd / "site").rglob("*"))) > 20
     _check_api(run)
