@@ -123,6 +123,13 @@ def test_a_step_whose_output_was_removed_runs_again(sample, tmp_path):
     ({"sae": 'dataset = "other"'}, "[sae] dataset = 'other' is not one of the datasets"),
     ({"classify": 'external = "x"'}, "must also be listed in [patients] external"),
     ({"wrong": "a = 1"}, "unknown section(s) ['wrong']"),
+    # issue #20 item 3: every value is checked against the step's settings before anything runs (dry-run too)
+    ({"run": 'dir = "run"\ncolour = "red"'}, "study.toml [run]: unknown key 'colour'; known: dir"),
+    ({"evaluate": 'enabled = "no"'}, "study.toml [evaluate]: enabled should be true or false, got 'no'"),
+    ({"stats": 'out = "/elsewhere"'}, "study.toml [stats]: out cannot be set in a study"),
+    ({"sae": 'arch = "topk"\nk = true'}, "study.toml [sae]: k should be a valid integer, got True"),
+    ({"sae": 'arch = "topk"\nk = [1, 2]'}, "study.toml [sae]: k should be a valid integer, got [1, 2]"),
+    ({"sae": 'arch = "topk"\nk = -3'}, "study.toml [sae]: k should be greater than or equal to 1, got -3"),
 ])
 def test_bad_study_files_name_the_field(tmp_path, over, message):
     study = _study(tmp_path, **over)
@@ -162,3 +169,28 @@ def test_shipped_study_files_are_valid(tmp_path):
     readme = (repo / "README.md").read_text()
     (tmp_path / "study.toml").write_text(re.search(r"```toml\n(# study.toml.*?)```", readme, re.S).group(1))
     assert [s.name for s in plan(load_study(tmp_path / "study.toml"))][-1] == "classify"
+
+
+def test_dry_run_refuses_a_run_dir_that_is_a_file(tmp_path):
+    study = _study(tmp_path)
+    (tmp_path / "run").write_text("not a folder")
+    r = CliRunner().invoke(app, ["run", study, "--dry-run"])
+    assert r.exit_code == 2 and "[run]: dir" in r.output and "is a file, not a folder" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_a_second_cytosae_run_of_the_same_run_is_refused_naming_the_holder(tmp_path):
+    """Issue #20 item 4: two `cytosae run` of one study at once both ran every step into the same run."""
+    import os
+
+    from cytosae.study import STUDY_LOCK, study_lock
+    run_dir = tmp_path / "run"
+    with study_lock(run_dir):
+        assert (run_dir / STUDY_LOCK).read_text() == str(os.getpid())
+        # flock locks belong to the open file description: a second open in this process conflicts like another
+        # process's would
+        with pytest.raises(StudyError, match=rf"run {run_dir} is being run by another `cytosae run` \(pid {os.getpid()}\)"):
+            with study_lock(run_dir):
+                pass
+    with study_lock(run_dir):  # released at the end of the first
+        pass
