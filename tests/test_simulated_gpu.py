@@ -314,3 +314,32 @@ def test_imported_embeddings_train_and_stats_on_the_gpu(fake_cuda, gpu_run, tmp_
                                   k=3))
     assert out.lines() and len(pd.read_parquet(tmp_path / "stats" / "latents.parquet")) == 384
     assert len(pd.read_parquet(tmp_path / "stats" / "top_images.parquet"))
+
+
+def test_spliced_evaluate_and_alignment_on_the_gpu_measure_what_the_cpu_does(fake_cuda, gpu_run, tmp_path):
+    """Issue #18's figures on `--device cuda`: the SAE spliced into the backbone and the label alignment."""
+    from cytosae.steps import AlignSettings, run_align
+    run, _, _ = gpu_run
+    figures = {}
+    for dev in ("cuda", "cpu"):
+        (tmp_path / dev).mkdir()
+        ev = run_evaluate(EvaluateSettings(device=dev, spliced=True, out=tmp_path / dev / "eval.json"), run=run)
+        assert any("spliced" in line for line in ev.lines()), ev.lines()
+        spliced, = (tmp_path / dev).glob("*spliced*.json")
+        run_align(AlignSettings(device=dev, out=tmp_path / dev / "quality"), run=run)
+        figures[dev] = (json.loads(spliced.read_text()), pd.read_parquet(tmp_path / dev / "quality" / "alignment.parquet"))
+    (gpu_spliced, gpu_align), (cpu_spliced, cpu_align) = figures["cuda"], figures["cpu"]
+    assert gpu_spliced.keys() == cpu_spliced.keys()
+
+    def numbers(d, at=""):  # every number of the JSON, by its path
+        if isinstance(d, dict):
+            return {k: v for key, val in d.items() for k, v in numbers(val, f"{at}/{key}").items()}
+        return {at: d} if isinstance(d, (int, float)) and not isinstance(d, bool) else {}
+    gpu_n, cpu_n = numbers({k: gpu_spliced[k] for k in ("fvu", "output", "downstream")}), \
+        numbers({k: cpu_spliced[k] for k in ("fvu", "output", "downstream")})
+    assert gpu_n.keys() == cpu_n.keys() and len(cpu_n) > 10
+    assert all(gpu_n[k] == pytest.approx(cpu_n[k], rel=1e-3, abs=1e-5) for k in cpu_n), \
+        {k: (gpu_n[k], cpu_n[k]) for k in cpu_n if gpu_n[k] != pytest.approx(cpu_n[k], rel=1e-3, abs=1e-5)}
+    numeric = cpu_align.select_dtypes("number").columns
+    assert list(gpu_align.method) == list(cpu_align.method) == ["sae", "pca", "kmeans", "untrained_sae"]
+    assert np.allclose(gpu_align[numeric].to_numpy(float), cpu_align[numeric].to_numpy(float), atol=1e-4)
