@@ -119,14 +119,19 @@ class TrainSettings(StepSettings):
         return {name: getattr(self, name) for name in ("k", "l1_coeff") if name in own}
 
 
-class EvaluateSettings(StepSettings):
+class SaeOnStoreSettings(StepSettings):
+    """What every step that encodes one store with the run's SAE names: which SAE, which store (or --dataset of
+    the run), where its output goes, whether an unfinished SAE may be used, and the device."""
     sae_dir: Optional[PathArg] = None
     store: Optional[PathArg] = None
     out: Optional[PathArg] = None
     dataset: Optional[str] = None
-    max_images: Optional[Positive] = None
     allow_unfinished: bool = False
     device: str = "auto"
+
+
+class EvaluateSettings(SaeOnStoreSettings):
+    max_images: Optional[Positive] = None
     spliced: bool = False  # also splice the SAE into the backbone (cytosae.analysis.spliced)
     weights: Optional[PathArg] = None  # the backbone's weights for --spliced (default: the run's)
 
@@ -153,35 +158,23 @@ class StatsSettings(StepSettings):
     _lists = field_validator("factors", "labels", mode="before")(_comma_list)
 
 
-class AlignSettings(StepSettings):
-    sae_dir: Optional[PathArg] = None
-    store: Optional[PathArg] = None
-    out: Optional[PathArg] = None
-    dataset: Optional[str] = None
+class AlignSettings(SaeOnStoreSettings):
     label_column: str = "label"
     token_policy: str = "any_patch"
     seed: Optional[int] = None  # of the untrained SAE and the baselines; None: the run's training seed, else 0
     max_clusters: Positive = 512
     fit_tokens: Positive = 20_000
     max_cells: Positive = 500_000_000
-    allow_unfinished: bool = False
-    device: str = "auto"
 
     _policy = field_validator("token_policy")(_one_of(TOKEN_POLICIES, " | "))
 
 
-class PatientsSettings(StepSettings):
-    sae_dir: Optional[PathArg] = None
-    store: Optional[PathArg] = None
-    out: Optional[PathArg] = None
-    dataset: Optional[str] = None
+class PatientsSettings(SaeOnStoreSettings):
     external: bool = False
     threshold: float = 0.0
     token_policy: str = "cls"
     target: str = "diagnosis"
     examples: NonNegative = 5
-    allow_unfinished: bool = False
-    device: str = "auto"
 
     _policy = field_validator("token_policy")(_one_of(TOKEN_POLICIES, " | "))
 
