@@ -371,6 +371,26 @@ def classify(
     _step(ctx, "ClassifySettings", "run_classify")
 
 
+@app.command("compare-saes")
+def compare_saes(
+    ctx: typer.Context,
+    a: Path = typer.Argument(..., help="SAE A: an SAE directory, or a run (its SAE; with its stats, the top-image "
+                                       "overlap is measured too)."),
+    b: Path = typer.Argument(..., help="SAE B, the same way (e.g. the same study trained with another seed)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON here."),
+    candidates: int = typer.Option(8, help="Large SAEs: each latent of A may be matched only to its this many most "
+                                           "similar latents of B (exact when its best partner is among them)."),
+    method: str = typer.Option("auto", help="auto (dense while n_A x n_B <= 4096^2, else candidates) | dense | "
+                                            "candidates."),
+    allow_unfinished: bool = ALLOW_UNFINISHED,
+    device: str = typer.Option("auto", help="auto (the GPU when there is one) | cpu | cuda | cuda:N: where decoder "
+                                            "cosines are computed."),
+) -> None:
+    """Stability: match A's latents one-to-one to B's by decoder cosine (optimal assignment); the share matched at
+    cosine >= 0.7 and >= 0.9, the median matched cosine, and the top-image overlap of matched pairs."""
+    _step(ctx, "CompareSaesSettings", "run_compare_saes")
+
+
 # ---------------------------------------------------------------- explorer (explore, report, annotations)
 
 

@@ -12,13 +12,15 @@ on what (`.lines()`). Bad settings raise StepError (a ValueError) with one line 
 from cytosae.steps.align import run_align
 from cytosae.steps.analysis import AnalysisResult, run_patients, run_stats
 from cytosae.steps.classify import ClassifyResult, run_classify
-from cytosae.steps.config import (AlignSettings, ClassifySettings, EvaluateSettings, ExtractSettings, PatientsSettings,
-                                  StatsSettings, StepError, StepSettings, TrainSettings, build)
+from cytosae.steps.compare import CompareSaesResult, run_compare_saes
+from cytosae.steps.config import (AlignSettings, ClassifySettings, CompareSaesSettings, EvaluateSettings, ExtractSettings,
+                                  PatientsSettings, StatsSettings, StepError, StepSettings, TrainSettings, build)
 from cytosae.steps.evaluate import EvaluateResult, run_evaluate
 from cytosae.steps.extract import ExtractResult, run_extract
 from cytosae.steps.train import TrainResult, run_train
 
 __all__ = ["StepError", "StepSettings", "build",
            "ExtractSettings", "TrainSettings", "EvaluateSettings", "StatsSettings", "PatientsSettings",
-           "ClassifySettings", "AlignSettings", "run_extract", "run_train", "run_evaluate", "run_stats", "run_patients",
-           "run_classify", "run_align", "ExtractResult", "TrainResult", "EvaluateResult", "AnalysisResult", "ClassifyResult"]
+           "ClassifySettings", "AlignSettings", "CompareSaesSettings", "run_extract", "run_train", "run_evaluate",
+           "run_stats", "run_patients", "run_classify", "run_align", "run_compare_saes", "ExtractResult",
+           "TrainResult", "EvaluateResult", "AnalysisResult", "ClassifyResult", "CompareSaesResult"]

@@ -169,6 +169,18 @@ class AlignSettings(SaeOnStoreSettings):
     _policy = field_validator("token_policy")(_one_of(TOKEN_POLICIES, " | "))
 
 
+class CompareSaesSettings(StepSettings):
+    a: PathArg  # an SAE directory, or a run (its SAE, and its stats for the top-image overlap)
+    b: PathArg
+    out: Optional[PathArg] = None  # JSON of the figures
+    candidates: Positive = 8  # c: B's most similar latents per latent of A that the assignment may choose from
+    method: str = "auto"  # auto | dense | candidates (cytosae.analysis.stability)
+    allow_unfinished: bool = False
+    device: str = "auto"
+
+    _method = field_validator("method")(_one_of(("auto", "dense", "candidates"), " | "))
+
+
 class PatientsSettings(SaeOnStoreSettings):
     external: bool = False
     threshold: float = 0.0
