@@ -121,3 +121,43 @@ def test_the_cli_writes_the_json(tmp_path):
     assert str(out) in res.output
     bad = CliRunner().invoke(app, ["compare-saes", str(a), str(b), "--method", "greedy"])
     assert bad.exit_code == 2 and "--method must be one of" in bad.output
+
+
+def _run_with_stats(tmp_path, name, sae_dir_of, tokens_npy, manifest):
+    """A run made by the project's writers: RUN/sae from `sae_dir_of(RUN/sae)`, the store imported from
+    `tokens_npy`, and `cytosae stats`' tables (run_stats)."""
+    from cytosae.steps import StatsSettings, run_stats
+    from cytosae.store import import_embeddings
+
+    run = tmp_path / name
+    sae_dir_of(run / "sae")
+    import_embeddings(tokens_npy, manifest, run / "stores" / "cells", dtype="float32", shard_size=16)
+    run_stats(StatsSettings(k=4, galleries=0, device="cpu"), run=run)
+    return run
+
+
+def test_matched_latents_of_runs_with_stats_share_their_top_images(tmp_path):
+    """Two runs over the same cells whose SAEs are permutations of each other: every matched pair's top images are
+    the same (Jaccard 1); against a run with an independent SAE they are not."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "tokens.npy", rng.normal(size=(40, 5, D)).astype(np.float32))
+    manifest = pd.DataFrame({"image_id": [f"cell_{i:03d}.png" for i in range(40)], "label": ["a", "b"] * 20})
+    sae = SAE(SAEConfig(arch="topk", d_in=D, n_latents=N, k=4), seed=7)
+    run_a = _run_with_stats(tmp_path, "run_a", sae.save, tmp_path / "tokens.npy", manifest)
+    perm = rng.permutation(N)
+    run_b = _run_with_stats(tmp_path, "run_b", lambda out: _permuted(sae, perm, out), tmp_path / "tokens.npy", manifest)
+    other = SAE(SAEConfig(arch="topk", d_in=D, n_latents=N, k=4), seed=8)
+    run_c = _run_with_stats(tmp_path, "run_c", other.save, tmp_path / "tokens.npy", manifest)
+
+    same = run_compare_saes(CompareSaesSettings(a=run_a, b=run_b / "sae", device="cpu"))  # a run, or its RUN/sae
+    ov = same.figures["top_images"]
+    tops = pd.read_parquet(run_a / "stats" / "top_images.parquet")
+    fired = tops[tops.by == "image"].latent.nunique()
+    assert ov["datasets"] == ["cells"] and ov["k"] == 4 and ov["n_pairs"] == fired > 0
+    assert ov["mean_jaccard"] == 1.0 and ov["mean_jaccard_above_0.7"] == 1.0
+    assert any("mean Jaccard 1.000" in line and "top 4 images" in line for line in same.lines())
+
+    diff = run_compare_saes(CompareSaesSettings(a=run_a, b=run_c, device="cpu")).figures["top_images"]
+    assert diff["n_pairs"] > 0 and diff["mean_jaccard"] < 0.6
