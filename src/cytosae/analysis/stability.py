@@ -29,11 +29,12 @@ METHODS = ("auto", "dense", "candidates")
 
 DEFINITIONS = {
     "cosine": "cosine of the decoder rows (latent directions) of a matched pair; unmatched latents count as 0",
-    "share_above_0.7": "share of A's latents whose matched latent of B has cosine >= 0.7: clearly the same direction",
+    "share_above_0.7": "share of A's latents whose matched latent of B has cosine >= 0.7: clearly the same feature",
     "share_above_0.9": "share of A's latents whose match has cosine >= 0.9: the same direction up to noise",
     "median_cosine": "median over all of A's latents of the matched cosine (unmatched = 0)",
     "mean_jaccard": "mean over matched pairs of |top images of a ∩ top images of b| / |union| (stats/top_images, "
-                    "by image, the k both runs kept, datasets both runs hold, pairs where either latent has top images)",
+                    "by image, the k both runs kept, datasets both runs hold, pairs where either latent has top "
+                    "images); mean_jaccard_above_0.7: the same over the pairs of cosine >= 0.7",
 }
 
 

@@ -13,8 +13,9 @@ from cytosae.steps.align import run_align
 from cytosae.steps.analysis import AnalysisResult, run_patients, run_stats
 from cytosae.steps.classify import ClassifyResult, run_classify
 from cytosae.steps.compare import CompareSaesResult, run_compare_saes
-from cytosae.steps.config import (AlignSettings, ClassifySettings, CompareSaesSettings, EvaluateSettings, ExtractSettings,
-                                  PatientsSettings, StatsSettings, StepError, StepSettings, TrainSettings, build)
+from cytosae.steps.config import (AlignSettings, ClassifySettings, CompareSaesSettings, EvaluateSettings,
+                                  ExtractSettings, PatientsSettings, StatsSettings, StepError, StepSettings,
+                                  TrainSettings, build)
 from cytosae.steps.evaluate import EvaluateResult, run_evaluate
 from cytosae.steps.extract import ExtractResult, run_extract
 from cytosae.steps.train import TrainResult, run_train
