@@ -109,7 +109,8 @@ def test_different_widths_are_refused_in_one_line(tmp_path):
 
 def test_the_cli_writes_the_json(tmp_path):
     sae, a = _sae(tmp_path, "a", seed=5)
-    b = _permuted(sae, np.random.default_rng(1).permutation(N), tmp_path / "b")
+    perm = np.random.default_rng(1).permutation(N)
+    b = _permuted(sae, perm, tmp_path / "b")
     out = tmp_path / "stability.json"
     res = CliRunner().invoke(app, ["compare-saes", str(a), str(b), "--out", str(out), "--device", "cpu",
                                    "--method", "candidates", "--candidates", "4"])
@@ -118,7 +119,12 @@ def test_the_cli_writes_the_json(tmp_path):
     assert f["share_above_0.9"] == 1.0 and f["n_matched"] == N and f["candidates"] == 4 and f["device"] == "cpu"
     assert f["a"]["sae_dir"] == str(a) and f["b"]["n_latents"] == N and "share_above_0.9" in f["definitions"]
     assert f"of A's {N} latents, {N} matched" in res.output and "top 4 candidates" in res.output
-    assert str(out) in res.output
+    assert str(out) in res.output and f["matches"] == "stability.matches.parquet"
+    import pandas as pd
+
+    matches = pd.read_parquet(tmp_path / f["matches"])
+    assert list(matches.columns) == ["latent_a", "latent_b", "cosine"] and len(matches) == N
+    np.testing.assert_array_equal(matches.latent_b.to_numpy()[perm], np.arange(N))  # A's perm[i] is B's i
     bad = CliRunner().invoke(app, ["compare-saes", str(a), str(b), "--method", "greedy"])
     assert bad.exit_code == 2 and "--method must be one of" in bad.output
 

@@ -20,7 +20,8 @@ class CompareSaesResult:
     def lines(self) -> list[str]:
         from cytosae.analysis.stability import lines
 
-        return lines(self.figures) + ([f"JSON -> {self.out}"] if self.out else [])
+        return lines(self.figures) + ([f"JSON -> {self.out}; per-latent matches (latent_a, latent_b = -1 unmatched, "
+                                       f"cosine) -> {matches_path(self.out)}"] if self.out else [])
 
 
 def _locate(path: Path) -> tuple[Path, Run | None]:
@@ -60,7 +61,7 @@ def run_compare_saes(cfg: CompareSaesSettings, run: None = None, warn: Warn = No
     in no run (`run` must be None)."""
     from cytosae.analysis.stability import matching_figures, match_latents, sae_summary, top_image_overlap
     from cytosae.analysis.stability import DEFINITIONS
-    from cytosae.store.format import atomic_write_json
+    from cytosae.store.format import atomic_write_json, atomic_write_parquet
 
     if run is not None:
         raise StepError("compare-saes reads two SAEs (or runs) and writes into neither: give A and B, not --run")
@@ -76,5 +77,16 @@ def run_compare_saes(cfg: CompareSaesSettings, run: None = None, warn: Warn = No
         figures["top_images"] = top_image_overlap(m, tops_a, tops_b)
     figures["definitions"] = DEFINITIONS
     if cfg.out is not None:
+        import pandas as pd
+
+        matches = matches_path(cfg.out)  # which latents are the stable ones: per latent of A, its partner in B
+        atomic_write_parquet(matches, pd.DataFrame({"latent_a": range(m.match.size), "latent_b": m.match,
+                                                    "cosine": m.cosine}))
+        figures["matches"] = matches.name
         atomic_write_json(cfg.out, figures)
     return CompareSaesResult(figures, cfg.out)
+
+
+def matches_path(out: Path) -> Path:
+    """Where the per-latent matches go: next to the JSON (stability.json -> stability.matches.parquet)."""
+    return out.with_name(f"{out.stem}.matches.parquet")
