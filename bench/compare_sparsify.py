@@ -21,6 +21,9 @@ Timing: wall-clock from model construction to the trained model; one untimed war
 --repeats timed trainings per side in ABBA order, best counts, all recorded. Evaluation: bench/compare.py's
 evaluate() on the held-out tokens through each model's own encode/decode (theirs: SparseCoder.encode's top-k
 scattered into a dense code, decoded by SparseCoder.decode).
+--diagnose: also train ours untimed with one default changed at a time (init_b_dec="mean"; normalize_inputs
+off; the encoder initialised at 1/sqrt(3) of its unit-norm W_dec^T, the row norm of sparsify's kaiming-uniform
+nn.Linear init) and record each held-out FVU, to locate an FVU gap.
 Writes bench/results/compare-sparsify.json and prints it.
 """
 from __future__ import annotations
@@ -86,6 +89,28 @@ def theirs_codec(sae, k: int):
     return encode, decode
 
 
+def diagnose(batches: list[torch.Tensor], x_test: torch.Tensor, a) -> dict:
+    """Held-out FVU/L0 of ours with one default changed at a time (untimed)."""
+    import math
+    from cytosae.sae.model import SAE
+
+    variants = {"init_b_dec=mean": {"init_b_dec": "mean"}, "normalize_inputs=False": {"normalize_inputs": False},
+                "encoder_init_scale=1/sqrt(3)": {}}
+    out = {}
+    for name, opts in variants.items():
+        orig = SAE._init_encoder
+        if name.startswith("encoder_init"):  # the one knob train_sae has no option for: scale its init for this run
+            SAE._init_encoder = lambda self, w, g: orig(self, w, g) / math.sqrt(3.0)
+        try:
+            model, _ = train_ours(batches, a.epochs, a, **opts)
+        finally:
+            SAE._init_encoder = orig
+        ev = evaluate(model.encode, model.decode, x_test, a.n_latents)
+        out[name] = {k: round(v, 4) for k, v in ev.items()}
+        print(f"ours, {name}: {out[name]}", flush=True)
+    return out
+
+
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=65_536)
@@ -100,6 +125,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="timed trainings per side (ABBA order); best counts")
     ap.add_argument("--quick", action="store_true", help="8,192 training tokens: a smoke run")
+    ap.add_argument("--diagnose", action="store_true", help="untimed arms of ours with one default changed each")
     ap.add_argument("--store", type=Path, default=None, help="real tokens from this activation store")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "compare-sparsify.json")
     a = ap.parse_args()
@@ -144,10 +170,11 @@ def main() -> None:
                     evals[name] = evaluate(*codec, x_test, a.n_latents)
                 print(f"{name}: {evals[name]}", flush=True)
             del model
-    write_result(a, times, loads, evals, n_train_tokens, len(batches), x_test.shape[0], split)
+    diag = diagnose(batches, x_test, a) if a.diagnose else None
+    write_result(a, times, loads, evals, n_train_tokens, len(batches), x_test.shape[0], split, diag)
 
 
-def write_result(a, times, loads, evals, n_train_tokens, n_batches, n_test, split) -> None:
+def write_result(a, times, loads, evals, n_train_tokens, n_batches, n_test, split, diag) -> None:
     sides = {}
     for name in ("ours", "theirs"):
         best, ev = min(times[name]), evals[name]
@@ -192,6 +219,7 @@ def write_result(a, times, loads, evals, n_train_tokens, n_batches, n_test, spli
         "ours": ours,
         "theirs": theirs,
         "speed_ratio_ours_over_theirs": round(speed, 3),
+        **({"ours_one_default_changed_untimed": diag} if diag else {}),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_1_5_15": loadavg(),
                     "python": platform.python_version(), "processor": platform.processor() or platform.machine()},
         "verdict": verdict,
