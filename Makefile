@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-run
 
-.PHONY: lock fresh-check demo test test-fast browser bench bench-extract bench-sae bench-explorer bench-compare bench-deepapl clean
+.PHONY: lock fresh-check demo test test-fast browser bench bench-extract bench-sae bench-explorer bench-compare bench-sparsify bench-deepapl clean
 
 # The venv is rebuilt when pyproject.toml or the lock changes. requirements-lock.txt pins every package, transitive
 # ones included, with hashes (`make lock` writes it), so every machine installs the same set: --no-deps installs the
@@ -58,6 +58,13 @@ bench-compare:
 	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/pip install --quiet -r bench/requirements-compare.txt
 	.venv-bench/bin/python bench/compare.py
+
+# cytosae TopK vs EleutherAI sparsify's SparseCoder (docs/bench-compare.md), in its own venv; on CPU sparsify's
+# Triton decoder cannot run, so its eager embedding-bag path is selected.
+bench-sparsify:
+	test -x .venv-sparsify/bin/python || $(PYTHON) -m venv .venv-sparsify
+	.venv-sparsify/bin/pip install --quiet -r bench/requirements-sparsify.txt
+	SPARSIFY_DISABLE_TRITON=1 .venv-sparsify/bin/python bench/compare_sparsify.py
 
 # Real patients (../shared/data/deepapl): extract, SAE, concepts, patient-level diagnosis vs baselines.
 bench-deepapl: $(STAMP)

@@ -133,7 +133,8 @@ def evaluate(encode, decode, x: torch.Tensor, n_latents: int, batch: int = 4096)
 
 
 # ---------------------------------------------------------------------------- the two trainers
-def train_ours(batches: list[torch.Tensor], epochs: int, a, default_schedule: bool = False) -> tuple[object, float]:
+def train_ours(batches: list[torch.Tensor], epochs: int, a, default_schedule: bool = False,
+               **options) -> tuple[object, float]:
     from cytosae.sae import train_sae
 
     def stream():
@@ -144,7 +145,7 @@ def train_ours(batches: list[torch.Tensor], epochs: int, a, default_schedule: bo
     t0 = time.perf_counter()
     schedule = {} if default_schedule else {"lr_warmup_steps": 0}
     sae = train_sae(stream(), a.d, a.arch, a.n_latents, total, seed=a.seed, batch_size=a.batch, lr=a.lr, k=a.k,
-                    progress=False, **schedule)
+                    progress=False, **schedule, **options)
     return sae, time.perf_counter() - t0
 
 

@@ -1,0 +1,235 @@
+"""cytosae's TopK SAE against EleutherAI sparsify's SparseCoder: same data, same settings, same process.
+
+    SPARSIFY_DISABLE_TRITON=1 .venv-sparsify/bin/python bench/compare_sparsify.py [--quick] [--tokens N]
+        [--epochs E] [--threads T] [--store STORE]
+
+Run from the repository root in the sparsify venv (bench/requirements-sparsify.txt, `make bench-sparsify`);
+sparsify is never installed into the project venv. Data, held-out split and evaluation are bench/compare.py's
+(one owner): synthetic ViT-like tokens by default, or --store for real tokens held out by whole folders.
+
+Each library keeps its own model, loss and training step:
+  ours   cytosae.sae.train_sae(arch="topk", lr_warmup_steps=0), defaults otherwise (as in bench/compare.py).
+  theirs sparsify.SparseCoder(d_in, SaeConfig(activation="topk", k, num_latents)) (Linear + ReLU encoder,
+         top-k, its FusedEncoder backward, embedding-bag decoder, unit-norm decoder rows, b_dec). Its Trainer
+         only trains on a Hugging Face model's hooked activations, so its SAE step is replayed in a plain loop
+         over the same batches, line for line as sparsify/trainer.py does it for loss_fn="fvu": b_dec = first
+         batch's mean, decoder rows renormalised before each forward, loss = out.fvu (auxk_alpha 0, its
+         default), remove_gradient_parallel_to_decoder_directions(), optimizer step, zero_grad.
+         Optimizer: torch Adam, constant lr (its Trainer's Adam path would add a linear warm-up + decay, its
+         default is Signum + schedule-free; both differ from ours, so both sides use constant-lr Adam).
+Timing: wall-clock from model construction to the trained model; one untimed warm-up step per side, then
+--repeats timed trainings per side in ABBA order, best counts, all recorded. Evaluation: bench/compare.py's
+evaluate() on the held-out tokens through each model's own encode/decode (theirs: SparseCoder.encode's top-k
+scattered into a dense code, decoded by SparseCoder.decode).
+--diagnose: also train ours untimed with one default changed at a time (init_b_dec="mean"; normalize_inputs
+off; the encoder initialised at 1/sqrt(3) of its unit-norm W_dec^T, the row norm of sparsify's kaiming-uniform
+nn.Linear init) and record each held-out FVU, to locate an FVU gap.
+Writes bench/results/compare-sparsify.json and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import ACTIVE, N_ATOMS, NOISE, REPO, evaluate, loadavg, make_data, store_data, train_ours  # noqa: E402
+
+
+def import_sparsify():
+    """sparsify picks its decoder at import: Triton's kernels are GPU-only, so on CPU its eager
+    embedding-bag path must be chosen (SPARSIFY_DISABLE_TRITON=1) before the import."""
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    try:
+        import sparsify
+    except ImportError as e:
+        raise SystemExit(f"sparsify is not importable ({e}); run in .venv-sparsify (`make bench-sparsify`, "
+                         "bench/requirements-sparsify.txt)") from e
+    return sparsify
+
+
+def train_theirs(batches: list[torch.Tensor], epochs: int, a) -> tuple[object, float]:
+    sp = import_sparsify()
+    t0 = time.perf_counter()
+    torch.manual_seed(a.seed)
+    cfg = sp.SaeConfig(activation="topk", k=a.k, num_latents=a.n_latents, normalize_decoder=True)
+    sae = sp.SparseCoder(a.d, cfg, device="cpu", dtype=torch.float32)
+    opt = torch.optim.Adam(sae.parameters(), lr=a.lr)
+    step = 0
+    for _ in range(epochs):
+        for x in batches:
+            if step == 0:  # its Trainer: "initialize the decoder bias" to the first batch's mean
+                sae.b_dec.data = x.mean(0).to(sae.dtype)
+            sae.set_decoder_norm_to_unit_norm()
+            out = sae(x)
+            out.fvu.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad()
+            step += 1
+    return sae, time.perf_counter() - t0
+
+
+def theirs_codec(sae, k: int):
+    """(encode, decode) of a SparseCoder over dense (N, n_latents) codes, for the shared evaluate()."""
+    def encode(x):
+        acts, idx, _ = sae.encode(x)
+        return torch.zeros(x.shape[0], sae.num_latents, dtype=acts.dtype).scatter_(1, idx, acts)
+
+    def decode(z):
+        acts, idx = z.topk(k, dim=1, sorted=False)  # the same k (value, index) pairs encode scattered
+        return sae.decode(acts, idx)
+    return encode, decode
+
+
+def diagnose(batches: list[torch.Tensor], x_test: torch.Tensor, a) -> dict:
+    """Held-out FVU/L0 of ours with one default changed at a time (untimed)."""
+    import math
+    from cytosae.sae.model import SAE
+
+    variants = {"init_b_dec=mean": {"init_b_dec": "mean"}, "normalize_inputs=False": {"normalize_inputs": False},
+                "encoder_init_scale=1/sqrt(3)": {}}
+    out = {}
+    for name, opts in variants.items():
+        orig = SAE._init_encoder
+        if name.startswith("encoder_init"):  # the one knob train_sae has no option for: scale its init for this run
+            SAE._init_encoder = lambda self, w, g: orig(self, w, g) / math.sqrt(3.0)
+        try:
+            model, _ = train_ours(batches, a.epochs, a, **opts)
+        finally:
+            SAE._init_encoder = orig
+        ev = evaluate(model.encode, model.decode, x_test, a.n_latents)
+        out[name] = {k: round(v, 4) for k, v in ev.items()}
+        print(f"ours, {name}: {out[name]}", flush=True)
+    return out
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=65_536)
+    ap.add_argument("--test-tokens", type=int, default=8_192)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--expansion", type=int, default=16)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=2, help="timed trainings per side (ABBA order); best counts")
+    ap.add_argument("--quick", action="store_true", help="8,192 training tokens: a smoke run")
+    ap.add_argument("--diagnose", action="store_true", help="untimed arms of ours with one default changed each")
+    ap.add_argument("--store", type=Path, default=None, help="real tokens from this activation store")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "compare-sparsify.json")
+    a = ap.parse_args()
+    if a.quick:
+        a.tokens = 8_192
+    if a.store is not None:
+        from cytosae.store import ActivationStore
+        a.d = ActivationStore(a.store).d_model
+    a.arch = "topk"  # train_ours reads it
+    a.n_latents = a.expansion * a.d
+    return a
+
+
+def main() -> None:
+    a = parse()
+    torch.set_num_threads(a.threads)
+    import_sparsify()  # imports outside the timed region for both sides
+    import cytosae.sae  # noqa: F401
+    if a.store is not None:
+        x_train, x_test, split = store_data(a.store, a.tokens, a.test_tokens, a.seed)
+    else:
+        (x_train, x_test), split = make_data(a.tokens, a.test_tokens, a.d, a.seed), None
+    batches = [x_train[s:s + a.batch] for s in range(0, a.tokens, a.batch)]
+    n_train_tokens = a.epochs * a.tokens
+
+    train_ours(batches[:1], 1, a)  # untimed warm-up (allocator, BLAS threads, lazy imports)
+    train_theirs(batches[:1], 1, a)
+    trainers = {"ours": train_ours, "theirs": train_theirs}
+    order = [("ours", "theirs") if r % 2 == 0 else ("theirs", "ours") for r in range(a.repeats)]
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    loads: dict[str, list[list[float]]] = {"ours": [], "theirs": []}
+    evals: dict[str, dict] = {}
+    for pair in order:  # seeded runs: every repeat trains the same model; the first of each side is evaluated
+        for name in pair:
+            loads[name].append(loadavg())
+            model, secs = trainers[name](batches, a.epochs, a)
+            times[name].append(round(secs, 2))
+            print(f"{name}: {secs:.1f} s ({n_train_tokens / secs:.0f} tokens/s), load {loadavg()}", flush=True)
+            if name not in evals:
+                with torch.inference_mode():
+                    codec = (model.encode, model.decode) if name == "ours" else theirs_codec(model, a.k)
+                    evals[name] = evaluate(*codec, x_test, a.n_latents)
+                print(f"{name}: {evals[name]}", flush=True)
+            del model
+    diag = diagnose(batches, x_test, a) if a.diagnose else None
+    write_result(a, times, loads, evals, n_train_tokens, len(batches), x_test.shape[0], split, diag)
+
+
+def write_result(a, times, loads, evals, n_train_tokens, n_batches, n_test, split, diag) -> None:
+    sides = {}
+    for name in ("ours", "theirs"):
+        best, ev = min(times[name]), evals[name]
+        sides[name] = {"train_seconds": best, "tokens_per_second": round(n_train_tokens / best, 1),
+                       "train_seconds_all_repeats": times[name], "fvu": round(ev["fvu"], 4),
+                       "l0": round(ev["l0"], 2), "dead_fraction": round(ev["dead_fraction"], 4),
+                       "loadavg_1_5_15_before_each_repeat": loads[name]}
+    ours, theirs = sides["ours"], sides["theirs"]
+    speed = ours["tokens_per_second"] / theirs["tokens_per_second"]
+    fvu_ok = ours["fvu"] <= theirs["fvu"] + 0.005
+    l0_ok = ours["l0"] <= theirs["l0"] + 0.5
+    verdict = (f"ours is {speed:.2f}x {'faster' if speed > 1 else 'as fast or slower'} than sparsify "
+               f"({ours['tokens_per_second']:.0f} vs {theirs['tokens_per_second']:.0f} tokens/s); "
+               f"held-out FVU {ours['fvu']:.4f} vs {theirs['fvu']:.4f} "
+               f"({'equal or better' if fvu_ok else 'WORSE'} within 0.005); "
+               f"L0 {ours['l0']:.2f} vs {theirs['l0']:.2f} ({'ok' if l0_ok else 'HIGHER'} at <= theirs + 0.5). "
+               + ("Claim holds: ours is faster at equal-or-better FVU and L0." if speed > 1 and fvu_ok and l0_ok
+                  else "Claim does NOT hold on this run."))
+    data = (f"store {a.store}: held out whole folders (patients) in a seeded order: {split}" if a.store else
+            f"synthetic: {N_ATOMS} random unit directions, {ACTIVE} active per token (Zipf-like frequency, "
+            f"exponential x lognormal coefficients, non-negative) + N(0, {NOISE}^2) noise")
+    result = {
+        "what": "TopK SAE training throughput (tokens/s) and held-out FVU at equal L0, cytosae vs EleutherAI "
+                f"sparsify, same {'real' if a.store else 'synthetic'} tokens/order/settings, one process, CPU",
+        "library": {"name": "eai-sparsify", "version": metadata.version("eai-sparsify"),
+                    "decoder": "eager embedding_bag (SPARSIFY_DISABLE_TRITON="
+                               f"{os.environ.get('SPARSIFY_DISABLE_TRITON')})"},
+        "cytosae_version": metadata.version("cytosae"),
+        "torch": torch.__version__,
+        "settings": {"arch": "topk", "d_in": a.d, "n_latents": a.n_latents, "expansion": a.expansion, "k": a.k,
+                     "batch_size": a.batch, "optimizer": "Adam (torch)", "lr": a.lr, "lr_schedule": "constant",
+                     "epochs": a.epochs, "train_tokens": a.tokens, "tokens_trained": n_train_tokens,
+                     "steps": a.epochs * n_batches, "heldout_tokens": n_test, "dtype": "float32",
+                     "device": "cpu", "torch_threads": a.threads, "seed": a.seed, "quick": a.quick, "data": data,
+                     "timing": f"wall-clock, best of {a.repeats} per side in ABBA order, after one untimed warm-up "
+                               "step each; includes model construction and each side's own init",
+                     "ours_options": "train_sae(arch='topk', lr_warmup_steps=0); defaults otherwise",
+                     "theirs_options": "SparseCoder(SaeConfig(activation='topk', k, num_latents, "
+                                       "normalize_decoder=True)), its Trainer's fvu step replayed in a plain "
+                                       "loop (b_dec = first batch mean, unit-norm decoder each step, loss = fvu, "
+                                       "auxk_alpha 0, parallel-gradient removal), torch Adam constant lr"},
+        "ours": ours,
+        "theirs": theirs,
+        "speed_ratio_ours_over_theirs": round(speed, 3),
+        **({"ours_one_default_changed_untimed": diag} if diag else {}),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_1_5_15": loadavg(),
+                    "python": platform.python_version(), "processor": platform.processor() or platform.machine()},
+        "verdict": verdict,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.out.with_name(a.out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(a.out)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
