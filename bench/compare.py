@@ -184,10 +184,8 @@ def loadavg() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", choices=("topk", "batchtopk"), default="topk",
-                    help="both sides' TopK or BatchTopK SAE (overcomplete's TopKSAE / BatchTopKSAE)")
+def add_shared_args(ap: argparse.ArgumentParser, out: Path) -> None:
+    """The settings every peer comparison takes (compare.py, compare_sparsify.py): one definition of the run."""
     ap.add_argument("--tokens", type=int, default=65_536)
     ap.add_argument("--test-tokens", type=int, default=8_192)
     ap.add_argument("--epochs", type=int, default=3)
@@ -201,14 +199,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed trainings per side (ABBA order); best counts")
     ap.add_argument("--quick", action="store_true", help="8,192 training tokens: a smoke run")
     ap.add_argument("--store", type=Path, default=None, help="real tokens from this activation store")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "compare.json")
-    a = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=out)
+
+
+def finish_args(a: argparse.Namespace) -> argparse.Namespace:
     if a.quick:
         a.tokens = 8_192
     if a.store is not None:
         from cytosae.store import ActivationStore
         a.d = ActivationStore(a.store).d_model
     a.n_latents = a.expansion * a.d
+    return a
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=("topk", "batchtopk"), default="topk",
+                    help="both sides' TopK or BatchTopK SAE (overcomplete's TopKSAE / BatchTopKSAE)")
+    add_shared_args(ap, REPO / "bench" / "results" / "compare.json")
+    a = finish_args(ap.parse_args())
     torch.set_num_threads(a.threads)
     import_overcomplete()  # imports outside the timed region for both sides
     import cytosae.sae  # noqa: F401

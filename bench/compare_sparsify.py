@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import ACTIVE, N_ATOMS, NOISE, REPO, evaluate, loadavg, make_data, store_data, train_ours  # noqa: E402
+from compare import (ACTIVE, N_ATOMS, NOISE, REPO, add_shared_args, evaluate, finish_args, loadavg, make_data,  # noqa: E402
+                     store_data, train_ours)  # noqa: E402
 
 
 def import_sparsify():
@@ -113,30 +114,11 @@ def diagnose(batches: list[torch.Tensor], x_test: torch.Tensor, a) -> dict:
 
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=65_536)
-    ap.add_argument("--test-tokens", type=int, default=8_192)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--d", type=int, default=768)
-    ap.add_argument("--expansion", type=int, default=16)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--lr", type=float, default=4e-4)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=2, help="timed trainings per side (ABBA order); best counts")
-    ap.add_argument("--quick", action="store_true", help="8,192 training tokens: a smoke run")
+    add_shared_args(ap, REPO / "bench" / "results" / "compare-sparsify.json")
     ap.add_argument("--diagnose", action="store_true", help="untimed arms of ours with one default changed each")
-    ap.add_argument("--store", type=Path, default=None, help="real tokens from this activation store")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "compare-sparsify.json")
     a = ap.parse_args()
-    if a.quick:
-        a.tokens = 8_192
-    if a.store is not None:
-        from cytosae.store import ActivationStore
-        a.d = ActivationStore(a.store).d_model
     a.arch = "topk"  # train_ours reads it
-    a.n_latents = a.expansion * a.d
-    return a
+    return finish_args(a)
 
 
 def main() -> None:
