@@ -184,6 +184,28 @@ def loadavg() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
+def timed_abba(trainers: dict, evaluate_side, batches, a, n_train_tokens: int) -> tuple[dict, dict, dict]:
+    """Train both sides `a.repeats` times in ABBA order (ours, theirs, theirs, ours, ...) so drift in the machine's
+    load hits both alike; the best time of each side is its figure, all times and the load averages before each
+    repeat are recorded. Runs are seeded, so every repeat trains the same model; the first of each side is
+    evaluated with `evaluate_side(name, model)`. Returns (times, loads, evals) by side."""
+    order = [("ours", "theirs") if r % 2 == 0 else ("theirs", "ours") for r in range(a.repeats)]
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    loads: dict[str, list[list[float]]] = {"ours": [], "theirs": []}
+    evals: dict[str, dict] = {}
+    for pair in order:
+        for name in pair:
+            loads[name].append(loadavg())
+            model, secs = trainers[name](batches, a.epochs, a)
+            times[name].append(round(secs, 2))
+            print(f"{name}: {secs:.1f} s ({n_train_tokens / secs:.0f} tokens/s), load {loadavg()}", flush=True)
+            if name not in evals:
+                evals[name] = evaluate_side(name, model)
+                print(f"{name}: {evals[name]}", flush=True)
+            del model
+    return times, loads, evals
+
+
 def add_shared_args(ap: argparse.ArgumentParser, out: Path) -> None:
     """The settings every peer comparison takes (compare.py, compare_sparsify.py): one definition of the run."""
     ap.add_argument("--tokens", type=int, default=65_536)
@@ -233,27 +255,13 @@ def main() -> None:
     train_ours(batches[:1], 1, a)
     train_theirs(batches[:1], 1, a)
 
-    # ABBA order (ours, theirs, theirs, ours, ...) so drift in the machine's load hits both sides alike;
-    # the best time of each side is its figure, all times are recorded. Runs are seeded, so every
-    # repeat trains the same model; the first one of each side is evaluated.
-    trainers = {"ours": train_ours, "theirs": train_theirs}
-    order = [("ours", "theirs") if r % 2 == 0 else ("theirs", "ours") for r in range(a.repeats)]
-    times: dict[str, list[float]] = {"ours": [], "theirs": []}
-    loads: dict[str, list[list[float]]] = {"ours": [], "theirs": []}
-    evals: dict[str, dict] = {}
-    for pair in order:
-        for name in pair:
-            loads[name].append(loadavg())
-            model, secs = trainers[name](batches, a.epochs, a)
-            times[name].append(round(secs, 2))
-            print(f"{name}: {secs:.1f} s ({n_train_tokens / secs:.0f} tokens/s), load {loadavg()}", flush=True)
-            if name not in evals:
-                if name == "ours":
-                    evals[name] = evaluate(model.encode, model.decode, x_test, a.n_latents)
-                else:
-                    evals[name] = evaluate(lambda x, m=model: m.encode(x)[1], model.decode, x_test, a.n_latents)
-                print(f"{name}: {evals[name]}", flush=True)
-            del model
+    def evaluate_side(name, model):
+        if name == "ours":
+            return evaluate(model.encode, model.decode, x_test, a.n_latents)
+        return evaluate(lambda x, m=model: m.encode(x)[1], model.decode, x_test, a.n_latents)
+
+    times, loads, evals = timed_abba({"ours": train_ours, "theirs": train_theirs}, evaluate_side, batches, a,
+                                     n_train_tokens)
     sides = {}
     for name in ("ours", "theirs"):
         best = min(times[name])

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import (ACTIVE, N_ATOMS, NOISE, REPO, add_shared_args, evaluate, finish_args, loadavg, make_data,  # noqa: E402
-                     store_data, train_ours)  # noqa: E402
+                     store_data, timed_abba, train_ours)  # noqa: E402
 
 
 def import_sparsify():
@@ -135,23 +135,13 @@ def main() -> None:
 
     train_ours(batches[:1], 1, a)  # untimed warm-up (allocator, BLAS threads, lazy imports)
     train_theirs(batches[:1], 1, a)
-    trainers = {"ours": train_ours, "theirs": train_theirs}
-    order = [("ours", "theirs") if r % 2 == 0 else ("theirs", "ours") for r in range(a.repeats)]
-    times: dict[str, list[float]] = {"ours": [], "theirs": []}
-    loads: dict[str, list[list[float]]] = {"ours": [], "theirs": []}
-    evals: dict[str, dict] = {}
-    for pair in order:  # seeded runs: every repeat trains the same model; the first of each side is evaluated
-        for name in pair:
-            loads[name].append(loadavg())
-            model, secs = trainers[name](batches, a.epochs, a)
-            times[name].append(round(secs, 2))
-            print(f"{name}: {secs:.1f} s ({n_train_tokens / secs:.0f} tokens/s), load {loadavg()}", flush=True)
-            if name not in evals:
-                with torch.inference_mode():
-                    codec = (model.encode, model.decode) if name == "ours" else theirs_codec(model, a.k)
-                    evals[name] = evaluate(*codec, x_test, a.n_latents)
-                print(f"{name}: {evals[name]}", flush=True)
-            del model
+    def evaluate_side(name, model):
+        with torch.inference_mode():
+            codec = (model.encode, model.decode) if name == "ours" else theirs_codec(model, a.k)
+            return evaluate(*codec, x_test, a.n_latents)
+
+    times, loads, evals = timed_abba({"ours": train_ours, "theirs": train_theirs}, evaluate_side, batches, a,
+                                     n_train_tokens)
     diag = diagnose(batches, x_test, a) if a.diagnose else None
     write_result(a, times, loads, evals, n_train_tokens, len(batches), x_test.shape[0], split, diag)
 
