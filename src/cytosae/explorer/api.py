@@ -12,14 +12,17 @@ import secrets
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import routes_annotations, routes_images, routes_latents, routes_patients
+from .routes_annotations import annotations_router
+from .routes_images import images_router, uploads_router
+from .routes_latents import latent_router, overview_router, run_router
+from .routes_patients import classify_router, patients_router
 from .activations import BackboneUnavailable
 from .annotations import DamagedAnnotations, clean_text
 from .guards import HostGuard, MethodGuard, allowed_hosts, is_loopback
@@ -31,6 +34,25 @@ from .state import Explorer, FastJSON
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(str(resources.files("cytosae.explorer") / "static"))
+
+# one router per page or resource, included in this order (a new page: its module's router, one line here)
+ROUTERS: tuple[APIRouter, ...] = (
+    run_router,
+    overview_router,
+    latent_router,
+    images_router,
+    uploads_router,
+    patients_router,
+    classify_router,
+    annotations_router,
+)
+
+page_router = APIRouter()  # the one HTML page; included only when the app serves its static files
+
+
+@page_router.get("/", include_in_schema=False)
+def index():
+    return FileResponse(STATIC_DIR / "index.html")
 
 
 class ErrorOut(BaseModel):
@@ -79,16 +101,12 @@ def create_app(run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTE
                   description="Browse, inspect and name the latents of a sparse autoencoder trained on "
                               "a hematology foundation model's activations.")
     app.state.explorer = ex
-    _error_handlers(app, ex)
-    for routes in (routes_latents, routes_images, routes_patients, routes_annotations):
-        routes.register(app, ex)
-
+    _error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
     if static:
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-        @app.get("/", include_in_schema=False)
-        def index():
-            return FileResponse(STATIC_DIR / "index.html")
+        app.include_router(page_router)
 
     # added last = outermost: security headers on every answer, then foreign hosts refused before anything is parsed
     app.add_middleware(MethodGuard, routes=lambda: app.routes)
@@ -98,45 +116,42 @@ def create_app(run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTE
     return app
 
 
-def _error_handlers(app: FastAPI, ex: Explorer) -> None:
-    def answer(status: int, detail, headers=None):
-        if isinstance(detail, str):
-            detail = ex.redact(clean_text(detail))
-        return FastJSON({"detail": detail}, status_code=status, headers=headers)
+# run-file problems the routes let through, and the status each is answered with
+KNOWN_ERRORS = {MissingData: 404, DamagedData: 503, DamagedAnnotations: 503, OutsideRoots: 403, BackboneUnavailable: 503}
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        return answer(exc.status_code, exc.detail, getattr(exc, "headers", None))
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError):
-        # never echo the input: it may hold text that cannot be encoded (a lone surrogate) or be huge
-        errors = [{"loc": [clean_text(str(p)) if isinstance(p, str) else p for p in e.get("loc", ())],
-                   "msg": clean_text(str(e.get("msg", ""))), "type": str(e.get("type", ""))} for e in exc.errors()]
-        return FastJSON({"detail": errors}, status_code=422)
+def _error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    for exc_type, status in KNOWN_ERRORS.items():
+        app.add_exception_handler(exc_type, _answer_with(status))
+    app.add_exception_handler(Exception, _unexpected)
 
-    @app.exception_handler(MissingData)
-    async def _missing(_: Request, exc: MissingData):
-        return answer(404, str(exc))
 
-    @app.exception_handler(DamagedData)
-    async def _damaged(_: Request, exc: DamagedData):
-        return answer(503, str(exc))
+def _answer(request: Request, status: int, detail, headers=None) -> FastJSON:
+    if isinstance(detail, str):
+        detail = request.app.state.explorer.redact(clean_text(detail))
+    return FastJSON({"detail": detail}, status_code=status, headers=headers)
 
-    @app.exception_handler(DamagedAnnotations)
-    async def _damaged_annotations(_: Request, exc: DamagedAnnotations):
-        return answer(503, str(exc))
 
-    @app.exception_handler(OutsideRoots)
-    async def _outside(_: Request, exc: OutsideRoots):
-        return answer(403, str(exc))
+def _answer_with(status: int):
+    async def handler(request: Request, exc: Exception):
+        return _answer(request, status, str(exc))
+    return handler
 
-    @app.exception_handler(BackboneUnavailable)
-    async def _no_backbone(_: Request, exc: BackboneUnavailable):
-        return answer(503, str(exc))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s", request.url.path)
-        return FastJSON({"detail": f"internal error ({type(exc).__name__}); the explorer's log has the details"},
-                        status_code=500)
+async def _http(request: Request, exc: StarletteHTTPException):
+    return _answer(request, exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+
+async def _invalid(_: Request, exc: RequestValidationError):
+    # never echo the input: it may hold text that cannot be encoded (a lone surrogate) or be huge
+    errors = [{"loc": [clean_text(str(p)) if isinstance(p, str) else p for p in e.get("loc", ())],
+               "msg": clean_text(str(e.get("msg", ""))), "type": str(e.get("type", ""))} for e in exc.errors()]
+    return FastJSON({"detail": errors}, status_code=422)
+
+
+async def _unexpected(request: Request, exc: Exception):
+    log.exception("unexpected error on %s", request.url.path)
+    return FastJSON({"detail": f"internal error ({type(exc).__name__}); the explorer's log has the details"},
+                    status_code=500)

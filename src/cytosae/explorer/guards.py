@@ -17,6 +17,7 @@ import socket
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, urlsplit
 
+from fastapi.routing import iter_route_contexts
 from starlette.routing import Match, Mount
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -129,8 +130,9 @@ class MethodGuard:
 
     def _allowed(self, scope) -> set[str]:
         allowed: set[str] = set()
-        for route in self.routes():
-            if isinstance(route, Mount):
+        # app.routes holds one node per included router (FastAPI >= 0.137): iter_route_contexts lists their routes
+        for route in iter_route_contexts(self.routes()):
+            if isinstance(route.original_route, Mount):
                 if route.matches(scope)[0] != Match.NONE:
                     allowed |= {"GET", "HEAD"}
                 continue

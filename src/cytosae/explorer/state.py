@@ -10,9 +10,10 @@ import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Annotated
 
 import pandas as pd
-from fastapi import HTTPException
+from fastapi import Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from .activations import Encoder, ImageActivations
@@ -29,6 +30,7 @@ MAX_K = 200
 LATENT_ID = re.compile(r"[0-9]{1,12}")
 ABS_PATH = re.compile(r"(?<![\w.:/\]])/[^\s'\"`,;()<>]+")
 MAX_LATENT_QUERY = 2**31  # anything larger is answered 422, without int overflow in numpy
+MAX_UPLOADS = 32  # uploads kept in memory (oldest dropped first): each holds its PNG and activations
 
 
 class FastJSON(JSONResponse):
@@ -137,6 +139,12 @@ class Explorer:
             raise HTTPException(404, f"upload {upload_id!r} is unknown or expired; upload the image again")
         return up
 
+    def remember_upload(self, upload_id: str, entry: dict) -> None:
+        with self._lock:
+            self.uploads[upload_id] = entry
+            while len(self.uploads) > MAX_UPLOADS:
+                self.uploads.popitem(last=False)
+
     def redact(self, text: str) -> str:
         """`text` without absolute server paths: the run becomes RUN, data folders DATA[name], anything else its name."""
         if not hasattr(self, "_redactions"):
@@ -163,6 +171,15 @@ class Explorer:
 
     def annotation_names(self) -> dict[int, dict]:
         return {a.latent: a.to_dict() for a in self.annotations.all()}
+
+
+async def get_explorer(request: Request) -> Explorer:
+    """The app's Explorer, for route handlers (`ex: ExplorerDep`). async: FastAPI would run a plain def in the
+    thread pool, one more hop on every request for a lookup."""
+    return request.app.state.explorer
+
+
+ExplorerDep = Annotated[Explorer, Depends(get_explorer)]
 
 
 def patch_index(acts: ImageActivations, patch: int) -> int:
