@@ -103,8 +103,20 @@ def build_report(run_dir, out, n_latents: int = 200, n_images: int = 12, k: int 
 
     first = next((o for o in overviews.values() if o), None)
     latents = _choose_latents(first, annotated, n_latents) if first else []
-    images: list[tuple[str, str]] = []
     pngs: set[tuple[str, str]] = set()
+    images = _render_latents(site, latents, k, n_images, pngs)
+    for ds, image_id in images:
+        _render_image(site, ds, image_id, pngs)
+    _write_page(out, latents, images)
+    files = sum(1 for _ in out.rglob("*") if _.is_file())
+    return {"out": str(out), "latent_pages": len(latents), "image_pages": len(images), "latents": latents,
+            "images": images, "files": files}
+
+
+def _render_latents(site: _Site, latents: list[int], k: int, n_images: int, pngs: set) -> list[tuple[str, str]]:
+    """Each latent's page, heatmaps and top-image files; returns the first `n_images` top images for image pages.
+    `pngs` collects the image files written."""
+    images: list[tuple[str, str]] = []
     for j in latents:
         page = site.json(f"latents/{j}")
         if page is None:
@@ -119,21 +131,26 @@ def build_report(run_dir, out, n_latents: int = 200, n_images: int = 12, k: int 
                         site.image("image/file", {"dataset": ds, "image_id": it["image_id"]})
                     if key not in images and len(images) < n_images:
                         images.append(key)
+    return images
 
-    for ds, image_id in images:
-        info = site.json("image", {"dataset": ds, "image_id": image_id})
-        if info is None:
-            continue
-        overlay = {t["latent"] for t in info["top_cls"] + info["top_patch_max"]}
-        for p in range(info["n_patches"]):
-            patch = site.json("image/patch", {"dataset": ds, "image_id": image_id, "patch": p})
-            if patch and patch["top"]:
-                overlay.add(patch["top"][0]["latent"])
-        for j in sorted(overlay):
-            site.json("image/heatmap", {"dataset": ds, "image_id": image_id, "latent": j})
-        if (ds, image_id) not in pngs:
-            site.image("image/file", {"dataset": ds, "image_id": image_id})
 
+def _render_image(site: _Site, ds: str, image_id: str, pngs: set) -> None:
+    """An image page: its summary, every patch, the heatmap of each latent the page can overlay, and the file."""
+    info = site.json("image", {"dataset": ds, "image_id": image_id})
+    if info is None:
+        return
+    overlay = {t["latent"] for t in info["top_cls"] + info["top_patch_max"]}
+    for p in range(info["n_patches"]):
+        patch = site.json("image/patch", {"dataset": ds, "image_id": image_id, "patch": p})
+        if patch and patch["top"]:
+            overlay.add(patch["top"][0]["latent"])
+    for j in sorted(overlay):
+        site.json("image/heatmap", {"dataset": ds, "image_id": image_id, "latent": j})
+    if (ds, image_id) not in pngs:
+        site.image("image/file", {"dataset": ds, "image_id": image_id})
+
+
+def _write_page(out: Path, latents: list[int], images: list[tuple[str, str]]) -> None:
     # the same page and scripts as the live explorer, plus a flag that switches app.js to data/*.js
     shutil.copytree(STATIC_DIR, out / "static", dirs_exist_ok=True)
     index = (STATIC_DIR / "index.html").read_text().replace(
@@ -141,6 +158,3 @@ def build_report(run_dir, out, n_latents: int = 200, n_images: int = 12, k: int 
     atomic_write_bytes(out / "index.html", index.encode())
     atomic_write_bytes(out / "data" / "static.js", ("window.CYTOSAE_STATIC = " + json.dumps(
         {"latents": latents, "images": [list(x) for x in images]}) + ";\nwindow.CYTOSAE_DATA = {};\n").encode())
-    files = sum(1 for _ in out.rglob("*") if _.is_file())
-    return {"out": str(out), "latent_pages": len(latents), "image_pages": len(images), "latents": latents,
-            "images": images, "files": files}
