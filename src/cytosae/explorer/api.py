@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import routes_annotations, routes_images, routes_latents, routes_patients
+from . import routes_annotations, routes_images, routes_latents, routes_patients, routes_validation
 from .activations import BackboneUnavailable
 from .annotations import DamagedAnnotations, clean_text
 from .guards import HostGuard, MethodGuard, allowed_hosts, is_loopback
@@ -82,6 +82,7 @@ def create_app(run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTE
     _error_handlers(app, ex)
     for routes in (routes_latents, routes_images, routes_patients, routes_annotations):
         routes.register(app, ex)
+    app.include_router(routes_validation.router)
 
     if static:
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -89,6 +90,10 @@ def create_app(run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTE
         @app.get("/", include_in_schema=False)
         def index():
             return FileResponse(STATIC_DIR / "index.html")
+
+        @app.get("/validate", include_in_schema=False)
+        def validate_page():
+            return FileResponse(STATIC_DIR / "validate.html")
 
     # added last = outermost: security headers on every answer, then foreign hosts refused before anything is parsed
     app.add_middleware(MethodGuard, routes=lambda: app.routes)
