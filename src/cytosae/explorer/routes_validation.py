@@ -15,10 +15,11 @@ from pydantic import BaseModel, Field
 from .annotations import MAX_NAME, InvalidAnnotation
 from .rundir import DamagedData
 from .state import MAX_LATENT_QUERY, Explorer
-from .validation import (MAX_EXPERT, NO_DESCRIPTION, Answer, ValidationStore, open_validation, read_descriptions,
-                         sample_latents)
+from .validation import (MAX_EXPERT, NO_DESCRIPTION, Answer, ValidationStore, open_validation,
+                         read_descriptions, sample_latents)
 
 NO_NUL = r"^[^\x00]*$"
+EXPERT = r"^[^\x00]*[^\s\x00][^\x00]*$"  # some text besides spaces: the name identifies the session
 MAX_IMAGES = 24
 router = APIRouter(prefix="/api/validation", tags=["validation"])
 _opening = threading.Lock()
@@ -38,12 +39,12 @@ def store(request: Request) -> ValidationStore:
 
 
 class StartIn(BaseModel):
-    expert: str = Field(..., min_length=1, max_length=MAX_EXPERT, pattern=NO_NUL)
+    expert: str = Field(..., min_length=1, max_length=MAX_EXPERT, pattern=EXPERT)
     n: int | None = Field(None, ge=1, le=MAX_LATENT_QUERY, description="how many latents to judge; none = all")
 
 
 class AnswerIn(BaseModel):
-    expert: str = Field(..., min_length=1, max_length=MAX_EXPERT, pattern=NO_NUL)
+    expert: str = Field(..., min_length=1, max_length=MAX_EXPERT, pattern=EXPERT)
     latent: int = Field(..., ge=0, le=MAX_LATENT_QUERY)
     answer: Answer
     name: str = Field("", max_length=MAX_NAME, pattern=NO_NUL, description="the concept the expert sees, if any")
@@ -118,18 +119,18 @@ def start_session(body: StartIn, ex: Explorer = Depends(explorer), vs=Depends(st
 
 
 @router.get("/session", summary="An expert's progress: answers given and where to resume", response_model=SessionOut)
-def get_session(expert: str = Query(..., min_length=1, max_length=MAX_EXPERT), vs=Depends(store)):
+def get_session(expert: str = Query(..., min_length=1, max_length=MAX_EXPERT, pattern=EXPERT), vs=Depends(store)):
     s = _session(vs, expert)
     return s.progress(vs.answers(s.expert))
 
 
 @router.get("/item", summary="The latent at one position of an expert's session, with its top images",
             response_model=ItemOut)
-def get_item(expert: str = Query(..., min_length=1, max_length=MAX_EXPERT), position: int = Query(..., ge=0),
+def get_item(expert: str = Query(..., min_length=1, max_length=MAX_EXPERT, pattern=EXPERT), position: int = Query(..., ge=0),
              k: int = Query(8, ge=1, le=MAX_IMAGES), ex: Explorer = Depends(explorer), vs=Depends(store)):
     s = _session(vs, expert)
     if position >= len(s.latents):
-        raise HTTPException(400, f"position must be in 0..{len(s.latents) - 1}, got {position}")
+        raise HTTPException(404, f"no position {position} in this session: positions are 0..{len(s.latents) - 1}")
     latent = ex.latent(s.latents[position])
     top = ex.run.table("stats/top_images")
     if top is None:
@@ -151,7 +152,7 @@ def put_answer(body: AnswerIn, vs=Depends(store)):
         saved = vs.answer(body.expert, body.latent, body.answer, body.name, body.saw_description)
     except InvalidAnnotation as exc:
         raise _bad(exc) from None
-    except LookupError as exc:
+    except LookupError as exc:  # no session, or a latent it does not show
         raise HTTPException(404, str(exc)) from None
     s = _session(vs, body.expert)
     return {**saved, "session": s.progress(vs.answers(s.expert))}

@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS validation_answers (
 """
 
 
+class NotInSession(LookupError):
+    """The latent is not one of those this expert's session shows."""
+
+
 def check_expert(expert: str) -> str:
     """The expert's name, trimmed; InvalidAnnotation when it is empty, too long or not text."""
     expert = (expert or "").strip()
@@ -172,7 +176,7 @@ class ValidationStore:
         if session is None:
             raise LookupError(f"expert {expert!r} has not started a validation session; start one first")
         if latent not in session.latents:
-            raise InvalidAnnotation(f"latent {latent} is not among the {len(session.latents)} latents of this session")
+            raise NotInSession(f"latent {latent} is not among the {len(session.latents)} latents of this session")
         updated = _now()
         self._write("INSERT INTO validation_answers (expert, latent, answer, name, saw_description, updated) "
                     "VALUES (?,?,?,?,?,?) ON CONFLICT(expert, latent) DO UPDATE SET answer=excluded.answer, "
