@@ -69,7 +69,8 @@ def test_agreement_summary_values():
     assert (s["coherent_latents"], s["latents_judged"]) == (2, 5)  # latent 0 (2 of 2) and 9 (1 of 1); 1 is a tie
     assert s["coherent_share"] == pytest.approx(0.4)
     assert s["names_vs_best_class"] == {"compared": 3, "matching": 1, "share": pytest.approx(1 / 3), "note": None}
-    assert s["per_latent"][1] == {"latent": 1, "n": 2, "modal": C, "agreement": 0.5,
+    assert s["per_latent"][0]["tied"] is False
+    assert s["per_latent"][1] == {"latent": 1, "n": 2, "modal": C, "tied": True, "agreement": 0.5,
                                   "counts": {C: 1, N: 1, U: 0}}
 
 

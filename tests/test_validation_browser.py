@@ -133,6 +133,13 @@ def test_two_blinded_experts_resume_and_agree(server, browser):
     text = pg.inner_text("body") + "".join(bodies)
     for secret in ("Ana", names["Ana"]):
         assert secret not in text, secret  # neither on the page nor in any API answer Bea's browser received
+    # the same name on another machine resumes the session (here: a finished one)
+    pg.click("#v-switch")
+    pg.fill("#v-expert", "Ana")
+    pg.fill("#v-n", "2")
+    pg.click("#v-begin")
+    pg.wait_for_selector("#v-done")
+    assert pg.inner_text("#v-msg") == "Welcome back: your session of 4 latents resumes here."
     ctx.close()
     assert not errors, errors
 

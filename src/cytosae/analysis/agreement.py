@@ -93,8 +93,10 @@ def agreement(answers: list[dict], descriptions: pd.DataFrame | None = None) -> 
     for latent, g in df.groupby("latent", sort=True):
         counts = Counter(g["answer"])
         top = max(ANSWERS, key=lambda c: (counts[c], -ANSWERS.index(c)))
-        per_latent.append({"latent": int(latent), "n": len(g), "modal": top, "agreement": modal_share(list(g["answer"])),
-                           "counts": {c: counts[c] for c in ANSWERS}})
+        # a tie is reported as such; `modal` is then the first tied answer in ANSWERS order
+        tied = sum(counts[c] == counts[top] for c in ANSWERS) > 1
+        per_latent.append({"latent": int(latent), "n": len(g), "modal": top, "tied": tied,
+                           "agreement": modal_share(list(g["answer"])), "counts": {c: counts[c] for c in ANSWERS}})
     multi = [p["agreement"] for p in per_latent if p["n"] >= 2]
     # judged coherent: more than half of the latent's experts said so
     coherent = sum(p["counts"]["coherent"] * 2 > p["n"] for p in per_latent)

@@ -63,13 +63,16 @@ class StartOut(SessionOut):
     started: bool = Field(description="true when this call created the session, false when it resumed one")
 
 
-class AnswerOut(BaseModel):
-    expert: str
+class GivenOut(BaseModel):
+    expert: str = Field(description="the expert who asked: never anyone else")
     latent: int
     answer: Answer
     name: str
     saw_description: bool
     updated: str
+
+
+class AnswerOut(GivenOut):
     session: SessionOut
 
 
@@ -84,7 +87,7 @@ class ItemOut(BaseModel):
     position: int
     latent: int
     session: SessionOut
-    answer: dict | None = Field(description="this expert's own answer to this latent, if given")
+    answer: GivenOut | None = Field(description="this expert's own answer to this latent, if given")
     top_images: dict[str, dict[str, list[ImageOut]]] = Field(description="dataset -> image|patch -> images")
 
 

@@ -61,7 +61,8 @@ function viewStart(error) {
     try {
       const s = await send("POST", "validation/session", { expert: name.value, n: n.value ? Number(n.value) : null });
       localStorage.setItem(EXPERT_KEY, s.expert);
-      show(s.expert, s.next);
+      await show(s.expert, null);
+      if (!s.started) document.getElementById("v-who").after(message(`Welcome back: your session of ${s.n} latents resumes here.`, "ok"));
     } catch (e) { form.after(message(e.message, "error")); }
   });
   $app.replaceChildren(h("h1", {}, "Expert validation"),
