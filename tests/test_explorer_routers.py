@@ -39,6 +39,12 @@ OPERATIONS = {
     ("GET", "/api/annotations/{latent}", "get_annotation_api_annotations__latent__get"),
     ("PUT", "/api/annotations/{latent}", "put_annotation_api_annotations__latent__put"),
     ("DELETE", "/api/annotations/{latent}", "delete_annotation_api_annotations__latent__delete"),
+    # added since, by expert validation (issue #19)
+    ("POST", "/api/validation/session", "start_session_api_validation_session_post"),
+    ("GET", "/api/validation/session", "get_session_api_validation_session_get"),
+    ("GET", "/api/validation/item", "get_item_api_validation_item_get"),
+    ("PUT", "/api/validation/answer", "put_answer_api_validation_answer_put"),
+    ("GET", "/api/validation/description/{latent}", "get_description_api_validation_description__latent__get"),
 }
 
 
@@ -61,7 +67,7 @@ def test_the_operations_are_the_ones_the_api_had(app):
     ops = {(m.upper(), path, op["operationId"]) for path, methods in spec["paths"].items() for m, op in methods.items()}
     assert ops == OPERATIONS
     # the page itself is a route too, outside the schema; with static=False (the report) it is absent
-    assert {r.path for r in _api_routes(app) if not r.include_in_schema} == {"/"}
+    assert {r.path for r in _api_routes(app) if not r.include_in_schema} == {"/", "/validate"}
 
 
 def test_route_modules_hold_routers_not_register_functions():
@@ -82,7 +88,12 @@ def test_every_handler_gets_the_explorer_from_the_dependency(app):
     routes = [r for r in _api_routes(app) if r.include_in_schema]
     assert len(routes) == len(OPERATIONS)
     for r in routes:
-        assert get_explorer in [d.call for d in r.dependant.dependencies], r.path
+        assert get_explorer in _calls(r.dependant), r.path
+
+
+def _calls(dependant) -> list:
+    """Every dependency a route resolves, nested ones included (the validation store needs the Explorer too)."""
+    return [c for d in dependant.dependencies for c in [d.call, *_calls(d)]]
 
 
 def test_explorer_functions_stay_short():

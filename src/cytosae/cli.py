@@ -476,21 +476,63 @@ def annotations_export(
     format: str = typer.Option("csv", "--format", help="csv | json"),
     out: Path = typer.Option(..., "--out", help="File to write."),
 ) -> None:
-    """Export every latent annotation (name, tags, note, status, author, time)."""
+    """Export every latent annotation (name, tags, note, status, author, time) and the experts' validation answers
+    (JSON: a `validation` list; CSV: a second file, OUT's name + .validation.csv)."""
     from cytosae.explorer.annotations import AnnotationStore, DamagedAnnotations, export
+    from cytosae.explorer.validation import ValidationStore, answers_csv_path, export_answers_csv
 
+    db = _annotations_db(run_dir)
+    if format not in ("csv", "json"):
+        _fail(f"--format must be csv or json, got {format!r}")
+    try:
+        answers = ValidationStore(db).all_answers()
+        n = export(AnnotationStore(db), out, format, validation=answers)
+        if format == "csv" and answers:
+            export_answers_csv(answers, answers_csv_path(out))
+    except DamagedAnnotations as exc:
+        _fail(str(exc))
+    typer.echo(f"{n} annotations from {db} -> {out} ({format})")
+    if answers:
+        typer.echo(f"{len(answers)} validation answers -> "
+                   f"{answers_csv_path(out) if format == 'csv' else str(out) + ' (validation)'}")
+
+
+def _annotations_db(run_dir: Path) -> Path:
     from cytosae.run import ANNOTATIONS
 
     db = run_dir / ANNOTATIONS
     if not db.is_file():
         _fail(f"{db} does not exist: no annotations have been made in this run yet")
-    if format not in ("csv", "json"):
-        _fail(f"--format must be csv or json, got {format!r}")
+    return db
+
+
+@annotations_app.command("agreement")
+def annotations_agreement(
+    run_dir: Path = typer.Argument(..., help="Run directory holding annotations.sqlite."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full summary (with per-latent agreement) as JSON."),
+) -> None:
+    """How far the experts who validated latents in the explorer agree: per-latent agreement, Cohen's kappa (two
+    experts) or Fleiss' kappa (three or more), share judged coherent, names vs the description's best class."""
+    import json
+
+    from cytosae.analysis.agreement import agreement, lines
+    from cytosae.explorer.annotations import DamagedAnnotations
+    from cytosae.explorer.validation import ValidationStore, read_descriptions
+
+    db = _annotations_db(run_dir)
     try:
-        n = export(AnnotationStore(db), out, format)
-    except DamagedAnnotations as exc:
+        answers = ValidationStore(db).all_answers()
+        descriptions = read_descriptions(run_dir)
+    except (DamagedAnnotations, ValueError) as exc:
         _fail(str(exc))
-    typer.echo(f"{n} annotations from {db} -> {out} ({format})")
+    if not answers:
+        _fail(f"{db} holds no validation answers: experts give them on the explorer's Expert validation page")
+    summary = agreement(answers, descriptions)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+    else:
+        for line in lines(summary):
+            typer.echo(line)
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -81,6 +81,15 @@ def check_readable(path: Path) -> None:
         raise DamagedAnnotations(path, f"quick_check: {problems[0]}")
 
 
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to annotations.sqlite in autocommit mode (transactions are explicit), WAL, fully synced."""
+    # A connection per call: FastAPI runs handlers on a thread pool and sqlite3 connections are per-thread.
+    con = sqlite3.connect(path, timeout=10, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    return con
+
+
 def clean_text(text: str) -> str:
     """`text` as valid Unicode: surrogate pairs joined, lone surrogates (not encodable as UTF-8) replaced by U+FFFD."""
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
@@ -192,11 +201,7 @@ class AnnotationStore:
             self._snap = None
 
     def _connect(self) -> sqlite3.Connection:
-        # A connection per call: FastAPI runs handlers on a thread pool and sqlite3 connections are per-thread.
-        con = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=FULL")
-        return con
+        return connect(self.path)
 
     @staticmethod
     def _row(r) -> Annotation:
@@ -287,12 +292,17 @@ def spreadsheet_safe(value):
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
-def export(store: AnnotationStore, out: str | Path, fmt: str = "csv") -> int:
+def export(store: AnnotationStore, out: str | Path, fmt: str = "csv", validation: list[dict] | None = None) -> int:
     """Write every annotation to `out` (atomic) as csv or json; returns the number written. CSV cells that a
-    spreadsheet would run as formulas get a leading ' (see spreadsheet_safe); JSON keeps the exact text."""
+    spreadsheet would run as formulas get a leading ' (see spreadsheet_safe); JSON keeps the exact text.
+    `validation`: the experts' answers (explorer/validation.py), added to the JSON as a list of their own; a CSV
+    has one table's columns, so the caller writes them to a second file."""
     rows = [a.to_dict() for a in store.all()]
     if fmt == "json":
-        data = (json.dumps({"annotations": rows, "statuses": list(STATUSES)}, indent=1) + "\n").encode()
+        doc = {"annotations": rows, "statuses": list(STATUSES)}
+        if validation is not None:
+            doc["validation"] = validation
+        data = (json.dumps(doc, indent=1) + "\n").encode()
     elif fmt == "csv":
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(FIELDS))

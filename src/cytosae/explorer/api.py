@@ -23,6 +23,7 @@ from .routes_annotations import annotations_router
 from .routes_images import images_router, uploads_router
 from .routes_latents import latent_router, overview_router, run_router
 from .routes_patients import classify_router, patients_router
+from .routes_validation import validation_router
 from .activations import BackboneUnavailable
 from .annotations import DamagedAnnotations, clean_text
 from .guards import HostGuard, MethodGuard, allowed_hosts, is_loopback
@@ -45,6 +46,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     patients_router,
     classify_router,
     annotations_router,
+    validation_router,
 )
 
 page_router = APIRouter()  # the one HTML page; included only when the app serves its static files
@@ -53,6 +55,11 @@ page_router = APIRouter()  # the one HTML page; included only when the app serve
 @page_router.get("/", include_in_schema=False)
 def index():
     return FileResponse(STATIC_DIR / "index.html")
+
+
+@page_router.get("/validate", include_in_schema=False)
+def validate_page():
+    return FileResponse(STATIC_DIR / "validate.html")
 
 
 class ErrorOut(BaseModel):

@@ -554,6 +554,7 @@ document.getElementById("global-search").addEventListener("submit", async ev => 
   } catch (e) { showError($app, e); }
 });
 (async function start() {
+  if (STATIC) document.getElementById("validate-link").remove();  // answers need the server
   try { state.run = await api(u("run", {})); }
   catch (e) { $app.replaceChildren(h("p", { class: "error" }, "cannot read the run: " + e.message)); return; }
   document.getElementById("run-name").textContent = `${state.run.run} · ${state.run.n_latents} latents · ${state.run.datasets.map(d => d.name).join(", ")}`;
