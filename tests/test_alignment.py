@@ -176,3 +176,66 @@ def test_cli_align_on_explicit_paths_without_a_run(tmp_path):
     assert summary["seed"] == 3 and summary["dataset"] == "cells"
     missing = CliRunner().invoke(app, ["align", str(tmp_path / "sae")])
     assert missing.exit_code == 2 and "STORE is missing" in missing.output
+
+
+# ---------------------------------------------------------------- sparse probing (SAEBench), issue #18 item 2
+
+
+def test_top_by_mean_difference_picks_the_columns_most_higher_in_the_class():
+    from cytosae.analysis.probing import top_by_mean_difference
+
+    positive = np.array([True, True, False, False])
+    s = np.array([[1.0, 5.0, 0.0, 2.0], [1.0, 5.0, 0.0, 2.0], [0.0, 0.0, 3.0, 2.0], [0.0, 0.0, 3.0, 2.0]])
+    # mean differences 1, 5, -3, 0: the class-high columns first, a class-low one last
+    assert top_by_mean_difference(s, positive, 2).tolist() == [1, 0]
+    assert top_by_mean_difference(s, positive, 10).tolist() == [1, 0, 3, 2]
+
+
+def test_sparse_probing_on_planted_latents_is_perfect_and_equals_a_direct_computation(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from cytosae.analysis.probing import sparse_probing, top_by_mean_difference
+    from cytosae.analysis.spliced import cell_folds
+
+    store, _ = _planted_store(tmp_path)
+    sae = _planted_sae(tmp_path / "run" / "sae")
+    res = compute_alignment(sae, store, token_policy="any_patch", seed=0, max_clusters=8)
+    table = pd.DataFrame(res.summary["probing"]["table"]).set_index(["method", "m"])
+    assert set(table.index.get_level_values("method")) == {"sae", "pca", "kmeans", "untrained_sae", "raw"}
+    assert sorted(table.loc["sae"].index) == [1, 2, 5, N_LATENTS]  # m capped at the SAE's width
+    assert sorted(table.loc["raw"].index) == [1, 2, 5, D]  # and the raw embedding's every dimension
+    assert table.loc[("sae", 1), "balanced_accuracy"] == 1.0 and table.loc[("sae", 1), "auroc"] == 1.0
+    assert table.loc[("raw", D), "balanced_accuracy"] == 1.0
+    assert (table.n_classes == 3).all()
+    assert "stratified" in res.summary["probing"]["folds"] and "balanced accuracy" in res.summary["probing"]["definitions"]
+    assert set(res.probing.columns) == {"method", "m", "class", "balanced_accuracy", "auroc", "n_folds"}
+
+    # the same figure by hand for one method, m and class: selection on the training rows only, then the probe
+    rng = np.random.default_rng(1)
+    labels = np.array(rng.choice(CLASSES, size=90), dtype=object)
+    scores = rng.normal(size=(90, 12))
+    scores[:, 7] += 0.8 * (labels == "b")
+    got, _ = sparse_probing({"m": scores}, labels, CLASSES, ms=(2,))
+    folds, _ = cell_folds(labels, None)
+    want = []
+    for train, test in folds:
+        cols = top_by_mean_difference(scores[train], labels[train] == "b", 2)
+        model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000))
+        model.fit(scores[train][:, cols], labels[train] == "b")
+        want.append(balanced_accuracy_score(labels[test] == "b", model.predict_proba(scores[test][:, cols])[:, 1] >= 0.5))
+    row = got.set_index(["method", "m", "class"]).loc[("m", 2, "b")]
+    assert row.balanced_accuracy == pytest.approx(np.mean(want), abs=1e-12) and row.n_folds == len(folds)
+
+
+def test_sparse_probing_folds_are_grouped_by_patient_when_the_store_has_patients(tmp_path):
+    store, _ = _planted_store(tmp_path)
+    sae = _planted_sae(tmp_path / "run" / "sae")
+    store.images["patient_id"] = [f"p{i % 6}" for i in range(len(store.images))]
+    res = compute_alignment(sae, store, token_policy="cls", max_clusters=4)
+    assert "grouped by patient_id" in res.summary["probing"]["folds"]
+    paths = write_alignment(res, tmp_path / "q")
+    assert pd.read_parquet(tmp_path / "q" / "probing.parquet").equals(res.probing.reset_index(drop=True))
+    assert paths[-1].name == "probing.parquet"

@@ -45,6 +45,7 @@ class Alignment:
     table: pd.DataFrame      # one row per method: mean best AP, mean Purity@16, mean Coverage@0.3, ...
     per_class: pd.DataFrame  # one row per method x class: best latent, its AP, AUROC, purity, coverage
     summary: dict = field(default_factory=dict)
+    probing: pd.DataFrame | None = None  # one row per method x m x class: sparse probing (analysis.probing)
 
 
 # ---------------------------------------------------------------- exact AP / AUROC for every latent at once
@@ -110,10 +111,12 @@ def class_alignment(scores: np.ndarray, labels: np.ndarray, classes: list[str], 
 
 
 def image_scores(encoders: dict[str, tuple[Encoder, int]], images: Iterable[tuple[list[str], torch.Tensor]],
-                 token_policy: str, device: str | torch.device = "cpu", max_cells: int = 500_000_000
-                 ) -> tuple[list[str], dict[str, np.ndarray]]:
+                 token_policy: str, device: str | torch.device = "cpu", max_cells: int = 500_000_000,
+                 pooling: dict[str, str] | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
     """One pass over (ids, tokens (b, T, D)): every encoder's (n_images, L) image-level scores, pooled by
-    `token_policy` (cell_activation). `encoders`: name -> (encode (N, D) -> (N, L), L)."""
+    `token_policy` (cell_activation) or by its own policy in `pooling`. `encoders`: name -> (encode (N, D) ->
+    (N, L), L)."""
+    pooling = pooling or {}
     from cytosae.analysis.patients import cell_activation
 
     ids: list[str] = []
@@ -128,7 +131,7 @@ def image_scores(encoders: dict[str, tuple[Encoder, int]], images: Iterable[tupl
             x = tokens.to(device, non_blocking=True).reshape(-1, d)
             for name, (encode, n_out) in encoders.items():
                 z = encode(x).reshape(b, t, n_out).float()
-                parts[name].append(cell_activation(z, token_policy).cpu().numpy())
+                parts[name].append(cell_activation(z, pooling.get(name, token_policy)).cpu().numpy())
             ids += list(batch_ids)
     if not ids:
         raise ValueError("the store has no images to measure alignment on")
@@ -216,11 +219,15 @@ def compute_alignment(sae, store, label_column: str = "label", token_policy: str
     encoders = {"sae": (sae.encode, n_latents),
                 "pca": pca_encoder(sample, n_latents, seed, device),
                 "kmeans": kmeans_encoder(sample, n_latents, max_clusters, seed, device),
-                "untrained_sae": (untrained_like(sae, seed).encode, n_latents)}
-    ids, scores = image_scores(encoders, store.iter_images(batch_size), token_policy, device, max_cells)
+                "untrained_sae": (untrained_like(sae, seed).encode, n_latents),
+                "raw": (lambda x: x, store.d_model)}  # the embedding itself, for sparse probing only
+    ids, scores = image_scores(encoders, store.iter_images(batch_size), token_policy, device, max_cells,
+                               pooling={"raw": "cls" if token_policy == "cls" else "mean"})
     labels = np.array([label_of.get(i) for i in ids], dtype=object)
     known = np.array([lab is not None for lab in labels])  # an unlabelled cell is no negative of every class
     classes = sorted(set(labels[known]))
+    probing, probing_how = _probing(scores, labels, known, classes, images, ids)
+    scores.pop("raw")
     per_class = pd.concat([class_alignment(scores[m][known], labels[known], classes, m) for m in METHODS],
                           ignore_index=True)
     table = summarise(per_class, {m: s.shape[1] for m, s in scores.items()})
@@ -229,8 +236,32 @@ def compute_alignment(sae, store, label_column: str = "label", token_policy: str
                "label_column": label_column, "token_policy": token_policy, "n_tokens": store.n_tokens,
                "d_model": store.d_model, "sae": {"arch": sae.cfg.arch, "n_latents": n_latents},
                "seed": seed, "fit_tokens": int(len(sample)), "max_clusters": max_clusters,
-               "table": table.to_dict("records"), "definitions": DEFINITIONS.strip()}
-    return Alignment(table, per_class, summary)
+               "table": table.to_dict("records"), "definitions": DEFINITIONS.strip(),
+               "probing": _probing_summary(probing, probing_how)}
+    return Alignment(table, per_class, summary, probing)
+
+
+def _probing(scores: dict[str, np.ndarray], labels: np.ndarray, known: np.ndarray, classes: list[str],
+             images: pd.DataFrame, ids: list[str]) -> tuple[pd.DataFrame | None, str]:
+    """Sparse probing of every method and the raw embedding, in folds grouped by patient where there is one;
+    (None, why) when the labelled images cannot be split into folds."""
+    from cytosae.analysis.probing import sparse_probing
+
+    groups = None
+    if "patient_id" in images.columns and images["patient_id"].notna().all():
+        patient_of = dict(zip(images["image_id"].astype(str), images["patient_id"].astype(str)))
+        groups = np.array([patient_of[i] for i in ids], dtype=object)[known]
+    try:
+        return sparse_probing({m: s[known] for m, s in scores.items()}, labels[known], classes, groups)
+    except ValueError as exc:  # a single patient, or a class with one image: no folds to probe in
+        return None, f"not measured: {exc}"
+
+
+def _probing_summary(probing: pd.DataFrame | None, how: str) -> dict:
+    from cytosae.analysis.probing import DEFINITIONS as PROBING_DEFINITIONS, probing_table
+
+    table = [] if probing is None else probing_table(probing).to_dict("records")
+    return {"folds": how, "table": table, "definitions": PROBING_DEFINITIONS.strip()}
 
 
 def _label(value):
@@ -260,4 +291,7 @@ def write_alignment(res: Alignment, out_dir) -> list:
     atomic_write_parquet(paths[0], res.table)
     atomic_write_parquet(paths[1], res.per_class)
     atomic_write_json(paths[2], {**res.summary, "per_class": res.per_class.to_dict("records")})
+    if res.probing is not None:
+        paths.append(out / "probing.parquet")
+        atomic_write_parquet(paths[-1], res.probing)
     return paths

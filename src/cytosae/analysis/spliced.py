@@ -187,7 +187,7 @@ def splice(backbone, store, reconstruct: Reconstruct, layer: int, means: dict, m
 # ---------------------------------------------------------------- what a classifier reads from the final CLS
 
 
-def _folds(y: np.ndarray, groups: np.ndarray | None) -> tuple[list, str]:
+def cell_folds(y: np.ndarray, groups: np.ndarray | None) -> tuple[list, str]:
     """The same cross-validation folds for all three inputs: grouped by patient when patients are known."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
@@ -241,7 +241,7 @@ def downstream(cls_out: dict[str, np.ndarray], images: pd.DataFrame) -> dict:
         try:
             if entry["n_classes"] < 2:
                 raise ValueError(f"one class only ({y[0] if len(y) else 'no labels'})")
-            folds, entry["folds"] = _folds(y, groups)
+            folds, entry["folds"] = cell_folds(y, groups)
             for name, make in models.items():
                 acc = {k: _accuracy(make, cls_out[k][keep], y, folds) for k in INPUTS}
                 entry[name] = {**acc, "recovered": _recovered(acc)}

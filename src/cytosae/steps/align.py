@@ -55,6 +55,20 @@ def run_align(cfg: AlignSettings, run: str | Path | Run | None = None, warn: War
         result.said.append(f"  {r['method']:<14} {r['n_scores']:>6} scores: AP {r['mean_best_ap']:.3f}  AUROC "
                            f"{r['mean_best_auroc']:.3f}  Purity@16 {r['mean_purity@16']:.3f}  Coverage@0.3 "
                            f"{r['mean_coverage@0.3']:.3f}")
+    result.said += _probing_lines(s["probing"])
     result.said.append(f"tables -> {paths[0]}, {paths[1].name}, {paths[2].name} (definitions in {paths[2].name})")
     record(rd, "align", given, started, dataset=cfg.dataset)
     return result
+
+
+def _probing_lines(probing: dict) -> list[str]:
+    """Sparse probing, one line per method: balanced accuracy of a logistic regression on the m best scores."""
+    if not probing["table"]:
+        return [f"sparse probing {probing['folds']}"]
+    out = [f"sparse probing, one class vs the rest, {probing['folds']}: held-out balanced accuracy of a logistic "
+           f"regression on the m scores chosen on training folds, mean over classes:"]
+    by_method: dict[str, list[str]] = {}
+    for r in probing["table"]:
+        by_method.setdefault(r["method"], []).append(f"m={r['m']} {r['balanced_accuracy']:.3f}")
+    out += [f"  {method:<14} " + "  ".join(cells) for method, cells in by_method.items()]
+    return out
