@@ -54,17 +54,18 @@ def group_weights(groups: np.ndarray, n: int, seed: int, chunk_cells: int = 4_00
 
 def weighted_auc(is_pos: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """AUROC of each row of `weights` (how often each unit was drawn), ties counting half: `_auc` of the resampled
-    units, without re-ranking per resample (the sort is shared), so 1,000 draws x repeats x labels stay cheap."""
-    order = np.argsort(score, kind="stable")
-    s, pos_sorted = score[order], is_pos[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # blocks of tied scores
-    w = weights[:, order]
-    pos = np.add.reduceat(w * pos_sorted, starts, axis=1)
-    neg = np.add.reduceat(w * ~pos_sorted, starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg
-    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    units without re-ranking per resample (one sort, then cumulative negative weights), so that 1,000 draws x
+    repeats x labels stay cheap."""
+    neg_order = np.argsort(score[~is_pos], kind="stable")
+    s_neg = score[~is_pos][neg_order]
+    cum = np.zeros((len(weights), len(s_neg) + 1))
+    np.cumsum(weights[:, ~is_pos][:, neg_order], axis=1, out=cum[:, 1:])
+    below = np.searchsorted(s_neg, score[is_pos], side="left")  # negatives scored strictly lower
+    upto = np.searchsorted(s_neg, score[is_pos], side="right")  # ... or tied
+    w_pos = weights[:, is_pos]
+    n_pos, n_neg = w_pos.sum(1), cum[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (pos * (below + neg / 2)).sum(1) / (n_pos * n_neg)
+        auc = (w_pos * (cum[:, below] + cum[:, upto])).sum(1) / 2 / (n_pos * n_neg)
     return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
 
 
