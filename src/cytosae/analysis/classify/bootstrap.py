@@ -25,7 +25,7 @@ def _bootstrap_ci(y: np.ndarray, proba: np.ndarray, classes: list[str], positive
     better than any one repeat: its interval can miss the reported point.)"""
     if n <= 0:
         return {"macro_f1_ci": None, "auroc_ci": None}
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # scikit-learn has no bootstrap CI; these draws are the seeded, tested ones
     codes = np.searchsorted(classes, y)
     probas = proba[None] if proba.ndim == 2 else proba
     preds = [None] * len(probas) if pred is None else (np.asarray(pred)[None] if np.ndim(pred) == 1 else pred)

@@ -15,6 +15,7 @@ def _splits(y: np.ndarray, cfg: ClassifyConfig, n_repeats: int) -> tuple[int, Re
         raise ValueError(f"every class needs at least 2 patients for cross-validation; counts: "
                          f"{pd.Series(y).value_counts().to_dict()}")
     n_splits = min(cfg.n_splits, smallest)
+    # One row per patient, so patients are the rows: StratifiedGroupKFold would add nothing but other folds.
     return n_splits, RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=n_repeats, random_state=cfg.seed)
 
 
