@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cytosae.analysis import compute_latent_stats
-from cytosae.analysis.classify import ClassifyConfig, classify_labels, label_table
+from cytosae.analysis.classify import ClassifyConfig, _auc, classify_labels, classify_multilabel, label_table
 from cytosae.store import ActivationStore, import_embeddings
 
 LABELS = ["effusion", "nodule", "noise"]
@@ -77,3 +77,61 @@ def test_cli_labels_at_image_level(tmp_path):
     r = CliRunner().invoke(app, ["stats", str(tmp_path / "sae"), str(store.path), "--out", str(tmp_path / "s"),
                                  "--labels", "effusion,pleura"])
     assert r.exit_code == 2 and "pleura" in r.output and "Traceback" not in r.output
+
+
+def _copies(m, seed=0, n_patients=30):
+    """`m` identical images per patient (a patient's label and features on each), one weakly carried label."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n_patients) < n_patients // 2
+    x = rng.normal(size=(n_patients, 3))
+    x[:, 0] += 1.0 * y
+    units = [f"p{p:02d}/{k}" for p in range(n_patients) for k in range(m)]
+    rows = np.repeat(np.arange(n_patients), m)
+    return (pd.DataFrame(x[rows], index=units), pd.DataFrame({"a": y[rows]}, index=units),
+            np.array([u.split("/")[0] for u in units]))
+
+
+def test_multilabel_interval_resamples_patients_not_their_images():
+    """Eight copies of each patient's image add no information: resampling images would shrink the interval by
+    about sqrt(8) (to a third: found in review); resampling patients keeps it as wide as one image per patient."""
+    cfg = ClassifyConfig(n_splits=5, n_repeats=2, n_bootstrap=300)
+    x1, y1, g1 = _copies(1)
+    x8, y8, g8 = _copies(8)
+    one = classify_multilabel(x1, y1, cfg, groups=g1)["per_label"]["a"]
+    eight = classify_multilabel(x8, y8, cfg, groups=g8)
+    assert eight["grouped_by_patient"] and eight["n_units"] == 240
+    lo1, hi1 = one["auroc_ci"]
+    lo8, hi8 = eight["per_label"]["a"]["auroc_ci"]
+    assert 0.8 < (hi8 - lo8) / (hi1 - lo1) < 1.25, (one["auroc_ci"], eight["per_label"]["a"]["auroc_ci"])
+
+
+def test_multilabel_interval_belongs_to_the_reported_mean_over_repeats():
+    """No feature varies, so each fold predicts its training prevalence: a unit's score is pulled against its own
+    label, and averaged over 20 repeats this ranks almost perfectly backwards (AUROC near 0), while each repeat's
+    AUROC is about 0.34. The point is the mean over repeats; an interval of the averaged probabilities ([0, 0.02]
+    before the fix) misses it."""
+    n = 40
+    y = np.zeros((n, 1), bool)
+    y[np.random.default_rng(0).permutation(n)[:n // 2], 0] = True
+    x = pd.DataFrame(np.zeros((n, 1)), index=[f"u{i}" for i in range(n)])
+    res = classify_multilabel(x, pd.DataFrame(y, index=x.index, columns=["a"]),
+                              ClassifyConfig(n_splits=5, n_repeats=20, n_bootstrap=200))
+    label = res["per_label"]["a"]
+    lo, hi = label["auroc_ci"]
+    assert 0.25 < label["auroc"] < 0.45 and lo <= label["auroc"] <= hi, label
+    assert _auc(y[:, 0], res["_oof"][:, 0]) < 0.1 < lo  # the ensemble's AUROC is another statistic
+
+
+def test_weighted_auc_is_the_auroc_of_the_resampled_units():
+    from cytosae.analysis.classify import group_weights, weighted_auc
+
+    rng = np.random.default_rng(1)
+    is_pos = rng.random(50) < 0.4
+    score = np.round(rng.random(50), 1)  # many ties
+    groups = np.repeat(np.arange(25), 2)
+    w = np.concatenate(list(group_weights(groups, 40, seed=0, chunk_cells=500)))
+    assert w.shape == (40, 50) and (w[:, ::2] == w[:, 1::2]).all() and (w.sum(1) == 50).all()  # whole patients
+    got = weighted_auc(is_pos, score, w)
+    for row, g in zip(w, got):
+        idx = np.repeat(np.arange(50), row.astype(int))
+        assert g == pytest.approx(_auc(is_pos[idx], score[idx]), abs=1e-12, nan_ok=True)
