@@ -66,122 +66,171 @@ def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images:
     labels are the columns it has (classify.truthy), and class profiles are per label (replaces label_column)."""
     from cytosae.devices import resolve_device
 
-    dev = resolve_device(device)
+    labels_by_id, label_column = _image_labels(manifest, label_column, label_columns)
+    acc = _Totals(n_latents, sorted({c for v in labels_by_id.values() for c in _labels_of(v)}), k,
+                  resolve_device(device))
+    with torch.inference_mode():
+        for batch_ids, tokens in images:
+            b, t, d = tokens.shape
+            z = encode(tokens.to(acc.device, non_blocking=True).reshape(-1, d)).reshape(b, t, n_latents).float()
+            acc.add(list(batch_ids), z, labels_by_id)
+    if acc.n_images == 0:
+        raise ValueError(f"dataset {dataset!r} has no images to compute statistics on")
+    acc.to_cpu()
+    top_images = _top_table(acc, dataset, labels_by_id)
+    latents = _latent_table(acc, top_images, dataset, noisy_threshold)
+    sample = torch.cat(acc.image_acts).numpy()
+    summary = {
+        "dataset": dataset, "n_images": acc.n_images, "n_tokens": acc.n_tokens, "n_latents": n_latents, "k": k,
+        "grid": acc.grid, "label_column": label_column, "classes": acc.classes, "noisy_threshold": noisy_threshold,
+        "n_noisy": int(latents.noisy.sum()), "n_dead_on_dataset": int((latents.freq_image == 0).sum()),
+        "histogram_images": int(sample.shape[0]), "definitions": DEFINITIONS.strip(),
+    }
+    return LatentStats(latents, top_images, _class_table(acc, dataset), _histograms(sample, dataset, n_bins), summary)
+
+
+def _image_labels(manifest: pd.DataFrame, label_column: str, label_columns: list[str] | None) -> tuple[dict, str]:
+    """image_id -> its label value ('a|b' for several), and the label column's name as summary.json gives it."""
     if label_columns:
         from cytosae.analysis.classify import label_table
 
         present = label_table(manifest, list(label_columns), "image")
-        labels_by_id = {i: "|".join(c for c, v in row.items() if v)
-                        for i, row in zip(present.index, present.to_dict("records"))}
-        label_column = ",".join(label_columns)
-    else:
-        labels_by_id = dict(zip(manifest["image_id"], manifest[label_column])) if label_column in manifest else {}
-    classes = sorted({c for v in labels_by_id.values() for c in _labels_of(v)})
-    cls_index = {c: i for i, c in enumerate(classes)}
+        return ({i: "|".join(c for c, v in row.items() if v) for i, row in zip(present.index, present.to_dict("records"))},
+                ",".join(label_columns))
+    return (dict(zip(manifest["image_id"], manifest[label_column])) if label_column in manifest else {}), label_column
 
-    n_images = n_tokens = 0
-    fire_tokens = torch.zeros(n_latents, dtype=torch.float64, device=dev)
-    fire_images = torch.zeros(n_latents, dtype=torch.float64, device=dev)
-    sum_act_firing = torch.zeros(n_latents, dtype=torch.float64, device=dev)
-    sum_act_all = torch.zeros(n_latents, dtype=torch.float64, device=dev)
-    max_act = torch.zeros(n_latents, device=dev)
-    class_sum = torch.zeros(len(classes), n_latents, dtype=torch.float64, device=dev)
-    class_fire = torch.zeros(len(classes), n_latents, dtype=torch.float64, device=dev)
-    class_n = torch.zeros(len(classes), dtype=torch.float64, device=dev)
-    top = {by: (torch.full((n_latents, 0), -1.0, device=dev), torch.zeros((n_latents, 0), dtype=torch.long, device=dev),
-                torch.zeros((n_latents, 0), dtype=torch.long, device=dev)) for by in ("image", "patch")}
-    ids: list[str] = []
-    image_acts: list[torch.Tensor] = []  # kept only for histograms: (n_images x n_latents) is too big, so sampled below
-    grid = None
 
-    with torch.inference_mode():
-        for batch_ids, tokens in images:
-            b, t, d = tokens.shape
-            grid = math.isqrt(t - 1) if t > 1 else None
-            z = encode(tokens.to(dev, non_blocking=True).reshape(-1, d)).reshape(b, t, n_latents).float()
-            # one vector per image (imported embeddings): that token stands for the image and its only "patch"
-            patch = z[:, 1:] if t > 1 else z
-            img_act = patch.mean(1)  # (b, n_latents)
-            fires_img = (z > 0).any(1)
-            fire_tokens += (z > 0).sum((0, 1)).double()
-            fire_images += fires_img.sum(0).double()
-            sum_act_firing += (img_act * fires_img).sum(0).double()
-            sum_act_all += img_act.sum(0).double()
-            max_act = torch.maximum(max_act, z.amax((0, 1)))
-            for i, image_id in enumerate(batch_ids):
-                for c in _labels_of(labels_by_id.get(image_id)):
-                    j = cls_index[c]
-                    class_sum[j] += img_act[i].double()
-                    class_fire[j] += fires_img[i].double()
-                    class_n[j] += 1
-            positions = torch.arange(n_images, n_images + b, device=dev)
-            patch_max, patch_arg = patch.max(1)
-            for by, vals, where in (("image", img_act, torch.full_like(patch_arg, -1)), ("patch", patch_max, patch_arg))[
-                    :1 if t == 1 else 2]:
-                v0, i0, p0 = top[by]
-                v = torch.cat([v0, vals.T], 1)
-                ii = torch.cat([i0, positions.expand(n_latents, b)], 1)
-                pp = torch.cat([p0, where.T], 1)
-                keep_v, keep = v.topk(min(k, v.shape[1]), dim=1)
-                top[by] = (keep_v, ii.gather(1, keep), pp.gather(1, keep))
-            if len(image_acts) * b < 4096:
-                image_acts.append(img_act)
-            ids += list(batch_ids)
-            n_images += b
-            n_tokens += b * t
-    if n_images == 0:
-        raise ValueError(f"dataset {dataset!r} has no images to compute statistics on")
-    fire_tokens, fire_images, sum_act_firing, sum_act_all, max_act, class_sum, class_fire, class_n = (
-        t.cpu() for t in (fire_tokens, fire_images, sum_act_firing, sum_act_all, max_act, class_sum, class_fire, class_n))
-    top = {by: tuple(t.cpu() for t in kept) for by, kept in top.items()}
-    image_acts = [a.cpu() for a in image_acts]
+class _Totals:
+    """The running totals of one pass, on the device of the batches: O(n_latents x (k + classes)) memory."""
 
-    freq_image = (fire_images / n_images).numpy()
-    mean_act = torch.where(fire_images > 0, sum_act_firing / fire_images.clamp(min=1), 0.0).numpy()
-    rows, top_labels, entropies = [], [], []
-    for by, (v, ii, pp) in top.items():
-        for latent in range(n_latents):
-            for rank in range(v.shape[1]):
-                if v[latent, rank] <= 0:
-                    break  # an image where the latent does not fire is not a top image
-                image_id = ids[int(ii[latent, rank])]
-                rows.append((dataset, latent, by, rank, image_id, float(v[latent, rank]), int(pp[latent, rank]),
-                             labels_by_id.get(image_id)))
-    top_images = pd.DataFrame(rows, columns=["dataset", "latent", "by", "rank", "image_id", "value", "patch", "label"])
+    HISTOGRAM_IMAGES = 4096  # image-level activations kept for histograms: (n_images x n_latents) is too big
+
+    def __init__(self, n_latents: int, classes: list[str], k: int, device: torch.device):
+        f64 = {"dtype": torch.float64, "device": device}
+        self.n_latents, self.classes, self.k, self.device = n_latents, classes, k, device
+        self.cls_index = {c: i for i, c in enumerate(classes)}
+        self.n_images = self.n_tokens = 0
+        self.grid = None
+        self.fire_tokens, self.fire_images, self.sum_act_firing, self.sum_act_all = (
+            torch.zeros(n_latents, **f64) for _ in range(4))
+        self.max_act = torch.zeros(n_latents, device=device)
+        self.class_sum, self.class_fire = (torch.zeros(len(classes), n_latents, **f64) for _ in range(2))
+        self.class_n = torch.zeros(len(classes), **f64)
+        self.top = {by: (torch.full((n_latents, 0), -1.0, device=device),
+                         torch.zeros((n_latents, 0), dtype=torch.long, device=device),
+                         torch.zeros((n_latents, 0), dtype=torch.long, device=device)) for by in ("image", "patch")}
+        self.ids: list[str] = []
+        self.image_acts: list[torch.Tensor] = []
+
+    def add(self, batch_ids: list[str], z: torch.Tensor, labels_by_id: dict) -> None:
+        """One batch of token activations z (b, T, n_latents)."""
+        b, t, _ = z.shape
+        self.grid = math.isqrt(t - 1) if t > 1 else None
+        # one vector per image (imported embeddings): that token stands for the image and its only "patch"
+        patch = z[:, 1:] if t > 1 else z
+        img_act = patch.mean(1)  # (b, n_latents)
+        fires_img = (z > 0).any(1)
+        self.fire_tokens += (z > 0).sum((0, 1)).double()
+        self.fire_images += fires_img.sum(0).double()
+        self.sum_act_firing += (img_act * fires_img).sum(0).double()
+        self.sum_act_all += img_act.sum(0).double()
+        self.max_act = torch.maximum(self.max_act, z.amax((0, 1)))
+        self._add_classes(batch_ids, img_act, fires_img, labels_by_id)
+        patch_max, patch_arg = patch.max(1)
+        ranked = (("image", img_act, torch.full_like(patch_arg, -1)), ("patch", patch_max, patch_arg))
+        self._add_top(ranked[:1 if t == 1 else 2], torch.arange(self.n_images, self.n_images + b, device=self.device))
+        if len(self.image_acts) * b < self.HISTOGRAM_IMAGES:
+            self.image_acts.append(img_act)
+        self.ids += batch_ids
+        self.n_images += b
+        self.n_tokens += b * t
+
+    def _add_classes(self, batch_ids, img_act, fires_img, labels_by_id) -> None:
+        """Per class sums by one product with the batch's (b, classes) membership (a cell may have several)."""
+        if not self.classes:
+            return
+        member = torch.zeros(len(batch_ids), len(self.classes), dtype=torch.float64)
+        for i, image_id in enumerate(batch_ids):
+            for c in _labels_of(labels_by_id.get(image_id)):
+                member[i, self.cls_index[c]] = 1.0
+        member = member.to(self.device)
+        self.class_sum += member.T @ img_act.double()
+        self.class_fire += member.T @ fires_img.double()
+        self.class_n += member.sum(0)
+
+    def _add_top(self, ranked, positions: torch.Tensor) -> None:
+        """Keep each latent's k best (value, image position, patch) so far, by image and by patch."""
+        for by, vals, where in ranked:
+            v0, i0, p0 = self.top[by]
+            v = torch.cat([v0, vals.T], 1)
+            ii = torch.cat([i0, positions.expand(self.n_latents, len(positions))], 1)
+            pp = torch.cat([p0, where.T], 1)
+            keep_v, keep = v.topk(min(self.k, v.shape[1]), dim=1)
+            self.top[by] = (keep_v, ii.gather(1, keep), pp.gather(1, keep))
+
+    def to_cpu(self) -> None:
+        for name in ("fire_tokens", "fire_images", "sum_act_firing", "sum_act_all", "max_act", "class_sum",
+                     "class_fire", "class_n"):
+            setattr(self, name, getattr(self, name).cpu())
+        self.top = {by: tuple(t.cpu() for t in kept) for by, kept in self.top.items()}
+        self.image_acts = [a.cpu() for a in self.image_acts]
+
+
+def _top_table(acc: _Totals, dataset: str, labels_by_id: dict) -> pd.DataFrame:
+    """One row per kept (latent, rank) where the latent fires: an image where it does not is not a top image."""
+    columns = ["dataset", "latent", "by", "rank", "image_id", "value", "patch", "label"]
+    parts = []
+    ids = np.array(acc.ids, dtype=object)
+    for by, (v, ii, pp) in acc.top.items():
+        v = v.numpy()
+        # values are sorted per latent, so "fires" keeps a prefix of each row: the ranks stay 0, 1, ...
+        latent, rank = np.nonzero(v > 0)
+        if not len(latent):  # an empty part would turn the string columns of the others into objects
+            continue
+        image_id = ids[ii.numpy()[latent, rank]]
+        parts.append(pd.DataFrame({"dataset": dataset, "latent": latent, "by": by, "rank": rank,
+                                   "image_id": image_id.tolist(), "value": v[latent, rank].astype(np.float64),
+                                   "patch": pp.numpy()[latent, rank],
+                                   "label": [labels_by_id.get(i) for i in image_id]}, columns=columns))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame([], columns=columns)
+
+
+def _latent_table(acc: _Totals, top_images: pd.DataFrame, dataset: str, noisy_threshold: float | None) -> pd.DataFrame:
+    fire_images, n_images = acc.fire_images, acc.n_images
     by_image = top_images[top_images.by == "image"].groupby("latent")["label"].apply(list).to_dict()
-    for latent in range(n_latents):
+    top_labels, entropies = [], []
+    for latent in range(acc.n_latents):
         labs = [c for v in by_image.get(latent, []) for c in _labels_of(v)]
         entropies.append(entropy(labs))
         top_labels.append(Counter(labs).most_common(1)[0][0] if labs else None)
-    latents = pd.DataFrame({
-        "dataset": dataset, "latent": np.arange(n_latents), "freq_image": freq_image,
-        "freq_token": (fire_tokens / n_tokens).numpy(), "mean_act": mean_act, "max_act": max_act.numpy(),
-        "label_entropy": entropies, "top_label": top_labels,
-        "noisy": ((sum_act_all / n_images).numpy() > noisy_threshold) if noisy_threshold is not None else False,
+    return pd.DataFrame({
+        "dataset": dataset, "latent": np.arange(acc.n_latents), "freq_image": (fire_images / n_images).numpy(),
+        "freq_token": (acc.fire_tokens / acc.n_tokens).numpy(),
+        "mean_act": torch.where(fire_images > 0, acc.sum_act_firing / fire_images.clamp(min=1), 0.0).numpy(),
+        "max_act": acc.max_act.numpy(), "label_entropy": entropies, "top_label": top_labels,
+        "noisy": ((acc.sum_act_all / n_images).numpy() > noisy_threshold) if noisy_threshold is not None else False,
     })
-    n = class_n.clamp(min=1)[:, None]
-    class_profile = pd.DataFrame({
+
+
+def _class_table(acc: _Totals, dataset: str) -> pd.DataFrame:
+    n = acc.class_n.clamp(min=1)[:, None]
+    return pd.DataFrame({
         "dataset": dataset,
-        "latent": np.tile(np.arange(n_latents), len(classes)),
-        "class": np.repeat(classes, n_latents),
-        "mean_act": (class_sum / n).flatten().numpy(),
-        "freq": (class_fire / n).flatten().numpy(),
+        "latent": np.tile(np.arange(acc.n_latents), len(acc.classes)),
+        "class": np.repeat(acc.classes, acc.n_latents),
+        "mean_act": (acc.class_sum / n).flatten().numpy(),
+        "freq": (acc.class_fire / n).flatten().numpy(),
     })
-    sample = torch.cat(image_acts).numpy()
+
+
+def _histograms(sample: np.ndarray, dataset: str, n_bins: int) -> pd.DataFrame:
     hist = []
-    for latent in range(n_latents):
+    for latent in range(sample.shape[1]):
         # float64: float32 activations a few ulps apart cannot be cut into n_bins finite bins (numpy raises)
         vals = sample[:, latent][sample[:, latent] > 0].astype(np.float64)
         counts, edges = np.histogram(vals, bins=n_bins) if len(vals) else (np.zeros(n_bins, int), np.zeros(n_bins + 1))
         hist.append((dataset, latent, edges.tolist(), counts.tolist()))
-    histograms = pd.DataFrame(hist, columns=["dataset", "latent", "bin_edges", "counts"])
-    summary = {
-        "dataset": dataset, "n_images": n_images, "n_tokens": n_tokens, "n_latents": n_latents, "k": k, "grid": grid,
-        "label_column": label_column, "classes": classes, "noisy_threshold": noisy_threshold,
-        "n_noisy": int(latents.noisy.sum()), "n_dead_on_dataset": int((freq_image == 0).sum()),
-        "histogram_images": int(sample.shape[0]), "definitions": DEFINITIONS.strip(),
-    }
-    return LatentStats(latents, top_images, class_profile, histograms, summary)
+    return pd.DataFrame(hist, columns=["dataset", "latent", "bin_edges", "counts"])
 
 
 def write_stats(stats: list[LatentStats], out_dir: str | Path) -> Path:
