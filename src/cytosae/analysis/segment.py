@@ -26,15 +26,18 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.color import rgb2lab
 from skimage.feature import peak_local_max
-from skimage.filters import gaussian, threshold_otsu
-from skimage.morphology import disk, remove_small_objects
+from skimage.filters import threshold_otsu
+from skimage.morphology import disk, remove_small_holes, remove_small_objects
 from skimage.segmentation import watershed
 
 REGIONS = ("background", "cytoplasm", "nucleus", "border")
 BACKGROUND, CYTOPLASM, NUCLEUS, BORDER = range(4)
-FOREGROUND_DELTA_E = 8.0  # CIELAB units from the background colour; smear background varies ~2-4
-BRIGHTEST_SHARE = 0.2  # the share of brightest pixels whose median colour is the background's
+FOREGROUND_DELTA_E = 5.0  # CIELAB units from the smear's colour (JPEG noise on a smear: ~1-2)
+FRAME_SHARE = 0.06  # the outer margin, as a share of the image's side, whose colour is the smear's
 BORDER_PX_AT_224 = 3
+SMALL_HOLE_PX = 300  # at 224 px: a red cell's central pallor or a vacuole; larger holes are gaps between cells
+NUCLEUS_SCORE = (25.0, 35.0)  # L* + b*: nuclei measured -20-25, cytoplasm 40-70, red cells 50-80
+MIN_NEIGHBOUR_RADIUS = 4.0  # px at 224: a blob thinner than this (a membrane's ring) seeds no neighbour
 
 
 def border_px(size: int) -> int:
@@ -58,20 +61,36 @@ def _scale(shape: tuple[int, int]) -> float:
     return min(shape) / 224
 
 
-def _foreground(lab: np.ndarray) -> np.ndarray:
-    light = lab[..., 0]
-    bright = light >= np.quantile(light, 1 - BRIGHTEST_SHARE)
-    background = np.median(lab[bright], axis=0)
-    fg = np.linalg.norm(lab - background, axis=-1) > FOREGROUND_DELTA_E
-    return ndi.binary_fill_holes(fg)
+def _background_colour(lab: np.ndarray) -> np.ndarray:
+    """The smear's colour: the median of the brighter half of the frame's pixels (a crop's edges are mostly
+    smear, and red cells or neighbours there are darker than it)."""
+    m = max(1, round(FRAME_SHARE * min(lab.shape[:2])))
+    frame = np.concatenate([lab[:m].reshape(-1, 3), lab[-m:].reshape(-1, 3),
+                            lab[m:-m, :m].reshape(-1, 3), lab[m:-m, -m:].reshape(-1, 3)])
+    light = frame[:, 0]
+    return np.median(frame[light >= np.median(light)], axis=0)
+
+
+def _foreground(lab: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(blobs, filled): pixels unlike the smear with their small holes (a red cell's pallor, a vacuole) filled,
+    and with all holes filled. Filling every hole makes a cell whole whose cytoplasm is the smear's colour
+    but whose membrane shows; it also fills the gaps between touching cells, so their shapes come from `blobs`."""
+    fg = np.linalg.norm(lab - _background_colour(lab), axis=-1) > FOREGROUND_DELTA_E
+    # Closing joins a faint membrane's gaps before holes are filled.
+    fg = ndi.binary_closing(np.pad(fg, 2), structure=disk(max(1, round(s))))[2:-2, 2:-2]
+    fg = remove_small_objects(fg, max_size=round(20 * s * s))
+    blobs = remove_small_holes(fg, max_size=round(SMALL_HOLE_PX * s * s))
+    return blobs, ndi.binary_fill_holes(fg)
 
 
 def _dark(lab: np.ndarray, fg: np.ndarray, s: float) -> np.ndarray:
-    """Nucleus candidates: foreground darker than Otsu's split of the foreground's lightness."""
-    light = lab[..., 0][fg]
-    if light.size < 16 or np.ptp(light) < 1:
-        return np.zeros_like(fg)
-    dark = fg & (lab[..., 0] < threshold_otsu(light))
+    """Nucleus candidates: chromatin takes up the basic dyes, so it is dark and blue (low L* + b*), while red
+    cells are pink (b* > 0) and cytoplasm lighter. Otsu's split of the foreground's score, kept inside the gap
+    measured between nuclei and cytoplasm or red cells on Acevedo and DeepAPL smears."""
+    score = lab[..., 0] + lab[..., 2]
+    values = score[fg]
+    t = threshold_otsu(values) if values.size >= 16 and np.ptp(values) > 1 else NUCLEUS_SCORE[1]
+    dark = fg & (score < np.clip(t, *NUCLEUS_SCORE))
     dark = ndi.binary_opening(dark, structure=disk(max(1, round(2 * s))))
     return remove_small_objects(dark, max_size=round(30 * s * s))
 
@@ -88,18 +107,19 @@ def _nearest_centre(components: np.ndarray, n: int) -> int:
     return int(np.argmin(best[1:]) + 1)
 
 
-def _cell(fg: np.ndarray, anchor: np.ndarray, s: float) -> np.ndarray:
-    """The foreground blob holding `anchor`, cut from touching neighbours at the necks between blobs."""
-    comps, _ = ndi.label(fg)
+def _cell(blobs: np.ndarray, filled: np.ndarray, anchor: np.ndarray, s: float) -> np.ndarray:
+    """The filled foreground blob holding `anchor`, cut from touching neighbours at the necks between blobs: a
+    watershed of the distance to the background, seeded by the anchor and by every other blob's core."""
+    comps, _ = ndi.label(filled)
     ids = np.unique(comps[anchor])
     region = np.isin(comps, ids[ids > 0])
-    dist = ndi.distance_transform_edt(region)
-    peaks = peak_local_max(dist, min_distance=max(2, round(8 * s)), labels=region.astype(int), exclude_border=False)
-    markers = np.zeros(fg.shape, dtype=np.int32)
+    dist = ndi.distance_transform_edt(blobs & region)
+    peaks = peak_local_max(dist, min_distance=max(2, round(8 * s)), threshold_abs=MIN_NEIGHBOUR_RADIUS * s,
+                           labels=region.astype(int), exclude_border=False)
     # A peak whose inscribed disc reaches the anchor is the cell's own bulge, not a neighbour.
     to_anchor = ndi.distance_transform_edt(~anchor)
-    other = [p for p in peaks if to_anchor[p[0], p[1]] > dist[p[0], p[1]] + 1]
-    for i, (y, x) in enumerate(other, start=2):
+    markers = np.zeros(blobs.shape, dtype=np.int32)
+    for i, (y, x) in enumerate((p for p in peaks if to_anchor[p[0], p[1]] > dist[p[0], p[1]] + 1), start=2):
         markers[y, x] = i
     markers[anchor] = 1
     cell = watershed(-dist, markers, mask=region) == 1
@@ -113,8 +133,8 @@ def segment_cell(rgb: np.ndarray) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"segment_cell: expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
     s = _scale(rgb.shape[:2])
-    lab = rgb2lab(gaussian(rgb, sigma=max(0.5, s), channel_axis=-1, preserve_range=True).astype(np.uint8))
-    fg = _foreground(lab)
+    lab = rgb2lab(rgb)
+    blobs, fg = _foreground(lab, s)
     labels = np.zeros(rgb.shape[:2], dtype=np.uint8)
     if not fg.any():
         return labels
@@ -125,7 +145,7 @@ def segment_cell(rgb: np.ndarray) -> np.ndarray:
     else:
         fg_comps, n_fg = ndi.label(fg)
         anchor = fg_comps == _nearest_centre(fg_comps, n_fg)
-    cell = _cell(fg, anchor, s)
+    cell = _cell(blobs, fg, anchor, s)
     labels[cell] = CYTOPLASM
     labels[cell & dark] = NUCLEUS
     return mark_border(labels)
