@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.color import rgb2lab
 from skimage.feature import peak_local_max
-from skimage.filters import threshold_otsu
+from skimage.filters import gaussian, threshold_otsu
 from skimage.morphology import disk, remove_small_holes, remove_small_objects
 from skimage.segmentation import watershed
 
@@ -37,7 +37,14 @@ FRAME_SHARE = 0.06  # the outer margin, as a share of the image's side, whose co
 BORDER_PX_AT_224 = 3
 SMALL_HOLE_PX = 300  # at 224 px: a red cell's central pallor or a vacuole; larger holes are gaps between cells
 NUCLEUS_SCORE = (25.0, 35.0)  # L* + b*: nuclei measured -20-25, cytoplasm 40-70, red cells 50-80
-MIN_NEIGHBOUR_RADIUS = 4.0  # px at 224: a blob thinner than this (a membrane's ring) seeds no neighbour
+NEAR_NUCLEUS_PX = 4  # at 224: the rim of cytoplasm round the nucleus whose colour is the cell's own
+MIN_REF_PX = 40  # at 224: fewest pixels to take the cytoplasm's colour from
+MIN_NEIGHBOUR_PX = 300  # at 224: fewest pixels to take the neighbours' colour from (a red cell: ~450)
+MIN_COLOUR_CONTRAST = 6.0  # CIELAB units between the cell's cytoplasm and its neighbours to cut by colour
+NECK_SHARE = 0.7  # a neck this share of the narrower blob's half-width or wider joins it to the cell
+LOBE_GAP_PX = 20  # at 224: dark blobs farther than this from the cell's nucleus, or cut by the frame...
+MIN_NUCLEUS_PX = 150  # at 224: ...belong to other cells when this large (platelets, granule clumps: smaller)
+MIN_NEIGHBOUR_RADIUS = 5.0  # px at 224: a blob thinner than this seeds no neighbour (a red cell: ~10-12)
 
 
 def border_px(size: int) -> int:
@@ -87,10 +94,14 @@ def _dark(lab: np.ndarray, fg: np.ndarray, s: float) -> np.ndarray:
     """Nucleus candidates: chromatin takes up the basic dyes, so it is dark and blue (low L* + b*), while red
     cells are pink (b* > 0) and cytoplasm lighter. Otsu's split of the foreground's score, kept inside the gap
     measured between nuclei and cytoplasm or red cells on Acevedo and DeepAPL smears."""
-    score = lab[..., 0] + lab[..., 2]
+    # The median over a few px sees through granules lying on the nucleus, which are pale or orange.
+    score = ndi.median_filter(lab[..., 0] + lab[..., 2], size=max(3, round(5 * s)) | 1)
     values = score[fg]
     t = threshold_otsu(values) if values.size >= 16 and np.ptp(values) > 1 else NUCLEUS_SCORE[1]
     dark = fg & (score < np.clip(t, *NUCLEUS_SCORE))
+    # Granules lying on the nucleus (eosinophil, neutrophil) punch small holes in it; granules and specks
+    # lying alone are thinner than the opening.
+    dark = remove_small_holes(dark, max_size=round(30 * s * s))
     dark = ndi.binary_opening(dark, structure=disk(max(1, round(2 * s))))
     return remove_small_objects(dark, max_size=round(30 * s * s))
 
@@ -107,23 +118,85 @@ def _nearest_centre(components: np.ndarray, n: int) -> int:
     return int(np.argmin(best[1:]) + 1)
 
 
-def _cell(blobs: np.ndarray, filled: np.ndarray, anchor: np.ndarray, s: float) -> np.ndarray:
+def _foreign_nuclei(dark: np.ndarray, anchor: np.ndarray, s: float) -> np.ndarray:
+    """Dark blobs large enough to be a nucleus that belong to other cells: those the image's frame cuts (a
+    crop is centred on its own cell) and those far from the anchor (a neutrophil's lobes lie close together)."""
+    comps, n = ndi.label(dark & ~anchor)
+    if n == 0:
+        return np.zeros_like(dark)
+    index = np.arange(1, n + 1)
+    near = ndi.minimum(ndi.distance_transform_edt(~anchor), comps, index=index)
+    area = ndi.sum(np.ones(dark.shape), comps, index=index)
+    frame = np.zeros(n + 1, dtype=bool)
+    frame[np.unique(np.concatenate([comps[0], comps[-1], comps[:, 0], comps[:, -1]]))] = True
+    far = np.flatnonzero((area >= MIN_NUCLEUS_PX * s * s) & ((near > LOBE_GAP_PX * s) | frame[1:])) + 1
+    return np.isin(comps, far)
+
+
+def _saddles(ws: np.ndarray, dist: np.ndarray, n: int) -> np.ndarray:
+    """Per watershed region 0..n, the widest neck (highest distance to the background) it shares with region 1."""
+    saddle = np.zeros(n + 1)
+    for a, b, da, db in ((ws[:, :-1], ws[:, 1:], dist[:, :-1], dist[:, 1:]), (ws[:-1], ws[1:], dist[:-1], dist[1:])):
+        for one, other, d_one, d_other in ((a, b, da, db), (b, a, db, da)):
+            edge = (one == 1) & (other > 1)
+            np.maximum.at(saddle, other[edge], np.minimum(d_one, d_other)[edge])
+    return saddle
+
+
+def _cell(blobs: np.ndarray, filled: np.ndarray, anchor: np.ndarray, foreign: np.ndarray, s: float) -> np.ndarray:
     """The filled foreground blob holding `anchor`, cut from touching neighbours at the necks between blobs: a
-    watershed of the distance to the background, seeded by the anchor and by every other blob's core."""
+    watershed of the distance to the background, seeded by the anchor, the `foreign` nuclei (other cells') and
+    every other blob's core. A blob
+    joined to the cell by a neck nearly as wide as the narrower of the two is the cell's own bulge (a lobe, an
+    eccentric cytoplasm), and merges back."""
     comps, _ = ndi.label(filled)
     ids = np.unique(comps[anchor])
     region = np.isin(comps, ids[ids > 0])
     dist = ndi.distance_transform_edt(blobs & region)
     peaks = peak_local_max(dist, min_distance=max(2, round(8 * s)), threshold_abs=MIN_NEIGHBOUR_RADIUS * s,
                            labels=region.astype(int), exclude_border=False)
-    # A peak whose inscribed disc reaches the anchor is the cell's own bulge, not a neighbour.
-    to_anchor = ndi.distance_transform_edt(~anchor)
-    markers = np.zeros(blobs.shape, dtype=np.int32)
-    for i, (y, x) in enumerate((p for p in peaks if to_anchor[p[0], p[1]] > dist[p[0], p[1]] + 1), start=2):
+    markers, n_foreign = ndi.label(foreign & region)
+    markers[markers > 0] += 1
+    peaks = [p for p in peaks if not (anchor | foreign)[p[0], p[1]]]
+    for i, (y, x) in enumerate(peaks, start=n_foreign + 2):
         markers[y, x] = i
     markers[anchor] = 1
-    cell = watershed(-dist, markers, mask=region) == 1
-    return ndi.binary_fill_holes(cell)
+    n = n_foreign + len(peaks) + 1
+    ws = watershed(-dist, markers, mask=region)
+    height = ndi.maximum(dist, ws, index=np.arange(n + 1))
+    for _ in range(len(peaks)):  # merging a bulge can make its own neighbours adjacent to the cell
+        own = dist[ws == 1].max()
+        bulge = np.flatnonzero(_saddles(ws, dist, n) > NECK_SHARE * np.minimum(height, own))
+        bulge = bulge[bulge > n_foreign + 1]  # another cell's nucleus never merges
+        if not bulge.size:
+            break
+        ws[np.isin(ws, bulge)] = 1
+    return ndi.binary_fill_holes(ws == 1)
+
+
+def _unlike_neighbours(lab: np.ndarray, cell: np.ndarray, dark: np.ndarray, filled: np.ndarray,
+                       s: float) -> np.ndarray:
+    """Cut from `cell` what is coloured like its neighbours rather than like its own cytoplasm: a red cell
+    pressed flat against a white cell leaves no neck for the watershed, but it is pink (eosin) where cytoplasm
+    is blue, lilac or granular. Colours are compared smoothed over granule texture; when the cytoplasm next to
+    the nucleus and the neighbours' colour are too alike to tell apart, the cell is kept as the shapes cut it."""
+    nucleus = cell & dark
+    # Neighbours: foreground beyond a gap round the cell, not the crumbs a watershed line leaves at its edge.
+    others = filled & ~dark & ~ndi.binary_dilation(cell, structure=disk(max(1, round(3 * s))))
+    near = cell & ~nucleus & (ndi.distance_transform_edt(~nucleus) <= NEAR_NUCLEUS_PX * s)
+    if not nucleus.any() or others.sum() < MIN_NEIGHBOUR_PX * s * s or near.sum() < MIN_REF_PX * s * s:
+        return cell
+    smooth = gaussian(lab, sigma=1.5 * s, channel_axis=-1)
+    own, theirs = np.median(smooth[near], axis=0), np.median(smooth[others], axis=0)
+    if np.linalg.norm(own - theirs) < MIN_COLOUR_CONTRAST:
+        return cell
+    like_own = np.linalg.norm(smooth - own, axis=-1) <= np.linalg.norm(smooth - theirs, axis=-1)
+    # A majority over a few px: granular cytoplasm has single pixels of either colour.
+    like_own = gaussian(like_own.astype(np.float32), sigma=2 * s) > 0.5
+    keep = ndi.binary_opening(cell & (like_own | nucleus), structure=disk(max(1, round(3 * s))))
+    comps, _ = ndi.label(keep)
+    ids = np.unique(comps[nucleus & keep])
+    return ndi.binary_fill_holes(np.isin(comps, ids[ids > 0]) | nucleus)
 
 
 def segment_cell(rgb: np.ndarray) -> np.ndarray:
@@ -145,7 +218,7 @@ def segment_cell(rgb: np.ndarray) -> np.ndarray:
     else:
         fg_comps, n_fg = ndi.label(fg)
         anchor = fg_comps == _nearest_centre(fg_comps, n_fg)
-    cell = _cell(blobs, fg, anchor, s)
+    cell = _unlike_neighbours(lab, _cell(blobs, fg, anchor, _foreign_nuclei(dark, anchor, s), s), dark, fg, s)
     labels[cell] = CYTOPLASM
     labels[cell & dark] = NUCLEUS
     return mark_border(labels)
