@@ -123,3 +123,19 @@ def test_patch_regions_gives_exact_shares():
     s = patch_regions(big)
     assert s.shape == (256, 4) and s[16, NUCLEUS] == 1.0 and s[:, NUCLEUS].sum() == 1.0
     np.testing.assert_allclose(patch_regions(np.zeros((50, 37), dtype=np.uint8), grid=16).sum(axis=1), 1.0)
+
+
+def test_real_lymphocytes_are_mostly_nucleus(shared_data):
+    """On real Acevedo cells the nucleus-to-cell ratio orders the classes as a hematologist would: a lymphocyte
+    is mostly nucleus, a segmented neutrophil much less; the cell found is the one in the middle."""
+    m = pd.read_csv(shared_data / "acevedo" / "manifest.csv")
+    ratio = {}
+    for label in ("lymphocyte", "neutrophil_segmented"):
+        values = []
+        for path in m[m.label == label].sample(n=4, random_state=0).path:
+            labels = segment_cell(_model_input(shared_data / "acevedo" / path))
+            assert labels[112, 112] != BACKGROUND, path
+            values.append((labels == NUCLEUS).sum() / (labels != BACKGROUND).sum())
+        ratio[label] = float(np.mean(values))
+    print("nucleus-to-cell ratio:", ratio)
+    assert ratio["lymphocyte"] > 0.65 and ratio["neutrophil_segmented"] < 0.6
