@@ -40,6 +40,7 @@ NUCLEUS_SCORE = (25.0, 35.0)  # L* + b*: nuclei measured -20-25, cytoplasm 40-70
 NEAR_NUCLEUS_PX = 4  # at 224: the rim of cytoplasm round the nucleus whose colour is the cell's own
 MIN_REF_PX = 40  # at 224: fewest pixels to take the cytoplasm's colour from
 MIN_NEIGHBOUR_PX = 300  # at 224: fewest pixels to take the neighbours' colour from (a red cell: ~450)
+CUT_LIGHTNESS_WEIGHT = 0.5  # L* counts half against a*, b* when telling cytoplasm from red cells
 MIN_COLOUR_CONTRAST = 6.0  # CIELAB units between the cell's cytoplasm and its neighbours to cut by colour
 NECK_SHARE = 0.7  # a neck this share of the narrower blob's half-width or wider joins it to the cell
 LOBE_GAP_PX = 20  # at 224: dark blobs farther than this from the cell's nucleus, or cut by the frame...
@@ -190,7 +191,8 @@ def _unlike_neighbours(lab: np.ndarray, cell: np.ndarray, dark: np.ndarray, fill
     own, theirs = np.median(smooth[near], axis=0), np.median(smooth[others], axis=0)
     if np.linalg.norm(own - theirs) < MIN_COLOUR_CONTRAST:
         return cell
-    like_own = np.linalg.norm(smooth - own, axis=-1) <= np.linalg.norm(smooth - theirs, axis=-1)
+    w = np.array([CUT_LIGHTNESS_WEIGHT, 1.0, 1.0])  # thickness changes lightness more than the stain's hue
+    like_own = np.linalg.norm((smooth - own) * w, axis=-1) <= np.linalg.norm((smooth - theirs) * w, axis=-1)
     # A majority over a few px: granular cytoplasm has single pixels of either colour.
     like_own = gaussian(like_own.astype(np.float32), sigma=2 * s) > 0.5
     keep = ndi.binary_opening(cell & (like_own | nucleus), structure=disk(max(1, round(3 * s))))
