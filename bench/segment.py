@@ -86,7 +86,8 @@ def acevedo_shares(per_class: int) -> tuple[dict, dict]:
     ms = np.array(seg_s) * 1000
     timing = {"n_images": len(df), "segment_ms_mean": round(float(ms.mean()), 1),
               "segment_cpu_ms_mean": round(float(np.mean(cpu_s) * 1000), 1),
-              "segment_ms_median": round(float(np.median(ms)), 1), "segment_ms_p95": round(float(np.percentile(ms, 95)), 1),
+              "segment_ms_median": round(float(np.median(ms)), 1),
+              "segment_ms_p95": round(float(np.percentile(ms, 95)), 1),
               "patch_regions_ms_mean": round(float(np.mean(patch_s) * 1000), 2)}
     return timing, {"per_class": classes, "nucleus_to_cell_order": [f"{c} {v:.2f}" for c, v in order.items()]}
 

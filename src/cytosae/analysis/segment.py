@@ -4,18 +4,23 @@
 `Preprocess(...).resize_image(pil)`) as background, cytoplasm, nucleus or border, for May-Grünwald-Giemsa /
 Wright stained smears:
 
-1. Colour in CIELAB (perceptual: a distance of ~2 is a just-noticeable difference). The smear background is
-   the brightest part of a blood film, so its colour is the median of the brightest 20 % of the pixels; a
-   pixel belongs to the foreground when it is more than FOREGROUND_DELTA_E from it. Holes are filled, so a
-   cell whose cytoplasm is the background's colour but whose membrane is visible still counts whole.
-2. Nucleus candidates: the dark stained chromatin, foreground pixels whose lightness L* is under Otsu's
-   threshold between the foreground's dark and light modes; an opening removes granules and specks.
+1. Foreground, in CIELAB (perceptual: a distance of ~2 is a just-noticeable difference). The smear's colour
+   is the median of the brighter half of the frame's pixels (a crop's edges are mostly smear; red cells there
+   are darker); a pixel is foreground when more than FOREGROUND_DELTA_E from it. Holes are filled, so a cell
+   whose cytoplasm is the smear's colour but whose membrane shows counts whole.
+2. Nucleus candidates: chromatin takes up the basic dyes and is dark and blue, so its score L* + b* (median
+   over 5 px, which sees through granules) is low: under Otsu's split of the foreground's score, kept within
+   the gap measured between nuclei and cytoplasm or red cells; an opening drops lone granules and specks.
 3. The cell: the nucleus candidate nearest the image centre anchors it (a crop is centred on its cell);
-   without any, the foreground component nearest the centre. Neighbour cells and red cells touching it are
-   cut off along the necks of the foreground (a watershed of the distance to the background, seeded by the
-   anchor and by every other blob), and everything outside the cell, neighbours included, is background.
-4. Border: the cell's pixels within `border_px(size)` of the background (3 px at 224 px, scaled to the
-   image's size), whatever they lie on: the outer ring where the membrane is.
+   without any, the foreground component nearest the centre. Neighbours touching it are cut off in two
+   ways. By shape: a watershed of the distance to the background, seeded by the anchor, by other cells'
+   nuclei (dark blobs the frame cuts or far from the anchor) and by every other blob's core; a blob joined
+   by a neck nearly as wide as itself merges back (a lobe, an eccentric cytoplasm). By colour: a red cell
+   pressed flat against the cell leaves no neck, but it is pink where cytoplasm is blue, lilac or granular,
+   so pixels closer in colour to the neighbours than to the rim of cytoplasm round the nucleus are cut.
+   Everything outside the cell, neighbour cells and red cells included, is background.
+4. Border: the cell's pixels within `border_px(size)` of the background or the image edge (3 px at 224 px,
+   scaled to the image's shorter side), whatever they lie on: the outer ring where the membrane is.
 
 `patch_regions(labels, grid)` turns labels into each region's share of every ViT patch, in token order.
 Everything here is a pure function of its input: no state, no randomness.
@@ -36,7 +41,7 @@ FOREGROUND_DELTA_E = 5.0  # CIELAB units from the smear's colour (JPEG noise on 
 FRAME_SHARE = 0.06  # the outer margin, as a share of the image's side, whose colour is the smear's
 BORDER_PX_AT_224 = 3
 SMALL_HOLE_PX = 300  # at 224 px: a red cell's central pallor or a vacuole; larger holes are gaps between cells
-NUCLEUS_SCORE = (25.0, 35.0)  # L* + b*: nuclei measured -20-25, cytoplasm 40-70, red cells 50-80
+NUCLEUS_SCORE = (25.0, 35.0)  # L* + b*: nuclei measured -20 to 25, cytoplasm 40 to 70, red cells 50 to 80
 NEAR_NUCLEUS_PX = 4  # at 224: the rim of cytoplasm round the nucleus whose colour is the cell's own
 MIN_REF_PX = 40  # at 224: fewest pixels to take the cytoplasm's colour from
 MIN_NEIGHBOUR_PX = 300  # at 224: fewest pixels to take the neighbours' colour from (a red cell: ~450)
