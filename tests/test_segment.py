@@ -68,6 +68,19 @@ def test_segmentation_matches_the_synthetic_masks(tmp_path):
     assert iou["background"] > 0.98 and iou["cytoplasm"] > 0.85 and iou["nucleus"] > 0.85 and iou["border"] > 0.6
 
 
+def test_segmentation_scales_with_the_image(tmp_path):
+    """At 448 px (every length in px doubled: border, openings, hole sizes) the regions still match. Cells without
+    granules only: the synthetic granule count grows with the cell's area in px, so granular cells drawn at 448
+    px are four times as covered as at 224."""
+    kw = dict(seed=2, n_patients=1, cells_per_patient=3, size=448, mixes={"AML": (0, 0, 1 / 3, 1 / 3, 1 / 3, 0)})
+    m = pd.read_csv(make_sample(tmp_path / "s", **kw))
+    truth = true_regions(**kw, out_size=448)
+    pred = segment_images([np.asarray(Image.open(tmp_path / "s" / p).convert("RGB")) for p in m.path])
+    iou = _iou(pred, np.stack([truth[p] for p in m.path]))
+    print("IoU per region at 448 px:", dict(zip(REGIONS, iou.round(3))))
+    assert pred.shape == (3, 448, 448) and iou[NUCLEUS] > 0.85 and iou[CYTOPLASM] > 0.8 and iou[BORDER] > 0.55
+
+
 def test_segmentation_is_deterministic_and_shaped(tmp_path):
     m = pd.read_csv(make_sample(tmp_path / "s", seed=1, n_patients=1, cells_per_patient=3))
     rgbs = np.stack([_model_input(tmp_path / "s" / p) for p in m.path])

@@ -32,7 +32,7 @@ from scipy import ndimage as ndi
 from skimage.color import rgb2lab
 from skimage.feature import peak_local_max
 from skimage.filters import gaussian, threshold_otsu
-from skimage.morphology import disk, remove_small_holes, remove_small_objects
+from skimage.morphology import convex_hull_image, disk, remove_small_holes, remove_small_objects
 from skimage.segmentation import watershed
 
 REGIONS = ("background", "cytoplasm", "nucleus", "border")
@@ -187,8 +187,10 @@ def _unlike_neighbours(lab: np.ndarray, cell: np.ndarray, dark: np.ndarray, fill
     is blue, lilac or granular. Colours are compared smoothed over granule texture; when the cytoplasm next to
     the nucleus and the neighbours' colour are too alike to tell apart, the cell is kept as the shapes cut it."""
     nucleus = cell & dark
-    # Neighbours: foreground beyond a gap round the cell, not the crumbs a watershed line leaves at its edge.
-    others = filled & ~dark & ~ndi.binary_dilation(cell, structure=disk(max(1, round(3 * s))))
+    # Neighbours: foreground beyond a gap round the cell's convex hull, not the crumbs a watershed line leaves
+    # inside its outline (granule clumps in a cytoplasm the smear's colour).
+    hull = convex_hull_image(cell) if cell.any() else cell
+    others = filled & ~dark & ~ndi.binary_dilation(hull, structure=disk(max(1, round(3 * s))))
     near = cell & ~nucleus & (ndi.distance_transform_edt(~nucleus) <= NEAR_NUCLEUS_PX * s)
     if not nucleus.any() or others.sum() < MIN_NEIGHBOUR_PX * s * s or near.sum() < MIN_REF_PX * s * s:
         return cell
