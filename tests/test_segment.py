@@ -65,7 +65,8 @@ def test_segmentation_matches_the_synthetic_masks(tmp_path):
     true = np.stack([truth[p] for p in m.path])
     iou = dict(zip(REGIONS, _iou(pred, true).round(3)))
     print("IoU per region over", len(m), "synthetic cells:", iou)
-    assert iou["background"] > 0.98 and iou["cytoplasm"] > 0.85 and iou["nucleus"] > 0.85 and iou["border"] > 0.6
+    # Measured 0.996, 0.919, 0.932, 0.733 (48 cells; 288 cells in bench/segment.py: 0.995, 0.898, 0.911, 0.715).
+    assert iou["background"] > 0.99 and iou["cytoplasm"] > 0.89 and iou["nucleus"] > 0.9 and iou["border"] > 0.7
 
 
 def test_segmentation_scales_with_the_image(tmp_path):
