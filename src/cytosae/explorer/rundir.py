@@ -6,6 +6,7 @@ the API answers 404 with the command that would produce a missing table.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +24,16 @@ class MissingData(LookupError):
 
 class DamagedData(RuntimeError):
     """A run file exists but cannot be read; the message names it (relative to the run) and the command that rebuilds it."""
+
+
+def _own_reason(message: str, path: Path) -> str | None:
+    """The reason in a reader's `PATH: reason; remedy` about `path` itself (SAE.load's config errors), when it
+    names no other server path; None otherwise (responses never show an absolute path)."""
+    head = f"{path}: "
+    if not message.startswith(head):
+        return None
+    reason = message[len(head):].split("; ")[0].splitlines()[0]
+    return None if re.search(r"(^|[\s'\"(=])/", reason) else reason
 
 
 class RunDir:
@@ -89,6 +100,10 @@ class RunDir:
             return "cytosae patients --run RUN"
         if rel.startswith("classify/"):
             return "cytosae classify --run RUN"
+        if rel.startswith("quality/"):
+            return "cytosae align --run RUN"
+        if rel == f"{self.rel(self.sae_dir)}/eval.json":
+            return "cytosae evaluate --run RUN"
         if rel.startswith(self.rel(self.sae_dir) + "/"):
             return "cytosae train --run RUN"
         for d in self.datasets:
@@ -97,7 +112,15 @@ class RunDir:
         return "the cytosae command that wrote it"
 
     def damaged(self, path: Path, exc: BaseException) -> DamagedData:
+        from cytosae.store.format import InvalidFile
+
         rel = self.rel(path)
+        rebuild = f"rebuild it with `{self.rebuild_command(rel)}` (RUN = this run directory)"
+        if isinstance(exc, InvalidFile):  # the reader's schema said which field: keep it, drop the server path
+            return DamagedData(f"{rel}: " + (f"{exc.field}: " if exc.field else "") + f"{exc.problem}; {rebuild}")
+        reason = _own_reason(str(exc), Path(path))
+        if reason is not None:
+            return DamagedData(f"{rel}: {reason}; {rebuild}")
         return DamagedData(f"{rel} could not be read ({type(exc).__name__}): the file is damaged or from another "
                            f"version; rebuild it with `{self.rebuild_command(rel)}` (RUN = this run directory)")
 
@@ -150,31 +173,57 @@ class RunDir:
 
     @property
     def latents(self) -> pd.DataFrame | None:
+        from cytosae.analysis.stats import LATENTS, read_stats_table
+
         def load():
-            return self.read(self.path / "stats" / "latents.parquet",
-                             lambda p: pd.read_parquet(p).sort_values(["dataset", "latent"]).reset_index(drop=True))
+            return self.read(self.run.stats_dir / LATENTS, lambda p: read_stats_table(p.parent, LATENTS)
+                             .sort_values(["dataset", "latent"]).reset_index(drop=True))
         return self.cached("latents", load)
 
     def latents_indexed(self) -> LatentIndexed | None:
         return self.cached("latents_idx", lambda: None if self.latents is None else LatentIndexed(self.latents, ["dataset"]))
 
+    # a table by its name in docs/run-layout.md: (its writer's reader, the order rows of one latent are kept in)
+    _INDEXED = {"stats/top_images": ("stats", ["dataset", "by", "rank"]),
+                "stats/class_profile": ("stats", ["dataset", "class"]), "stats/histograms": ("stats", ["dataset"]),
+                "patients/barcodes": ("patients", ["patient_id"]), "patients/compare": ("patients", ["group_a", "group_b"])}
+
+    def _reader(self, name: str):
+        """path -> DataFrame for run table `name`: the writer's reader (its required columns) where it has one."""
+        from cytosae.analysis import patients, stats
+
+        part, _, stem = name.partition("/")
+        module = {"stats": stats, "patients": patients}.get(part)
+        file = f"{stem}.parquet"
+        if module is None or file not in module.COLUMNS:
+            return pd.read_parquet
+        read = stats.read_stats_table if module is stats else patients.read_patients_table
+        return lambda p: read(p.parent, file)
+
     def table(self, name: str) -> LatentIndexed | None:
         """One of stats/top_images, stats/class_profile, stats/histograms, patients/barcodes, patients/compare."""
-        order = {"stats/top_images": ["dataset", "by", "rank"], "stats/class_profile": ["dataset", "class"],
-                 "stats/histograms": ["dataset"], "patients/barcodes": ["patient_id"],
-                 "patients/compare": ["group_a", "group_b"]}[name]
+        order = self._INDEXED[name][1]
+        read = self._reader(name)
         return self.cached(name, lambda: self.read(self.path / f"{name}.parquet",
-                                                   lambda p: LatentIndexed(pd.read_parquet(p), order)))
+                                                   lambda p: LatentIndexed(read(p), order)))
 
     def raw_table(self, name: str) -> pd.DataFrame | None:
-        return self.cached("raw:" + name, lambda: self.read(self.path / f"{name}.parquet", pd.read_parquet))
+        return self.cached("raw:" + name, lambda: self.read(self.path / f"{name}.parquet", self._reader(name)))
 
     def summary(self, part: str) -> dict | None:
-        return self.cached("summary:" + part, lambda: self._json(f"{part}/summary.json"))
+        """stats/summary.json or patients/summary.json, checked by its writer's reader (None when absent)."""
+        from cytosae.analysis import patients, stats
+
+        file, read = {"stats": (stats.SUMMARY, stats.read_stats_summary),
+                      "patients": (patients.SUMMARY, patients.read_patients_summary)}[part]
+        return self.cached("summary:" + part, lambda: self.read(self.path / part / file, lambda p: read(p.parent)))
 
     @property
     def classify_results(self) -> dict | None:
-        return self.cached("classify", lambda: self._json("classify/results.json"))
+        from cytosae.analysis.classify_results import RESULTS, read_classify_results
+
+        return self.cached("classify", lambda: self.read(self.run.classify_dir / RESULTS,
+                                                         lambda p: read_classify_results(p.parent)))
 
     # ------------------------------------------------------------------ images
     def images(self, dataset: str) -> pd.DataFrame:

@@ -364,6 +364,15 @@ def _validate_field(cfg_path: Path, model, value, name: str):
         raise _field_error(cfg_path, exc, name + ".") from None
 
 
+def read_config(sae_dir: str | Path) -> dict:
+    """config.json's content, checked as SAE.load checks it (typed schemas, format version, its own checksum) but
+    without reading the weights: for readers that need the config alone (the explorer's decoder rows)."""
+    cfg_path = Path(sae_dir) / "config.json"
+    _, _, _, content = _read_config(cfg_path)
+    _check_seal(content, cfg_path)
+    return content
+
+
 def training_progress(sae_dir: str | Path) -> dict | None:
     """How far the training run that wrote `sae_dir` got, from its config.json alone (None: not recorded)."""
     cfg_path = Path(sae_dir) / "config.json"

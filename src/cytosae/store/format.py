@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from .schema import FORMAT, FORMAT_VERSION, seal, validate  # noqa: F401  (the schema owns the format's name)
 MANIFEST = "manifest.json"
 IMAGES = "images.parquet"
@@ -143,8 +145,12 @@ def validation_problem(exc) -> tuple[str, str]:
     field = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith("function-")) or "(the file)"
     kind, msg, got = err.get("type", ""), err.get("msg", "is invalid"), repr(err.get("input"))
     got = got if len(got) <= 60 else got[:57] + "..."
-    if kind == "value_error":
-        return field, msg.removeprefix("Value error, ")
+    if kind == "value_error":  # a validator's own words; "FIELD: problem" names a field below this one
+        msg = msg.removeprefix("Value error, ")
+        head, sep, rest = msg.partition(": ")
+        if sep and head and " " not in head:
+            return (head if field == "(the file)" else f"{field}.{head}"), rest
+        return field, msg
     if kind == "missing":
         return field, "is missing"
     if kind == "extra_forbidden":
@@ -156,6 +162,12 @@ def validation_problem(exc) -> tuple[str, str]:
     if msg.startswith("Input should be "):  # "Input should be a valid integer" -> "must be an integer"
         msg = "must be " + msg[len("Input should be "):].replace("a valid integer", "an integer").replace("valid ", "")
     return field, f"{msg}, got {got}"
+
+
+class Written(BaseModel):
+    """Base of a result file's schema: the fields its readers need, typed strictly ("n_images": "12" is refused,
+    never coerced); other fields are kept, so a file from a newer writer that only adds fields still reads."""
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
 def read_json_model(path: Path, model, fix: str, shown: str | Path | None = None) -> dict:
