@@ -390,10 +390,13 @@ class Run:
 
     def summary(self) -> dict:
         """What the run holds, for `cytosae run` and the explorer (no absolute paths)."""
+        from cytosae.analysis import patients, stats  # the writers name their files
+        from cytosae.analysis.classify_results import RESULTS
+
         return {"datasets": {n: {"store": self.has_store(n)} for n in self.datasets}, "sae": self.has_sae(),
-                "stats": (self.stats_dir / "summary.json").is_file(),
-                "patients": (self.patients_dir / "summary.json").is_file(),
-                "classify": (self.classify_dir / "results.json").is_file(),
+                "stats": (self.stats_dir / stats.SUMMARY).is_file(),
+                "patients": (self.patients_dir / patients.SUMMARY).is_file(),
+                "classify": (self.classify_dir / RESULTS).is_file(),
                 "steps": sorted(self.steps)}
 
 

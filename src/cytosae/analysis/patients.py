@@ -276,3 +276,12 @@ def read_patients_table(patients_dir: str | Path, file: str, shown: str | None =
     from cytosae.store.format import read_table
 
     return read_table(Path(patients_dir) / file, COLUMNS[file], FIX, shown)
+
+
+def read_barcodes(path: str | Path, shown: str | None = None) -> pd.DataFrame:
+    """The barcodes of folder `path` (its BARCODES), or the barcodes table `path` itself, with the columns their
+    readers use; InvalidFile naming it otherwise."""
+    from cytosae.store.format import read_table
+
+    path = Path(path)
+    return read_table(path / BARCODES if path.is_dir() else path, COLUMNS[BARCODES], FIX, shown)
