@@ -544,7 +544,9 @@ class PatientView:
         rd = run._dir
         t = rd.table("patients/barcodes")
         if t is None:
-            raise rd.missing("patients/barcodes.parquet")
+            from .analysis.patients import BARCODES
+
+            raise rd.missing(rd.rel(rd.run.patients_dir / BARCODES))
         # row positions per patient, found once: the table has n_patients x n_latents rows (millions at 49k latents)
         where = rd.cached("notebook:patient_rows",
                           lambda: t.df.groupby(t.df["patient_id"].astype(str), sort=True).indices)

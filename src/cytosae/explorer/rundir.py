@@ -26,14 +26,17 @@ class DamagedData(RuntimeError):
     """A run file exists but cannot be read; the message names it (relative to the run) and the command that rebuilds it."""
 
 
+_SERVER_PATH = re.compile(r"(^|[\s'\"(=])/")  # an absolute path in a message: never shown in a response
+
+
 def _own_reason(message: str, path: Path) -> str | None:
     """The reason in a reader's `PATH: reason; remedy` about `path` itself (SAE.load's config errors), when it
-    names no other server path; None otherwise (responses never show an absolute path)."""
+    names no other server path; None otherwise."""
     head = f"{path}: "
     if not message.startswith(head):
         return None
     reason = message[len(head):].split("; ")[0].splitlines()[0]
-    return None if re.search(r"(^|[\s'\"(=])/", reason) else reason
+    return None if _SERVER_PATH.search(reason) else reason
 
 
 class RunDir:
@@ -102,7 +105,7 @@ class RunDir:
             return "cytosae classify --run RUN"
         if rel.startswith("quality/"):
             return "cytosae align --run RUN"
-        if rel == f"{self.rel(self.sae_dir)}/eval.json":
+        if rel.startswith(f"{self.rel(self.sae_dir)}/eval."):  # eval.json, eval.spliced.json (steps.evaluate)
             return "cytosae evaluate --run RUN"
         if rel.startswith(self.rel(self.sae_dir) + "/"):
             return "cytosae train --run RUN"
@@ -116,7 +119,7 @@ class RunDir:
 
         rel = self.rel(path)
         rebuild = f"rebuild it with `{self.rebuild_command(rel)}` (RUN = this run directory)"
-        if isinstance(exc, InvalidFile):  # the reader's schema said which field: keep it, drop the server path
+        if isinstance(exc, InvalidFile) and not _SERVER_PATH.search(exc.problem):  # the schema named the field
             return DamagedData(f"{rel}: " + (f"{exc.field}: " if exc.field else "") + f"{exc.problem}; {rebuild}")
         reason = _own_reason(str(exc), Path(path))
         if reason is not None:
@@ -183,26 +186,24 @@ class RunDir:
     def latents_indexed(self) -> LatentIndexed | None:
         return self.cached("latents_idx", lambda: None if self.latents is None else LatentIndexed(self.latents, ["dataset"]))
 
-    # a table by its name in docs/run-layout.md: (its writer's reader, the order rows of one latent are kept in)
-    _INDEXED = {"stats/top_images": ("stats", ["dataset", "by", "rank"]),
-                "stats/class_profile": ("stats", ["dataset", "class"]), "stats/histograms": ("stats", ["dataset"]),
-                "patients/barcodes": ("patients", ["patient_id"]), "patients/compare": ("patients", ["group_a", "group_b"])}
+    # a latent-indexed table by its name in docs/run-layout.md: the order one latent's rows are kept in
+    _ORDER = {"stats/top_images": ["dataset", "by", "rank"], "stats/class_profile": ["dataset", "class"],
+              "stats/histograms": ["dataset"], "patients/barcodes": ["patient_id"],
+              "patients/compare": ["group_a", "group_b"]}
 
     def _reader(self, name: str):
         """path -> DataFrame for run table `name`: the writer's reader (its required columns) where it has one."""
         from cytosae.analysis import patients, stats
 
         part, _, stem = name.partition("/")
-        module = {"stats": stats, "patients": patients}.get(part)
+        columns, read = {"stats": (stats.COLUMNS, stats.read_stats_table),
+                         "patients": (patients.COLUMNS, patients.read_patients_table)}.get(part, ({}, None))
         file = f"{stem}.parquet"
-        if module is None or file not in module.COLUMNS:
-            return pd.read_parquet
-        read = stats.read_stats_table if module is stats else patients.read_patients_table
-        return lambda p: read(p.parent, file)
+        return (lambda p: read(p.parent, file)) if file in columns else pd.read_parquet
 
     def table(self, name: str) -> LatentIndexed | None:
         """One of stats/top_images, stats/class_profile, stats/histograms, patients/barcodes, patients/compare."""
-        order = self._INDEXED[name][1]
+        order = self._ORDER[name]
         read = self._reader(name)
         return self.cached(name, lambda: self.read(self.path / f"{name}.parquet",
                                                    lambda p: LatentIndexed(read(p), order)))
