@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cytosae.cli import app
-from cytosae.run import NotARun, Run, check_name
+from cytosae.run import InvalidRunJson, NotARun, Run, RunJson, check_name
 from cytosae.study import StudyError, load_study, plan, run_study
 
 
@@ -45,14 +45,78 @@ def test_not_a_run_and_damaged_run_json_are_one_line_errors(tmp_path):
     with pytest.raises(NotARun, match="not a cytosae run"):
         Run.open(tmp_path)
     (tmp_path / "run.json").write_text("{oops")
-    with pytest.raises(ValueError, match="run.json is not valid JSON"):
+    with pytest.raises(ValueError, match="run.json: is not valid JSON"):
         Run.open(tmp_path)
     (tmp_path / "run.json").write_text(json.dumps({"datasets": {"a": {"store": "../../etc"}}}))
-    with pytest.raises(ValueError, match="must be a path inside the run"):
+    with pytest.raises(ValueError, match="run.json: datasets.a.store: '../../etc' must be a path inside the run"):
         Run.open(tmp_path)
     for bad in ("", "../x", "a/b", ".hidden", "x" * 101):
         with pytest.raises(ValueError):
             check_name(bad)
+
+
+def _written_run(path):
+    """A run as today's writers leave it: every writer of cytosae.run called once (format_version 1)."""
+    run = Run.open(path, create=True)
+    (path / "w.bin").write_bytes(b"weights")
+    run.add_dataset("cells", data="data/cells.csv", data_root=path / "data")
+    run.set_backbone({"name": "dinobloom-s", "weights": "w.bin", "layer": -2, "seed": None, "options": {}})
+    run.record_step("extract:cells", "cytosae extract", {"layer": -2}, inputs={"weights": path / "w.bin"},
+                    seconds=2.5, key="abc")
+    run.record_step("train", "cytosae train", {"k": 4})
+    run.set_study_keys("study.toml", {"extract:cells": "abc"})
+    return run
+
+
+def test_run_json_written_today_opens_unchanged(tmp_path):
+    run = _written_run(tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "run.json").read_text())
+    again = Run.open(tmp_path / "run")
+    assert again.meta == written and written["format_version"] == 1
+    assert set(written) <= set(RunJson.model_fields) and again.steps["extract:cells"]["inputs"]["weights"]["size"] == 7
+    # a folder opened by its layout (no run.json) keeps `inferred` when a command first records into it
+    from cytosae.sae import SAE, SAEConfig
+    from cytosae.store.format import write_manifest
+
+    laid = tmp_path / "laid"
+    SAE(SAEConfig(arch="topk", d_in=4, n_latents=8, k=2)).save(laid / "sae")
+    (laid / "stores" / "a").mkdir(parents=True)
+    write_manifest(laid / "stores" / "a", {"format": "cytosae-activation-store", "complete": False, "created": "x",
+                                           "settings": {"backbone": "b"}, "n_tokens": 1, "d_model": 4, "shards": []})
+    Run.open(laid).record_step("stats", "cytosae stats", {})
+    assert json.loads((laid / "run.json").read_text())["inferred"] is True
+    assert set(Run.open(laid).steps) == {"stats"}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(steps=[m["steps"]["train"]]), "run.json: steps: must be an object, got [{"),
+    (lambda m: m["datasets"]["cells"].pop("store") and None, "run.json: datasets.cells.store: is missing"),
+    (lambda m: m["datasets"]["cells"].update(data=5), "run.json: datasets.cells.data: must be a string, got 5"),
+    (lambda m: m["backbone"].update(weights=["w.bin"]), "run.json: backbone.weights: must be a string, got ['w.bin']"),
+    (lambda m: m.update(format_version=99), "run.json: format_version: 99 is newer than this cytosae understands "
+                                            "(1); upgrade cytosae"),
+    (lambda m: m["steps"]["train"].update(finished=1700000000), "run.json: steps.train.finished: must be a string "
+                                                                "timestamp (ISO 8601), got 1700000000"),
+    (lambda m: m["steps"]["train"].update(seconds="2"), "run.json: steps.train.seconds: must be a number, got '2'"),
+    (lambda m: m["backbone"].update(layer="-2"), "run.json: backbone.layer: must be an integer, got '-2'"),
+    (lambda m: m.update(format="cytosae-activation-store"), "run.json: format: must be 'cytosae-run', got"),
+    (lambda m: m.update(colour="red"), "run.json: colour: is not a field of this file"),
+    (lambda m: m["study"]["keys"].update(train=3), "run.json: study.keys.train: must be a string, got 3"),
+    (lambda m: "[1, 2]", "run.json: does not hold a JSON object (it holds a JSON list)"),
+    (lambda m: '{"datasets": ', "run.json: is not valid JSON (Expecting value"),
+])
+def test_an_edited_run_json_is_refused_in_one_line_naming_the_field(tmp_path, edit, message):
+    _written_run(tmp_path / "run")
+    file = tmp_path / "run" / "run.json"
+    meta = json.loads(file.read_text())
+    text = edit(meta)
+    file.write_text(text if isinstance(text, str) else json.dumps(meta))
+    with pytest.raises(InvalidRunJson) as err:
+        Run.open(tmp_path / "run")
+    assert message in str(err.value) and "\n" not in str(err.value) and isinstance(err.value, ValueError)
+    # every command prints it as its one-line error, before doing anything
+    r = CliRunner().invoke(app, ["stats", "--run", str(tmp_path / "run")])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
 
 
 def _study(tmp_path, **over) -> str:

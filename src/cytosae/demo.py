@@ -59,4 +59,7 @@ def run_demo(out: str | Path, seed: int = 0, n_patients: int = 12, cells_per_pat
     if per_diagnosis < 2:
         say("diagnosis: skipped, cross-validation needs at least 2 patients per diagnosis")
     say(f"run written to {run} (study file {study}; layout: docs/run-layout.md). Browse it: cytosae explore {run}")
-    return json.loads((run / "sae" / "eval.json").read_text())
+    from cytosae.run import Run
+    from cytosae.steps.evaluate import read_eval
+
+    return read_eval(Run.open(run).sae_dir)

@@ -207,10 +207,25 @@ class RunView:
 
     @property
     def classify_results(self) -> dict:
-        """classify/results.json as written (a copy)."""
+        """classify/results.json as written (a copy), checked by its writer's reader."""
+        from .analysis.classify_results import RESULTS
+
         res = self._dir.classify_results
         if res is None:
-            raise self._dir.missing("classify/results.json")
+            raise self._dir.missing(self._dir.rel(self._dir.run.classify_dir / RESULTS))
+        return copy.deepcopy(res)
+
+    def summary(self, part: str = "stats") -> dict:
+        """stats/summary.json (part "stats": what was measured on what, and the definitions) or
+        patients/summary.json ("patients": groups, token policy, comparisons), as written (a copy)."""
+        from .analysis import patients, stats
+
+        if part not in ("stats", "patients"):
+            raise ValueError(f"part must be 'stats' or 'patients', got {part!r}")
+        res = self._dir.summary(part)
+        if res is None:
+            file = {"stats": stats.SUMMARY, "patients": patients.SUMMARY}[part]
+            raise self._dir.missing(f"{part}/{file}")
         return copy.deepcopy(res)
 
     @property
@@ -305,11 +320,14 @@ class RunView:
         return overlay(img, amap, alpha=ALPHA, vmax=vmax) if amap.size else img
 
     def _has(self) -> dict[str, bool]:
-        p = self.path
-        return {"stats": (p / "stats/latents.parquet").is_file(),
-                "top_images": (p / "stats/top_images.parquet").is_file(),
-                "patients": (p / "patients/barcodes.parquet").is_file(),
-                "classify": (p / "classify/results.json").is_file(), "annotations": self._dir.run.annotations.is_file()}
+        from .analysis import patients, stats
+        from .analysis.classify_results import RESULTS
+
+        run = self._dir.run
+        return {"stats": (run.stats_dir / stats.LATENTS).is_file(),
+                "top_images": (run.stats_dir / stats.TOP_IMAGES).is_file(),
+                "patients": (run.patients_dir / patients.BARCODES).is_file(),
+                "classify": (run.classify_dir / RESULTS).is_file(), "annotations": run.annotations.is_file()}
 
     def __repr__(self) -> str:
         has = [k for k, v in self._has().items() if v]
@@ -526,7 +544,9 @@ class PatientView:
         rd = run._dir
         t = rd.table("patients/barcodes")
         if t is None:
-            raise rd.missing("patients/barcodes.parquet")
+            from .analysis.patients import BARCODES
+
+            raise rd.missing(rd.rel(rd.run.patients_dir / BARCODES))
         # row positions per patient, found once: the table has n_patients x n_latents rows (millions at 49k latents)
         where = rd.cached("notebook:patient_rows",
                           lambda: t.df.groupby(t.df["patient_id"].astype(str), sort=True).indices)

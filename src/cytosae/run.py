@@ -23,7 +23,11 @@ import json
 import platform
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Annotated, Any, Iterable, Iterator, Literal, Optional
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from cytosae.store.format import InvalidFile
 
 RUN_JSON = "run.json"
 RUN_FORMAT = "cytosae-run"
@@ -38,6 +42,99 @@ _CHEAP_DIGEST_BYTES = 256 * 1024 * 1024  # inputs larger than this are recorded 
 
 class NotARun(FileNotFoundError):
     """The folder is neither a run (run.json) nor laid out like one (sae/ + stores/*)."""
+
+
+class InvalidRunJson(InvalidFile):
+    """run.json holds what no cytosae writes: one line naming the file and the field (`steps.train.finished:
+    must be a string timestamp`). A ValueError, so every command prints it as its one-line error."""
+
+
+RUN_JSON_FIX = "restore it, or delete it and rerun the study"
+
+
+# ---------------------------------------------------------------------- run.json's schema
+def _timestamp(value):
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string timestamp (ISO 8601), got {value!r}")
+    try:
+        _dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"must be a string timestamp (ISO 8601), got {value!r}") from None
+    return value
+
+
+def _inside_run(value: str) -> str:
+    if Path(value).is_absolute() or ".." in Path(value).parts:
+        raise ValueError(f"{value!r} must be a path inside the run (relative, without '..')")
+    return value
+
+
+def _plain_names(value: dict) -> dict:
+    for name in value:
+        if not _NAME.match(name):
+            raise ValueError(f"dataset name {name!r} must start with a letter or digit and use only letters, "
+                             f"digits, '_', '.' and '-'")
+    return value
+
+
+Timestamp = Annotated[str, BeforeValidator(_timestamp)]
+InsideRun = Annotated[str, AfterValidator(_inside_run)]
+
+
+class _Record(BaseModel):
+    # strict: "layer": "-2" or "size": "3" is refused, never coerced; extra keys: no writer makes them
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class DatasetEntry(_Record):
+    store: InsideRun
+    data: Optional[str] = None       # the data source as given (a folder or CSV), relative when inside the run
+    data_root: Optional[str] = None  # where the images are now (`Run.add_dataset(data_root=...)`)
+
+
+class BackboneSpec(_Record):
+    name: str
+    weights: Optional[str] = None
+    layer: Optional[int] = None
+    seed: Optional[int] = None
+    options: dict[str, Any] = {}
+
+
+class InputDigest(_Record):
+    path: str
+    size: Annotated[int, Field(ge=0)]
+    sha256: Optional[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = None  # absent above 256 MiB
+
+
+class StepRecord(_Record):
+    command: str
+    settings: dict[str, Any]
+    versions: dict[str, str]
+    inputs: dict[str, InputDigest] = {}
+    finished: Timestamp
+    seconds: Optional[Annotated[float, Field(ge=0)]] = None
+    key: Optional[str] = None
+
+
+class StudyRecord(_Record):
+    file: str
+    keys: dict[str, str]
+
+
+class RunJson(_Record):
+    """run.json as `Run` writes it (docs/run-layout.md). Every top-level key is one a writer of this module makes
+    (`inferred` is kept when a command records a step into a folder that was opened by its layout)."""
+    format: Literal["cytosae-run"] = RUN_FORMAT
+    format_version: Literal[1] = RUN_FORMAT_VERSION
+    created: Optional[Timestamp] = None
+    updated: Optional[Timestamp] = None
+    cytosae_version: Optional[str] = None
+    datasets: Annotated[dict[str, DatasetEntry], AfterValidator(_plain_names)] = {}
+    sae: Optional[InsideRun] = SAE_DIR
+    backbone: Optional[BackboneSpec] = None
+    steps: dict[str, StepRecord] = {}
+    study: Optional[StudyRecord] = None
+    inferred: Optional[bool] = None
 
 
 def check_name(name: str, what: str = "dataset name") -> str:
@@ -293,10 +390,13 @@ class Run:
 
     def summary(self) -> dict:
         """What the run holds, for `cytosae run` and the explorer (no absolute paths)."""
+        from cytosae.analysis import patients, stats  # the writers name their files
+        from cytosae.analysis.classify_results import RESULTS
+
         return {"datasets": {n: {"store": self.has_store(n)} for n in self.datasets}, "sae": self.has_sae(),
-                "stats": (self.stats_dir / "summary.json").is_file(),
-                "patients": (self.patients_dir / "summary.json").is_file(),
-                "classify": (self.classify_dir / "results.json").is_file(),
+                "stats": (self.stats_dir / stats.SUMMARY).is_file(),
+                "patients": (self.patients_dir / patients.SUMMARY).is_file(),
+                "classify": (self.classify_dir / RESULTS).is_file(),
                 "steps": sorted(self.steps)}
 
 
@@ -308,20 +408,23 @@ def _new_meta() -> dict:
 
 
 def _read_run_json(file: Path) -> dict:
-    from cytosae.store.format import read_json_object
+    """run.json checked against RunJson (an InvalidRunJson naming the field otherwise), as the plain dict it holds."""
+    from pydantic import ValidationError
 
-    meta = read_json_object(file, "restore it, or delete it and rerun the study")
-    if meta.get("format_version", RUN_FORMAT_VERSION) > RUN_FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version {meta['format_version']} is newer than this cytosae understands "
-                         f"({RUN_FORMAT_VERSION}); upgrade cytosae")
-    datasets = meta.get("datasets") or {}
-    if not isinstance(datasets, dict):
-        raise ValueError(f"{file}: field 'datasets' must be an object of NAME: {{store, data}}")
-    for name, entry in datasets.items():
-        check_name(name, f"{file}: dataset name")
-        store = (entry or {}).get("store", f"{STORES}/{name}")
-        if Path(store).is_absolute() or ".." in Path(store).parts:
-            raise ValueError(f"{file}: dataset {name!r} store {store!r} must be a path inside the run")
+    from cytosae.store.format import read_json_object, validation_problem
+
+    try:
+        meta = read_json_object(file, RUN_JSON_FIX)
+    except InvalidFile as exc:
+        raise InvalidRunJson(exc.file, exc.field, exc.problem, exc.fix) from None
+    version = meta.get("format_version", RUN_FORMAT_VERSION)
+    if type(version) is int and version > RUN_FORMAT_VERSION:
+        raise InvalidRunJson(file, "format_version", f"{version} is newer than this cytosae understands "
+                             f"({RUN_FORMAT_VERSION})", "upgrade cytosae")
+    try:
+        RunJson.model_validate(meta)
+    except ValidationError as exc:
+        raise InvalidRunJson(file, *validation_problem(exc), RUN_JSON_FIX) from None
     return meta
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cytosae.run import Run, check_name
+from cytosae.steps.evaluate import EVAL
 from cytosae.steps import (ClassifySettings, EvaluateSettings, ExtractSettings, PatientsSettings, StatsSettings,
                            StepError, StepSettings, TrainSettings, build, run_classify, run_evaluate, run_extract,
                            run_patients, run_stats, run_train)
@@ -269,7 +270,7 @@ def outputs(run: Run, step: str) -> list[Path]:
     """What a step writes, removed when its settings changed (a stale output must never pass for a new one)."""
     kind, _, name = step.partition(":")
     return {"extract": lambda: [run.store_dir(name)], "train": lambda: [run.sae_dir],
-            "evaluate": lambda: [run.sae_dir / "eval.json"], "stats": lambda: [run.stats_dir],
+            "evaluate": lambda: [run.sae_dir / EVAL], "stats": lambda: [run.stats_dir],
             "patients": lambda: [run.external_patients_dir(name) if name else run.patients_dir],
             "classify": lambda: [run.classify_dir]}[kind]()
 

@@ -26,11 +26,15 @@ latents is 0.5 GB; larger products are refused up front (max_cells) rather than 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Annotated, Callable, Iterable, Optional
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
+
+from cytosae.store.format import Written
 
 DEFINITIONS = __doc__.split("Definitions (also written to alignment.json, so every number says what it is):\n")[1]
 METHODS = ("sae", "pca", "kmeans", "untrained_sae")
@@ -281,13 +285,11 @@ def summarise(per_class: pd.DataFrame, widths: dict[str, int]) -> pd.DataFrame:
 
 def write_alignment(res: Alignment, out_dir) -> list:
     """OUT/alignment.parquet (the method table), alignment_classes.parquet (per class) and alignment.json."""
-    from pathlib import Path
-
     from cytosae.store.format import atomic_write_json, atomic_write_parquet
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "alignment.parquet", out / "alignment_classes.parquet", out / "alignment.json"]
+    paths = [out / TABLE, out / CLASSES, out / SUMMARY]
     atomic_write_parquet(paths[0], res.table)
     atomic_write_parquet(paths[1], res.per_class)
     atomic_write_json(paths[2], {**res.summary, "per_class": res.per_class.to_dict("records")})
@@ -295,3 +297,45 @@ def write_alignment(res: Alignment, out_dir) -> list:
         paths.append(out / "probing.parquet")
         atomic_write_parquet(paths[-1], res.probing)
     return paths
+
+
+# ---------------------------------------------------------------- quality/ as its readers read it
+SUMMARY, TABLE, CLASSES = "alignment.json", "alignment.parquet", "alignment_classes.parquet"
+FIX = "rebuild it with `cytosae align` (--run RUN: the same command)"
+
+
+class MethodRow(Written):
+    method: str
+    n_scores: Annotated[int, Field(ge=0)]
+    n_classes: Annotated[int, Field(ge=0)]
+    mean_best_ap: Optional[float]
+    mean_best_auroc: Optional[float]
+
+
+class ClassRow(Written):
+    method: str
+    class_: str = Field(alias="class")
+    best_latent: Optional[int] = None
+    ap: Optional[float]
+    auroc: Optional[float]
+
+
+class AlignmentSummary(Written):
+    dataset: str
+    n_images: Annotated[int, Field(ge=0)]
+    classes: list[str]
+    label_column: str
+    token_policy: str
+    seed: int
+    fit_tokens: Annotated[int, Field(ge=0)]
+    table: list[MethodRow]
+    per_class: list[ClassRow]
+    definitions: str
+
+
+def read_alignment(quality_dir: str | Path, shown: str | None = None) -> dict:
+    """quality/alignment.json checked against AlignmentSummary; InvalidFile naming the file (`shown`) and field
+    otherwise."""
+    from cytosae.store.format import read_json_model
+
+    return read_json_model(Path(quality_dir) / SUMMARY, AlignmentSummary, FIX, shown)

@@ -9,12 +9,15 @@ counts and cell counts are kept beside the fractions.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Annotated, Any, Callable, Iterable, Literal, Optional
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 from scipy import stats as sps
+
+from cytosae.store.format import Written
 
 TOKEN_POLICIES = ("cls", "any_patch", "mean")
 
@@ -132,20 +135,20 @@ def write_patients(barcodes: pd.DataFrame, out_dir: str | Path, target: str = "d
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = {"barcodes": barcodes, "disease_barcodes": disease_barcodes(barcodes, target)}
+    tables = {BARCODES: barcodes, DISEASE_BARCODES: disease_barcodes(barcodes, target)}
     n_groups = barcodes.drop_duplicates("patient_id")[target].nunique()
     if n_groups >= 2:
-        tables["compare"] = compare_groups(barcodes, target)
-    for name, table in tables.items():
-        atomic_write_parquet(out / f"{name}.parquet", table)
+        tables[COMPARE] = compare_groups(barcodes, target)
+    for file, table in tables.items():
+        atomic_write_parquet(out / file, table)
 
     variable = barcodes.groupby("latent")["frac"].var().fillna(0).sort_values(ascending=False, kind="stable")
     shown = [int(j) for j in variable.index[:top_barcode_latents]]
     figures.save_figure(figures.barcode_figure(barcodes, target, shown), out / "figures" / "barcodes.png")
     figures.save_figure(figures.patient_correlation_heatmap(barcodes, target), out / "figures" / "patient_correlation.png")
     comparisons = []
-    if "compare" in tables:
-        cmp = tables["compare"]
+    if COMPARE in tables:
+        cmp = tables[COMPARE]
         for (a, b), fam in cmp.groupby(["group_a", "group_b"], sort=True):
             fig_path = out / "figures" / f"volcano_{_slug(a)}_vs_{_slug(b)}.png"
             figures.save_figure(figures.volcano(cmp, a, b, q_max=q_max), fig_path)
@@ -155,7 +158,7 @@ def write_patients(barcodes: pd.DataFrame, out_dir: str | Path, target: str = "d
                 "figure": str(fig_path.relative_to(out)),
                 "top_latents": [{"latent": int(r.latent), "effect": float(r.effect), "p": float(r.p), "q": float(r.q)}
                                 for r in top.itertuples()]})
-    atomic_write_json(out / "summary.json", {
+    atomic_write_json(out / SUMMARY, {
         "n_patients": int(barcodes.patient_id.nunique()), "target": target,
         "groups": barcodes.drop_duplicates("patient_id")[target].astype(str).value_counts().sort_index().to_dict(),
         "definition": "frac = cells of the patient where the latent fires above threshold / cells of the patient",
@@ -184,7 +187,7 @@ def write_disease_examples(encode, store, out_dir: str | Path, target: str = "di
     from cytosae.store.format import atomic_write_json
 
     out = Path(out_dir)
-    compare = pd.read_parquet(out / "compare.parquet")
+    compare = read_patients_table(out, COMPARE)
     images = store.images
     viewer = CellViewer(store, encode, device=device)
     sides = []  # (group, other, its enriched latents, sign of their effect)
@@ -210,13 +213,75 @@ def write_disease_examples(encode, store, out_dir: str | Path, target: str = "di
                                        k=k, label_column=label_column, caption=caption)
         drawn.append({"group": group, "versus": other, "latents": latents,
                       "figures": [str(p.relative_to(out)) for p in paths]})
-    summary_path = out / "summary.json"
+    summary_path = out / SUMMARY
     if summary_path.is_file():
-        import json
-
-        summary = json.loads(summary_path.read_text())
+        summary = read_patients_summary(out)
         summary["examples"] = {"what": f"top {per_comparison} latents enriched in each group (smallest q, effect > 0), "
                                        f"on the {k} cells of that group where each is strongest (mean patch activation)",
                                "galleries": drawn}
         atomic_write_json(summary_path, summary)
     return drawn
+
+
+# ---------------------------------------------------------------- patients/ as its readers read it
+SUMMARY = "summary.json"
+BARCODES, DISEASE_BARCODES, COMPARE = "barcodes.parquet", "disease_barcodes.parquet", "compare.parquet"
+# the columns some reader uses without checking (classify, the explorer's patient pages, notebook PatientView); the
+# group column (`diagnosis` by default) is the target's, checked by whoever groups by it
+COLUMNS = {BARCODES: ("patient_id", "latent", "frac"), DISEASE_BARCODES: ("latent", "frac_mean"),
+           COMPARE: ("latent", "group_a", "group_b", "statistic", "p", "q", "effect")}
+FIX = "rebuild it with `cytosae patients` (--run RUN: the same command)"
+
+
+class TopLatent(Written):
+    latent: Annotated[int, Field(ge=0)]
+    effect: float
+    p: float
+    q: float
+
+
+class Comparison(Written):
+    group_a: str
+    group_b: str
+    n_latents: Annotated[int, Field(ge=0)]
+    figure: str
+    top_latents: list[TopLatent]
+
+
+class PatientsSummary(Written):
+    n_patients: Annotated[int, Field(ge=0)]
+    target: str
+    groups: dict[str, Annotated[int, Field(ge=0)]]
+    comparisons: list[Comparison]
+    definition: Optional[str] = None
+    compare: Optional[str] = None
+    figures: dict[str, str] = {}
+    threshold: Optional[float] = None
+    token_policy: Optional[Literal["cls", "any_patch", "mean"]] = None
+    store: Optional[str] = None
+    dataset: Optional[str] = None
+    examples: Optional[dict[str, Any]] = None
+
+
+def read_patients_summary(patients_dir: str | Path, shown: str | None = None) -> dict:
+    """patients/summary.json checked against PatientsSummary; InvalidFile naming the file (`shown`) and field
+    otherwise."""
+    from cytosae.store.format import read_json_model
+
+    return read_json_model(Path(patients_dir) / SUMMARY, PatientsSummary, FIX, shown)
+
+
+def read_patients_table(patients_dir: str | Path, file: str, shown: str | None = None) -> pd.DataFrame:
+    """One of patients/'s tables (a COLUMNS key) with the columns its readers use, or InvalidFile naming it."""
+    from cytosae.store.format import read_table
+
+    return read_table(Path(patients_dir) / file, COLUMNS[file], FIX, shown)
+
+
+def read_barcodes(path: str | Path, shown: str | None = None) -> pd.DataFrame:
+    """The barcodes of folder `path` (its BARCODES), or the barcodes table `path` itself, with the columns their
+    readers use; InvalidFile naming it otherwise."""
+    from cytosae.store.format import read_table
+
+    path = Path(path)
+    return read_table(path / BARCODES if path.is_dir() else path, COLUMNS[BARCODES], FIX, shown)

@@ -19,11 +19,14 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Annotated, Callable, Iterable, Optional
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
+
+from cytosae.store.format import Written
 
 DEFINITIONS = __doc__.split("Definitions (also written to summary.json, so every number says what it is):\n")[1]
 
@@ -239,9 +242,9 @@ def write_stats(stats: list[LatentStats], out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("latents", "top_images", "class_profile", "histograms"):
+    for name, file in TABLES.items():
         table = pd.concat([getattr(s, name) for s in stats], ignore_index=True)
-        atomic_write_parquet(out / f"{name}.parquet", table)
+        atomic_write_parquet(out / file, table)
     from cytosae.analysis import figures
 
     for s in stats:
@@ -251,9 +254,56 @@ def write_stats(stats: list[LatentStats], out_dir: str | Path) -> Path:
         if s.summary["classes"]:
             figures.save_figure(figures.class_profile_heatmap(s.class_profile, s.latents, name),
                                 out / "figures" / f"class_profile_{name}.png")
-    atomic_write_json(out / "summary.json", {"datasets": [s.summary for s in stats],
-                                             "figures": sorted(p.name for p in (out / "figures").glob("*.png"))})
+    atomic_write_json(out / SUMMARY, {"datasets": [s.summary for s in stats],
+                                      "figures": sorted(p.name for p in (out / "figures").glob("*.png"))})
     return out
+
+
+# ---------------------------------------------------------------- stats/ as its readers read it
+SUMMARY = "summary.json"
+LATENTS, TOP_IMAGES = "latents.parquet", "top_images.parquet"
+TABLES = {"latents": LATENTS, "top_images": TOP_IMAGES, "class_profile": "class_profile.parquet",
+          "histograms": "histograms.parquet"}  # LatentStats field -> file
+# the columns some reader uses without checking (the explorer's filters, `compare-saes`, notebook cards)
+COLUMNS = {LATENTS: ("dataset", "latent", "freq_image", "top_label"),
+           TOP_IMAGES: ("dataset", "latent", "by", "rank", "image_id", "value"),
+           TABLES["class_profile"]: ("dataset", "latent", "class", "mean_act", "freq"),
+           TABLES["histograms"]: ("dataset", "latent", "bin_edges", "counts")}
+FIX = "rebuild it with `cytosae stats` (--run RUN: the same command)"
+
+
+class DatasetSummary(Written):
+    dataset: str
+    n_images: Annotated[int, Field(ge=0)]
+    n_tokens: Annotated[int, Field(ge=0)]
+    n_latents: Annotated[int, Field(ge=0)]
+    k: Annotated[int, Field(ge=1)]
+    definitions: str
+    grid: Optional[int] = None
+    label_column: Optional[str] = None
+    classes: list[str] = []
+    noisy_threshold: Optional[float] = None
+    n_noisy: Optional[int] = None
+    n_dead_on_dataset: Optional[int] = None
+
+
+class StatsSummary(Written):
+    datasets: list[DatasetSummary]
+    figures: list[str] = []
+
+
+def read_stats_summary(stats_dir: str | Path, shown: str | None = None) -> dict:
+    """stats/summary.json checked against StatsSummary; InvalidFile naming the file (`shown`) and field otherwise."""
+    from cytosae.store.format import read_json_model
+
+    return read_json_model(Path(stats_dir) / SUMMARY, StatsSummary, FIX, shown)
+
+
+def read_stats_table(stats_dir: str | Path, file: str, shown: str | None = None) -> pd.DataFrame:
+    """One of stats/'s tables (a COLUMNS key) with the columns its readers use, or InvalidFile naming it."""
+    from cytosae.store.format import read_table
+
+    return read_table(Path(stats_dir) / file, COLUMNS[file], FIX, shown)
 
 
 def factor_purity(top_images: pd.DataFrame, manifest: pd.DataFrame, factor: str, k: int = 16) -> pd.DataFrame:

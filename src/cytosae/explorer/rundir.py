@@ -6,6 +6,7 @@ the API answers 404 with the command that would produce a missing table.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +24,19 @@ class MissingData(LookupError):
 
 class DamagedData(RuntimeError):
     """A run file exists but cannot be read; the message names it (relative to the run) and the command that rebuilds it."""
+
+
+_SERVER_PATH = re.compile(r"(^|[\s'\"(=])/")  # an absolute path in a message: never shown in a response
+
+
+def _own_reason(message: str, path: Path) -> str | None:
+    """The reason in a reader's `PATH: reason; remedy` about `path` itself (SAE.load's config errors), when it
+    names no other server path; None otherwise."""
+    head = f"{path}: "
+    if not message.startswith(head):
+        return None
+    reason = message[len(head):].split("; ")[0].splitlines()[0]
+    return None if _SERVER_PATH.search(reason) else reason
 
 
 class RunDir:
@@ -89,6 +103,10 @@ class RunDir:
             return "cytosae patients --run RUN"
         if rel.startswith("classify/"):
             return "cytosae classify --run RUN"
+        if rel.startswith("quality/"):
+            return "cytosae align --run RUN"
+        if rel.startswith(f"{self.rel(self.sae_dir)}/eval."):  # eval.json, eval.spliced.json (steps.evaluate)
+            return "cytosae evaluate --run RUN"
         if rel.startswith(self.rel(self.sae_dir) + "/"):
             return "cytosae train --run RUN"
         for d in self.datasets:
@@ -97,7 +115,15 @@ class RunDir:
         return "the cytosae command that wrote it"
 
     def damaged(self, path: Path, exc: BaseException) -> DamagedData:
+        from cytosae.store.format import InvalidFile
+
         rel = self.rel(path)
+        rebuild = f"rebuild it with `{self.rebuild_command(rel)}` (RUN = this run directory)"
+        if isinstance(exc, InvalidFile) and not _SERVER_PATH.search(exc.problem):  # the schema named the field
+            return DamagedData(f"{rel}: " + (f"{exc.field}: " if exc.field else "") + f"{exc.problem}; {rebuild}")
+        reason = _own_reason(str(exc), Path(path))
+        if reason is not None:
+            return DamagedData(f"{rel}: {reason}; {rebuild}")
         return DamagedData(f"{rel} could not be read ({type(exc).__name__}): the file is damaged or from another "
                            f"version; rebuild it with `{self.rebuild_command(rel)}` (RUN = this run directory)")
 
@@ -150,31 +176,55 @@ class RunDir:
 
     @property
     def latents(self) -> pd.DataFrame | None:
+        from cytosae.analysis.stats import LATENTS, read_stats_table
+
         def load():
-            return self.read(self.path / "stats" / "latents.parquet",
-                             lambda p: pd.read_parquet(p).sort_values(["dataset", "latent"]).reset_index(drop=True))
+            return self.read(self.run.stats_dir / LATENTS, lambda p: read_stats_table(p.parent, LATENTS)
+                             .sort_values(["dataset", "latent"]).reset_index(drop=True))
         return self.cached("latents", load)
 
     def latents_indexed(self) -> LatentIndexed | None:
         return self.cached("latents_idx", lambda: None if self.latents is None else LatentIndexed(self.latents, ["dataset"]))
 
+    # a latent-indexed table by its name in docs/run-layout.md: the order one latent's rows are kept in
+    _ORDER = {"stats/top_images": ["dataset", "by", "rank"], "stats/class_profile": ["dataset", "class"],
+              "stats/histograms": ["dataset"], "patients/barcodes": ["patient_id"],
+              "patients/compare": ["group_a", "group_b"]}
+
+    def _reader(self, name: str):
+        """path -> DataFrame for run table `name`: the writer's reader (its required columns) where it has one."""
+        from cytosae.analysis import patients, stats
+
+        part, _, stem = name.partition("/")
+        columns, read = {"stats": (stats.COLUMNS, stats.read_stats_table),
+                         "patients": (patients.COLUMNS, patients.read_patients_table)}.get(part, ({}, None))
+        file = f"{stem}.parquet"
+        return (lambda p: read(p.parent, file)) if file in columns else pd.read_parquet
+
     def table(self, name: str) -> LatentIndexed | None:
         """One of stats/top_images, stats/class_profile, stats/histograms, patients/barcodes, patients/compare."""
-        order = {"stats/top_images": ["dataset", "by", "rank"], "stats/class_profile": ["dataset", "class"],
-                 "stats/histograms": ["dataset"], "patients/barcodes": ["patient_id"],
-                 "patients/compare": ["group_a", "group_b"]}[name]
+        order = self._ORDER[name]
+        read = self._reader(name)
         return self.cached(name, lambda: self.read(self.path / f"{name}.parquet",
-                                                   lambda p: LatentIndexed(pd.read_parquet(p), order)))
+                                                   lambda p: LatentIndexed(read(p), order)))
 
     def raw_table(self, name: str) -> pd.DataFrame | None:
-        return self.cached("raw:" + name, lambda: self.read(self.path / f"{name}.parquet", pd.read_parquet))
+        return self.cached("raw:" + name, lambda: self.read(self.path / f"{name}.parquet", self._reader(name)))
 
     def summary(self, part: str) -> dict | None:
-        return self.cached("summary:" + part, lambda: self._json(f"{part}/summary.json"))
+        """stats/summary.json or patients/summary.json, checked by its writer's reader (None when absent)."""
+        from cytosae.analysis import patients, stats
+
+        file, read = {"stats": (stats.SUMMARY, stats.read_stats_summary),
+                      "patients": (patients.SUMMARY, patients.read_patients_summary)}[part]
+        return self.cached("summary:" + part, lambda: self.read(self.path / part / file, lambda p: read(p.parent)))
 
     @property
     def classify_results(self) -> dict | None:
-        return self.cached("classify", lambda: self._json("classify/results.json"))
+        from cytosae.analysis.classify_results import RESULTS, read_classify_results
+
+        return self.cached("classify", lambda: self.read(self.run.classify_dir / RESULTS,
+                                                         lambda p: read_classify_results(p.parent)))
 
     # ------------------------------------------------------------------ images
     def images(self, dataset: str) -> pd.DataFrame:

@@ -7,7 +7,6 @@ file for neighbours, which needs no model.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,11 @@ def _decoder_rows(w: np.ndarray, n_latents: int) -> np.ndarray:
 
 
 def read_decoder(sae_dir: Path) -> np.ndarray:
-    """(n_latents, d_in) float32 decoder rows, read straight from sae.safetensors (no model build)."""
-    cfg = json.loads((sae_dir / "config.json").read_text())
+    """(n_latents, d_in) float32 decoder rows, read straight from sae.safetensors (no model build). config.json is
+    checked as SAE.load checks it (sae.model.read_config): an edited config is refused here too."""
+    from cytosae.sae.model import read_config
+
+    cfg = read_config(sae_dir)
     with safe_open(sae_dir / "sae.safetensors", framework="np") as fh:
         keys = list(fh.keys())
         key = next((k for k in keys if k == "W_dec"), None) or next(

@@ -8,8 +8,6 @@ Layout follows CytoSAE: W_enc (d_in, n_latents), W_dec (n_latents, d_in), unit-n
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -308,14 +306,11 @@ def _field_error(cfg_path: Path, exc: ConfigError, prefix: str = "") -> ValueErr
     return ValueError(f"{cfg_path}: field {prefix + exc.field!r} {exc.problem}; {_REMEDY}")
 
 
-def _canonical(meta: dict) -> bytes:
-    return json.dumps({k: v for k, v in meta.items() if k != SELF_CHECKSUM}, sort_keys=True,
-                      separators=(",", ":"), ensure_ascii=True).encode()
-
-
 def seal(meta: dict) -> dict:
     """config.json's content as save() writes it: `meta` plus the sha256 of its canonical JSON."""
-    return {**meta, SELF_CHECKSUM: hashlib.sha256(_canonical(meta)).hexdigest()}
+    from cytosae.store.format import self_checksum
+
+    return {**meta, SELF_CHECKSUM: self_checksum(meta, SELF_CHECKSUM)}
 
 
 def _read_config(cfg_path: Path) -> tuple[SAEConfig, dict | None, dict | None, dict]:
@@ -352,9 +347,10 @@ def _read_config(cfg_path: Path) -> tuple[SAEConfig, dict | None, dict | None, d
 def _check_seal(content: dict, cfg_path: Path) -> None:
     """From format_version 2, config.json against its own checksum: an edit that keeps every field valid (arch, a
     removed `training` block, ...) is refused too. Format 1 files carry none; their edits cannot be told."""
+    from cytosae.store.format import self_checksum
+
     recorded = content.get(SELF_CHECKSUM)
-    if recorded is not None and (not isinstance(recorded, str)
-                                 or hashlib.sha256(_canonical(content)).hexdigest() != recorded):
+    if recorded is not None and (not isinstance(recorded, str) or self_checksum(content, SELF_CHECKSUM) != recorded):
         raise ValueError(f"{cfg_path}: its content differs from the {SELF_CHECKSUM} recorded when it was written "
                          f"(config.json was edited); {_REMEDY}")
 
@@ -366,6 +362,15 @@ def _validate_field(cfg_path: Path, model, value, name: str):
         return validate(model, value)
     except ConfigError as exc:
         raise _field_error(cfg_path, exc, name + ".") from None
+
+
+def read_config(sae_dir: str | Path) -> dict:
+    """config.json's content, checked as SAE.load checks it (typed schemas, format version, its own checksum) but
+    without reading the weights: for readers that need the config alone (the explorer's decoder rows)."""
+    cfg_path = Path(sae_dir) / "config.json"
+    _, _, _, content = _read_config(cfg_path)
+    _check_seal(content, cfg_path)
+    return content
 
 
 def training_progress(sae_dir: str | Path) -> dict | None:

@@ -1,7 +1,6 @@
 """The stats and patients steps: per-latent statistics (RUN/stats) and patient barcodes (RUN/patients)."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ def run_stats(cfg: StatsSettings, run: str | Path | Run | None = None, warn: War
     """Per-latent frequencies, activations, top images, label entropy and class profiles on every store;
     galleries of the most label-specific latents; purity of known factors (cfg.factors)."""
     from cytosae.analysis import write_stats
+    from cytosae.analysis.stats import SUMMARY
 
     started = time.time()
     rd = open_run(run)
@@ -52,7 +52,7 @@ def run_stats(cfg: StatsSettings, run: str | Path | Run | None = None, warn: War
     _galleries(cfg, sae, opened, results, dev, result.said)
     if cfg.factors:
         _factor_purity(cfg, sae, opened, results, dev, result.said)
-    result.said.append(f"tables and figures -> {cfg.out} (definitions in {cfg.out / 'summary.json'})")
+    result.said.append(f"tables and figures -> {cfg.out} (definitions in {cfg.out / SUMMARY})")
     record(rd, "stats", given, started)
     return result
 
@@ -142,6 +142,7 @@ def run_patients(cfg: PatientsSettings, run: str | Path | Run | None = None, war
     """Patient barcodes (fraction of each patient's cells where each latent fires), a rank test between the
     target's groups and example cells of the most enriched latents."""
     from cytosae.analysis import patient_barcodes, write_patients
+    from cytosae.analysis.patients import COMPARE
 
     started = time.time()
     rd = open_run(run)
@@ -156,14 +157,17 @@ def run_patients(cfg: PatientsSettings, run: str | Path | Run | None = None, war
                                              "dataset": cfg.dataset or cfg.store.name})
     result = AnalysisResult(cfg.out, [f"barcodes of {bc.patient_id.nunique()} patients x {sae.cfg.n_latents} latents "
                                       f"(token policy {cfg.token_policy}, threshold {cfg.threshold}) -> {cfg.out}"])
-    if (cfg.out / "compare.parquet").is_file():
+    if (cfg.out / COMPARE).is_file():
         _comparisons(cfg, sae, st, dev, result.said)
     record(rd, f"patients:{cfg.dataset}" if cfg.external else "patients", given, started, dataset=cfg.dataset)
     return result
 
 
 def _comparisons(cfg: PatientsSettings, sae, st, dev, said: list[str]) -> None:
-    summary = json.loads((cfg.out / "summary.json").read_text())
+    from cytosae.analysis.patients import read_patients_summary
+
+    with one_line():
+        summary = read_patients_summary(cfg.out)
     for c in summary["comparisons"]:
         said.append(f"{cfg.target} {c['group_a']} vs {c['group_b']}: {c['n_q_below_0.05']} of {c['n_latents']} "
                     f"latents with BH q < 0.05 -> {cfg.out / c['figure']}")

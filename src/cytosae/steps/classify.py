@@ -2,7 +2,6 @@
 multi-label targets per image or patient (RUN/classify in a run)."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,8 @@ class ClassifyResult:
         return self._label_lines() if self.labels else self._diagnosis_lines()
 
     def _diagnosis_lines(self) -> list[str]:
+        from cytosae.analysis.classify_results import RESULTS
+
         res, p, out = self.results, self.results["protocol"], self.out
         lines = [f"{self.target} of {res['n_patients']} patients {res['class_counts']}, {p['repeats']} x "
                      f"{p['folds']}-fold CV over patients; AUROC and macro-F1 of calibrated out-of-fold predictions "
@@ -41,29 +42,34 @@ class ClassifyResult:
                          f"(CV {m['auroc_cv']:.3f}, drop {m['auroc_drop_from_cv']:+.3f})  macro-F1 {m['macro_f1']:.3f} "
                          f"(drop {m['macro_f1_drop_from_cv']:+.3f}) ({m['n_train']} train / {m['n_test']} test "
                          f"patients)")
-        lines.append(f"-> {out / 'results.json'}, {out / 'figures' / 'roc.png'}, {out / 'figures' / 'confusion.png'}"
+        lines.append(f"-> {out / RESULTS}, {out / 'figures' / 'roc.png'}, {out / 'figures' / 'confusion.png'}"
                      + "".join(f", {out / f}" for f in ("explanations.parquet", "attention.parquet")
                                if (out / f).is_file()))
         return lines
 
     def _label_lines(self) -> list[str]:
+        from cytosae.analysis.classify_results import RESULTS
+
         res = self.results
         lines = [f"{len(self.labels)} labels of {res['n_units']} {self.level}s, {res['protocol']['cv']}; "
                  f"out-of-fold AUROC:"]
         for name, m in res["models"].items():
             lines.append(f"  {name:<30} macro AUROC {m['macro_auroc']:.3f} over {m['macro_auroc_over']}; "
                          + ", ".join(f"{c} {v['auroc']:.2f}" for c, v in m["per_label"].items()))
-        lines.append(f"-> {self.out / 'results.json'}, {self.out / 'predictions.parquet'}")
+        lines.append(f"-> {self.out / RESULTS}, {self.out / 'predictions.parquet'}")
         return lines
 
 
 def read_barcodes(path: Path):
-    import pandas as pd
+    """The barcodes in `path` (the folder `cytosae patients` wrote, or its barcodes.parquet), checked by their
+    writer's reader, or a one-line StepError."""
+    from cytosae.analysis.patients import BARCODES, read_barcodes as read
 
-    file = path / "barcodes.parquet" if path.is_dir() else path
+    file = path / BARCODES if path.is_dir() else path
     if not file.is_file():
-        raise StepError(f"{file} not found: give the folder written by `cytosae patients` or its barcodes.parquet")
-    return pd.read_parquet(file)
+        raise StepError(f"{file} not found: give the folder written by `cytosae patients` or its {BARCODES}")
+    with one_line():
+        return read(file)
 
 
 def _placed(cfg: ClassifySettings, rd: Run | None) -> tuple[ClassifySettings, Optional[str]]:
@@ -125,8 +131,13 @@ def _diagnosis(cfg: ClassifySettings, dataset: Optional[str], warn: Warn) -> Cla
 
 def _barcodes_policy(barcodes: Path) -> str:
     """The token policy the barcodes were made with (their summary.json), else cls."""
-    summary = barcodes / "summary.json" if barcodes.is_dir() else barcodes.parent / "summary.json"
-    return json.loads(summary.read_text()).get("token_policy", "cls") if summary.is_file() else "cls"
+    from cytosae.analysis.patients import SUMMARY, read_patients_summary
+
+    folder = barcodes if barcodes.is_dir() else barcodes.parent
+    if not (folder / SUMMARY).is_file():
+        return "cls"
+    with one_line():
+        return read_patients_summary(folder).get("token_policy") or "cls"
 
 
 def _labels(cfg: ClassifySettings, warn: Warn) -> ClassifyResult:

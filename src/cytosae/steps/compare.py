@@ -9,7 +9,6 @@ from cytosae.run import NotARun, Run
 from cytosae.steps.common import Warn, device, one_line, open_sae
 from cytosae.steps.config import CompareSaesSettings, StepError
 
-TOP_COLUMNS = ("dataset", "latent", "by", "rank", "image_id")
 
 
 @dataclass
@@ -41,18 +40,12 @@ def _locate(path: Path) -> tuple[Path, Run | None]:
 
 def _top_images(rd: Run | None):
     """The run's stats/top_images.parquet (None: no run, or no stats yet)."""
-    if rd is None or not (rd.stats_dir / "top_images.parquet").is_file():
-        return None
-    import pandas as pd
+    from cytosae.analysis.stats import TOP_IMAGES, read_stats_table
 
-    path = rd.stats_dir / "top_images.parquet"
-    with one_line(f"{path}: "):
-        table = pd.read_parquet(path)
-    missing = [c for c in TOP_COLUMNS if c not in table.columns]
-    if missing:
-        raise StepError(f"{path} lacks columns {missing}: not written by `cytosae stats`; rerun `cytosae stats --run "
-                        f"{rd.path}`")
-    return table
+    if rd is None or not (rd.stats_dir / TOP_IMAGES).is_file():
+        return None
+    with one_line():
+        return read_stats_table(rd.stats_dir, TOP_IMAGES)
 
 
 def run_compare_saes(cfg: CompareSaesSettings, run: None = None, warn: Warn = None) -> CompareSaesResult:

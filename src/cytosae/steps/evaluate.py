@@ -4,12 +4,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Any, Optional
+
+from pydantic import Field
 
 from cytosae.run import Run
 from cytosae.steps.common import (Warn, analysis_batch, device, need, one_line, open_run, open_sae, open_store, record,
                                   run_dataset, warner)
 from cytosae.steps.config import EvaluateSettings
+from cytosae.store.format import Written
+
+EVAL = "eval.json"  # in the run: RUN/sae/eval.json (+ eval.spliced.json, spliced_path)
+FIX = "rebuild it with `cytosae evaluate` (--run RUN: the same command)"
 
 COLUMNS = ["tokens", "fvu", "explained_variance", "cosine_similarity", "l0", "dead_fraction", "dense_fraction",
            "shrinkage"]
@@ -52,7 +58,7 @@ def _placed(cfg: EvaluateSettings, rd: Run | None) -> EvaluateSettings:
         dataset = run_dataset(rd, cfg.dataset or rd.steps.get("train", {}).get("settings", {}).get("dataset"))
         cfg = cfg.model_copy(update={"dataset": dataset, "sae_dir": cfg.sae_dir or rd.sae_dir,
                                      "store": cfg.store or rd.store_dir(dataset),
-                                     "out": cfg.out or rd.sae_dir / "eval.json"})
+                                     "out": cfg.out or rd.sae_dir / EVAL})
     need(cfg.sae_dir, "SAE_DIR", "use the run's SAE")
     need(cfg.store, "STORE", "measure on the run's dataset")
     return cfg
@@ -102,3 +108,36 @@ def _spliced(cfg: EvaluateSettings, rd: Run | None, sae, st, dev, result: Evalua
     if cfg.out is not None:
         result.spliced_out = spliced_path(cfg.out)
         atomic_write_json(result.spliced_out, figures)
+
+
+# ---------------------------------------------------------------- eval.json as its readers read it
+class GroupFigures(Written):
+    """One token group's figures (sae.evaluate_sae); a group without tokens records only `tokens: 0`."""
+    tokens: Annotated[int, Field(ge=0)]
+    fvu: Optional[float] = None
+    explained_variance: Optional[float] = None
+    mse: Optional[float] = None
+    cosine_similarity: Optional[float] = None
+    l0: Optional[float] = None
+    dead_fraction: Optional[float] = None
+    dense_fraction: Optional[float] = None
+    shrinkage: Optional[float] = None
+
+
+class EvalFigures(Written):
+    all: GroupFigures
+    cls: Optional[GroupFigures] = None
+    patch: Optional[GroupFigures] = None
+    definitions: dict[str, str]
+    sae_dir: Optional[str] = None
+    store: Optional[str] = None
+    dataset: Optional[str] = None
+
+
+def read_eval(path: str | Path, shown: str | None = None) -> dict[str, Any]:
+    """eval.json (a file, or the SAE folder holding it) checked against EvalFigures; InvalidFile naming the file
+    (`shown`) and field otherwise."""
+    from cytosae.store.format import read_json_model
+
+    path = Path(path)
+    return read_json_model(path / EVAL if path.is_dir() else path, EvalFigures, FIX, shown)

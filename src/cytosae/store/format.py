@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from .schema import FORMAT, FORMAT_VERSION, seal, validate  # noqa: F401  (the schema owns the format's name)
 MANIFEST = "manifest.json"
 IMAGES = "images.parquet"
@@ -70,6 +72,19 @@ def verify_file(path: Path, expected: dict | None, remedy: str, full: bool = Tru
                               f"written (bit rot, a bad copy or an edit); {remedy}")
 
 
+def canonical_json(obj: dict, without: str) -> bytes:
+    """The bytes a self-checksum is taken over: `obj` less its `without` key, keys sorted, no spaces, ASCII.
+    Never change this form: every sealed manifest.json and config.json would then read as edited."""
+    return json.dumps({k: v for k, v in obj.items() if k != without}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True).encode()
+
+
+def self_checksum(obj: dict, key: str) -> str:
+    """sha256 of `obj`'s canonical JSON without `key`: what a file records under `key` to detect edits to itself
+    (a store's manifest_sha256, an SAE config's config_sha256)."""
+    return hashlib.sha256(canonical_json(obj, key)).hexdigest()
+
+
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
@@ -100,15 +115,92 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
-def read_json_object(path: Path, fix: str) -> dict:
-    """A JSON object from `path`, or a one-line ValueError naming the file and saying what to do (`fix`)."""
+class InvalidFile(ValueError):
+    """A file holds what its writer never writes: not JSON, a field missing or of the wrong type, a table without a
+    column its readers need. str() is one line, `FILE: FIELD: PROBLEM; FIX`; `file`, `field`, `problem` and `fix`
+    let a caller name the file its own way (the explorer: relative to the run, never an absolute server path)."""
+
+    def __init__(self, file: str | Path, field: str, problem: str, fix: str = "") -> None:
+        self.file, self.field, self.problem, self.fix = str(file), field, problem, fix
+        super().__init__(f"{self.file}: " + (f"{field}: " if field else "") + problem + (f"; {fix}" if fix else ""))
+
+
+def read_json_object(path: Path, fix: str, shown: str | Path | None = None) -> dict:
+    """A JSON object from `path`, or a one-line InvalidFile naming the file (`shown`, default the path) and saying
+    what to do (`fix`)."""
+    shown = path if shown is None else shown
     try:
         obj = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); {fix}") from None
+        raise InvalidFile(shown, "", f"is not valid JSON ({exc})", fix) from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} does not hold a JSON object; {fix}")
+        raise InvalidFile(shown, "", f"does not hold a JSON object (it holds a JSON {type(obj).__name__})", fix)
     return obj
+
+
+def validation_problem(exc) -> tuple[str, str]:
+    """(field, problem) of a pydantic ValidationError's first error, in words: `steps.train.finished`, `must be a
+    string, got 5`. Messages of the schemas' own validators are kept as they are."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith("function-")) or "(the file)"
+    kind, msg, got = err.get("type", ""), err.get("msg", "is invalid"), repr(err.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    if kind == "value_error":  # a validator's own words; "FIELD: problem" names a field below this one
+        msg = msg.removeprefix("Value error, ")
+        head, sep, rest = msg.partition(": ")
+        if sep and head and " " not in head:
+            return (head if field == "(the file)" else f"{field}.{head}"), rest
+        return field, msg
+    if kind == "missing":
+        return field, "is missing"
+    if kind == "extra_forbidden":
+        return field, "is not a field of this file (written by another tool or version, or edited)"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return field, f"must be an object, got {got}"
+    if kind == "list_type":
+        return field, f"must be a list, got {got}"
+    if msg.startswith("Input should be "):  # "Input should be a valid integer" -> "must be an integer"
+        msg = "must be " + msg[len("Input should be "):].replace("a valid integer", "an integer").replace("valid ", "")
+    return field, f"{msg}, got {got}"
+
+
+class Written(BaseModel):
+    """Base of a result file's schema: the fields its readers need, typed strictly ("n_images": "12" is refused,
+    never coerced); other fields are kept, so a file from a newer writer that only adds fields still reads."""
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+def read_json_model(path: Path, model, fix: str, shown: str | Path | None = None) -> dict:
+    """The JSON object in `path` checked against the pydantic `model` (its required fields and their types), as
+    the plain dict the file holds (fields the model does not declare are kept); a one-line InvalidFile naming the
+    file and the first bad field otherwise."""
+    from pydantic import ValidationError
+
+    obj = read_json_object(path, fix, shown)
+    try:
+        model.model_validate(obj)
+    except ValidationError as exc:
+        raise InvalidFile(path if shown is None else shown, *validation_problem(exc), fix) from None
+    return obj
+
+
+def read_table(path: Path, columns: tuple[str, ...], fix: str, shown: str | Path | None = None):
+    """The Parquet table in `path` with at least `columns`, or a one-line InvalidFile naming the file: unreadable
+    (truncated, not Parquet) or lacking a column its readers use."""
+    import pandas as pd
+
+    shown = path if shown is None else shown
+    try:
+        df = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pyarrow raises its own types (ArrowInvalid, OSError) for a damaged file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidFile(shown, "", f"is not a readable Parquet table ({first})", fix) from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise InvalidFile(shown, "columns", f"lacks {missing} (it has {list(df.columns)})", fix)
+    return df
 
 
 def read_manifest(store_dir: Path) -> dict:

@@ -10,8 +10,6 @@ that their writer already kept is checked, the checksums they lack are not requi
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -113,15 +111,12 @@ class StoreManifest(_Strict):
             raise ValueError("rows are not in store order across shards")
 
 
-def _canonical(meta: dict) -> bytes:
-    return json.dumps({k: v for k, v in meta.items() if k != SELF_CHECKSUM}, sort_keys=True,
-                      separators=(",", ":"), ensure_ascii=True).encode()
-
-
 def seal(meta: dict) -> dict:
     """`meta` as the writer stores it: the current format version and its own checksum."""
+    from .format import self_checksum  # here, not at the top: format.py imports this module
+
     meta = {**meta, "format_version": FORMAT_VERSION}
-    meta[SELF_CHECKSUM] = hashlib.sha256(_canonical(meta)).hexdigest()
+    meta[SELF_CHECKSUM] = self_checksum(meta, SELF_CHECKSUM)
     return meta
 
 
@@ -140,7 +135,9 @@ def validate(meta: Any, path: Path) -> dict:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(the manifest)"
         raise ValueError(f"{path}: field {where}: {err['msg']}; {REMEDY}") from None
+    from .format import self_checksum  # here, not at the top: format.py imports this module
+
     recorded = meta.get(SELF_CHECKSUM)
-    if recorded is not None and hashlib.sha256(_canonical(meta)).hexdigest() != recorded:
+    if recorded is not None and self_checksum(meta, SELF_CHECKSUM) != recorded:
         raise ValueError(f"{path}: its content differs from the {SELF_CHECKSUM} recorded when it was written; {REMEDY}")
     return meta

@@ -1,0 +1,68 @@
+"""classify/results.json as its readers read it (the explorer's diagnosis page, notebooks, `cytosae classify`'s
+summary lines): its name and schema, beside analysis/classify.py, whose write_classify and write_labels write it.
+
+Two shapes share the file: patient-level diagnosis (`task` = the target column: n_patients, class_counts, per
+model macro_f1 and auroc) and multi-label targets (`task` = "multi-label": labels, n_units, per model macro_auroc
+and per_label). Scores the writer could not compute are null (JSON has no NaN), so every score may be null.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+from pydantic import Field, model_validator
+
+from cytosae.store.format import Written
+
+RESULTS = "results.json"
+FIX = "rebuild it with `cytosae classify` (--run RUN: the same command)"
+Count = Annotated[int, Field(ge=0)]
+Score = Optional[float]
+
+
+class ModelScores(Written):
+    """One model's entry under `models` (and `external`): the scores a reader formats, when present."""
+    macro_f1: Score = None
+    weighted_f1: Score = None
+    auroc: Score = None
+    auroc_ci: Optional[list[Score]] = None
+    macro_f1_ci: Optional[list[Score]] = None
+    folds: Optional[Count] = None
+    repeats: Optional[Count] = None
+    macro_auroc: Score = None
+    per_label: Optional[dict[str, dict[str, Any]]] = None
+
+
+class ClassifyResults(Written):
+    task: str
+    protocol: dict[str, Any]
+    models: dict[str, ModelScores]
+    dataset: Optional[str] = None
+    n_patients: Optional[Count] = None
+    class_counts: Optional[dict[str, Count]] = None
+    labels: Optional[list[str]] = None
+    n_units: Optional[Count] = None
+    external: Optional[dict[str, ModelScores]] = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ClassifyResults":
+        if self.task == "multi-label":
+            needed, per_model = ("labels", "n_units"), ("macro_auroc", "per_label")
+        else:
+            needed, per_model = ("n_patients", "class_counts"), ("macro_f1", "auroc")
+        for key in needed:
+            if getattr(self, key) is None:
+                raise ValueError(f"{key}: is missing (a {self.task!r} result always records it)")
+        for name, scores in self.models.items():
+            for key in per_model:
+                if key not in scores.model_fields_set:
+                    raise ValueError(f"models.{name}.{key}: is missing (a {self.task!r} result always records it)")
+        return self
+
+
+def read_classify_results(classify_dir: str | Path, shown: str | None = None) -> dict:
+    """classify/results.json checked against ClassifyResults; InvalidFile naming the file (`shown`) and field
+    otherwise."""
+    from cytosae.store.format import read_json_model
+
+    return read_json_model(Path(classify_dir) / RESULTS, ClassifyResults, FIX, shown)
