@@ -3,6 +3,7 @@
     RUN/run.json          what the run holds and how each step made it (docs/run-layout.md)
     RUN/stores/NAME/      activation store of dataset NAME            `cytosae extract --run RUN`
     RUN/sae/              the SAE (+ eval.json, eval.spliced.json)    `cytosae train|evaluate [--spliced] --run RUN`
+    RUN/saes/NAME/        the other SAEs of a sweep (+ eval.json, quality/)   `cytosae run study.toml` ([sae] lists)
     RUN/stats/            per-latent statistics                       `cytosae stats --run RUN`
     RUN/patients/         barcodes, disease comparison                `cytosae patients --run RUN`
     RUN/classify/         patient-level diagnosis                     `cytosae classify --run RUN`
@@ -30,6 +31,8 @@ RUN_FORMAT = "cytosae-run"
 RUN_FORMAT_VERSION = 1
 STORES, SAE_DIR, STATS, PATIENTS, CLASSIFY = "stores", "sae", "stats", "patients", "classify"
 QUALITY = "quality"  # measurements of how good the SAE is (`cytosae align`)
+SAES = "saes"  # saes/NAME: the SAEs of a sweep other than the primary one (which stays at sae/)
+SWEEP = "sweep"  # run.json key of a sweep: {"primary": NAME, "saes": {NAME: {"dir", "settings"}}}; absent without one
 ANNOTATIONS = "annotations.sqlite"
 EXTERNAL = "external"  # external/NAME: barcodes of a second cohort
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -135,6 +138,29 @@ class Run:
     def quality_dir(self) -> Path:
         return self.path / QUALITY
 
+    def sweep_sae_dir(self, name: str) -> Path:
+        """Where sweep SAE `name` (not the primary one) lives: saes/NAME, with its eval.json and quality/."""
+        return self.path / SAES / check_name(name, "SAE name")
+
+    @property
+    def sweep(self) -> dict:
+        """The run's sweep as run.json records it ({} for a run without one)."""
+        return dict(self.meta.get(SWEEP) or {})
+
+    def named_sae_dir(self, name: str | None = None) -> Path:
+        """The folder of SAE `name` of the sweep (None or the primary's name: the run's SAE at sae/)."""
+        saes = self.sweep.get("saes") or {}
+        if name is None or name == self.sweep.get("primary"):
+            return self.sae_dir
+        if name not in saes:
+            raise ValueError(f"{self.path}: no SAE named {name!r} in this run (its sweep has "
+                             f"{sorted(saes) or 'none'}); omit --sae for the run's SAE")
+        return self.resolve(saes[name]["dir"])
+
+    def sae_quality_dir(self, name: str | None = None) -> Path:
+        """Where `cytosae align` of SAE `name` writes: quality/ for the run's SAE, saes/NAME/quality/ for another."""
+        return self.quality_dir if name is None else self.sweep_sae_dir(name) / QUALITY
+
     @property
     def annotations(self) -> Path:
         return self.path / ANNOTATIONS
@@ -227,6 +253,11 @@ class Run:
         """The study that drives this run, and the settings key of each of its steps (cytosae.study)."""
         with self._locked() as meta:
             meta["study"] = {"file": study_file, "keys": dict(keys)}
+
+    def set_sweep(self, primary: str, saes: dict[str, dict]) -> None:
+        """Record the sweep's SAEs: name -> {"dir" (relative to the run), "settings" (the swept values)}."""
+        with self._locked() as meta:
+            meta[SWEEP] = {"primary": check_name(primary, "SAE name"), "saes": _json_safe(saes)}
 
     def forget_steps(self, steps: Iterable[str]) -> None:
         with self._locked() as meta:

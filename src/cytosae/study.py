@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cytosae.run import Run, check_name
-from cytosae.steps import (ClassifySettings, EvaluateSettings, ExtractSettings, PatientsSettings, StatsSettings,
-                           StepError, StepSettings, TrainSettings, build, run_classify, run_evaluate, run_extract,
-                           run_patients, run_stats, run_train)
+from cytosae.steps import (AlignSettings, ClassifySettings, EvaluateSettings, ExtractSettings, PatientsSettings,
+                           StatsSettings, StepError, StepSettings, TrainSettings, build, run_align, run_classify,
+                           run_evaluate, run_extract, run_patients, run_stats, run_train)
+from cytosae.steps.config import SweepSettings
+from cytosae.steps.sweep import SWEPT, run_sweep
 
-SECTIONS = {"run", "backbone", "datasets", "sae", "evaluate", "stats", "patients", "classify"}
+SECTIONS = {"run", "backbone", "datasets", "sae", "evaluate", "align", "stats", "patients", "classify"}
 STUDY_LOCK = ".study.lock"
 
 
@@ -113,11 +115,12 @@ def _resolve_datasets(study: dict, path: Path, base: Path) -> None:
 
 # Settings a study does not take: a study step's inputs and outputs are the run's.
 _PLACED = {ExtractSettings: {"out", "name"}, TrainSettings: {"store", "out"},
-           EvaluateSettings: {"sae_dir", "store", "out"}, StatsSettings: {"sae_dir", "stores", "out"},
+           EvaluateSettings: {"sae_dir", "store", "out"}, AlignSettings: {"sae_dir", "store", "out"},
+           StatsSettings: {"sae_dir", "stores", "out"},
            PatientsSettings: {"sae_dir", "store", "out", "external"},
            ClassifySettings: {"barcodes", "out", "store", "sae", "external", "external_store"}}
 # Keys of the study's own (not step settings): which steps run and on which datasets.
-_OWN = {"evaluate": {"enabled"}, "stats": {"enabled"}, "patients": {"external"}, "classify": {"external"}}
+_OWN = {"sae": {"primary"}, "evaluate": {"enabled"}, "align": {"enabled"}, "stats": {"enabled"}, "patients": {"external"}, "classify": {"external"}}
 
 
 def _settings(cls: type[StepSettings], section: dict, where: str, own: set[str] = frozenset(),
@@ -179,14 +182,12 @@ def plan(study: dict) -> list[Step]:
     steps = [_extract_step(study, name) for name in names]
     sae = dict(study.get("sae") or {})
     train_on = _dataset(study, sae.get("dataset", names[0]), "[sae] dataset =")
-    steps.append(Step("train", ["train", "--run", run, "--dataset", train_on] + _argv(sae, {"dataset"}),
-                      _settings(TrainSettings, sae, f"{f} [sae]", fixed={"dataset": train_on}),
-                      needs=[f"extract:{train_on}"]))
-    ev = dict(study.get("evaluate") or {})
-    if _flag(ev, "enabled", f"{f} [evaluate]"):
-        steps.append(Step("evaluate", ["evaluate", "--run", run, "--dataset", train_on] + _argv(ev, {"enabled"}),
-                          _settings(EvaluateSettings, {"dataset": train_on, **ev}, f"{f} [evaluate]", {"enabled"}),
-                          needs=["train"]))
+    combos = sweep_combinations(sae, f"{f} [sae]", train_on)
+    steps += _sae_steps(study, run, f, train_on, None, combos[0][1] if combos else sae)
+    for name, section in combos[1:]:
+        steps += _sae_steps(study, run, f, train_on, name, section)
+    if combos:
+        steps.append(_sweep_step(run, combos, [s.name for s in steps if s.kind in ("train", "evaluate", "align")]))
     st = dict(study.get("stats") or {})
     if _flag(st, "enabled", f"{f} [stats]"):
         steps.append(Step("stats", ["stats", "--run", run] + _argv(st, {"enabled"}),
@@ -197,6 +198,83 @@ def plan(study: dict) -> list[Step]:
     elif "classify" in study:
         raise StudyError(f"{f}: [classify] needs a [patients] section (it classifies the patients' barcodes)")
     return _keyed(steps, study["_base"])
+
+
+def sweep_combinations(sae: dict, where: str, dataset: str) -> list[tuple[str, dict]]:
+    """[sae] lists (`k = [16, 32]`) as one section per combination, named by its values (`k16-x64`), in the file's
+    order with the primary one (`primary = NAME`, default the first) first; [] when no key is a list."""
+    import itertools
+
+    lists = {k: v for k, v in sae.items() if isinstance(v, list)}
+    for key, values in lists.items():
+        if key not in SWEPT:
+            raise StudyError(f"{where}: {key} is a list, but only {', '.join(SWEPT)} can sweep (one SAE per "
+                             f"combination); give {key} one value")
+        if not values or len(set(map(repr, values))) != len(values):
+            raise StudyError(f"{where}: {key} = {values!r}: a sweep list needs at least one value, each once")
+    primary = sae.get("primary")
+    if not lists:
+        if primary is not None:
+            raise StudyError(f"{where}: primary names one SAE of a sweep, but no key is a list; remove it")
+        return []
+    base = {k: v for k, v in sae.items() if k != "primary"}
+    combos = []
+    for values in itertools.product(*lists.values()):
+        section = {**base, **dict(zip(lists, values))}
+        cfg = _settings(TrainSettings, section, where, fixed={"dataset": dataset})
+        combos.append((sae_name(cfg, set(lists)), section))
+    names = [n for n, _ in combos]
+    if primary is not None and primary not in names:
+        raise StudyError(f"{where}: primary = {primary!r} is not one of the sweep's SAEs {names}")
+    return sorted(combos, key=lambda c: c[0] != (primary or names[0]))
+
+
+def sae_name(cfg: TrainSettings, swept: set[str]) -> str:
+    """A sweep SAE's name from its values: k (when its architecture takes k), expansion, and l1 when swept."""
+    parts = [f"k{cfg.k}"] if "k" in swept or "k" in cfg.arch_options() else []
+    parts.append(f"x{cfg.expansion}")
+    if "l1_coeff" in swept:
+        parts.append(f"l1-{cfg.l1_coeff:g}")
+    return "-".join(parts)
+
+
+def _sae_steps(study: dict, run: str, f: str, train_on: str, name: str | None, sae: dict) -> list[Step]:
+    """Train, evaluate and (with [align]) align one SAE: the run's own (name None, at sae/, the steps named as
+    they always were) or sweep SAE `name` (at saes/NAME, steps `train:NAME`, ...)."""
+    sae = {k: v for k, v in sae.items() if k != "primary"}
+    out = Run(run, {}).sweep_sae_dir(name) if name else None
+    tag, placed = (f":{name}", {"out": out}) if name else ("", {})
+    steps = [Step(f"train{tag}", ["train", "--run", run, "--dataset", train_on] + _argv(sae, {"dataset"})
+                  + (["--out", str(out)] if out else []),
+                  _settings(TrainSettings, sae, f"{f} [sae]", _OWN["sae"], fixed={"dataset": train_on, **placed}),
+                  needs=[f"extract:{train_on}"])]
+    given = ([str(out)] if out else [])
+    ev = dict(study.get("evaluate") or {})
+    if _flag(ev, "enabled", f"{f} [evaluate]"):
+        fixed = {"sae_dir": out, "out": out / "eval.json"} if out else {}
+        steps.append(Step(f"evaluate{tag}", ["evaluate", *given, "--run", run, "--dataset", train_on]
+                          + _argv(ev, {"enabled"}) + (["--out", str(out / "eval.json")] if out else []),
+                          _settings(EvaluateSettings, {"dataset": train_on, **ev}, f"{f} [evaluate]", {"enabled"},
+                                    fixed=fixed), needs=[f"train{tag}"]))
+    elif name:
+        raise StudyError(f"{f} [evaluate]: enabled = false, but a sweep ([sae] lists) compares its SAEs by what "
+                         f"evaluate measures; enable it")
+    al = dict(study.get("align") or {})
+    if "align" in study and _flag(al, "enabled", f"{f} [align]"):
+        on = _dataset(study, al.get("dataset", train_on), "[align] dataset =")
+        quality = Run(run, {}).sae_quality_dir(name) if name else None
+        fixed = {"dataset": on, **({"sae_dir": out, "out": quality} if out else {})}
+        steps.append(Step(f"align{tag}", ["align", *given, "--run", run, "--dataset", on]
+                          + _argv(al, {"enabled", "dataset"}) + (["--out", str(quality)] if out else []),
+                          _settings(AlignSettings, al, f"{f} [align]", _OWN["align"], fixed=fixed),
+                          needs=[f"train{tag}", f"extract:{on}"]))
+    return steps
+
+
+def _sweep_step(run: str, combos: list[tuple[str, dict]], needs: list[str]) -> Step:
+    names = [n for n, _ in combos]
+    return Step("sweep", ["sweep", "--run", run, "--primary", names[0], "--saes", ",".join(names[1:])],
+                SweepSettings(primary=names[0], saes=names[1:]), needs=needs)
 
 
 def _extract_step(study: dict, name: str) -> Step:
@@ -268,18 +346,27 @@ def _keyed(steps: list[Step], base: str) -> list[Step]:
 def outputs(run: Run, step: str) -> list[Path]:
     """What a step writes, removed when its settings changed (a stale output must never pass for a new one)."""
     kind, _, name = step.partition(":")
-    return {"extract": lambda: [run.store_dir(name)], "train": lambda: [run.sae_dir],
-            "evaluate": lambda: [run.sae_dir / "eval.json"], "stats": lambda: [run.stats_dir],
+    sae = lambda: run.sweep_sae_dir(name) if name else run.sae_dir  # noqa: E731
+    return {"extract": lambda: [run.store_dir(name)], "train": lambda: [sae()],
+            "evaluate": lambda: [sae() / "eval.json"],
+            "align": lambda: [run.sae_quality_dir(name or None) / f for f in ALIGN_FILES],
+            "sweep": lambda: [run.quality_dir / f for f in SWEEP_FILES], "stats": lambda: [run.stats_dir],
             "patients": lambda: [run.external_patients_dir(name) if name else run.patients_dir],
             "classify": lambda: [run.classify_dir]}[kind]()
+
+
+ALIGN_FILES = ("alignment.parquet", "alignment_classes.parquet", "alignment.json")  # cytosae.analysis.alignment
+SWEEP_FILES = ("sweep.json", "sweep.parquet", "figures/sweep_pareto.png")  # cytosae.steps.sweep
 
 
 def _complete(run: Run, step: str) -> bool:
     return step in run.steps and all(p.exists() for p in outputs(run, step))
 
 
-_RUNNERS = {"extract": run_extract, "train": lambda cfg, run, warn: run_train(cfg, run=run),
-            "evaluate": run_evaluate, "stats": run_stats, "patients": run_patients, "classify": run_classify}
+_RUNNERS = {"extract": run_extract, "train": lambda cfg, run, warn, step: run_train(cfg, run=run, step=step),
+            "evaluate": run_evaluate, "align": run_align, "sweep": run_sweep, "stats": run_stats,
+            "patients": run_patients, "classify": run_classify}
+_NAMED = {"train", "evaluate", "align", "sweep"}  # steps told their name: a sweep has one of each per SAE
 
 
 @contextlib.contextmanager
@@ -325,6 +412,10 @@ def _is_run(path: Path) -> bool:
 
 def _walk(study: dict, steps: list[Step], run: Run, say: Callable[[str], None], dry_run: bool) -> dict:
     keys = dict((run.meta.get("study") or {}).get("keys") or {})
+    sweep = next((s.settings for s in steps if s.kind == "sweep"), None)
+    if sweep is not None:
+        say(f"sweep of {1 + len(sweep.saes)} SAEs: {sweep.primary} (primary, at sae/: the one every later step "
+            f"uses)" + "".join(f", {n} (saes/{n})" for n in sweep.saes))
     status: dict[str, str] = {}
     changed: set[str] = set()
     for i, step in enumerate(steps, 1):
@@ -353,7 +444,8 @@ def _walk(study: dict, steps: list[Step], run: Run, say: Callable[[str], None], 
 
 def _execute(step: Step, run: Run, say: Callable[[str], None]) -> None:
     try:
-        result = _RUNNERS[step.kind](step.settings, run=run.path, warn=say)
+        named = {"step": step.name} if step.kind in _NAMED else {}
+        result = _RUNNERS[step.kind](step.settings, run=run.path, warn=say, **named)
     except StepError as exc:
         raise StudyError(f"step {step.name}: {exc}; fix it and run the study again: finished steps are kept") from None
     for line in result.lines():

@@ -181,6 +181,14 @@ class CompareSaesSettings(StepSettings):
     _method = field_validator("method")(_one_of(("auto", "dense", "candidates"), " | "))
 
 
+class SweepSettings(StepSettings):
+    """The sweep table of a run (cytosae.steps.sweep): which of its SAEs to compare, the primary one first."""
+    primary: str  # the SAE at RUN/sae
+    saes: list[str] = []  # the others, at RUN/saes/NAME
+
+    _lists = field_validator("saes", mode="before")(_comma_list)
+
+
 class PatientsSettings(SaeOnStoreSettings):
     external: bool = False
     threshold: float = 0.0
