@@ -18,7 +18,7 @@ from cytosae.steps.common import Warn, need, one_line, open_run, record
 from cytosae.steps.config import StepError, SweepSettings
 
 SWEPT = ("k", "expansion", "l1_coeff")  # the [sae] keys a study may give as lists
-COLUMNS = ["name", "primary", "arch", "k", "expansion", "l1_coeff", "n_latents", "fvu_patch", "fvu_cls", "fvu_all",
+COLUMNS = ["name", "primary", "dataset", "arch", "k", "expansion", "l1_coeff", "n_latents", "fvu_patch", "fvu_cls", "fvu_all",
            "l0", "dead_fraction", "mean_best_ap", "spliced_recovered", "pareto_fvu", "pareto_ap", "sae_dir"]
 DEFINITIONS = {
     "fvu_patch": "unexplained variance fraction of the patch tokens (eval.json patch.fvu); lower is better",
@@ -78,12 +78,12 @@ def sae_row(rd: Run, name: str, folders: tuple[Path, Path, str], primary: bool) 
     sae_dir, quality, train_step = folders
     config = _read(sae_dir / "config.json", train_step)
     ev = _read(sae_dir / "eval.json", train_step.replace("train", "evaluate"))
-    settings = (rd.steps.get(train_step) or {}).get("settings") or {}
+    settings = _swept(rd, train_step)
     nan = float("nan")
-    return {"name": name, "primary": primary, "arch": config.get("arch"),
-            "k": config.get("k") if config.get("k") is not None else settings.get("k"),
+    return {"name": name, "primary": primary, "arch": config.get("arch"), "k": settings.get("k"),
             "expansion": settings.get("expansion", config["n_latents"] // max(config.get("d_in", 1), 1)),
             "l1_coeff": settings.get("l1_coeff"), "n_latents": int(config["n_latents"]),
+            "dataset": ev.get("dataset"),
             "fvu_patch": (ev.get("patch") or {}).get("fvu", nan), "fvu_cls": (ev.get("cls") or {}).get("fvu", nan),
             "fvu_all": ev["all"]["fvu"], "l0": ev["all"]["l0"], "dead_fraction": ev["all"]["dead_fraction"],
             "mean_best_ap": _alignment_ap(quality), "spliced_recovered": _spliced_recovered(sae_dir),
@@ -125,7 +125,7 @@ def run_sweep(cfg: SweepSettings, run: str | Path | Run | None = None, warn: War
     figure = sweep_figure(table, out / "figures" / "sweep_pareto.png")
     records = json.loads(table.to_json(orient="records"))  # NaN -> null, numpy scalars -> JSON
     atomic_write_json(out / "sweep.json", {
-        "primary": cfg.primary, "n_saes": len(rows), "saes": records,
+        "primary": cfg.primary, "dataset": rows[0]["dataset"], "n_saes": len(rows), "saes": records,
         "pareto": {"fvu_vs_l0": [r["name"] for r in records if r["pareto_fvu"]],
                    "ap_vs_l0": [r["name"] for r in records if r["pareto_ap"]]},
         "figure": rd.portable(figure), "definitions": DEFINITIONS})
@@ -136,8 +136,13 @@ def run_sweep(cfg: SweepSettings, run: str | Path | Run | None = None, warn: War
 
 
 def _swept(rd: Run, train_step: str) -> dict:
+    """The SAE's values of the sweepable keys, as its train step recorded them; k and l1_coeff only where its
+    architecture takes them (a TopK SAE's l1_coeff is a default nothing read)."""
+    from cytosae.sae.archs import arch_options
+
     settings = (rd.steps.get(train_step) or {}).get("settings") or {}
-    return {k: settings[k] for k in SWEPT if k in settings}
+    own = arch_options(settings["arch"]) if "arch" in settings else set(SWEPT)
+    return {k: settings[k] for k in SWEPT if k in settings and (k == "expansion" or k in own)}
 
 
 def _lines(table, out: Path, figure: Path) -> list[str]:
@@ -153,6 +158,8 @@ def _lines(table, out: Path, figure: Path) -> list[str]:
 
 def sweep_figure(table, path: Path) -> Path:
     """Patch (and CLS) FVU vs L0, and mean best AP vs L0 when aligned; the Pareto front drawn as a step line."""
+    from matplotlib.ticker import ScalarFormatter
+
     from cytosae.analysis.figures import plt, save_figure
 
     aligned = table.mean_best_ap.notna().any()
@@ -163,7 +170,7 @@ def sweep_figure(table, path: Path) -> Path:
     _front(ax, table, "fvu_patch", "pareto_fvu")
     ax.set_xlabel("L0 (latents firing per token)")
     ax.set_ylabel("FVU (unexplained variance fraction)")
-    ax.set_title(f"{len(table)} SAEs: fidelity vs sparsity")
+    ax.set_title(f"{len(table)} SAEs on {table.dataset.iloc[0]}: fidelity vs sparsity")
     ax.legend(fontsize=8)
     if aligned:
         ax = axes[0][1]
@@ -172,6 +179,12 @@ def sweep_figure(table, path: Path) -> Path:
         ax.set_xlabel("L0 (latents firing per token)")
         ax.set_ylabel("mean over classes of the best latent's AP")
         ax.set_title("class alignment vs sparsity")
+    for ax in axes[0]:
+        if (table.l0 > 0).all():  # k sweeps are geometric: equal steps on a log axis
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+    if (table[["fvu_patch", "fvu_cls"]].fillna(1) > 0).all().all():  # CLS FVU can be orders above patch FVU
+        axes[0][0].set_yscale("log")
     return save_figure(fig, path)
 
 
