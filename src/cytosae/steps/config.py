@@ -183,10 +183,13 @@ class CompareSaesSettings(StepSettings):
 
 class SweepSettings(StepSettings):
     """The sweep table of a run (cytosae.steps.sweep): which of its SAEs to compare, the primary one first."""
-    primary: str  # the SAE at RUN/sae
-    saes: list[str] = []  # the others, at RUN/saes/NAME
+    primary: Optional[str] = None  # the SAE at RUN/sae; None: the run's recorded sweep
+    saes: Optional[list[str]] = None  # the others, at RUN/saes/NAME; None: the run's recorded sweep
 
-    _lists = field_validator("saes", mode="before")(_comma_list)
+    @field_validator("saes", mode="before")
+    @classmethod
+    def _list(cls, value):
+        return None if value is None else _comma_list(value)  # None (not given) is not "no other SAE"
 
 
 class PatientsSettings(SaeOnStoreSettings):

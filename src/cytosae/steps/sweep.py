@@ -114,6 +114,7 @@ def run_sweep(cfg: SweepSettings, run: str | Path | Run | None = None, warn: War
 
     started = time.time()
     rd = need(open_run(run), "--run RUN", "compare the run's SAEs")
+    cfg = _recorded(cfg, rd)
     folders = sae_folders(rd, cfg)
     rows = [sae_row(rd, name, f, name == cfg.primary) for name, f in folders.items()]
     table = pd.DataFrame(rows)
@@ -133,6 +134,17 @@ def run_sweep(cfg: SweepSettings, run: str | Path | Run | None = None, warn: War
                                for name, f in folders.items()})
     record(rd, step, cfg, started)
     return AnalysisResult(out, _lines(table, out, figure))
+
+
+def _recorded(cfg: SweepSettings, rd: Run) -> SweepSettings:
+    """The settings with what the command line left out taken from the sweep run.json records."""
+    recorded = rd.sweep
+    primary = cfg.primary or recorded.get("primary")
+    if primary is None:
+        raise StepError(f"{rd.path} records no sweep: give --primary NAME (the SAE at sae/) and --saes A,B (those "
+                        f"at saes/), or run a study with [sae] lists")
+    saes = cfg.saes if cfg.saes is not None else [n for n in recorded.get("saes") or {} if n != primary]
+    return cfg.model_copy(update={"primary": primary, "saes": saes})
 
 
 def _swept(rd: Run, train_step: str) -> dict:
