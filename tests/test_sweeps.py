@@ -58,7 +58,8 @@ def _check_table(run_dir, names: list[str]) -> pd.DataFrame:
             (ev["all"]["l0"], ev["patch"]["fvu"], ev["cls"]["fvu"], ev["all"]["dead_fraction"]))
         assert row.mean_best_ap == pytest.approx(align.mean_best_ap) and rec["mean_best_ap"] == pytest.approx(
             align.mean_best_ap)
-        assert rec["spliced_recovered"] is None and rec["l1_coeff"] is None  # not spliced; topk takes no l1
+        spliced = json.loads((folder / "eval.spliced.json").read_text())["downstream"]["label"]["probe"]
+        assert row.spliced_recovered == pytest.approx(spliced["recovered"]) and rec["l1_coeff"] is None  # topk: no l1
         assert row.l0 == pytest.approx(config["k"])  # TopK fires exactly k latents per token
     assert doc["pareto"]["fvu_vs_l0"] == [n for n, p in zip(table.name, table.pareto_fvu) if p]
     png = run_dir / "quality" / "figures" / "sweep_pareto.png"
@@ -68,7 +69,7 @@ def _check_table(run_dir, names: list[str]) -> pd.DataFrame:
 
 def test_a_sweep_trains_evaluates_and_compares_each_combination_and_resumes(sample, tmp_path):
     shutil.copytree(sample / "data", tmp_path / "data")
-    study, lines = _study(tmp_path), []
+    study, lines = _study(tmp_path, evaluate="spliced = true"), []
 
     status = run_study(study, say=lines.append, dry_run=True)
     assert list(status) == _steps("k4-x2", "k2-x2") and set(status.values()) == {"planned"}
@@ -94,7 +95,7 @@ def test_a_sweep_trains_evaluates_and_compares_each_combination_and_resumes(samp
 
     # one value changed: only the new combination (and the table) runs; the primary SAE is untouched
     primary = (run_dir / "sae" / "sae.safetensors").stat().st_mtime_ns
-    status = run_study(_study(tmp_path, sae="k = [4, 3]"), say=lines.append)
+    status = run_study(_study(tmp_path, sae="k = [4, 3]", evaluate="spliced = true"), say=lines.append)
     assert [s for s, v in status.items() if v == "done"] == ["train:k3-x2", "evaluate:k3-x2", "align:k3-x2", "sweep"]
     assert list(status) == _steps("k4-x2", "k3-x2")
     assert (run_dir / "sae" / "sae.safetensors").stat().st_mtime_ns == primary
