@@ -129,6 +129,7 @@ def test_the_primary_sae_keeps_its_key_and_can_be_chosen(tmp_path):
     ("k = [4, -1]", "study.toml [sae]: k should be greater than or equal to 1, got -1"),
     ('k = [4, 2]\nprimary = "k8-x2"', "study.toml [sae]: primary = 'k8-x2' is not one of the sweep's SAEs"),
     ('k = 4\nprimary = "k4-x2"', "study.toml [sae]: primary names one SAE of a sweep, but no key is a list"),
+    ("k = 4\nl1_coeff = [0.1, 0.1000001]", "study.toml [sae]: two combinations are both named 'k4-x2-l1-0.1'"),
 ])
 def test_bad_sweeps_are_refused_in_one_line_naming_section_and_key(tmp_path, sae, message):
     study = _study(tmp_path, sae=sae)
@@ -137,6 +138,13 @@ def test_bad_sweeps_are_refused_in_one_line_naming_section_and_key(tmp_path, sae
     assert message in str(err.value) and "\n" not in str(err.value)
     r = CliRunner().invoke(app, ["run", study, "--dry-run"])
     assert r.exit_code == 2 and message in " ".join(r.output.split()) and "Traceback" not in r.output
+
+
+def test_a_layer_list_is_refused_in_one_line(tmp_path):
+    study = _study(tmp_path, backbone='name = "dinobloom-s"\nlayer = [-2, -4]')
+    with pytest.raises(StudyError, match=r"study.toml \[backbone\]: layer is a list, but only \[sae\] k, expansion, "
+                                         r"l1_coeff can sweep; give layer one value \(one study per layer\)$"):
+        plan(load_study(study))
 
 
 def test_a_sweep_needs_evaluate(tmp_path):

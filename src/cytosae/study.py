@@ -224,6 +224,9 @@ def sweep_combinations(sae: dict, where: str, dataset: str) -> list[tuple[str, d
         cfg = _settings(TrainSettings, section, where, fixed={"dataset": dataset})
         combos.append((sae_name(cfg, set(lists)), section))
     names = [n for n, _ in combos]
+    if len(set(names)) != len(names):
+        raise StudyError(f"{where}: two combinations are both named {next(n for n in names if names.count(n) > 1)!r} "
+                         f"(their values print alike); give values that differ more")
     if primary is not None and primary not in names:
         raise StudyError(f"{where}: primary = {primary!r} is not one of the sweep's SAEs {names}")
     return sorted(combos, key=lambda c: c[0] != (primary or names[0]))
@@ -286,6 +289,10 @@ def _extract_step(study: dict, name: str) -> Step:
     for key in ("data", "patients"):
         if key in backbone:
             raise StudyError(f"{study['_file']} [backbone]: {key} belongs in each [datasets.NAME]")
+    for key, value in backbone.items():
+        if isinstance(value, list):  # a layer sweep needs one store per layer: not a sweep of this version
+            raise StudyError(f"{study['_file']} [backbone]: {key} is a list, but only [sae] k, expansion, l1_coeff "
+                             f"can sweep; give {key} one value (one study per layer)")
     ds = study["datasets"][name]
     opts = {**backbone, **{k: v for k, v in ds.items() if k != "data"}}
     where = f"{study['_file']} [backbone]/[datasets.{name}]"
