@@ -117,7 +117,8 @@ def test_the_primary_sae_keeps_its_key_and_can_be_chosen(tmp_path):
     assert steps["sweep"].settings.primary == "k2-x2" and steps["sweep"].settings.saes == ["k4-x2"]
 
     grid = plan(load_study(_study(tmp_path, expansion="[2, 3]", align=None)))
-    assert [s.name for s in grid if s.kind == "train"] == ["train", "train:k2-x2", "train:k4-x3", "train:k2-x3"]  # file order: expansion, then k
+    # combinations in the file's order of the lists: expansion, then k
+    assert [s.name for s in grid if s.kind == "train"] == ["train", "train:k2-x2", "train:k4-x3", "train:k2-x3"]
     assert grid[1].settings.k == 4 and grid[1].settings.expansion == 2
 
 
@@ -151,3 +152,13 @@ def test_a_sweep_needs_evaluate(tmp_path):
     study = _study(tmp_path, evaluate="enabled = false")
     with pytest.raises(StudyError, match=r"\[evaluate\]: enabled = false, but a sweep \(\[sae\] lists\) compares"):
         plan(load_study(study))
+
+
+def test_pareto_front_keeps_the_undominated_and_skips_missing_values():
+    from cytosae.steps.sweep import pareto_front
+
+    l0 = [2.0, 4.0, 8.0, 4.0, 3.0]
+    fvu = [0.9, 0.5, 0.4, 0.6, float("nan")]  # (4, 0.6) is beaten by (4, 0.5); the NaN row is never on it
+    assert pareto_front(l0, fvu) == [True, True, True, False, False]
+    ap = [0.5, 0.7, 0.6, 0.7, None]  # higher is better: (8, 0.6) is beaten by (4, 0.7); equal points both stay
+    assert pareto_front(l0, ap, maximize_y=True) == [True, True, False, True, False]

@@ -120,7 +120,8 @@ _PLACED = {ExtractSettings: {"out", "name"}, TrainSettings: {"store", "out"},
            PatientsSettings: {"sae_dir", "store", "out", "external"},
            ClassifySettings: {"barcodes", "out", "store", "sae", "external", "external_store"}}
 # Keys of the study's own (not step settings): which steps run and on which datasets.
-_OWN = {"sae": {"primary"}, "evaluate": {"enabled"}, "align": {"enabled"}, "stats": {"enabled"}, "patients": {"external"}, "classify": {"external"}}
+_OWN = {"sae": {"primary"}, "evaluate": {"enabled"}, "align": {"enabled"}, "stats": {"enabled"},
+        "patients": {"external"}, "classify": {"external"}}
 
 
 def _settings(cls: type[StepSettings], section: dict, where: str, own: set[str] = frozenset(),
@@ -251,7 +252,7 @@ def _sae_steps(study: dict, run: str, f: str, train_on: str, name: str | None, s
                   + (["--out", str(out)] if out else []),
                   _settings(TrainSettings, sae, f"{f} [sae]", _OWN["sae"], fixed={"dataset": train_on, **placed}),
                   needs=[f"extract:{train_on}"])]
-    given = ([str(out)] if out else [])
+    given = [str(out)] if out else []  # the SAE_DIR argument of evaluate and align
     ev = dict(study.get("evaluate") or {})
     if _flag(ev, "enabled", f"{f} [evaluate]"):
         fixed = {"sae_dir": out, "out": out / "eval.json"} if out else {}

@@ -18,8 +18,8 @@ from cytosae.steps.common import Warn, need, one_line, open_run, record
 from cytosae.steps.config import StepError, SweepSettings
 
 SWEPT = ("k", "expansion", "l1_coeff")  # the [sae] keys a study may give as lists
-COLUMNS = ["name", "primary", "dataset", "arch", "k", "expansion", "l1_coeff", "n_latents", "fvu_patch", "fvu_cls", "fvu_all",
-           "l0", "dead_fraction", "mean_best_ap", "spliced_recovered", "pareto_fvu", "pareto_ap", "sae_dir"]
+COLUMNS = ["name", "primary", "dataset", "arch", "k", "expansion", "l1_coeff", "n_latents", "fvu_patch", "fvu_cls",
+           "fvu_all", "l0", "dead_fraction", "mean_best_ap", "spliced_recovered", "pareto_fvu", "pareto_ap", "sae_dir"]
 DEFINITIONS = {
     "fvu_patch": "unexplained variance fraction of the patch tokens (eval.json patch.fvu); lower is better",
     "fvu_cls": "unexplained variance fraction of the CLS tokens (eval.json cls.fvu)",
