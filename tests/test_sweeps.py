@@ -83,9 +83,9 @@ def test_a_sweep_trains_evaluates_and_compares_each_combination_and_resumes(samp
     table = _check_table(run_dir, ["k4-x2", "k2-x2"])
     assert bool(table.pareto_fvu.all())  # fewer latents per token, more unexplained variance: both on the front
     run = Run.open(run_dir)
-    assert run.sweep == {"primary": "k4-x2", "saes": {"k4-x2": {"dir": "sae", "settings": {"k": 4, "expansion": 2}},
-                                                     "k2-x2": {"dir": "saes/k2-x2",
-                                                               "settings": {"k": 2, "expansion": 2}}}}
+    assert run.sweep == {"primary": "k4-x2", "saes": {
+        "k4-x2": {"dir": "sae", "store": "stores/sample", "settings": {"k": 4, "expansion": 2, "layer": -2}},
+        "k2-x2": {"dir": "saes/k2-x2", "store": "stores/sample", "settings": {"k": 2, "expansion": 2, "layer": -2}}}}
     assert run.named_sae_dir("k2-x2") == run_dir / "saes" / "k2-x2" and run.named_sae_dir("k4-x2") == run.sae_dir
     with pytest.raises(ValueError, match=r"no SAE named 'k9-x2' in this run \(its sweep has \['k2-x2', 'k4-x2'\]\)"):
         run.named_sae_dir("k9-x2")
@@ -101,6 +101,29 @@ def test_a_sweep_trains_evaluates_and_compares_each_combination_and_resumes(samp
     assert (run_dir / "sae" / "sae.safetensors").stat().st_mtime_ns == primary
     _check_table(run_dir, ["k4-x2", "k3-x2"])
     assert (run_dir / "saes" / "k2-x2" / "eval.json").is_file()  # out of the study, kept: a trained SAE is work
+
+
+def test_a_layer_sweep_extracts_the_other_layer_outside_the_runs_datasets(sample, tmp_path):
+    shutil.copytree(sample / "data", tmp_path / "data")
+    study = _study(tmp_path, sae="k = 4", align=None, backbone='name = "dinobloom-s"\nbatch_size = 8\nlayer = [-2, -4]')
+    status = run_study(study, say=lambda s: None)
+    assert status == dict.fromkeys(["extract:sample", "train", "evaluate", "extract-layer:sample:-4",
+                                    "train:L-4-k4-x2", "evaluate:L-4-k4-x2", "sweep"], "done")
+    run_dir, run = tmp_path / "run", Run.open(tmp_path / "run")
+    layer_store = run_dir / "layers" / "L-4" / "sample"
+    assert json.loads((layer_store / "manifest.json").read_text())["settings"]["layer"] == -4
+    assert json.loads((run_dir / "stores" / "sample" / "manifest.json").read_text())["settings"]["layer"] == -2
+    # the run's datasets and backbone are the primary SAE's layer: stats, patients and the explorer are unchanged
+    assert list(run.datasets) == ["sample"] and run.meta["backbone"]["layer"] == -2
+    ev = json.loads((run_dir / "saes" / "L-4-k4-x2" / "eval.json").read_text())
+    assert ev["store"] == "layers/L-4/sample"
+    table = pd.read_parquet(run_dir / "quality" / "sweep.parquet")
+    assert list(table.name) == ["L-2-k4-x2", "L-4-k4-x2"] and list(table.layer) == [-2, -4]
+    assert list(table.store) == ["stores/sample", "layers/L-4/sample"]
+    assert table.mean_best_ap.isna().all() and not table.pareto_ap.any()  # no [align]: nothing to rank by
+    assert table.fvu_patch.iloc[1] == pytest.approx(ev["patch"]["fvu"])
+    assert run.sweep["saes"]["L-4-k4-x2"]["settings"]["layer"] == -4
+    assert set(run_study(study, say=lambda s: None).values()) == {"skipped"}
 
 
 def test_the_primary_sae_keeps_its_key_and_can_be_chosen(tmp_path):
@@ -123,8 +146,8 @@ def test_the_primary_sae_keeps_its_key_and_can_be_chosen(tmp_path):
 
 
 @pytest.mark.parametrize("sae, message", [
-    ("k = 4\nshuffle = [256, 512]", "study.toml [sae]: shuffle is a list, but only k, expansion, l1_coeff can sweep "
-                                            "(one SAE per combination); give shuffle one value"),
+    ("k = 4\nshuffle = [256, 512]", "study.toml [sae]: shuffle is a list, but only k, expansion, l1_coeff (and "
+                                    "[backbone] layer) can sweep (one SAE per combination); give shuffle one value"),
     ("k = []", "study.toml [sae]: k = []: a sweep list needs at least one value, each once"),
     ("k = [4, 4]", "study.toml [sae]: k = [4, 4]: a sweep list needs at least one value, each once"),
     ("k = [4, -1]", "study.toml [sae]: k should be greater than or equal to 1, got -1"),
@@ -141,10 +164,15 @@ def test_bad_sweeps_are_refused_in_one_line_naming_section_and_key(tmp_path, sae
     assert r.exit_code == 2 and message in " ".join(r.output.split()) and "Traceback" not in r.output
 
 
-def test_a_layer_list_is_refused_in_one_line(tmp_path):
-    study = _study(tmp_path, backbone='name = "dinobloom-s"\nlayer = [-2, -4]')
-    with pytest.raises(StudyError, match=r"study.toml \[backbone\]: layer is a list, but only \[sae\] k, expansion, "
-                                         r"l1_coeff can sweep; give layer one value \(one study per layer\)$"):
+@pytest.mark.parametrize("backbone, message", [
+    ('batch_size = [8, 16]', r"study.toml \[backbone\]: batch_size is a list, but only layer \(and \[sae\] k, "
+                             r"expansion, l1_coeff\) can sweep; give batch_size one value$"),
+    ('layer = [-2, -2]', r"study.toml \[backbone\]: layer = \[-2, -2\]: a sweep list needs at least one value"),
+    ('layer = [-2, "x"]', r"study.toml \[backbone\]: layer should be a valid integer, got 'x'$"),
+])
+def test_bad_backbone_lists_are_refused_in_one_line(tmp_path, backbone, message):
+    study = _study(tmp_path, backbone=f'name = "dinobloom-s"\n{backbone}')
+    with pytest.raises(StudyError, match=message):
         plan(load_study(study))
 
 

@@ -4,6 +4,7 @@
     RUN/stores/NAME/      activation store of dataset NAME            `cytosae extract --run RUN`
     RUN/sae/              the SAE (+ eval.json, eval.spliced.json)    `cytosae train|evaluate [--spliced] --run RUN`
     RUN/saes/NAME/        the other SAEs of a sweep (+ eval.json, quality/)   `cytosae run study.toml` ([sae] lists)
+    RUN/layers/LAYER/NAME/   a layer sweep's stores of the other layers     `cytosae run study.toml` ([backbone] layer list)
     RUN/stats/            per-latent statistics                       `cytosae stats --run RUN`
     RUN/patients/         barcodes, disease comparison                `cytosae patients --run RUN`
     RUN/classify/         patient-level diagnosis                     `cytosae classify --run RUN`
@@ -32,6 +33,7 @@ RUN_FORMAT_VERSION = 1
 STORES, SAE_DIR, STATS, PATIENTS, CLASSIFY = "stores", "sae", "stats", "patients", "classify"
 QUALITY = "quality"  # measurements of how good the SAE is (`cytosae align`)
 SAES = "saes"  # saes/NAME: the SAEs of a sweep other than the primary one (which stays at sae/)
+LAYERS = "layers"  # layers/LAYER/NAME: a layer sweep's stores of dataset NAME at its other layers (not datasets)
 SWEEP = "sweep"  # run.json key of a sweep: {"primary": NAME, "saes": {NAME: {"dir", "settings"}}}; absent without one
 ANNOTATIONS = "annotations.sqlite"
 EXTERNAL = "external"  # external/NAME: barcodes of a second cohort
@@ -141,6 +143,11 @@ class Run:
     def sweep_sae_dir(self, name: str) -> Path:
         """Where sweep SAE `name` (not the primary one) lives: saes/NAME, with its eval.json and quality/."""
         return self.path / SAES / check_name(name, "SAE name")
+
+    def layer_store_dir(self, dataset: str, layer: int) -> Path:
+        """The store of `dataset` at block `layer` for a layer sweep's SAEs (not a dataset of the run: its
+        analyses stay on the store at the run's own layer)."""
+        return self.path / LAYERS / f"L{int(layer)}" / check_name(dataset)
 
     @property
     def sweep(self) -> dict:

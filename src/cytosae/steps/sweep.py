@@ -18,8 +18,9 @@ from cytosae.steps.common import Warn, need, one_line, open_run, record
 from cytosae.steps.config import StepError, SweepSettings
 
 SWEPT = ("k", "expansion", "l1_coeff")  # the [sae] keys a study may give as lists
-COLUMNS = ["name", "primary", "dataset", "arch", "k", "expansion", "l1_coeff", "n_latents", "fvu_patch", "fvu_cls",
-           "fvu_all", "l0", "dead_fraction", "mean_best_ap", "spliced_recovered", "pareto_fvu", "pareto_ap", "sae_dir"]
+COLUMNS = ["name", "primary", "dataset", "layer", "arch", "k", "expansion", "l1_coeff", "n_latents", "fvu_patch", "fvu_cls",
+           "fvu_all", "l0", "dead_fraction", "mean_best_ap", "spliced_recovered", "pareto_fvu", "pareto_ap", "sae_dir",
+           "store"]
 DEFINITIONS = {
     "fvu_patch": "unexplained variance fraction of the patch tokens (eval.json patch.fvu); lower is better",
     "fvu_cls": "unexplained variance fraction of the CLS tokens (eval.json cls.fvu)",
@@ -49,6 +50,15 @@ def _read(path: Path, step: str) -> dict:
         raise StepError(f"{path} not found: the sweep needs it; run the study again (its {step} step writes it)")
     with one_line():
         return read_json_object(path, f"run the study again (its {step} step writes it)")
+
+
+def _store_layer(rd: Run, ev: dict) -> int | None:
+    """The block the SAE's store holds (a layer sweep's SAEs differ in it), from the store evaluate measured on."""
+    store = rd.resolve(ev.get("store"))
+    if store is None:
+        return None
+    layer = (_read(store / "manifest.json", "extract").get("settings") or {}).get("layer")
+    return int(layer) if isinstance(layer, int) else None
 
 
 def _alignment_ap(quality: Path) -> float | None:
@@ -83,11 +93,11 @@ def sae_row(rd: Run, name: str, folders: tuple[Path, Path, str], primary: bool) 
     return {"name": name, "primary": primary, "arch": config.get("arch"), "k": settings.get("k"),
             "expansion": settings.get("expansion", config["n_latents"] // max(config.get("d_in", 1), 1)),
             "l1_coeff": settings.get("l1_coeff"), "n_latents": int(config["n_latents"]),
-            "dataset": ev.get("dataset"),
+            "dataset": ev.get("dataset"), "layer": _store_layer(rd, ev),
             "fvu_patch": (ev.get("patch") or {}).get("fvu", nan), "fvu_cls": (ev.get("cls") or {}).get("fvu", nan),
             "fvu_all": ev["all"]["fvu"], "l0": ev["all"]["l0"], "dead_fraction": ev["all"]["dead_fraction"],
             "mean_best_ap": _alignment_ap(quality), "spliced_recovered": _spliced_recovered(sae_dir),
-            "sae_dir": rd.portable(sae_dir)}
+            "sae_dir": rd.portable(sae_dir), "store": ev.get("store")}
 
 
 def pareto_front(x: list[float], y: list[float], maximize_y: bool = False) -> list[bool]:
@@ -122,6 +132,7 @@ def run_sweep(cfg: SweepSettings, run: str | Path | Run | None = None, warn: War
     table["pareto_ap"] = pareto_front(list(table.l0), list(table.mean_best_ap), maximize_y=True)
     table = table[COLUMNS]
     out = rd.quality_dir
+    out.mkdir(parents=True, exist_ok=True)  # a study without [align] has written nothing there yet
     atomic_write_parquet(out / "sweep.parquet", table)
     figure = sweep_figure(table, out / "figures" / "sweep_pareto.png")
     records = json.loads(table.to_json(orient="records"))  # NaN -> null, numpy scalars -> JSON
@@ -130,8 +141,9 @@ def run_sweep(cfg: SweepSettings, run: str | Path | Run | None = None, warn: War
         "pareto": {"fvu_vs_l0": [r["name"] for r in records if r["pareto_fvu"]],
                    "ap_vs_l0": [r["name"] for r in records if r["pareto_ap"]]},
         "figure": rd.portable(figure), "definitions": DEFINITIONS})
-    rd.set_sweep(cfg.primary, {name: {"dir": rd.portable(f[0]), "settings": _swept(rd, f[2])}
-                               for name, f in folders.items()})
+    rd.set_sweep(cfg.primary, {r["name"]: {"dir": r["sae_dir"], "store": r["store"],
+                                           "settings": {**_swept(rd, folders[r["name"]][2]), "layer": r["layer"]}}
+                               for r in rows})
     record(rd, step, cfg, started)
     return AnalysisResult(out, _lines(table, out, figure))
 
