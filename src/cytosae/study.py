@@ -7,6 +7,10 @@ yet; a killed step resumes (extract and train checkpoint themselves); a finished
 while its settings and those of every step it depends on are unchanged. A changed setting reruns
 that step, after removing its stale outputs, and every step after it. One `cytosae run` at a time
 per run directory: a second one is refused while the first holds the run's lock.
+
+Lists in [sae] (k, expansion, l1_coeff) or [backbone] (layer) are a sweep: one SAE per combination, each with
+its own train/evaluate/align steps, the primary one at RUN/sae and the others at RUN/saes/NAME, compared by a
+last `sweep` step (cytosae.steps.sweep; docs/concepts.md "Choosing an SAE: sweeps").
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from cytosae.steps import (AlignSettings, ClassifySettings, EvaluateSettings, Ex
                            StatsSettings, StepError, StepSettings, TrainSettings, build, run_align, run_classify,
                            run_evaluate, run_extract, run_patients, run_stats, run_train)
 from cytosae.steps.config import SweepSettings
-from cytosae.steps.sweep import SWEPT, run_sweep
+from cytosae.steps.sweep import SWEEP_FILES, SWEPT, run_sweep
 
 SECTIONS = {"run", "backbone", "datasets", "sae", "evaluate", "align", "stats", "patients", "classify"}
 STUDY_LOCK = ".study.lock"
@@ -440,7 +444,6 @@ def _extract_layer(cfg: ExtractSettings, run: Path, warn, step: str):
 
 
 ALIGN_FILES = ("alignment.parquet", "alignment_classes.parquet", "alignment.json")  # cytosae.analysis.alignment
-SWEEP_FILES = ("sweep.json", "sweep.parquet", "figures/sweep_pareto.png")  # cytosae.steps.sweep
 
 
 def _complete(run: Run, step: str) -> bool:

@@ -18,6 +18,7 @@ from cytosae.steps.common import Warn, need, one_line, open_run, record
 from cytosae.steps.config import StepError, SweepSettings
 
 SWEPT = ("k", "expansion", "l1_coeff")  # the [sae] keys a study may give as lists
+SWEEP_FILES = ("sweep.json", "sweep.parquet", "figures/sweep_pareto.png")  # what run_sweep writes in RUN/quality
 COLUMNS = ["name", "primary", "dataset", "layer", "arch", "k", "expansion", "l1_coeff", "n_latents", "fvu_patch", "fvu_cls",
            "fvu_all", "l0", "dead_fraction", "mean_best_ap", "spliced_recovered", "pareto_fvu", "pareto_ap", "sae_dir",
            "store"]
@@ -133,10 +134,10 @@ def run_sweep(cfg: SweepSettings, run: str | Path | Run | None = None, warn: War
     table = table[COLUMNS]
     out = rd.quality_dir
     out.mkdir(parents=True, exist_ok=True)  # a study without [align] has written nothing there yet
-    atomic_write_parquet(out / "sweep.parquet", table)
-    figure = sweep_figure(table, out / "figures" / "sweep_pareto.png")
+    atomic_write_parquet(out / SWEEP_FILES[1], table)
+    figure = sweep_figure(table, out / SWEEP_FILES[2])
     records = json.loads(table.to_json(orient="records"))  # NaN -> null, numpy scalars -> JSON
-    atomic_write_json(out / "sweep.json", {
+    atomic_write_json(out / SWEEP_FILES[0], {
         "primary": cfg.primary, "dataset": rows[0]["dataset"], "n_saes": len(rows), "saes": records,
         "pareto": {"fvu_vs_l0": [r["name"] for r in records if r["pareto_fvu"]],
                    "ap_vs_l0": [r["name"] for r in records if r["pareto_ap"]]},
