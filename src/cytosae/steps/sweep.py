@@ -62,11 +62,14 @@ def _store_layer(rd: Run, ev: dict) -> int | None:
     return int(layer) if isinstance(layer, int) else None
 
 
-def _alignment_ap(quality: Path) -> float | None:
+def _alignment_ap(rd: Run, quality: Path, train_step: str) -> float | None:
+    """The SAE's mean best AP from `cytosae align`, unless that alignment is older than the SAE (the primary's
+    quality/ outlives a retraining when the study has dropped [align])."""
     import pandas as pd
 
     path = quality / "alignment.parquet"
-    if not path.is_file():
+    aligned = (rd.steps.get(train_step.replace("train", "align")) or {}).get("finished")
+    if not path.is_file() or aligned is None or aligned < (rd.steps.get(train_step) or {}).get("finished", ""):
         return None
     table = pd.read_parquet(path)
     sae = table[table.method == "sae"]
@@ -97,7 +100,7 @@ def sae_row(rd: Run, name: str, folders: tuple[Path, Path, str], primary: bool) 
             "dataset": ev.get("dataset"), "layer": _store_layer(rd, ev),
             "fvu_patch": (ev.get("patch") or {}).get("fvu", nan), "fvu_cls": (ev.get("cls") or {}).get("fvu", nan),
             "fvu_all": ev["all"]["fvu"], "l0": ev["all"]["l0"], "dead_fraction": ev["all"]["dead_fraction"],
-            "mean_best_ap": _alignment_ap(quality), "spliced_recovered": _spliced_recovered(sae_dir),
+            "mean_best_ap": _alignment_ap(rd, quality, train_step), "spliced_recovered": _spliced_recovered(sae_dir),
             "sae_dir": rd.portable(sae_dir), "store": ev.get("store")}
 
 
