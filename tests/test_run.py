@@ -192,7 +192,8 @@ def test_a_step_whose_output_was_removed_runs_again(sample, tmp_path):
     ({"evaluate": 'enabled = "no"'}, "study.toml [evaluate]: enabled should be true or false, got 'no'"),
     ({"stats": 'out = "/elsewhere"'}, "study.toml [stats]: out cannot be set in a study"),
     ({"sae": 'arch = "topk"\nk = true'}, "study.toml [sae]: k should be a valid integer, got True"),
-    ({"sae": 'arch = "topk"\nk = [1, 2]'}, "study.toml [sae]: k should be a valid integer, got [1, 2]"),
+    # a list is a sweep (tests/test_sweeps.py), for the keys that can sweep only
+    ({"sae": 'arch = "topk"\nbatch_size = [1, 2]'}, "study.toml [sae]: batch_size is a list, but only k, expansion"),
     ({"sae": 'arch = "topk"\nk = -3'}, "study.toml [sae]: k should be greater than or equal to 1, got -3"),
 ])
 def test_bad_study_files_name_the_field(tmp_path, over, message):

@@ -330,6 +330,20 @@ def align(
 
 
 @app.command()
+def sweep(
+    ctx: typer.Context,
+    run: Path = typer.Option(..., "--run", help=RUN_HELP),
+    primary: Optional[str] = typer.Option(None, help="Name of the SAE at RUN/sae (default: the run's recorded sweep)."),
+    saes: Optional[str] = typer.Option(None, help="Comma list of the SAEs at RUN/saes/NAME (default: the run's "
+                                                  "recorded sweep)."),
+) -> None:
+    """The SAEs of a sweep side by side (RUN/quality/sweep.json, sweep.parquet, figures/sweep_pareto.png): L0, FVU,
+    dead latents, label alignment and spliced recovery, with the Pareto front marked. `cytosae run` writes it for
+    a study with [sae] lists (docs/concepts.md, "Choosing an SAE: sweeps")."""
+    _step(ctx, "SweepSettings", "run_sweep")
+
+
+@app.command()
 def classify(
     ctx: typer.Context,
     barcodes: Optional[Path] = typer.Argument(None, help="Patients folder from `cytosae patients` (or its "

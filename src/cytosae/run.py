@@ -3,6 +3,8 @@
     RUN/run.json          what the run holds and how each step made it (docs/run-layout.md)
     RUN/stores/NAME/      activation store of dataset NAME            `cytosae extract --run RUN`
     RUN/sae/              the SAE (+ eval.json, eval.spliced.json)    `cytosae train|evaluate [--spliced] --run RUN`
+    RUN/saes/NAME/        the other SAEs of a sweep (+ eval.json, quality/)   `cytosae run study.toml` ([sae] lists)
+    RUN/layers/LAYER/NAME/   a layer sweep's stores of the other layers     `cytosae run study.toml` ([backbone] layer list)
     RUN/stats/            per-latent statistics                       `cytosae stats --run RUN`
     RUN/patients/         barcodes, disease comparison                `cytosae patients --run RUN`
     RUN/classify/         patient-level diagnosis                     `cytosae classify --run RUN`
@@ -34,6 +36,9 @@ RUN_FORMAT = "cytosae-run"
 RUN_FORMAT_VERSION = 1
 STORES, SAE_DIR, STATS, PATIENTS, CLASSIFY = "stores", "sae", "stats", "patients", "classify"
 QUALITY = "quality"  # measurements of how good the SAE is (`cytosae align`)
+SAES = "saes"  # saes/NAME: the SAEs of a sweep other than the primary one (which stays at sae/)
+LAYERS = "layers"  # layers/LAYER/NAME: a layer sweep's stores of dataset NAME at its other layers (not datasets)
+SWEEP = "sweep"  # run.json key of a sweep: {"primary": NAME, "saes": {NAME: {"dir", "settings"}}}; absent without one
 ANNOTATIONS = "annotations.sqlite"
 EXTERNAL = "external"  # external/NAME: barcodes of a second cohort
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -121,6 +126,17 @@ class StudyRecord(_Record):
     keys: dict[str, str]
 
 
+class SweepSae(_Record):
+    dir: str                      # the SAE folder, relative to the run (sae or saes/NAME)
+    store: Optional[str] = None   # the store it was trained and evaluated on
+    settings: dict[str, Any] = {}  # the swept values (k, expansion, l1_coeff, layer)
+
+
+class SweepRecord(_Record):
+    primary: str
+    saes: dict[str, SweepSae]
+
+
 class RunJson(_Record):
     """run.json as `Run` writes it (docs/run-layout.md). Every top-level key is one a writer of this module makes
     (`inferred` is kept when a command records a step into a folder that was opened by its layout)."""
@@ -135,6 +151,7 @@ class RunJson(_Record):
     steps: dict[str, StepRecord] = {}
     study: Optional[StudyRecord] = None
     inferred: Optional[bool] = None
+    sweep: Optional[SweepRecord] = None  # only in runs whose study swept SAE settings (`Run.set_sweep`)
 
 
 def check_name(name: str, what: str = "dataset name") -> str:
@@ -232,6 +249,34 @@ class Run:
     def quality_dir(self) -> Path:
         return self.path / QUALITY
 
+    def sweep_sae_dir(self, name: str) -> Path:
+        """Where sweep SAE `name` (not the primary one) lives: saes/NAME, with its eval.json and quality/."""
+        return self.path / SAES / check_name(name, "SAE name")
+
+    def layer_store_dir(self, dataset: str, layer: int) -> Path:
+        """The store of `dataset` at block `layer` for a layer sweep's SAEs (not a dataset of the run: its
+        analyses stay on the store at the run's own layer)."""
+        return self.path / LAYERS / f"L{int(layer)}" / check_name(dataset)
+
+    @property
+    def sweep(self) -> dict:
+        """The run's sweep as run.json records it ({} for a run without one)."""
+        return dict(self.meta.get(SWEEP) or {})
+
+    def named_sae_dir(self, name: str | None = None) -> Path:
+        """The folder of SAE `name` of the sweep (None or the primary's name: the run's SAE at sae/)."""
+        saes = self.sweep.get("saes") or {}
+        if name is None or name == self.sweep.get("primary"):
+            return self.sae_dir
+        if name not in saes:
+            raise ValueError(f"{self.path}: no SAE named {name!r} in this run (its sweep has "
+                             f"{sorted(saes) or 'none'}); omit --sae for the run's SAE")
+        return self.resolve(saes[name]["dir"])
+
+    def sae_quality_dir(self, name: str | None = None) -> Path:
+        """Where `cytosae align` of SAE `name` writes: quality/ for the run's SAE, saes/NAME/quality/ for another."""
+        return self.quality_dir if name is None else self.sweep_sae_dir(name) / QUALITY
+
     @property
     def annotations(self) -> Path:
         return self.path / ANNOTATIONS
@@ -324,6 +369,11 @@ class Run:
         """The study that drives this run, and the settings key of each of its steps (cytosae.study)."""
         with self._locked() as meta:
             meta["study"] = {"file": study_file, "keys": dict(keys)}
+
+    def set_sweep(self, primary: str, saes: dict[str, dict]) -> None:
+        """Record the sweep's SAEs: name -> {"dir" (relative to the run), "settings" (the swept values)}."""
+        with self._locked() as meta:
+            meta[SWEEP] = {"primary": check_name(primary, "SAE name"), "saes": _json_safe(saes)}
 
     def forget_steps(self, steps: Iterable[str]) -> None:
         with self._locked() as meta:

@@ -7,6 +7,10 @@ yet; a killed step resumes (extract and train checkpoint themselves); a finished
 while its settings and those of every step it depends on are unchanged. A changed setting reruns
 that step, after removing its stale outputs, and every step after it. One `cytosae run` at a time
 per run directory: a second one is refused while the first holds the run's lock.
+
+Lists in [sae] (k, expansion, l1_coeff) or [backbone] (layer) are a sweep: one SAE per combination, each with
+its own train/evaluate/align steps, the primary one at RUN/sae and the others at RUN/saes/NAME, compared by a
+last `sweep` step (cytosae.steps.sweep; docs/concepts.md "Choosing an SAE: sweeps").
 """
 from __future__ import annotations
 
@@ -16,18 +20,21 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from cytosae.run import Run, check_name
+from cytosae.steps import (AlignSettings, ClassifySettings, EvaluateSettings, ExtractSettings, PatientsSettings,
+                           StatsSettings, StepError, StepSettings, TrainSettings, build, run_align, run_classify,
+                           run_evaluate, run_extract, run_patients, run_stats, run_train)
+from cytosae.steps.config import SweepSettings
 from cytosae.steps.evaluate import EVAL
-from cytosae.steps import (ClassifySettings, EvaluateSettings, ExtractSettings, PatientsSettings, StatsSettings,
-                           StepError, StepSettings, TrainSettings, build, run_classify, run_evaluate, run_extract,
-                           run_patients, run_stats, run_train)
+from cytosae.steps.sweep import SWEEP_FILES, SWEPT, run_sweep
 
-SECTIONS = {"run", "backbone", "datasets", "sae", "evaluate", "stats", "patients", "classify"}
+SECTIONS = {"run", "backbone", "datasets", "sae", "evaluate", "align", "stats", "patients", "classify"}
 STUDY_LOCK = ".study.lock"
 
 
@@ -114,11 +121,13 @@ def _resolve_datasets(study: dict, path: Path, base: Path) -> None:
 
 # Settings a study does not take: a study step's inputs and outputs are the run's.
 _PLACED = {ExtractSettings: {"out", "name"}, TrainSettings: {"store", "out"},
-           EvaluateSettings: {"sae_dir", "store", "out"}, StatsSettings: {"sae_dir", "stores", "out"},
+           EvaluateSettings: {"sae_dir", "store", "out"}, AlignSettings: {"sae_dir", "store", "out"},
+           StatsSettings: {"sae_dir", "stores", "out"},
            PatientsSettings: {"sae_dir", "store", "out", "external"},
            ClassifySettings: {"barcodes", "out", "store", "sae", "external", "external_store"}}
 # Keys of the study's own (not step settings): which steps run and on which datasets.
-_OWN = {"evaluate": {"enabled"}, "stats": {"enabled"}, "patients": {"external"}, "classify": {"external"}}
+_OWN = {"sae": {"primary"}, "evaluate": {"enabled"}, "align": {"enabled"}, "stats": {"enabled"},
+        "patients": {"external"}, "classify": {"external"}}
 
 
 def _settings(cls: type[StepSettings], section: dict, where: str, own: set[str] = frozenset(),
@@ -177,17 +186,19 @@ def plan(study: dict) -> list[Step]:
     it needs. Everything a real run checks before its first step is checked here (a dry run is this)."""
     f, run = study["_file"], study["run"]["dir"]
     names = list(study["datasets"])
-    steps = [_extract_step(study, name) for name in names]
     sae = dict(study.get("sae") or {})
     train_on = _dataset(study, sae.get("dataset", names[0]), "[sae] dataset =")
-    steps.append(Step("train", ["train", "--run", run, "--dataset", train_on] + _argv(sae, {"dataset"}),
-                      _settings(TrainSettings, sae, f"{f} [sae]", fixed={"dataset": train_on}),
-                      needs=[f"extract:{train_on}"]))
-    ev = dict(study.get("evaluate") or {})
-    if _flag(ev, "enabled", f"{f} [evaluate]"):
-        steps.append(Step("evaluate", ["evaluate", "--run", run, "--dataset", train_on] + _argv(ev, {"enabled"}),
-                          _settings(EvaluateSettings, {"dataset": train_on, **ev}, f"{f} [evaluate]", {"enabled"}),
-                          needs=["train"]))
+    combos = sweep_combinations(sae, f"{f} [sae]", train_on, _layers(study, train_on))
+    own_layer = combos[0][2] if combos else None  # the primary SAE's: the layer of the run's stores
+    steps = [_extract_step(study, name, own_layer) for name in names]
+    steps += _sae_steps(study, run, f, train_on, None, combos[0][1] if combos else sae)
+    for layer in dict.fromkeys(c[2] for c in combos if c[2] != own_layer):
+        steps.append(_layer_extract_step(study, train_on, layer))
+    for name, section, layer in combos[1:]:
+        store = None if layer == own_layer else f"extract-layer:{train_on}:{layer}"
+        steps += _sae_steps(study, run, f, train_on, name, section, store)
+    if combos:
+        steps.append(_sweep_step(run, combos, [s.name for s in steps if s.kind in ("train", "evaluate", "align")]))
     st = dict(study.get("stats") or {})
     if _flag(st, "enabled", f"{f} [stats]"):
         steps.append(Step("stats", ["stats", "--run", run] + _argv(st, {"enabled"}),
@@ -200,7 +211,144 @@ def plan(study: dict) -> list[Step]:
     return _keyed(steps, study["_base"])
 
 
-def _extract_step(study: dict, name: str) -> Step:
+def _check_list(where: str, key: str, values: list) -> None:
+    if not values or len(set(map(repr, values))) != len(values):
+        raise StudyError(f"{where}: {key} = {values!r}: a sweep list needs at least one value, each once")
+
+
+def _layers(study: dict, dataset: str) -> list | None:
+    """[backbone] layer = [-2, -4]: the layers of a layer sweep (None without one)."""
+    layers = (study.get("backbone") or {}).get("layer")
+    if not isinstance(layers, list):
+        return None
+    where = f"{study['_file']} [backbone]"
+    _check_list(where, "layer", layers)
+    for v in layers:  # each becomes a folder name before ExtractSettings sees it
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise StudyError(f"{where}: layer should be a valid integer, got {v!r}")
+    if "layer" in study["datasets"][dataset]:
+        raise StudyError(f"{where}: layer is a list (a layer sweep), but [datasets.{dataset}] sets its own layer; "
+                         f"remove one")
+    return layers
+
+
+def sweep_combinations(sae: dict, where: str, dataset: str, layers: list | None = None) -> list[tuple[str, dict, int]]:
+    """[sae] lists (`k = [16, 32]`) and a [backbone] layer list as one (name, [sae] section, layer or None) per
+    combination, named by its values (`k16-x64`, `L-4-k16-x64`), in the file's order with the primary one
+    (`primary = NAME`, default the first) first; [] when no key is a list."""
+    import itertools
+
+    lists = {k: v for k, v in sae.items() if isinstance(v, list)}
+    for key, values in lists.items():
+        if key not in SWEPT:
+            raise StudyError(f"{where}: {key} is a list, but only {', '.join(SWEPT)} (and [backbone] layer) can "
+                             f"sweep (one SAE per combination); give {key} one value")
+        _check_list(where, key, values)
+    primary = sae.get("primary")
+    if not lists and layers is None:
+        if primary is not None:
+            raise StudyError(f"{where}: primary names one SAE of a sweep, but no key is a list; remove it")
+        return []
+    base = {k: v for k, v in sae.items() if k != "primary"}
+    combos = []
+    for layer, *values in itertools.product(*([layers] if layers is not None else [[None]]), *lists.values()):
+        section = {**base, **dict(zip(lists, values))}
+        cfg = _settings(TrainSettings, section, where, _OWN["sae"], fixed={"dataset": dataset})
+        prefix = f"L{layer}-" if layers is not None else ""
+        combos.append((prefix + sae_name(cfg, set(lists)), section, layer))
+    names = [n for n, *_ in combos]
+    if len(set(names)) != len(names):
+        raise StudyError(f"{where}: two combinations are both named {next(n for n in names if names.count(n) > 1)!r} "
+                         f"(their values print alike); give values that differ more")
+    if primary is not None and primary not in names:
+        raise StudyError(f"{where}: primary = {primary!r} is not one of the sweep's SAEs {names}")
+    return sorted(combos, key=lambda c: c[0] != (primary or names[0]))
+
+
+def sae_name(cfg: TrainSettings, swept: set[str]) -> str:
+    """A sweep SAE's name from its values: k (when its architecture takes k), expansion, and l1 when swept."""
+    parts = [f"k{cfg.k}"] if "k" in swept or "k" in cfg.arch_options() else []
+    parts.append(f"x{cfg.expansion}")
+    if "l1_coeff" in swept:
+        parts.append(f"l1-{cfg.l1_coeff:g}")
+    return "-".join(parts)
+
+
+def _sae_steps(study: dict, run: str, f: str, train_on: str, name: str | None, sae: dict,
+               store_step: str | None = None) -> list[Step]:
+    """Train, evaluate and (with [align]) align one SAE: the run's own (name None, at sae/, the steps named as
+    they always were) or sweep SAE `name` (at saes/NAME, steps `train:NAME`, ...); `store_step`: the
+    extract-layer step whose store (another layer's) it is trained, evaluated and aligned on."""
+    sae = {k: v for k, v in sae.items() if k != "primary"}
+    out = Run(run, {}).sweep_sae_dir(name) if name else None
+    tag, placed = (f":{name}", {"out": out}) if name else ("", {})
+    store = _layer_store(run, store_step) if store_step else None
+    at = {"store": store} if store else {}
+    extract = store_step or f"extract:{train_on}"
+    steps = [Step(f"train{tag}", ["train", *([str(store)] if store else []), "--run", run, "--dataset", train_on]
+                  + _argv(sae, {"dataset"}) + (["--out", str(out)] if out else []),
+                  _settings(TrainSettings, sae, f"{f} [sae]", _OWN["sae"],
+                            fixed={"dataset": train_on, **placed, **at}), needs=[extract])]
+    given = [str(out)] + ([str(store)] if store else []) if out else []  # SAE_DIR [STORE] of evaluate and align
+    ev = dict(study.get("evaluate") or {})
+    if _flag(ev, "enabled", f"{f} [evaluate]"):
+        fixed = {"sae_dir": out, "out": out / EVAL, **at} if out else {}
+        steps.append(Step(f"evaluate{tag}", ["evaluate", *given, "--run", run, "--dataset", train_on]
+                          + _argv(ev, {"enabled"}) + (["--out", str(out / EVAL)] if out else []),
+                          _settings(EvaluateSettings, {"dataset": train_on, **ev}, f"{f} [evaluate]", {"enabled"},
+                                    fixed=fixed), needs=[f"train{tag}"]))
+    elif name:
+        raise StudyError(f"{f} [evaluate]: enabled = false, but a sweep ([sae] lists) compares its SAEs by what "
+                         f"evaluate measures; enable it")
+    al = dict(study.get("align") or {})
+    if "align" in study and _flag(al, "enabled", f"{f} [align]"):
+        on = _dataset(study, al.get("dataset", train_on), "[align] dataset =")
+        if store and on != train_on:
+            raise StudyError(f"{f} [align]: dataset = {on!r}, but a layer sweep's SAEs are aligned on the dataset "
+                             f"they are trained on ({train_on!r}), the only one extracted at every layer")
+        quality = Run(run, {}).sae_quality_dir(name) if name else None
+        fixed = {"dataset": on, **({"sae_dir": out, "out": quality, **at} if out else {})}
+        steps.append(Step(f"align{tag}", ["align", *given, "--run", run, "--dataset", on]
+                          + _argv(al, {"enabled", "dataset"}) + (["--out", str(quality)] if out else []),
+                          _settings(AlignSettings, al, f"{f} [align]", _OWN["align"], fixed=fixed),
+                          needs=[f"train{tag}", store_step or f"extract:{on}"]))
+    return steps
+
+
+def _layer_store(run: str, step: str) -> Path:
+    """The store an `extract-layer:DATASET:LAYER` step writes."""
+    return Run(run, {}).layer_store_dir(*_dataset_layer(step.partition(":")[2]))
+
+
+def _sweep_step(run: str, combos: list[tuple[str, dict, int]], needs: list[str]) -> Step:
+    names = [n for n, *_ in combos]
+    return Step("sweep", ["sweep", "--run", run, "--primary", names[0], "--saes", ",".join(names[1:])],
+                SweepSettings(primary=names[0], saes=names[1:]), needs=needs)
+
+
+def _extract_step(study: dict, name: str, layer: int | None = None) -> Step:
+    """Extract dataset `name` into the run (at `layer`, the primary SAE's, when [backbone] layer is a list)."""
+    backbone = _backbone_options(study, layer)
+    ds = study["datasets"][name]
+    opts = {**backbone, **{k: v for k, v in ds.items() if k != "data"}}
+    where = f"{study['_file']} [backbone]/[datasets.{name}]"
+    cfg = _settings(ExtractSettings, {**opts, "data": ds["data"]}, where, fixed={"name": name})
+    return Step(f"extract:{name}", ["extract", ds["data"], "--run", study["run"]["dir"], "--name", name] + _argv(opts),
+                cfg)
+
+
+def _layer_extract_step(study: dict, name: str, layer: int) -> Step:
+    """Dataset `name` at another `layer` of a layer sweep, into RUN/layers/LAYER/NAME: a store for that layer's
+    SAEs, not a dataset of the run (run.json's datasets and backbone keep the run's own layer)."""
+    ds = study["datasets"][name]
+    opts = {**_backbone_options(study, layer), **{k: v for k, v in ds.items() if k != "data"}}
+    out = Run(study["run"]["dir"], {}).layer_store_dir(name, layer)
+    cfg = _settings(ExtractSettings, {**opts, "data": ds["data"]}, f"{study['_file']} [backbone]",
+                    fixed={"name": name, "out": out})
+    return Step(f"extract-layer:{name}:{layer}", ["extract", ds["data"], "--out", str(out)] + _argv(opts), cfg)
+
+
+def _backbone_options(study: dict, layer: int | None) -> dict:
     backbone = dict(study.get("backbone") or {})
     if "backbone" in backbone:
         raise StudyError(f"{study['_file']} [backbone]: unknown key 'backbone'; the backbone is name = \"...\"")
@@ -209,12 +357,13 @@ def _extract_step(study: dict, name: str) -> Step:
     for key in ("data", "patients"):
         if key in backbone:
             raise StudyError(f"{study['_file']} [backbone]: {key} belongs in each [datasets.NAME]")
-    ds = study["datasets"][name]
-    opts = {**backbone, **{k: v for k, v in ds.items() if k != "data"}}
-    where = f"{study['_file']} [backbone]/[datasets.{name}]"
-    cfg = _settings(ExtractSettings, {**opts, "data": ds["data"]}, where, fixed={"name": name})
-    return Step(f"extract:{name}", ["extract", ds["data"], "--run", study["run"]["dir"], "--name", name] + _argv(opts),
-                cfg)
+    for key, value in backbone.items():
+        if isinstance(value, list) and key != "layer":
+            raise StudyError(f"{study['_file']} [backbone]: {key} is a list, but only layer (and [sae] k, expansion, "
+                             f"l1_coeff) can sweep; give {key} one value")
+    if layer is not None:
+        backbone["layer"] = layer  # in its place: a study that turns layer = -2 into [-2, -4] keeps its stores
+    return backbone
 
 
 def _patient_steps(study: dict, run: str, f: str) -> list[Step]:
@@ -269,18 +418,46 @@ def _keyed(steps: list[Step], base: str) -> list[Step]:
 def outputs(run: Run, step: str) -> list[Path]:
     """What a step writes, removed when its settings changed (a stale output must never pass for a new one)."""
     kind, _, name = step.partition(":")
-    return {"extract": lambda: [run.store_dir(name)], "train": lambda: [run.sae_dir],
-            "evaluate": lambda: [run.sae_dir / EVAL], "stats": lambda: [run.stats_dir],
+    sae = lambda: run.sweep_sae_dir(name) if name else run.sae_dir  # noqa: E731
+    return {"extract": lambda: [run.store_dir(name)],
+            "extract-layer": lambda: [run.layer_store_dir(*_dataset_layer(name))], "train": lambda: [sae()],
+            "evaluate": lambda: [sae() / EVAL],
+            "align": lambda: [run.sae_quality_dir(name or None) / f for f in _align_files()],
+            "sweep": lambda: [run.quality_dir / f for f in SWEEP_FILES], "stats": lambda: [run.stats_dir],
             "patients": lambda: [run.external_patients_dir(name) if name else run.patients_dir],
             "classify": lambda: [run.classify_dir]}[kind]()
+
+
+def _dataset_layer(name: str) -> tuple[str, int]:
+    dataset, _, layer = name.rpartition(":")
+    return dataset, int(layer)
+
+
+def _extract_layer(cfg: ExtractSettings, run: Path, warn, step: str):
+    """A layer sweep's store of another layer: extracted outside the run's datasets (so its own backbone record
+    and stores are untouched), recorded as its own step once complete."""
+    started = time.time()
+    result = run_extract(cfg, run=None, warn=warn)
+    if result.complete:
+        Run.open(run).record_step(step, "cytosae extract", cfg.model_dump(mode="json"),
+                                  inputs={"weights": cfg.weights}, seconds=time.time() - started)
+    return result
+
+
+def _align_files() -> tuple[str, ...]:
+    from cytosae.analysis.alignment import FILES  # imported here: the analysis modules load torch
+
+    return FILES
 
 
 def _complete(run: Run, step: str) -> bool:
     return step in run.steps and all(p.exists() for p in outputs(run, step))
 
 
-_RUNNERS = {"extract": run_extract, "train": lambda cfg, run, warn: run_train(cfg, run=run),
-            "evaluate": run_evaluate, "stats": run_stats, "patients": run_patients, "classify": run_classify}
+_RUNNERS = {"extract": run_extract, "extract-layer": _extract_layer, "train": lambda cfg, run, warn, step: run_train(cfg, run=run, step=step),
+            "evaluate": run_evaluate, "align": run_align, "sweep": run_sweep, "stats": run_stats,
+            "patients": run_patients, "classify": run_classify}
+_NAMED = {"extract-layer", "train", "evaluate", "align", "sweep"}  # steps told their name: a sweep has one of each per SAE
 
 
 @contextlib.contextmanager
@@ -326,6 +503,10 @@ def _is_run(path: Path) -> bool:
 
 def _walk(study: dict, steps: list[Step], run: Run, say: Callable[[str], None], dry_run: bool) -> dict:
     keys = dict((run.meta.get("study") or {}).get("keys") or {})
+    sweep = next((s.settings for s in steps if s.kind == "sweep"), None)
+    if sweep is not None:
+        say(f"sweep of {1 + len(sweep.saes)} SAEs: {sweep.primary} (primary, at sae/: the one every later step "
+            f"uses)" + "".join(f", {n} (saes/{n})" for n in sweep.saes))
     status: dict[str, str] = {}
     changed: set[str] = set()
     for i, step in enumerate(steps, 1):
@@ -354,7 +535,8 @@ def _walk(study: dict, steps: list[Step], run: Run, say: Callable[[str], None], 
 
 def _execute(step: Step, run: Run, say: Callable[[str], None]) -> None:
     try:
-        result = _RUNNERS[step.kind](step.settings, run=run.path, warn=say)
+        named = {"step": step.name} if step.kind in _NAMED else {}
+        result = _RUNNERS[step.kind](step.settings, run=run.path, warn=say, **named)
     except StepError as exc:
         raise StudyError(f"step {step.name}: {exc}; fix it and run the study again: finished steps are kept") from None
     for line in result.lines():

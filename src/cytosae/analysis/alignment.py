@@ -294,13 +294,15 @@ def write_alignment(res: Alignment, out_dir) -> list:
     atomic_write_parquet(paths[1], res.per_class)
     atomic_write_json(paths[2], {**res.summary, "per_class": res.per_class.to_dict("records")})
     if res.probing is not None:
-        paths.append(out / "probing.parquet")
+        paths.append(out / PROBING)
         atomic_write_parquet(paths[-1], res.probing)
     return paths
 
 
 # ---------------------------------------------------------------- quality/ as its readers read it
 SUMMARY, TABLE, CLASSES = "alignment.json", "alignment.parquet", "alignment_classes.parquet"
+PROBING = "probing.parquet"
+FILES = (TABLE, CLASSES, SUMMARY, PROBING)  # every file write_alignment may write (a rerun removes them first)
 FIX = "rebuild it with `cytosae align` (--run RUN: the same command)"
 
 

@@ -29,9 +29,11 @@ def _training_seed(rd: Run | None) -> int:
     return int(seed) if isinstance(seed, int) else 0
 
 
-def run_align(cfg: AlignSettings, run: str | Path | Run | None = None, warn: Warn = None) -> AnalysisResult:
+def run_align(cfg: AlignSettings, run: str | Path | Run | None = None, warn: Warn = None,
+              step: str = "align") -> AnalysisResult:
     """Per class, the best latent's AP, Purity@16 and Coverage@0.3 for the SAE and three baselines, on one
-    labelled store -> OUT/alignment.parquet, alignment_classes.parquet, alignment.json."""
+    labelled store -> OUT/alignment.parquet, alignment_classes.parquet, alignment.json. `step`: the name run.json
+    records it under (a sweep's other SAEs are `align:NAME`)."""
     from cytosae.analysis.alignment import compute_alignment, write_alignment
 
     started = time.time()
@@ -57,7 +59,7 @@ def run_align(cfg: AlignSettings, run: str | Path | Run | None = None, warn: War
                            f"{r['mean_coverage@0.3']:.3f}")
     result.said += _probing_lines(s["probing"])
     result.said.append(f"tables -> {paths[0]}, {paths[1].name}, {paths[2].name} (definitions in {paths[2].name})")
-    record(rd, "align", given, started, dataset=cfg.dataset)
+    record(rd, step, given, started, dataset=cfg.dataset)
     return result
 
 

@@ -181,6 +181,17 @@ class CompareSaesSettings(StepSettings):
     _method = field_validator("method")(_one_of(("auto", "dense", "candidates"), " | "))
 
 
+class SweepSettings(StepSettings):
+    """The sweep table of a run (cytosae.steps.sweep): which of its SAEs to compare, the primary one first."""
+    primary: Optional[str] = None  # the SAE at RUN/sae; None: the run's recorded sweep
+    saes: Optional[list[str]] = None  # the others, at RUN/saes/NAME; None: the run's recorded sweep
+
+    @field_validator("saes", mode="before")
+    @classmethod
+    def _list(cls, value):
+        return None if value is None else _comma_list(value)  # None (not given) is not "no other SAE"
+
+
 class PatientsSettings(SaeOnStoreSettings):
     external: bool = False
     threshold: float = 0.0

@@ -64,8 +64,10 @@ def _placed(cfg: EvaluateSettings, rd: Run | None) -> EvaluateSettings:
     return cfg
 
 
-def run_evaluate(cfg: EvaluateSettings, run: str | Path | Run | None = None, warn: Warn = None) -> EvaluateResult:
-    """Measure the SAE on the store for all, CLS and patch tokens; write the figures to cfg.out when given."""
+def run_evaluate(cfg: EvaluateSettings, run: str | Path | Run | None = None, warn: Warn = None,
+                 step: str = "evaluate") -> EvaluateResult:
+    """Measure the SAE on the store for all, CLS and patch tokens; write the figures to cfg.out when given.
+    `step`: the name run.json records it under (a sweep's other SAEs are `evaluate:NAME`)."""
     from cytosae.sae import evaluate_sae
     from cytosae.store.format import atomic_write_json
 
@@ -85,7 +87,7 @@ def run_evaluate(cfg: EvaluateSettings, run: str | Path | Run | None = None, war
         _spliced(cfg, rd, sae, st, dev, result, warn)
     elif cfg.out is not None:  # a spliced JSON from an earlier evaluate would pass for this one's
         spliced_path(cfg.out).unlink(missing_ok=True)
-    record(rd, "evaluate", given, started, dataset=cfg.dataset)
+    record(rd, step, given, started, dataset=cfg.dataset)
     return result
 
 

@@ -71,8 +71,9 @@ def _placed(cfg: TrainSettings, rd: Run | None) -> TrainSettings:
     return cfg
 
 
-def run_train(cfg: TrainSettings, run: str | Path | Run | None = None) -> TrainResult:
-    """Train (or resume training) an SAE on cfg.store into cfg.out; in a run, the run's dataset into RUN/sae."""
+def run_train(cfg: TrainSettings, run: str | Path | Run | None = None, step: str = "train") -> TrainResult:
+    """Train (or resume training) an SAE on cfg.store into cfg.out; in a run, the run's dataset into RUN/sae.
+    `step`: the name run.json records it under (a sweep's other SAEs are `train:NAME`)."""
     from cytosae.distributed import init_from_env, shutdown
     from cytosae.sae import TrainingDiverged, store_epochs
     from cytosae.sae.loggers import make_logger
@@ -102,7 +103,7 @@ def run_train(cfg: TrainSettings, run: str | Path | Run | None = None) -> TrainR
     shutdown()
     s = sae.training_summary
     if rank == 0:
-        record(rd, "train", given, started, dataset=cfg.dataset)
+        record(rd, step, given, started, dataset=cfg.dataset)
     return TrainResult(cfg.out, cfg.store, cfg.arch, sae.cfg.n_latents, sae.cfg.d_in, s["tokens_seen"], s["steps"],
                        str(dev), rank, cfg)
 
