@@ -89,6 +89,10 @@ class RunDir:
             return "cytosae patients --run RUN"
         if rel.startswith("classify/"):
             return "cytosae classify --run RUN"
+        if rel.startswith("quality/"):
+            return "cytosae align --run RUN"
+        if rel.endswith(("/eval.json", "/eval.spliced.json")) and rel.startswith(self.rel(self.sae_dir) + "/"):
+            return "cytosae evaluate --run RUN" + (" --spliced" if rel.endswith("spliced.json") else "")
         if rel.startswith(self.rel(self.sae_dir) + "/"):
             return "cytosae train --run RUN"
         for d in self.datasets:
@@ -162,7 +166,7 @@ class RunDir:
         """One of stats/top_images, stats/class_profile, stats/histograms, patients/barcodes, patients/compare."""
         order = {"stats/top_images": ["dataset", "by", "rank"], "stats/class_profile": ["dataset", "class"],
                  "stats/histograms": ["dataset"], "patients/barcodes": ["patient_id"],
-                 "patients/compare": ["group_a", "group_b"]}[name]
+                 "patients/compare": ["group_a", "group_b"], "quality/latent_classes": ["class"]}[name]
         return self.cached(name, lambda: self.read(self.path / f"{name}.parquet",
                                                    lambda p: LatentIndexed(pd.read_parquet(p), order)))
 
@@ -175,6 +179,17 @@ class RunDir:
     @property
     def classify_results(self) -> dict | None:
         return self.cached("classify", lambda: self._json("classify/results.json"))
+
+    def quality_json(self, name: str) -> dict | None:
+        """quality/alignment.json, or the SAE's eval.json / eval.spliced.json (`cytosae evaluate`); None when absent."""
+        path = self.path / "quality" / name if name.startswith("alignment") else self.sae_dir / name
+
+        def load():
+            doc = self.read(path, lambda p: json.loads(p.read_text()))
+            if doc is not None and not isinstance(doc, dict):
+                raise self.damaged(path, ValueError("not a JSON object"))
+            return doc
+        return self.cached("quality:" + name, load)
 
     # ------------------------------------------------------------------ images
     def images(self, dataset: str) -> pd.DataFrame:
