@@ -195,3 +195,43 @@ def test_the_quality_page_draws_the_tables_in_a_browser(measured, site):
     finally:
         b.close()
         p.stop()
+
+
+@pytest.fixture(scope="module")
+def spliced_run(tmp_path_factory):
+    """A run made end to end by the package, then `cytosae evaluate --spliced` (the SAE through the backbone)."""
+    from explorer_fixtures import make_pipeline_run
+
+    run = make_pipeline_run(tmp_path_factory.mktemp("spliced-run"))
+    run_evaluate(EvaluateSettings(device="cpu", spliced=True), run=run)
+    return run
+
+
+def test_quality_serves_the_spliced_figures_when_evaluate_wrote_them(spliced_run):
+    written = json.loads((spliced_run / "sae" / "eval.spliced.json").read_text())
+    q = _client(spliced_run).get("/api/quality").json()
+    assert q["spliced"]["output"] == written["output"] and q["spliced"]["fvu"] == written["fvu"]
+    assert q["spliced"]["definitions"] == written["definitions"] and q["evaluate"]["all"]["tokens"] > 0
+    assert q["alignment"] is None and not any("eval.spliced.json" in m for m in q["missing"])
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")
+def test_the_live_quality_page_draws_the_spliced_table(spliced_run):
+    from test_explorer_browser import _serve
+
+    p, b = _chromium()
+    try:
+        with _serve(spliced_run) as url:
+            pg = b.new_page(viewport={"width": 1300, "height": 900})
+            errors = []
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            pg.goto(url + "#/quality")
+            pg.wait_for_selector("#spliced-table")
+            assert pg.locator("#spliced-table tr").count() == 5  # header + spliced/control x cls/patch
+            assert pg.locator("#eval-table tr").count() == 4
+            assert "quality/alignment.json is missing" in pg.locator("#quality-missing").inner_text()
+            assert not errors, errors
+    finally:
+        b.close()
+        p.stop()
