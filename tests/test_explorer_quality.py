@@ -184,6 +184,9 @@ def test_the_quality_page_draws_the_tables_in_a_browser(measured, site):
         assert rows.count() == 5  # header + sae, pca, kmeans, untrained_sae
         assert rows.nth(1).locator("td").first.inner_text() == "sae"
         assert pg.locator("#eval-table tr").count() == 4  # header + all, cls, patch
+        assert pg.locator("#eval-table tr").nth(1).locator("td").first.inner_text() == "all"
+        head = pg.locator("#eval-table th").all_inner_texts()
+        assert head[:3] == ["token group", "tokens", "fvu"] and "l0" in head and "dead_fraction" in head
         assert pg.locator("#alignment-classes tr").count() == 1 + 12
         assert "Coverage@0.3" in pg.locator("pre.definitions").first.inner_text()
         assert "eval.spliced.json is missing" in pg.locator("#quality-missing").inner_text()

@@ -539,7 +539,8 @@ function definitionList(defs) {
 function evalSection(id, doc) {
   const groups = ["all", "cls", "patch"].filter(g => doc[g] && typeof doc[g] === "object");
   const figs = [...new Set(groups.flatMap(g => Object.keys(doc[g])))];
-  return [figureTable(id, groups.map(g => ({ tokens: g, ...doc[g] })), ["tokens", ...figs], { defs: doc.definitions }),
+  // the group's own figures include `tokens` (how many): the group's name goes in a column of its own
+  return [figureTable(id, groups.map(g => ({ "token group": g, ...doc[g] })), ["token group", ...figs], { defs: doc.definitions }),
     definitionList(doc.definitions)];
 }
 // eval.spliced.json (analysis.spliced): final outputs of the spliced and control inputs vs clean, per token group,
