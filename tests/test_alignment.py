@@ -239,3 +239,38 @@ def test_sparse_probing_folds_are_grouped_by_patient_when_the_store_has_patients
     paths = write_alignment(res, tmp_path / "q")
     assert pd.read_parquet(tmp_path / "q" / "probing.parquet").equals(res.probing.reset_index(drop=True))
     assert paths[-1].name == "probing.parquet"
+
+
+# ---------------------------------------------------------------- per latent x class AP (issue #18 item 5)
+
+
+def test_latent_classes_hold_every_sae_latent_and_class_equal_to_sklearn(tmp_path):
+    store, _ = _planted_store(tmp_path)
+    sae = _planted_sae(tmp_path / "run" / "sae")
+    res = compute_alignment(sae, store, token_policy="any_patch", seed=0, max_clusters=8)
+    lc = res.latent_classes
+    assert list(lc.columns) == ["latent", "class", "ap", "auroc", "prevalence", "best"]
+    assert len(lc) == N_LATENTS * len(CLASSES) and lc.latent.is_monotonic_increasing
+    # the same figures straight from sklearn on the SAE's any_patch scores (max over patch tokens)
+    ids, labels = store.images.image_id.tolist(), store.images.label.to_numpy()
+    tokens = torch.stack([torch.as_tensor(store.get_image(i)) for i in ids])
+    with torch.no_grad():
+        z = sae.encode(tokens.reshape(-1, D)).reshape(len(ids), 1 + N_PATCHES, N_LATENTS)[:, 1:].amax(1).numpy()
+    for r in lc.itertuples():
+        y = labels == r[2]
+        assert r.ap == pytest.approx(average_precision_score(y, z[:, r.latent]), abs=1e-12)
+        assert r.auroc == pytest.approx(roc_auc_score(y, z[:, r.latent]), abs=1e-12)
+        assert r.prevalence == pytest.approx(y.mean())
+    best = lc[lc.best].set_index("latent")
+    assert best.index.tolist() == list(range(N_LATENTS))  # exactly one best class per latent
+    for j in range(N_LATENTS):
+        assert best.loc[j, "ap"] == lc[lc.latent == j].ap.max()
+    assert best.loc[:2, "class"].tolist() == CLASSES and (best.loc[:2, "ap"] == 1.0).all()  # the planted latents
+    # the per-class table's best latents are these same numbers
+    sae_rows = res.per_class[res.per_class.method == "sae"]
+    for r in sae_rows.itertuples():
+        row = lc[(lc.latent == r.best_latent) & (lc["class"] == r[2])]
+        assert row.ap.item() == r.ap and row.auroc.item() == r.auroc
+    paths = write_alignment(res, tmp_path / "q")
+    assert pd.read_parquet(tmp_path / "q" / "latent_classes.parquet").equals(lc)
+    assert paths[-1].name == "probing.parquet" and tmp_path / "q" / "latent_classes.parquet" in paths

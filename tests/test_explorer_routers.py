@@ -45,6 +45,8 @@ OPERATIONS = {
     ("GET", "/api/validation/item", "get_item_api_validation_item_get"),
     ("PUT", "/api/validation/answer", "put_answer_api_validation_answer_put"),
     ("GET", "/api/validation/description/{latent}", "get_description_api_validation_description__latent__get"),
+    # the quality page (issue #18 item 5)
+    ("GET", "/api/quality", "quality_api_quality_get"),
 }
 
 

@@ -10,6 +10,8 @@ Definitions (also written to alignment.json, so every number says what it is):
   images (store order breaks ties) that are of the class; Coverage@0.3 is the share of the class's images
   where it exceeds 0.3 x its range over the dataset, i.e. (s - min) > 0.3 (max - min): saev's
   "exceeds 0.3 x its max" for SAE latents (min 0), and the same for baselines whose scores can be negative;
+- per SAE latent, its AP and AUROC for every class are kept too (latent_classes.parquet), its best class being
+  the one of highest AP (compare with the class's prevalence: a random ranking's AP);
 - only labelled images are ranked (an image without a label is no negative of every class); the table's
   figures are means over the classes that have at least one image;
 - baselines on the same tokens and budget: pca = sklearn PCA with min(n_latents, D) components, each in both
@@ -50,6 +52,7 @@ class Alignment:
     per_class: pd.DataFrame  # one row per method x class: best latent, its AP, AUROC, purity, coverage
     summary: dict = field(default_factory=dict)
     probing: pd.DataFrame | None = None  # one row per method x m x class: sparse probing (analysis.probing)
+    latent_classes: pd.DataFrame | None = None  # the SAE's every latent x class: AP, AUROC (latent_class_table)
 
 
 # ---------------------------------------------------------------- exact AP / AUROC for every latent at once
@@ -90,11 +93,35 @@ def latent_class_metrics(scores: np.ndarray, positive: np.ndarray, chunk: int = 
     return ap, auc
 
 
+def latent_class_table(ap: np.ndarray, auc: np.ndarray, positive: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Every latent x class of the (C, L) AP and AUROC matrices: latent, class, ap, auroc, prevalence, best.
+
+    All rows are kept, not only those with AP above the class's prevalence (a random ranking's AP): the latent page
+    shows a latent's AP for every class, and a below-chance AP says something too. 49,152 latents x 13 classes is
+    640k rows, about 5 MB of parquet. `best` marks each latent's class of highest AP (the first class in sorted
+    order on ties); a dead latent ranks every image tied, so its AP equals each class's prevalence and its best
+    class is merely the most common one: read `best` with `ap` against `prevalence`. Classes without an image
+    (no AP) are left out."""
+    keep = [c for c in range(len(classes)) if positive[c].any()]
+    ap, auc, n_latents = ap[keep], auc[keep], ap.shape[1]
+    best = np.zeros(ap.shape, dtype=bool)
+    if keep:
+        best[np.nanargmax(np.where(np.isnan(ap), -np.inf, ap), axis=0), np.arange(n_latents)] = True
+    prevalence = positive[keep].mean(1)
+    # latent-major order: the explorer slices one latent's rows by binary search
+    return pd.DataFrame({"latent": np.tile(np.arange(n_latents), (len(keep), 1)).T.ravel(),
+                         "class": np.tile(np.array([classes[c] for c in keep], dtype=object), n_latents),
+                         "ap": ap.T.ravel(), "auroc": auc.T.ravel(),
+                         "prevalence": np.tile(prevalence, n_latents), "best": best.T.ravel()})
+
+
 def class_alignment(scores: np.ndarray, labels: np.ndarray, classes: list[str], method: str,
-                    k: int = PURITY_K, fraction: float = COVERAGE_FRACTION) -> pd.DataFrame:
-    """Per class: the best latent by AP, its AP and AUROC, Purity@k and Coverage@fraction (module docstring)."""
+                    k: int = PURITY_K, fraction: float = COVERAGE_FRACTION,
+                    metrics: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+    """Per class: the best latent by AP, its AP and AUROC, Purity@k and Coverage@fraction (module docstring).
+    `metrics`: latent_class_metrics' (AP, AUROC) for these scores when the caller has them already."""
     positive = np.stack([labels == c for c in classes])
-    ap, auc = latent_class_metrics(scores, positive)
+    ap, auc = metrics if metrics is not None else latent_class_metrics(scores, positive)
     lo, hi = scores.min(0), scores.max(0)
     rows = []
     for c, cls in enumerate(classes):
@@ -232,7 +259,10 @@ def compute_alignment(sae, store, label_column: str = "label", token_policy: str
     classes = sorted(set(labels[known]))
     probing, probing_how = _probing(scores, labels, known, classes, images, ids)
     scores.pop("raw")
-    per_class = pd.concat([class_alignment(scores[m][known], labels[known], classes, m) for m in METHODS],
+    positive = np.stack([labels[known] == c for c in classes])
+    sae_metrics = latent_class_metrics(scores["sae"][known], positive)  # kept per latent, not only the best
+    per_class = pd.concat([class_alignment(scores[m][known], labels[known], classes, m,
+                                           metrics=sae_metrics if m == "sae" else None) for m in METHODS],
                           ignore_index=True)
     table = summarise(per_class, {m: s.shape[1] for m, s in scores.items()})
     summary = {"dataset": dataset or store.path.name, "store": str(store.path), "n_images": len(ids),
@@ -242,7 +272,7 @@ def compute_alignment(sae, store, label_column: str = "label", token_policy: str
                "seed": seed, "fit_tokens": int(len(sample)), "max_clusters": max_clusters,
                "table": table.to_dict("records"), "definitions": DEFINITIONS.strip(),
                "probing": _probing_summary(probing, probing_how)}
-    return Alignment(table, per_class, summary, probing)
+    return Alignment(table, per_class, summary, probing, latent_class_table(*sae_metrics, positive, classes))
 
 
 def _probing(scores: dict[str, np.ndarray], labels: np.ndarray, known: np.ndarray, classes: list[str],
@@ -284,7 +314,8 @@ def summarise(per_class: pd.DataFrame, widths: dict[str, int]) -> pd.DataFrame:
 
 
 def write_alignment(res: Alignment, out_dir) -> list:
-    """OUT/alignment.parquet (the method table), alignment_classes.parquet (per class) and alignment.json."""
+    """OUT/alignment.parquet (the method table), alignment_classes.parquet (per class), alignment.json, and when
+    measured probing.parquet and latent_classes.parquet (the SAE's every latent x class)."""
     from cytosae.store.format import atomic_write_json, atomic_write_parquet
 
     out = Path(out_dir)
@@ -293,6 +324,9 @@ def write_alignment(res: Alignment, out_dir) -> list:
     atomic_write_parquet(paths[0], res.table)
     atomic_write_parquet(paths[1], res.per_class)
     atomic_write_json(paths[2], {**res.summary, "per_class": res.per_class.to_dict("records")})
+    if res.latent_classes is not None:
+        paths.append(out / LATENT_CLASSES)
+        atomic_write_parquet(paths[-1], res.latent_classes)
     if res.probing is not None:
         paths.append(out / PROBING)
         atomic_write_parquet(paths[-1], res.probing)
@@ -301,8 +335,8 @@ def write_alignment(res: Alignment, out_dir) -> list:
 
 # ---------------------------------------------------------------- quality/ as its readers read it
 SUMMARY, TABLE, CLASSES = "alignment.json", "alignment.parquet", "alignment_classes.parquet"
-PROBING = "probing.parquet"
-FILES = (TABLE, CLASSES, SUMMARY, PROBING)  # every file write_alignment may write (a rerun removes them first)
+PROBING, LATENT_CLASSES = "probing.parquet", "latent_classes.parquet"
+FILES = (TABLE, CLASSES, SUMMARY, LATENT_CLASSES, PROBING)  # every file write_alignment may write (a rerun removes them first)
 FIX = "rebuild it with `cytosae align` (--run RUN: the same command)"
 
 

@@ -23,6 +23,7 @@ from .routes_annotations import annotations_router
 from .routes_images import images_router, uploads_router
 from .routes_latents import latent_router, overview_router, run_router
 from .routes_patients import classify_router, patients_router
+from .routes_quality import quality_router
 from .routes_validation import validation_router
 from .activations import BackboneUnavailable
 from .annotations import DamagedAnnotations, clean_text
@@ -45,6 +46,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     uploads_router,
     patients_router,
     classify_router,
+    quality_router,
     annotations_router,
     validation_router,
 )

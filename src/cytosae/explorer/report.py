@@ -3,7 +3,7 @@
 Every API response a page would request is rendered once (in-process, through the
 same FastAPI app) and saved as data/<fnv1a(url)>.js, which the unchanged app.js loads
 with a <script> tag (fetch() is blocked on file://). Images are saved the same way (as JPEG).
-A report holds a chosen subset: all overview tables, the latent pages of annotated and
+A report holds a chosen subset: all overview tables, the quality page, the latent pages of annotated and
 most frequent latents, and a few image pages with every patch clickable.
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ def build_report(run_dir, out, n_latents: int = 200, n_images: int = 12, k: int 
     overviews = {ds: site.json("latents", {"dataset": ds}) for ds in datasets}
     for ds in datasets:
         site.json("images", {"dataset": ds, "limit": 200})
-    for part in ("patients/barcodes", "classify"):
+    for part in ("patients/barcodes", "classify", "quality"):
         site.json(part)
     cmp_ = site.json("patients/compare")
     for a, b in (cmp_ or {}).get("pairs", []):

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 from fastapi import Path as PathParam
 
 from .annotations import STATUSES, Status
+from .routes_quality import latent_class_ap
 from .rundir import DamagedData, MissingData, RunDir
 from .state import MAX_K, MAX_LATENT_QUERY, Explorer, ExplorerDep, FastJSON, nan_none, search_latents
 from .tables import LatentIndexed, records, to_json
@@ -101,6 +102,7 @@ def latent_page(ex: ExplorerDep, latent: int = PathParam(..., ge=0, le=MAX_LATEN
     cmp_ = run.table("patients/compare")
     out["compare"] = cmp_.records(latent) if cmp_ is not None else []
     out.update(_neighbours(ex, latent, n_neighbours))
+    out["class_ap"] = latent_class_ap(run, latent)  # None until `cytosae align` wrote quality/latent_classes.parquet
     out["measured"] = LATENT_MEASURED
     return FastJSON(out)  # already JSON-ready: skip FastAPI's per-value encoder
 

@@ -105,8 +105,8 @@ class RunDir:
             return "cytosae classify --run RUN"
         if rel.startswith("quality/"):
             return "cytosae align --run RUN"
-        if rel.startswith(f"{self.rel(self.sae_dir)}/eval."):  # eval.json, eval.spliced.json (steps.evaluate)
-            return "cytosae evaluate --run RUN"
+        if rel.endswith(("/eval.json", "/eval.spliced.json")) and rel.startswith(self.rel(self.sae_dir) + "/"):
+            return "cytosae evaluate --run RUN" + (" --spliced" if rel.endswith("spliced.json") else "")
         if rel.startswith(self.rel(self.sae_dir) + "/"):
             return "cytosae train --run RUN"
         for d in self.datasets:
@@ -189,7 +189,7 @@ class RunDir:
     # a latent-indexed table by its name in docs/run-layout.md: the order one latent's rows are kept in
     _ORDER = {"stats/top_images": ["dataset", "by", "rank"], "stats/class_profile": ["dataset", "class"],
               "stats/histograms": ["dataset"], "patients/barcodes": ["patient_id"],
-              "patients/compare": ["group_a", "group_b"]}
+              "patients/compare": ["group_a", "group_b"], "quality/latent_classes": ["class"]}
 
     def _reader(self, name: str):
         """path -> DataFrame for run table `name`: the writer's reader (its required columns) where it has one."""
@@ -225,6 +225,25 @@ class RunDir:
 
         return self.cached("classify", lambda: self.read(self.run.classify_dir / RESULTS,
                                                          lambda p: read_classify_results(p.parent)))
+
+    def quality_json(self, name: str) -> dict | None:
+        """quality/alignment.json, or the SAE's eval.json / eval.spliced.json (`cytosae evaluate`); None when absent."""
+        path = self.path / "quality" / name if name.startswith("alignment") else self.sae_dir / name
+
+        from cytosae.analysis.alignment import read_alignment
+        from cytosae.steps.evaluate import EVAL, read_eval
+
+        if name == EVAL or name.startswith("alignment"):  # the files with a typed reader: through it
+            reader = (lambda p: read_alignment(p.parent)) if name.startswith("alignment") else read_eval
+        else:
+            reader = lambda p: json.loads(p.read_text())  # noqa: E731  (eval.spliced.json: an open record)
+
+        def load():
+            doc = self.read(path, reader)
+            if doc is not None and not isinstance(doc, dict):
+                raise self.damaged(path, ValueError("not a JSON object"))
+            return doc
+        return self.cached("quality:" + name, load)
 
     # ------------------------------------------------------------------ images
     def images(self, dataset: str) -> pd.DataFrame:

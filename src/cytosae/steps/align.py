@@ -32,7 +32,8 @@ def _training_seed(rd: Run | None) -> int:
 def run_align(cfg: AlignSettings, run: str | Path | Run | None = None, warn: Warn = None,
               step: str = "align") -> AnalysisResult:
     """Per class, the best latent's AP, Purity@16 and Coverage@0.3 for the SAE and three baselines, on one
-    labelled store -> OUT/alignment.parquet, alignment_classes.parquet, alignment.json. `step`: the name run.json
+    labelled store -> OUT/alignment.parquet, alignment_classes.parquet, alignment.json, latent_classes.parquet (every
+    SAE latent's AP per class) and probing.parquet. `step`: the name run.json
     records it under (a sweep's other SAEs are `align:NAME`)."""
     from cytosae.analysis.alignment import compute_alignment, write_alignment
 
@@ -58,7 +59,8 @@ def run_align(cfg: AlignSettings, run: str | Path | Run | None = None, warn: War
                            f"{r['mean_best_auroc']:.3f}  Purity@16 {r['mean_purity@16']:.3f}  Coverage@0.3 "
                            f"{r['mean_coverage@0.3']:.3f}")
     result.said += _probing_lines(s["probing"])
-    result.said.append(f"tables -> {paths[0]}, {paths[1].name}, {paths[2].name} (definitions in {paths[2].name})")
+    result.said.append(f"tables -> {paths[0]}, {', '.join(p.name for p in paths[1:])} "
+                       f"(definitions in {paths[2].name})")
     record(rd, step, given, started, dataset=cfg.dataset)
     return result
 

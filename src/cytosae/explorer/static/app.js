@@ -292,6 +292,7 @@ async function viewLatent(j) {
     prof.append(row);
   }
   $app.append(h("h2", {}, "Class profile and activation distribution"), prof);
+  if (d.class_ap) $app.append(classApTable(d.class_ap));
 
   // patients + neighbours
   const pt = d.patients.length ? h("table", { id: "patients-table" }, h("tr", {}, ...["patient", "diagnosis", "fraction of cells", "cells", "× mean"].map(t => h("th", {}, t))),
@@ -523,6 +524,71 @@ function drawClassify(box, r) {
     h("p", { class: "caption" }, `Patient-level diagnosis prediction${r.dataset ? " on " + r.dataset : ""}: cross-validated macro F1 and AUROC (with confidence interval), from classify/results.json.`));
 }
 
+// ---------------------------------------------------------------- quality page: how good the SAE is
+// Tables of plain figures, each column headed by its name and explained by the definitions the writers recorded.
+function figureTable(id, rows, cols, opts = {}) {
+  const cell = (r, c) => typeof r[c] === "number" ? h("td", { class: "num" }, Number.isInteger(r[c]) ? r[c] : fmt(r[c])) :
+    (c === "best_latent" ? h("td", {}, latentLink(r[c])) : h("td", {}, r[c] === null || r[c] === undefined ? "–" : String(r[c])));
+  return h("table", { id, class: "quality" }, h("tr", {}, ...cols.map(c => h("th", { title: (opts.defs || {})[c] || "" }, c))),
+    ...rows.map(r => h("tr", {}, ...cols.map(c => cell(r, c)))));
+}
+function definitionList(defs) {
+  return h("dl", { class: "definitions" }, ...Object.entries(defs || {}).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))]));
+}
+// eval.json: one row per token group (all, cls, patch), one column per figure
+function evalSection(id, doc) {
+  const groups = ["all", "cls", "patch"].filter(g => doc[g] && typeof doc[g] === "object");
+  const figs = [...new Set(groups.flatMap(g => Object.keys(doc[g])))];
+  // the group's own figures include `tokens` (how many): the group's name goes in a column of its own
+  return [figureTable(id, groups.map(g => ({ "token group": g, ...doc[g] })), ["token group", ...figs], { defs: doc.definitions }),
+    definitionList(doc.definitions)];
+}
+// eval.spliced.json (analysis.spliced): final outputs of the spliced and control inputs vs clean, per token group,
+// and downstream classifiers on the final CLS
+function splicedSection(doc) {
+  const out = doc.output || {}, rows = [];
+  for (const input of ["spliced", "control"]) for (const g of ["cls", "patch"])
+    if (out[input] && out[input][g]) rows.push({ input, tokens: g, ...out[input][g], fvu: input === "spliced" ? (doc.fvu || {})[g] : null });
+  const down = [];
+  for (const [col, e] of Object.entries(doc.downstream || {})) for (const model of ["knn", "probe"])
+    if (e[model]) down.push({ label: col, model, ...e[model], n_images: e.n_images, n_classes: e.n_classes });
+  return [h("h3", {}, "Spliced into the backbone"),
+    h("p", { class: "caption" }, `the SAE's reconstruction run through the rest of ${(doc.backbone || {}).name || "the backbone"} instead of the clean tokens (control: the token-group means), on ${doc.n_images} images:`),
+    figureTable("spliced-table", rows, ["input", "tokens", "cosine", "relative_l2", "fvu"]),
+    down.length ? figureTable("spliced-downstream", down, ["label", "model", "clean", "spliced", "control", "recovered", "n_images", "n_classes"]) : "",
+    definitionList(doc.definitions)];
+}
+async function viewQuality() {
+  $app.replaceChildren(h("h1", {}, "SAE quality"));
+  const q = await api(u("quality", {}));
+  if (q.evaluate) $app.append(h("h2", {}, "Reconstruction and sparsity"), h("p", { class: "caption" }, `cytosae evaluate on ${q.evaluate.dataset || q.evaluate.store || "the run's store"} (sae/eval.json), per token group:`),
+    ...evalSection("eval-table", q.evaluate));
+  if (q.spliced) $app.append(...splicedSection(q.spliced));
+  const a = q.alignment;
+  if (a) {
+    const tcols = ["method", "n_scores", "n_classes", "mean_best_ap", "mean_best_auroc", "mean_purity@16", "mean_coverage@0.3"];
+    const ccols = ["method", "class", "n_images", "best_latent", "ap", "auroc", "prevalence", "purity@16", "coverage@0.3"];
+    const pcols = ["method", "m", "balanced_accuracy", "auroc", "n_classes"];
+    $app.append(h("h2", {}, "Label alignment: SAE vs baselines"),
+      h("p", { class: "caption" }, `cytosae align on ${a.dataset}: ${a.n_labelled} labelled of ${a.n_images} images, ${(a.classes || []).length} classes (${a.label_column}), token policy ${a.token_policy}; per class the best score's figures, mean over classes:`),
+      figureTable("alignment-table", a.table, tcols.filter(c => a.table.length && c in a.table[0])),
+      h("h3", {}, "Per class"), figureTable("alignment-classes", a.per_class, ccols.filter(c => a.per_class.length && c in a.per_class[0])),
+      h("pre", { class: "definitions" }, a.definitions || ""),
+      h("h2", {}, "Sparse probing"), h("p", { class: "caption" }, `Folds: ${a.probing.folds || "–"}; mean over classes:`),
+      a.probing.table && a.probing.table.length ? figureTable("probing-table", a.probing.table, pcols.filter(c => c in a.probing.table[0])) : h("p", { class: "muted" }, "not measured"),
+      h("pre", { class: "definitions" }, a.probing.definitions || ""));
+  }
+  if (q.missing.length) $app.append(h("h2", {}, "Not in this run"), h("ul", { id: "quality-missing" }, ...q.missing.map(m => h("li", { class: "muted" }, m))));
+}
+function classApTable(c) {
+  const rows = [...c.classes].sort((x, y) => (y.ap ?? -1) - (x.ap ?? -1));
+  return h("div", {}, h("h2", {}, "Average precision per class"),
+    h("p", {}, "best class: ", h("strong", { id: "best-class" }, c.best_class || "–")),
+    h("table", { id: "class-ap" }, h("tr", {}, ...["class", "AP", "chance AP (prevalence)", "AUROC"].map(t => h("th", {}, t))),
+      ...rows.map(r => h("tr", { class: r.best ? "best" : "" }, h("td", {}, r.class), h("td", { class: "num" }, fmt(r.ap)), h("td", { class: "num" }, fmt(r.prevalence)), h("td", { class: "num" }, fmt(r.auroc))))),
+    h("p", { class: "caption" }, `${c.measured}${c.dataset ? "; on " + c.dataset : ""}${c.token_policy ? ", token policy " + c.token_policy : ""}.`));
+}
+
 // ---------------------------------------------------------------- router
 async function route() {
   const { parts, params } = parseHash();
@@ -536,6 +602,7 @@ async function route() {
       await viewLatent(j);
     } else if (page === "image") await viewImage(params);
     else if (page === "patients") await viewPatients();
+    else if (page === "quality") await viewQuality();
     else await viewOverview(params);
   } catch (e) { showError($app, e); }
 }
