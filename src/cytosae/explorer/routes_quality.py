@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 
+from cytosae.steps.evaluate import EVAL
+
 from .rundir import RunDir
 from .state import ExplorerDep
 from .tables import records, to_json
@@ -25,7 +27,7 @@ def quality(ex: ExplorerDep):
     none of them: neither `cytosae evaluate` nor `cytosae align` ran)."""
     run = ex.run
     missing: list[str] = []
-    evaluate = _eval_part(run, "eval.json", missing)
+    evaluate = _eval_part(run, EVAL, missing)
     spliced = _eval_part(run, "eval.spliced.json", missing)
     alignment = _alignment_part(run, missing)
     if evaluate is None and alignment is None:

@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
+from cytosae.analysis.classify_results import RESULTS  # the file name and its reader live together there
+
 
 def _finite(obj):
     """JSON has no NaN: undefined scores (e.g. AUROC of a one-class fold) become null."""
@@ -81,7 +83,7 @@ def write_classify(results: dict, out_dir: str | Path) -> Path:
                               "predicted (out-of-fold, first repeat); rank 0 = the cell that weighed most")
     if files:
         results["files"] = files
-    atomic_write_json(out / "results.json", _finite(results))
+    atomic_write_json(out / RESULTS, _finite(results))
     return out
 
 
@@ -95,5 +97,5 @@ def write_labels(results: dict, out_dir: str | Path) -> Path:
     rows = [pd.DataFrame({"model": name, "unit": units, **{f"true_{c}": y.reindex(units)[c].to_numpy() for c in y},
                           **{f"p_{c}": p[:, j] for j, c in enumerate(y.columns)}}) for name, (units, p) in oof.items()]
     atomic_write_parquet(out / "predictions.parquet", pd.concat(rows, ignore_index=True))
-    atomic_write_json(out / "results.json", _finite(results))
+    atomic_write_json(out / RESULTS, _finite(results))
     return out
