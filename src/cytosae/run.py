@@ -6,6 +6,7 @@
     RUN/stats/            per-latent statistics                       `cytosae stats --run RUN`
     RUN/patients/         barcodes, disease comparison                `cytosae patients --run RUN`
     RUN/classify/         patient-level diagnosis                     `cytosae classify --run RUN`
+    RUN/concepts/         one description per latent                  `cytosae describe --run RUN`
     RUN/annotations.sqlite   names given in the explorer
 
 Every command that writes into a run records a step in run.json (command, settings,
@@ -29,6 +30,7 @@ RUN_JSON = "run.json"
 RUN_FORMAT = "cytosae-run"
 RUN_FORMAT_VERSION = 1
 STORES, SAE_DIR, STATS, PATIENTS, CLASSIFY = "stores", "sae", "stats", "patients", "classify"
+CONCEPTS = "concepts"  # descriptions of the latents (`cytosae describe`)
 QUALITY = "quality"  # measurements of how good the SAE is (`cytosae align`)
 ANNOTATIONS = "annotations.sqlite"
 EXTERNAL = "external"  # external/NAME: barcodes of a second cohort
@@ -130,6 +132,10 @@ class Run:
     @property
     def classify_dir(self) -> Path:
         return self.path / CLASSIFY
+
+    @property
+    def concepts_dir(self) -> Path:
+        return self.path / CONCEPTS
 
     @property
     def quality_dir(self) -> Path:

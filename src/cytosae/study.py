@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cytosae.run import Run, check_name
-from cytosae.steps import (ClassifySettings, EvaluateSettings, ExtractSettings, PatientsSettings, StatsSettings,
-                           StepError, StepSettings, TrainSettings, build, run_classify, run_evaluate, run_extract,
-                           run_patients, run_stats, run_train)
+from cytosae.steps import (ClassifySettings, DescribeSettings, EvaluateSettings, ExtractSettings, PatientsSettings,
+                           StatsSettings, StepError, StepSettings, TrainSettings, build, run_classify, run_describe,
+                           run_evaluate, run_extract, run_patients, run_stats, run_train)
 
-SECTIONS = {"run", "backbone", "datasets", "sae", "evaluate", "stats", "patients", "classify"}
+SECTIONS = {"run", "backbone", "datasets", "sae", "evaluate", "stats", "patients", "classify", "describe"}
 STUDY_LOCK = ".study.lock"
 
 
@@ -115,9 +115,11 @@ def _resolve_datasets(study: dict, path: Path, base: Path) -> None:
 _PLACED = {ExtractSettings: {"out", "name"}, TrainSettings: {"store", "out"},
            EvaluateSettings: {"sae_dir", "store", "out"}, StatsSettings: {"sae_dir", "stores", "out"},
            PatientsSettings: {"sae_dir", "store", "out", "external"},
-           ClassifySettings: {"barcodes", "out", "store", "sae", "external", "external_store"}}
+           ClassifySettings: {"barcodes", "out", "store", "sae", "external", "external_store"},
+           DescribeSettings: {"sae_dir", "stores", "out", "stats", "patients"}}
 # Keys of the study's own (not step settings): which steps run and on which datasets.
-_OWN = {"evaluate": {"enabled"}, "stats": {"enabled"}, "patients": {"external"}, "classify": {"external"}}
+_OWN = {"evaluate": {"enabled"}, "stats": {"enabled"}, "patients": {"external"}, "classify": {"external"},
+        "describe": {"enabled"}}
 
 
 def _settings(cls: type[StepSettings], section: dict, where: str, own: set[str] = frozenset(),
@@ -196,7 +198,20 @@ def plan(study: dict) -> list[Step]:
         steps += _patient_steps(study, run, f)
     elif "classify" in study:
         raise StudyError(f"{f}: [classify] needs a [patients] section (it classifies the patients' barcodes)")
+    if "describe" in study:
+        steps += _describe_step(study, run, f, steps)
     return _keyed(steps, study["_base"])
+
+
+def _describe_step(study: dict, run: str, f: str, planned: list[Step]) -> list[Step]:
+    """[describe]: after stats and patients (it reads their tables when they are made), on every dataset."""
+    ds = dict(study["describe"])
+    if not _flag(ds, "enabled", f"{f} [describe]"):
+        return []
+    before = {s.name for s in planned}
+    needs = ["train", *[f"extract:{n}" for n in study["datasets"]], *[s for s in ("stats", "patients") if s in before]]
+    return [Step("describe", ["describe", "--run", run] + _argv(ds, _OWN["describe"]),
+                 _settings(DescribeSettings, ds, f"{f} [describe]", _OWN["describe"]), needs=needs)]
 
 
 def _extract_step(study: dict, name: str) -> Step:
@@ -271,7 +286,7 @@ def outputs(run: Run, step: str) -> list[Path]:
     return {"extract": lambda: [run.store_dir(name)], "train": lambda: [run.sae_dir],
             "evaluate": lambda: [run.sae_dir / "eval.json"], "stats": lambda: [run.stats_dir],
             "patients": lambda: [run.external_patients_dir(name) if name else run.patients_dir],
-            "classify": lambda: [run.classify_dir]}[kind]()
+            "classify": lambda: [run.classify_dir], "describe": lambda: [run.concepts_dir]}[kind]()
 
 
 def _complete(run: Run, step: str) -> bool:
@@ -279,7 +294,8 @@ def _complete(run: Run, step: str) -> bool:
 
 
 _RUNNERS = {"extract": run_extract, "train": lambda cfg, run, warn: run_train(cfg, run=run),
-            "evaluate": run_evaluate, "stats": run_stats, "patients": run_patients, "classify": run_classify}
+            "evaluate": run_evaluate, "stats": run_stats, "patients": run_patients, "classify": run_classify,
+            "describe": run_describe}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,530 @@
+"""A description of every latent, from measured facts only (issue #19): where in the cell it fires, how far it
+spreads, the colour it fires on, the classes and datasets it fires on, the patients it is enriched in.
+
+Definitions (also written to descriptions.json, so every number says what it is):
+- one streaming pass over every store's images: each batch's patch tokens are encoded by the SAE, and every
+  measure below is a per-latent sum (matrix products over the batch's patches), so memory is O(n_latents x a
+  few) whatever the number of images, plus the non-zero image-level activations kept for the AP (below);
+- a patch's regions: the share of its pixels in each of background, cytoplasm, nucleus and border
+  (cytosae.analysis.segment.segment_cell of the 224 px image the model saw, Preprocess.resize_image of the
+  stored image file; patch_regions in ViT patch order); a patch's colour: the mean CIELAB of its pixels;
+- activation-mass shares (share_background, share_cytoplasm, share_nucleus, share_border): the latent's
+  activation summed over every patch of every image, split by the patches' region shares, as fractions of the
+  total (they sum to 1); area_*: the same split of the patch area of the images where it fires, so
+  enrichment = share / area says whether it prefers a region beyond that region's size;
+- region: the region of highest enrichment among those holding at least REGION_MIN_SHARE of the mass;
+- colour_L, colour_a, colour_b: the activation-weighted mean CIELAB colour of the patches it fires on;
+  colour_name: a coarse name of that colour (colour_name: lightness, chroma and hue angle bins);
+- extent: per image where it fires (on at least one patch), the number of patches above half that image's
+  maximum, averaged over those images (extent_patches); "one patch" below 1.5, "local (2-4 patches)" below
+  4.5, "whole cell" from WHOLE_CELL_SHARE of the cell's patches (patches mostly not background, averaged the
+  same way; never said of a background latent), else "regional";
+- share_edge_ring: share of the activation mass on the outermost ring of patches (the image edge);
+- image-level activation for classes: the maximum over the image's patch tokens (the `any_patch` policy);
+  best_class: the class of highest enrichment, its cells' mean image-level activation over that of all
+  labelled cells (multi-label cells 'a|b' count toward each label; images of every labelled store pooled);
+  best_class_ap: average precision (sklearn's step-wise AP, ties grouped) of the image-level activation as a
+  score of "this cell is of best_class" over every labelled cell, exact: cells where it is 0 tie at the end;
+- top_classes: the labels of its top images by image-level mean activation (stats/top_images.parquet,
+  by = image), of the dataset where most of them are labelled, as "class count/n" (at most 3);
+- datasets: the stores it fires on (at least one patch of one image); freq_image: share of all images;
+- patient enrichment (patients/compare.parquet): the comparison of smallest q where the latent's fraction of
+  firing cells is higher in patient_group (effect > 0 for group_a, < 0 for a named group_b), its q and effect;
+- flags: dead (fires on no image), background-only (share_background >= BACKGROUND_ONLY), image-border
+  (share_edge_ring >= EDGE_RING), fires-on-everything (freq_image >= EVERYTHING).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+DEFINITIONS = __doc__.split("Definitions (also written to descriptions.json, so every number says what it is):\n")[1]
+CONCEPTS = "concepts"  # RUN/concepts: cytosae.run.Run.concepts_dir
+DESCRIPTIONS = "descriptions.parquet"
+DESCRIPTIONS_JSON = "descriptions.json"
+REQUIRED_COLUMNS = ("latent", "text", "best_class", "best_class_ap", "top_classes", "share_background",
+                    "share_cytoplasm", "share_nucleus", "share_border", "extent", "colour_L", "colour_a", "colour_b",
+                    "colour_name", "datasets", "patient_group", "patient_q", "patient_effect", "flags")
+REGION_MIN_SHARE = 0.2
+WHOLE_CELL_SHARE = 0.6
+BACKGROUND_ONLY = 0.9
+EDGE_RING = 0.6
+EVERYTHING = 0.9
+Q_SAID = 0.05  # the text names a patient group only below this q
+THRESHOLDS = {"region_min_share": REGION_MIN_SHARE, "whole_cell_share": WHOLE_CELL_SHARE,
+              "background_only": BACKGROUND_ONLY, "edge_ring": EDGE_RING, "fires_on_everything": EVERYTHING,
+              "extent_one_patch_below": 1.5, "extent_local_below": 4.5, "half_max": 0.5, "q_said": Q_SAID}
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------- what one image looks like, per patch
+
+
+def patch_colours(rgb: np.ndarray, grid: int) -> np.ndarray:
+    """float32 (grid * grid, 3): the mean CIELAB colour of each patch's pixels, patches in ViT order (the same
+    patch edges as segment.patch_regions)."""
+    from skimage.color import rgb2lab
+
+    lab = rgb2lab(np.asarray(rgb)).reshape(-1, 3)
+    h, w = rgb.shape[:2]
+    patch = ((np.arange(h) * grid // h)[:, None] * grid + (np.arange(w) * grid // w)[None, :]).ravel()
+    counts = np.bincount(patch, minlength=grid * grid)
+    sums = np.stack([np.bincount(patch, weights=lab[:, c], minlength=grid * grid) for c in range(3)], 1)
+    return (sums / counts[:, None]).astype(np.float32)
+
+
+class ImageViews:
+    """The image each stored token set came from, as the model saw it: region shares and colour per patch."""
+
+    def __init__(self, store, grid: int):
+        from cytosae.data.images import Preprocess
+
+        self.store, self.grid = store, grid
+        self.preprocess = Preprocess.from_dict(store.meta["settings"]["preprocessing"])
+
+    def __call__(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        from cytosae.analysis.segment import patch_regions, segment_cell
+        from cytosae.data import open_rgb
+
+        path = self.store.image_file(image_id)
+        if path is None:
+            raise FileNotFoundError(f"{self.store.path}/images.parquet: the image file of {image_id!r} is not under "
+                                    f"its data folder {self.store.data_root or '(not recorded)'}; describing a latent "
+                                    f"needs the images the model saw: put them back there")
+        rgb = np.asarray(self.preprocess.resize_image(open_rgb(path)), dtype=np.uint8)
+        return patch_regions(segment_cell(rgb), self.grid), patch_colours(rgb, self.grid)
+
+
+def edge_ring(grid: int) -> np.ndarray:
+    """bool (grid * grid,): the outermost ring of patches."""
+    r, c = np.divmod(np.arange(grid * grid), grid)
+    return (r == 0) | (c == 0) | (r == grid - 1) | (c == grid - 1)
+
+
+# ---------------------------------------------------------------- the streaming pass
+
+
+@dataclass
+class Totals:
+    """Per-latent sums over one store's images (float64, on the pass's device), and its labelled cells'
+    non-zero image-level activations (for the AP; positions counted over every store's labelled cells)."""
+    name: str
+    n_latents: int
+    n_classes: int
+    device: torch.device
+    n_images: int = 0
+    n_labelled: int = 0
+    measured: bool = False  # regions and colours (the store has the images the model saw)
+    grid: int | None = None
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    nonzero: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    members: list[np.ndarray] = field(default_factory=list)  # (b_labelled, C) class membership, per batch
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        value = value.double()
+        self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def get(self, key: str, *shape: int) -> np.ndarray:
+        """The sum as numpy; zeros of `shape` when nothing was added (no images, no labels)."""
+        v = self.sums.get(key)
+        return v.cpu().numpy() if v is not None else np.zeros(shape or (self.n_latents,))
+
+
+def _grid(n_tokens: int, has_cls: bool) -> int | None:
+    n = n_tokens - int(has_cls)
+    g = math.isqrt(max(n, 0))
+    return g if n > 1 and g * g == n else None
+
+
+def _add_patches(tot: Totals, patch: torch.Tensor, img_max: torch.Tensor, fires: torch.Tensor, ring: torch.Tensor,
+                 views: list[tuple[np.ndarray, np.ndarray]] | None) -> None:
+    """Extent, edge ring and (with the images) region mass, area, colour and cell size of one batch."""
+    b, p, n = patch.shape
+    tot.add("ring", patch[:, ring].sum((0, 1)))
+    above = (patch > 0.5 * img_max[:, None, :]).sum(1)  # 0 where it does not fire (max 0: nothing is above)
+    tot.add("above", above.sum(0))
+    if views is None:
+        return
+    regions = torch.as_tensor(np.stack([v[0] for v in views]), device=tot.device)  # (b, p, 4)
+    lab = torch.as_tensor(np.stack([v[1] for v in views]), device=tot.device)  # (b, p, 3)
+    flat = patch.reshape(b * p, n).T
+    tot.add("region", flat @ regions.reshape(b * p, -1))
+    tot.add("lab", flat @ lab.reshape(b * p, 3))
+    tot.add("measured_mass", patch.sum((0, 1)))
+    f = fires.T.float()  # (n, b): sums over the images where it fires
+    tot.add("area", f @ regions.mean(1))
+    tot.add("cell", f @ (regions[..., 0] < 0.5).sum(1).float())
+
+
+def _add_classes(tot: Totals, img_max: torch.Tensor, member: np.ndarray, offset: int) -> int:
+    """Class sums and the non-zero image-level activations of the batch's labelled cells; returns their count."""
+    keep = member.any(1)
+    if not keep.any():
+        return 0
+    m = torch.as_tensor(member[keep], dtype=torch.float32, device=tot.device)  # (b_lab, C)
+    s = img_max[torch.as_tensor(keep, device=tot.device)]
+    tot.add("class_sum", m.T @ s)
+    tot.add("class_n", m.sum(0))
+    tot.add("labelled_sum", s.sum(0))
+    tot.members.append(member[keep])
+    rows, cols = s.nonzero(as_tuple=True)
+    tot.nonzero.append(((rows + offset).cpu().numpy().astype(np.int64), cols.cpu().numpy().astype(np.int64),
+                        s[rows, cols].cpu().numpy()))
+    return int(keep.sum())
+
+
+def accumulate(encode: Encoder, store, name: str, n_latents: int, classes: list[str], label_column: str,
+               offset: int = 0, batch_size: int = 8, device: str | torch.device = "cpu",
+               views: Callable | None = None, max_nonzeros: int = 200_000_000) -> Totals:
+    """One pass over `store`: the per-latent sums of the module docstring. `views(image_id) -> (regions (P, 4),
+    lab (P, 3))` gives each image's patches (ImageViews), None for a store without its images; `offset`: the
+    labelled cells of the stores before this one (positions for the pooled AP)."""
+    from cytosae.analysis.stats import _labels_of
+
+    tot = Totals(name, n_latents, len(classes), torch.device(device), measured=views is not None)
+    tot.grid = _grid(store.n_tokens, store.has_cls)
+    ring = torch.as_tensor(edge_ring(tot.grid) if tot.grid else np.zeros(0, bool), device=tot.device)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = dict(zip(store.images["image_id"].astype(str), store.images[label_column])) \
+        if label_column in store.images.columns else {}
+    kept = 0
+    with torch.inference_mode():
+        for ids, tokens in store.iter_images(batch_size):
+            b, t, d = tokens.shape
+            z = encode(tokens.to(tot.device, non_blocking=True).reshape(-1, d)).reshape(b, t, n_latents).float()
+            patch = z[:, int(store.has_cls and t > 1):]
+            img_max = patch.amax(1)
+            fires = img_max > 0
+            tot.add("fire", fires.sum(0))
+            tot.add("mass", patch.sum((0, 1)))
+            if tot.grid:
+                _add_patches(tot, patch, img_max, fires, ring, [views(i) for i in ids] if views else None)
+            member = np.zeros((b, len(classes)), bool)
+            for row, image_id in enumerate(ids):
+                for c in _labels_of(labels.get(str(image_id))):
+                    member[row, index[c]] = True
+            n_lab = _add_classes(tot, img_max, member, offset + tot.n_labelled)
+            tot.n_labelled += n_lab
+            kept += len(tot.nonzero[-1][0]) if n_lab else 0
+            if kept > max_nonzeros:
+                raise ValueError(f"{kept:,}+ non-zero image-level activations exceed max_nonzeros={max_nonzeros:,} "
+                                 f"(kept for the exact AP); raise --max-nonzeros if the memory is there")
+            tot.n_images += b
+    return tot
+
+
+# ---------------------------------------------------------------- average precision from the non-zero scores
+
+
+def sparse_ap(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, positive: np.ndarray,
+              best: np.ndarray) -> np.ndarray:
+    """(n_latents,) AP of each latent's scores for its class `best[j]` (-1: none, NaN), from its non-zero scores
+    (rows = cell, cols = latent); every other cell scores 0, one tie group at the end. `positive`: (C, n) bool.
+    Equal to sklearn's average_precision_score on the dense column (tests/test_describe.py checks it)."""
+    n_latents, n = len(best), positive.shape[1]
+    n_pos = np.where(best >= 0, positive.sum(1)[np.maximum(best, 0)], 0).astype(np.float64)
+    ap = np.full(n_latents, np.nan)
+    ok = best >= 0
+    keep = ok[cols]
+    rows, cols, values = rows[keep], cols[keep], values[keep].astype(np.float64)
+    order = np.lexsort((-values, cols))
+    rows, cols, values = rows[order], cols[order], values[order]
+    y = positive[best[cols], rows].astype(np.float64) if len(cols) else np.zeros(0)
+    m = len(cols)
+    idx = np.arange(m)
+    starts = np.r_[0, np.flatnonzero(cols[1:] != cols[:-1]) + 1] if m else np.zeros(0, int)
+    seg_start = np.zeros(m, int)
+    seg_start[starts] = starts
+    seg_start = np.maximum.accumulate(seg_start) if m else seg_start
+    is_end = np.ones(m, bool)
+    is_end[:-1] = (cols[1:] != cols[:-1]) | (values[1:] != values[:-1])
+    end = np.minimum.accumulate(np.where(is_end, idx, m)[::-1])[::-1] if m else idx  # last of each tie group
+    tp = np.cumsum(y)
+    tp_before = np.where(seg_start > 0, tp[seg_start - 1], 0.0) if m else tp
+    tp_end = tp[end] - tp_before if m else tp
+    prec = tp_end / (end - seg_start + 1)
+    per = np.bincount(cols, weights=y * prec, minlength=n_latents)
+    tp_nz = np.bincount(cols, weights=y, minlength=n_latents)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap[ok] = (per[ok] / n_pos[ok]) + (n_pos[ok] - tp_nz[ok]) / n  # the zero group: recall to 1 at n_pos / n
+    ap[ok & (n_pos == 0)] = np.nan
+    return ap
+
+
+# ---------------------------------------------------------------- from sums to facts
+
+
+def colour_name(L: float, a: float, b: float) -> str | None:
+    """A coarse name of a CIELAB colour: achromatic (chroma < 8) by lightness, else a hue word (by hue angle)
+    with "pale" (L >= 75) or "dark" (L < 45) before it; "red" for saturated dark pinks and oranges."""
+    if not np.isfinite(L):
+        return None
+    chroma, hue = math.hypot(a, b), math.degrees(math.atan2(b, a)) % 360
+    if chroma < 8:
+        return "white" if L >= 90 else "pale grey" if L >= 70 else "grey" if L >= 45 else "dark grey"
+    if (hue >= 345 or hue < 50) and chroma >= 40 and L < 60:
+        return "red"
+    word = next(w for upper, w in ((25, "pink"), (75, "orange"), (110, "yellow"), (200, "green"), (250, "cyan"),
+                                   (290, "blue"), (345, "purple"), (361, "pink")) if hue < upper)
+    return f"pale {word}" if L >= 75 else f"dark {word}" if L < 45 else word
+
+
+def extent_word(patches: float, cell: float, region: str | None) -> str | None:
+    if not np.isfinite(patches):
+        return None
+    if patches < THRESHOLDS["extent_one_patch_below"]:
+        return "one patch"
+    if patches < THRESHOLDS["extent_local_below"]:
+        return "local (2-4 patches)"
+    if region != "background" and np.isfinite(cell) and cell > 0 and patches >= WHOLE_CELL_SHARE * cell:
+        return "whole cell"
+    return "regional"
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def where_facts(totals: list[Totals], n_latents: int) -> pd.DataFrame:
+    """Region shares and enrichment, colour, extent and edge ring, from the stores' sums."""
+    from cytosae.analysis.segment import REGIONS
+
+    measured = [t for t in totals if t.measured]
+    gridded = [t for t in totals if t.grid]
+    msum = lambda ts, key, *shape: sum((t.get(key, *shape) for t in ts), np.zeros(shape or (n_latents,)))  # noqa: E731
+    mass, region, lab = msum(measured, "measured_mass"), msum(measured, "region", n_latents, 4), \
+        msum(measured, "lab", n_latents, 3)
+    area, cell = msum(measured, "area", n_latents, 4), msum(measured, "cell")
+    fire_measured, fire_gridded = msum(measured, "fire"), msum(gridded, "fire")
+    out = {}
+    shares = _ratio(region, mass[:, None])
+    areas = _ratio(area, area.sum(1, keepdims=True))
+    for i, r in enumerate(REGIONS):
+        out[f"share_{r}"], out[f"area_{r}"] = shares[:, i], areas[:, i]
+    enrich = _ratio(shares, areas)
+    eligible = np.where(shares >= REGION_MIN_SHARE, np.nan_to_num(enrich, nan=-1.0), -np.inf)
+    has = np.isfinite(shares).all(1)
+    out["region"] = [REGIONS[int(np.argmax(e))] if h else None for e, h in zip(eligible, has)]
+    out["region_enrichment"] = np.where(has, np.take_along_axis(enrich, np.argmax(eligible, 1)[:, None], 1)[:, 0],
+                                        np.nan)
+    colour = _ratio(lab, mass[:, None])
+    out["colour_L"], out["colour_a"], out["colour_b"] = colour[:, 0], colour[:, 1], colour[:, 2]
+    out["colour_name"] = [colour_name(*c) for c in colour]
+    out["extent_patches"] = _ratio(msum(gridded, "above"), fire_gridded)
+    out["cell_patches"] = _ratio(cell, fire_measured)
+    out["extent"] = [extent_word(p, c, r) for p, c, r in zip(out["extent_patches"], out["cell_patches"], out["region"])]
+    out["share_edge_ring"] = _ratio(msum(gridded, "ring"), msum(gridded, "mass"))
+    return pd.DataFrame(out)
+
+
+def class_facts(totals: list[Totals], classes: list[str], n_latents: int) -> pd.DataFrame:
+    """best_class by enrichment and its exact AP over every labelled cell of every store."""
+    n = sum(t.n_labelled for t in totals)
+    if not classes or n == 0:
+        return pd.DataFrame({"best_class": [None] * n_latents, "best_class_enrichment": np.nan,
+                             "best_class_ap": np.nan, "n_labelled": n})
+    c = len(classes)
+    class_sum = sum((t.get("class_sum", c, n_latents) for t in totals), np.zeros((c, n_latents)))
+    class_n = sum((t.get("class_n", c) for t in totals), np.zeros(c))
+    overall = sum((t.get("labelled_sum") for t in totals), np.zeros(n_latents)) / n
+    enrich = _ratio(class_sum / np.maximum(class_n, 1)[:, None], overall[None, :])
+    enrich[class_n == 0] = np.nan
+    fired = overall > 0
+    best = np.where(fired, np.argmax(np.nan_to_num(enrich, nan=-1.0), 0), -1)
+    parts = [p for t in totals for p in t.nonzero]
+    rows, cols, vals = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    positive = np.concatenate([m for t in totals for m in t.members]).T  # (C, n), cells in pooled order
+    ap = sparse_ap(rows, cols, vals, positive, best)
+    return pd.DataFrame({"best_class": [classes[b] if b >= 0 else None for b in best],
+                         "best_class_enrichment": np.where(fired, enrich[np.maximum(best, 0), np.arange(n_latents)],
+                                                           np.nan),
+                         "best_class_ap": ap, "n_labelled": n})
+
+
+def top_class_facts(top_images: pd.DataFrame | None, n_latents: int) -> pd.DataFrame:
+    """top_classes ("class count/n", at most 3) and the top class, its count and n, from stats' top images."""
+    from cytosae.analysis.stats import _labels_of
+
+    out = pd.DataFrame({"top_classes": [None] * n_latents, "top_class": None, "top_count": 0, "top_n": 0})
+    if top_images is None or top_images.empty:
+        return out
+    tops = top_images[top_images.by == "image"]
+    order = {d: i for i, d in enumerate(dict.fromkeys(tops.dataset))}
+    for latent, g in tops.groupby("latent", sort=True):
+        if not 0 <= int(latent) < n_latents:
+            continue
+        # the dataset where most of its top images are labelled (first in the table on ties)
+        per = [(-sum(bool(_labels_of(v)) for v in d.label), order[name], d) for name, d in g.groupby("dataset")]
+        _, _, d = min(per, key=lambda x: x[:2])
+        counts = pd.Series([c for v in d.label for c in _labels_of(v)], dtype=object).value_counts()
+        if counts.empty:
+            continue
+        counts = counts.sort_index().sort_values(ascending=False, kind="stable")
+        n = len(d)
+        out.loc[int(latent), ["top_classes", "top_class", "top_count", "top_n"]] = [
+            ", ".join(f"{c} {k}/{n}" for c, k in counts.head(3).items()), counts.index[0], int(counts.iloc[0]), n]
+    return out
+
+
+def patient_facts(compare: pd.DataFrame | None, n_latents: int) -> pd.DataFrame:
+    """Per latent, the comparison of smallest q where it is enriched in a named group: group, q, effect."""
+    out = pd.DataFrame({"patient_group": [None] * n_latents, "patient_vs": None, "patient_q": np.nan,
+                        "patient_effect": np.nan})
+    if compare is None or compare.empty:
+        return out
+    c = compare[compare.group_b != "kruskal_wallis"]
+    up = c[c.effect > 0].assign(group=lambda t: t.group_a, vs=lambda t: t.group_b, gain=lambda t: t.effect)
+    down = c[(c.effect < 0) & (c.group_b != "rest")].assign(group=lambda t: t.group_b, vs=lambda t: t.group_a,
+                                                           gain=lambda t: -t.effect)
+    sides = pd.concat([up, down], ignore_index=True)
+    sides = sides[sides.latent.between(0, n_latents - 1)]
+    best = sides.sort_values(["latent", "q", "gain"], ascending=[True, True, False], kind="stable") \
+        .drop_duplicates("latent")
+    at = best.latent.astype(int).to_numpy()
+    out.loc[at, "patient_group"] = best.group.astype(str).to_numpy()
+    out.loc[at, "patient_vs"] = best.vs.astype(str).to_numpy()
+    out.loc[at, "patient_q"] = best.q.to_numpy(dtype=float)
+    out.loc[at, "patient_effect"] = best.gain.to_numpy(dtype=float)
+    return out
+
+
+def _plural(name: str, k: int) -> str:
+    return name if k == 1 or name.endswith("s") else f"{name}s"
+
+
+def _dataset_words(fired: list[str], names: list[str], freq: float) -> str:
+    if len(names) == 1:
+        return f"{freq:.0%} of {names[0]} images"
+    if len(fired) == len(names):
+        return f"all {len(names)} datasets"
+    return f"{', '.join(fired)} only" if len(fired) <= 2 else f"{len(fired)} of {len(names)} datasets"
+
+
+def text_of(r: dict, names: list[str]) -> str:
+    """The one line: where, how far, what colour; classes; datasets; patients; flags."""
+    if r["dead"]:
+        return f"dead: fires on no image of {', '.join(names)}"
+    where = [w for w in (r["region"], r["extent"], r["colour_name"]) if w]
+    parts = [", ".join(where)] if where else []
+    ap = f"AP {r['best_class_ap']:.2f}" if np.isfinite(r["best_class_ap"]) else None
+    if r["top_class"]:
+        top = f"top-{r['top_n']}: {r['top_count']} {_plural(r['top_class'], r['top_count'])}"
+        if ap and r["best_class"] == r["top_class"]:
+            top += f" ({ap})"
+        elif ap:
+            top += f"; best class {r['best_class']} ({ap})"
+        parts.append(top)
+    elif ap:
+        parts.append(f"best class {r['best_class']} ({ap})")
+    parts.append(_dataset_words(r["datasets"].split(", ") if r["datasets"] else [], names, r["freq_image"]))
+    if r["patient_group"] is not None and np.isfinite(r["patient_q"]) and r["patient_q"] < Q_SAID:
+        parts.append(f"{r['patient_group']}-enriched q={r['patient_q']:.2g}")
+    if r["flags"]:
+        parts.append(f"[{r['flags']}]")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- the whole description
+
+
+@dataclass
+class Descriptions:
+    table: pd.DataFrame  # one row per latent
+    summary: dict
+
+
+def store_classes(stores: dict, label_column: str) -> list[str]:
+    from cytosae.analysis.stats import _labels_of
+
+    return sorted({c for st in stores.values() if label_column in st.images.columns
+                   for v in st.images[label_column] for c in _labels_of(v)})
+
+
+def has_images(store) -> bool:
+    """The images the model saw can be rebuilt: preprocessing recorded and a patch grid (not imported vectors)."""
+    return bool(store.meta.get("settings", {}).get("preprocessing")) and \
+        _grid(store.n_tokens, store.has_cls) is not None
+
+
+def describe_latents(sae, stores: dict, top_images: pd.DataFrame | None = None, compare: pd.DataFrame | None = None,
+                     label_column: str = "label", batch_size: int = 8, device: str | torch.device = "cpu",
+                     max_nonzeros: int = 200_000_000) -> Descriptions:
+    """Every latent of `sae` on every store of `stores` (name -> ActivationStore), with the class facts of
+    stats' `top_images` and the patient facts of patients' `compare` when given (module docstring)."""
+    n_latents = sae.cfg.n_latents
+    classes = store_classes(stores, label_column)
+    totals, offset = [], 0
+    for name, st in stores.items():
+        views = ImageViews(st, _grid(st.n_tokens, st.has_cls)) if has_images(st) else None
+        totals.append(accumulate(sae.encode, st, name, n_latents, classes, label_column, offset, batch_size, device,
+                                 views, max_nonzeros))
+        offset += totals[-1].n_labelled
+    names = list(stores)
+    fire = np.stack([t.get("fire") for t in totals])  # (n_stores, n_latents) images where it fires
+    n_images = sum(t.n_images for t in totals)
+    table = pd.concat([pd.DataFrame({"latent": np.arange(n_latents, dtype=np.int64)}), where_facts(totals, n_latents),
+                       class_facts(totals, classes, n_latents), top_class_facts(top_images, n_latents),
+                       patient_facts(compare, n_latents)], axis=1)
+    table["freq_image"] = fire.sum(0) / max(n_images, 1)
+    table["datasets"] = [", ".join(n for n, f in zip(names, fire[:, j]) if f > 0) for j in range(n_latents)]
+    table["n_datasets"] = (fire > 0).sum(0).astype(np.int64)
+    table["dead"] = table.n_datasets == 0
+    table["background_only"] = table.share_background.fillna(0) >= BACKGROUND_ONLY
+    table["image_border"] = table.share_edge_ring.fillna(0) >= EDGE_RING
+    table["fires_on_everything"] = table.freq_image >= EVERYTHING
+    flag_cols = {"dead": "dead", "background_only": "background-only", "image_border": "image-border",
+                 "fires_on_everything": "fires-on-everything"}
+    table["flags"] = [",".join(w for c, w in flag_cols.items() if r[c]) for r in table[list(flag_cols)]
+                      .to_dict("records")]
+    table["text"] = [text_of(r, names) for r in table.to_dict("records")]
+    summary = {"n_latents": n_latents, "sae": {"arch": sae.cfg.arch, "n_latents": n_latents, "d_in": sae.cfg.d_in},
+               "stores": [{"dataset": t.name, "n_images": t.n_images, "n_labelled": t.n_labelled, "grid": t.grid,
+                           "regions_and_colours": t.measured} for t in totals],
+               "label_column": label_column, "classes": classes, "n_labelled": offset,
+               "top_images": top_images is not None, "patients": compare is not None,
+               "counts": {"dead": int(table.dead.sum()), "background_only": int(table.background_only.sum()),
+                          "image_border": int(table.image_border.sum()),
+                          "fires_on_everything": int(table.fires_on_everything.sum()),
+                          "by_region": {str(k): int(v) for k, v in table.region.value_counts().items()},
+                          "by_extent": {str(k): int(v) for k, v in table.extent.value_counts().items()}},
+               "thresholds": THRESHOLDS, "definitions": DEFINITIONS.strip()}
+    return Descriptions(table[list(REQUIRED_COLUMNS) + [c for c in table.columns if c not in REQUIRED_COLUMNS]],
+                        summary)
+
+
+def write_descriptions(desc: Descriptions, out_dir: str | Path, inputs: dict | None = None) -> list[Path]:
+    """OUT/descriptions.parquet (one row per latent) and OUT/descriptions.json (what was measured on what)."""
+    from cytosae.store.format import atomic_write_json, atomic_write_parquet
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / DESCRIPTIONS, out / DESCRIPTIONS_JSON]
+    atomic_write_parquet(paths[0], desc.table)
+    atomic_write_json(paths[1], {**desc.summary, "inputs": inputs or {}})
+    return paths
+
+
+def read_descriptions(run) -> pd.DataFrame | None:
+    """RUN/concepts/descriptions.parquet (a run folder, a Run, or the concepts folder itself), checked for the
+    columns readers rely on; None when the run has no descriptions yet (`cytosae describe --run RUN`)."""
+    base = Path(getattr(run, "path", run))
+    path = base / DESCRIPTIONS if (base / DESCRIPTIONS).is_file() else base / CONCEPTS / DESCRIPTIONS
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several kinds for a damaged file
+        raise ValueError(f"{path} cannot be read ({type(exc).__name__}: {exc}); rerun `cytosae describe`") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {missing}: it was written by another version; rerun "
+                         f"`cytosae describe`")
+    return table
