@@ -13,18 +13,21 @@ Definitions (also written to descriptions.json, so every number says what it is)
   total (they sum to 1); area_*: the same split of the patch area of the images where it fires, so
   enrichment = share / area says whether it prefers a region beyond that region's size;
 - region: the region of highest enrichment among those holding at least REGION_MIN_SHARE of the mass;
-- colour_L, colour_a, colour_b: the activation-weighted mean CIELAB colour of the patches it fires on;
-  colour_name: a coarse name of that colour (colour_name: lightness, chroma and hue angle bins);
+- colour_L, colour_a, colour_b: the activation-weighted mean CIELAB colour of its region's pixels in the
+  patches it fires on (each patch weighted by activation x that region's share of it, so the rest of the
+  patch does not dilute it); patch_colour_*: the same of whole patches; colour_name: a coarse name of
+  colour_* (colour_name: lightness, chroma and hue angle bins);
 - extent: per image where it fires (on at least one patch), the number of patches above half that image's
   maximum, averaged over those images (extent_patches); "one patch" below 1.5, "local (2-4 patches)" below
   4.5, "whole cell" from WHOLE_CELL_SHARE of the cell's patches (patches mostly not background, averaged the
   same way; never said of a background latent), else "regional";
 - share_edge_ring: share of the activation mass on the outermost ring of patches (the image edge);
 - image-level activation for classes: the maximum over the image's patch tokens (the `any_patch` policy);
-  best_class: the class of highest enrichment, its cells' mean image-level activation over that of all
-  labelled cells (multi-label cells 'a|b' count toward each label; images of every labelled store pooled);
-  best_class_ap: average precision (sklearn's step-wise AP, ties grouped) of the image-level activation as a
-  score of "this cell is of best_class" over every labelled cell, exact: cells where it is 0 tie at the end;
+  per class, the average precision (sklearn's step-wise AP, ties grouped) of the image-level activation as a
+  score of "this cell is of the class" over every labelled cell, exact (cells where it is 0 tie at the end;
+  multi-label cells 'a|b' count toward each label; the labelled cells of every store pooled);
+  best_class: the class of highest AP (the class it ranks best), best_class_ap that AP, and
+  best_class_enrichment its cells' mean image-level activation over that of all labelled cells;
 - top_classes: the labels of its top images by image-level mean activation (stats/top_images.parquet,
   by = image), of the dataset where most of them are labelled, as "class count/n" (at most 3);
 - datasets: the stores it fires on (at least one patch of one image); freq_image: share of all images;
@@ -67,17 +70,31 @@ Encoder = Callable[[torch.Tensor], torch.Tensor]
 # ---------------------------------------------------------------- what one image looks like, per patch
 
 
-def patch_colours(rgb: np.ndarray, grid: int) -> np.ndarray:
-    """float32 (grid * grid, 3): the mean CIELAB colour of each patch's pixels, patches in ViT order (the same
-    patch edges as segment.patch_regions)."""
+def _patch_index(h: int, w: int, grid: int) -> np.ndarray:
+    """Each pixel's patch, row-major (the same patch edges as segment.patch_regions)."""
+    return ((np.arange(h) * grid // h)[:, None] * grid + (np.arange(w) * grid // w)[None, :]).ravel()
+
+
+def patch_colours(rgb: np.ndarray, labels: np.ndarray, grid: int) -> np.ndarray:
+    """float32 (grid * grid, len(REGIONS) + 1, 3): the mean CIELAB colour of each patch's pixels of each region
+    (0 where the patch has none of it), and last of all its pixels; patches in ViT order."""
     from skimage.color import rgb2lab
 
+    from cytosae.analysis.segment import REGIONS
+
     lab = rgb2lab(np.asarray(rgb)).reshape(-1, 3)
-    h, w = rgb.shape[:2]
-    patch = ((np.arange(h) * grid // h)[:, None] * grid + (np.arange(w) * grid // w)[None, :]).ravel()
-    counts = np.bincount(patch, minlength=grid * grid)
-    sums = np.stack([np.bincount(patch, weights=lab[:, c], minlength=grid * grid) for c in range(3)], 1)
-    return (sums / counts[:, None]).astype(np.float32)
+    n, r = grid * grid, len(REGIONS)
+    patch = _patch_index(*rgb.shape[:2], grid)
+    out = np.zeros((n, r + 1, 3))
+    for key, k in ((patch * r + np.asarray(labels).ravel(), n * r), (patch, n)):
+        counts = np.bincount(key, minlength=k)
+        sums = np.stack([np.bincount(key, weights=lab[:, c], minlength=k) for c in range(3)], 1)
+        mean = sums / np.maximum(counts, 1)[:, None]
+        if k == n:
+            out[:, r] = mean
+        else:
+            out[:, :r] = mean.reshape(n, r, 3)
+    return out.astype(np.float32)
 
 
 class ImageViews:
@@ -90,6 +107,7 @@ class ImageViews:
         self.preprocess = Preprocess.from_dict(store.meta["settings"]["preprocessing"])
 
     def __call__(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(region shares (P, 4), colours (P, 5, 3): per region and of the whole patch, patch_colours)."""
         from cytosae.analysis.segment import patch_regions, segment_cell
         from cytosae.data import open_rgb
 
@@ -99,7 +117,8 @@ class ImageViews:
                                     f"its data folder {self.store.data_root or '(not recorded)'}; describing a latent "
                                     f"needs the images the model saw: put them back there")
         rgb = np.asarray(self.preprocess.resize_image(open_rgb(path)), dtype=np.uint8)
-        return patch_regions(segment_cell(rgb), self.grid), patch_colours(rgb, self.grid)
+        labels = segment_cell(rgb)
+        return patch_regions(labels, self.grid), patch_colours(rgb, labels, self.grid)
 
 
 def edge_ring(grid: int) -> np.ndarray:
@@ -153,10 +172,13 @@ def _add_patches(tot: Totals, patch: torch.Tensor, img_max: torch.Tensor, fires:
     if views is None:
         return
     regions = torch.as_tensor(np.stack([v[0] for v in views]), device=tot.device)  # (b, p, 4)
-    lab = torch.as_tensor(np.stack([v[1] for v in views]), device=tot.device)  # (b, p, 3)
+    lab = torch.as_tensor(np.stack([v[1] for v in views]), device=tot.device)  # (b, p, 5, 3)
+    r = regions.shape[-1]
+    # each region's colour weighted by its share of the patch: summed, then divided by the region's mass
+    weighted = torch.cat([regions[..., None] * lab[:, :, :r], lab[:, :, r:]], 2)
     flat = patch.reshape(b * p, n).T
     tot.add("region", flat @ regions.reshape(b * p, -1))
-    tot.add("lab", flat @ lab.reshape(b * p, 3))
+    tot.add("lab", flat @ weighted.reshape(b * p, -1))
     tot.add("measured_mass", patch.sum((0, 1)))
     f = fires.T.float()  # (n, b): sums over the images where it fires
     tot.add("area", f @ regions.mean(1))
@@ -224,37 +246,34 @@ def accumulate(encode: Encoder, store, name: str, n_latents: int, classes: list[
 
 
 def sparse_ap(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, positive: np.ndarray,
-              best: np.ndarray) -> np.ndarray:
-    """(n_latents,) AP of each latent's scores for its class `best[j]` (-1: none, NaN), from its non-zero scores
-    (rows = cell, cols = latent); every other cell scores 0, one tie group at the end. `positive`: (C, n) bool.
-    Equal to sklearn's average_precision_score on the dense column (tests/test_describe.py checks it)."""
-    n_latents, n = len(best), positive.shape[1]
-    n_pos = np.where(best >= 0, positive.sum(1)[np.maximum(best, 0)], 0).astype(np.float64)
-    ap = np.full(n_latents, np.nan)
-    ok = best >= 0
-    keep = ok[cols]
-    rows, cols, values = rows[keep], cols[keep], values[keep].astype(np.float64)
-    order = np.lexsort((-values, cols))
-    rows, cols, values = rows[order], cols[order], values[order]
-    y = positive[best[cols], rows].astype(np.float64) if len(cols) else np.zeros(0)
+              n_latents: int) -> np.ndarray:
+    """(C, n_latents) AP of each latent's scores for each class, from its non-zero scores (rows = cell, cols =
+    latent, values > 0); every other cell scores 0, one tie group at the end. `positive`: (C, n) bool. Equal to
+    sklearn's average_precision_score on the dense columns (tests/test_describe.py checks it); NaN for a class
+    without cells."""
+    n = positive.shape[1]
+    order = np.lexsort((-np.asarray(values, np.float64), cols))
+    rows, cols, values = rows[order], cols[order], np.asarray(values, np.float64)[order]
     m = len(cols)
     idx = np.arange(m)
-    starts = np.r_[0, np.flatnonzero(cols[1:] != cols[:-1]) + 1] if m else np.zeros(0, int)
-    seg_start = np.zeros(m, int)
-    seg_start[starts] = starts
-    seg_start = np.maximum.accumulate(seg_start) if m else seg_start
+    new_latent = np.ones(m, bool)
+    new_latent[1:] = cols[1:] != cols[:-1]
+    seg_start = np.maximum.accumulate(np.where(new_latent, idx, 0)) if m else idx
     is_end = np.ones(m, bool)
     is_end[:-1] = (cols[1:] != cols[:-1]) | (values[1:] != values[:-1])
     end = np.minimum.accumulate(np.where(is_end, idx, m)[::-1])[::-1] if m else idx  # last of each tie group
-    tp = np.cumsum(y)
-    tp_before = np.where(seg_start > 0, tp[seg_start - 1], 0.0) if m else tp
-    tp_end = tp[end] - tp_before if m else tp
-    prec = tp_end / (end - seg_start + 1)
-    per = np.bincount(cols, weights=y * prec, minlength=n_latents)
-    tp_nz = np.bincount(cols, weights=y, minlength=n_latents)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ap[ok] = (per[ok] / n_pos[ok]) + (n_pos[ok] - tp_nz[ok]) / n  # the zero group: recall to 1 at n_pos / n
-    ap[ok & (n_pos == 0)] = np.nan
+    seen = end - seg_start + 1  # cells ranked at or above this tie group
+    ap = np.full((len(positive), n_latents), np.nan)
+    for c, pos in enumerate(positive):
+        n_pos = float(pos.sum())
+        if n_pos == 0:
+            continue
+        y = pos[rows].astype(np.float64)
+        tp = np.cumsum(y)
+        tp_end = tp[end] - np.where(seg_start > 0, tp[np.maximum(seg_start - 1, 0)], 0.0) if m else tp
+        per = np.bincount(cols, weights=y * tp_end / seen, minlength=n_latents)
+        tp_nz = np.bincount(cols, weights=y, minlength=n_latents)
+        ap[c] = per / n_pos + (n_pos - tp_nz) / n  # the zero group: the rest of the recall at precision n_pos / n
     return ap
 
 
@@ -262,18 +281,28 @@ def sparse_ap(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, positive: 
 
 
 def colour_name(L: float, a: float, b: float) -> str | None:
-    """A coarse name of a CIELAB colour: achromatic (chroma < 8) by lightness, else a hue word (by hue angle)
-    with "pale" (L >= 75) or "dark" (L < 45) before it; "red" for saturated dark pinks and oranges."""
+    """A coarse name of a CIELAB colour: achromatic (chroma < 6) by lightness; else a hue word by hue angle (pink
+    330-15 degrees, red 15-40 from chroma 40, orange 40-75, yellow, green, cyan, blue 250-290, purple 290-330),
+    "pale" before it from L 75, "dark" below L 40."""
     if not np.isfinite(L):
         return None
     chroma, hue = math.hypot(a, b), math.degrees(math.atan2(b, a)) % 360
-    if chroma < 8:
-        return "white" if L >= 90 else "pale grey" if L >= 70 else "grey" if L >= 45 else "dark grey"
-    if (hue >= 345 or hue < 50) and chroma >= 40 and L < 60:
-        return "red"
-    word = next(w for upper, w in ((25, "pink"), (75, "orange"), (110, "yellow"), (200, "green"), (250, "cyan"),
-                                   (290, "blue"), (345, "purple"), (361, "pink")) if hue < upper)
-    return f"pale {word}" if L >= 75 else f"dark {word}" if L < 45 else word
+    if chroma < 6:
+        return "white" if L >= 90 else "pale grey" if L >= 70 else "grey" if L >= 40 else "dark grey"
+    if 15 <= hue < 40:
+        word = "red" if chroma >= 40 else "pink"
+    else:
+        word = next(w for upper, w in ((15, "pink"), (75, "orange"), (110, "yellow"), (200, "green"), (250, "cyan"),
+                                       (290, "blue"), (330, "purple"), (361, "pink")) if hue < upper)
+    return f"pale {word}" if L >= 75 else f"dark {word}" if L < 40 else word
+
+
+def hue_word(name: str | None) -> str | None:
+    """The hue of a colour_name without pale/dark; the achromatic names are one hue, "grey"."""
+    if name is None:
+        return None
+    word = name.split()[-1]
+    return "grey" if word in ("white", "grey") else word
 
 
 def extent_word(patches: float, cell: float, region: str | None) -> str | None:
@@ -300,24 +329,30 @@ def where_facts(totals: list[Totals], n_latents: int) -> pd.DataFrame:
     measured = [t for t in totals if t.measured]
     gridded = [t for t in totals if t.grid]
     msum = lambda ts, key, *shape: sum((t.get(key, *shape) for t in ts), np.zeros(shape or (n_latents,)))  # noqa: E731
-    mass, region, lab = msum(measured, "measured_mass"), msum(measured, "region", n_latents, 4), \
-        msum(measured, "lab", n_latents, 3)
+    r = len(REGIONS)
+    mass, region = msum(measured, "measured_mass"), msum(measured, "region", n_latents, r)
+    lab = msum(measured, "lab", n_latents, 3 * (r + 1)).reshape(n_latents, r + 1, 3)
     area, cell = msum(measured, "area", n_latents, 4), msum(measured, "cell")
     fire_measured, fire_gridded = msum(measured, "fire"), msum(gridded, "fire")
     out = {}
     shares = _ratio(region, mass[:, None])
     areas = _ratio(area, area.sum(1, keepdims=True))
-    for i, r in enumerate(REGIONS):
-        out[f"share_{r}"], out[f"area_{r}"] = shares[:, i], areas[:, i]
+    for i, name in enumerate(REGIONS):
+        out[f"share_{name}"], out[f"area_{name}"] = shares[:, i], areas[:, i]
     enrich = _ratio(shares, areas)
     eligible = np.where(shares >= REGION_MIN_SHARE, np.nan_to_num(enrich, nan=-1.0), -np.inf)
     has = np.isfinite(shares).all(1)
     out["region"] = [REGIONS[int(np.argmax(e))] if h else None for e, h in zip(eligible, has)]
     out["region_enrichment"] = np.where(has, np.take_along_axis(enrich, np.argmax(eligible, 1)[:, None], 1)[:, 0],
                                         np.nan)
-    colour = _ratio(lab, mass[:, None])
+    # the colour of its region's pixels in the patches it fires on (not diluted by the rest of those patches)
+    named = np.array([REGIONS.index(x) if x else 0 for x in out["region"]])
+    colour = _ratio(lab[np.arange(n_latents), named], region[np.arange(n_latents), named][:, None])
+    colour[~has] = np.nan
     out["colour_L"], out["colour_a"], out["colour_b"] = colour[:, 0], colour[:, 1], colour[:, 2]
     out["colour_name"] = [colour_name(*c) for c in colour]
+    whole = _ratio(lab[:, r], mass[:, None])
+    out["patch_colour_L"], out["patch_colour_a"], out["patch_colour_b"] = whole[:, 0], whole[:, 1], whole[:, 2]
     out["extent_patches"] = _ratio(msum(gridded, "above"), fire_gridded)
     out["cell_patches"] = _ratio(cell, fire_measured)
     out["extent"] = [extent_word(p, c, r) for p, c, r in zip(out["extent_patches"], out["cell_patches"], out["region"])]
@@ -326,27 +361,26 @@ def where_facts(totals: list[Totals], n_latents: int) -> pd.DataFrame:
 
 
 def class_facts(totals: list[Totals], classes: list[str], n_latents: int) -> pd.DataFrame:
-    """best_class by enrichment and its exact AP over every labelled cell of every store."""
+    """best_class (the class of highest AP), its exact AP and enrichment, over every labelled cell of every store."""
     n = sum(t.n_labelled for t in totals)
     if not classes or n == 0:
-        return pd.DataFrame({"best_class": [None] * n_latents, "best_class_enrichment": np.nan,
-                             "best_class_ap": np.nan, "n_labelled": n})
+        return pd.DataFrame({"best_class": [None] * n_latents, "best_class_ap": np.nan,
+                             "best_class_enrichment": np.nan, "n_labelled": n})
     c = len(classes)
     class_sum = sum((t.get("class_sum", c, n_latents) for t in totals), np.zeros((c, n_latents)))
     class_n = sum((t.get("class_n", c) for t in totals), np.zeros(c))
     overall = sum((t.get("labelled_sum") for t in totals), np.zeros(n_latents)) / n
     enrich = _ratio(class_sum / np.maximum(class_n, 1)[:, None], overall[None, :])
-    enrich[class_n == 0] = np.nan
-    fired = overall > 0
-    best = np.where(fired, np.argmax(np.nan_to_num(enrich, nan=-1.0), 0), -1)
     parts = [p for t in totals for p in t.nonzero]
     rows, cols, vals = (np.concatenate([p[i] for p in parts]) for i in range(3))
     positive = np.concatenate([m for t in totals for m in t.members]).T  # (C, n), cells in pooled order
-    ap = sparse_ap(rows, cols, vals, positive, best)
+    ap = sparse_ap(rows, cols, vals, positive, n_latents)
+    fired = overall > 0
+    best = np.where(fired, np.argmax(np.nan_to_num(ap, nan=-1.0), 0), -1)  # ties: the first class by name
+    at = (np.maximum(best, 0), np.arange(n_latents))
     return pd.DataFrame({"best_class": [classes[b] if b >= 0 else None for b in best],
-                         "best_class_enrichment": np.where(fired, enrich[np.maximum(best, 0), np.arange(n_latents)],
-                                                           np.nan),
-                         "best_class_ap": ap, "n_labelled": n})
+                         "best_class_ap": np.where(fired, ap[at], np.nan),
+                         "best_class_enrichment": np.where(fired, enrich[at], np.nan), "n_labelled": n})
 
 
 def top_class_facts(top_images: pd.DataFrame | None, n_latents: int) -> pd.DataFrame:

@@ -74,8 +74,8 @@ def _said(s: dict, cfg: DescribeSettings, paths: list[Path]) -> list[str]:
                           else ", no images to segment: no regions or colours)") for x in s["stores"])
     c = s["counts"]
     lines = [f"described {s['n_latents']} latents on {stores}",
-             f"classes: {len(s['classes'])} ({cfg.label_column}) over {s['n_labelled']} labelled cells, best class by "
-             f"enrichment and its AP; top classes from "
+             f"classes: {len(s['classes'])} ({cfg.label_column}) over {s['n_labelled']} labelled cells, best class "
+             f"= the class of highest AP of its image-level activation (max over patches); top classes from "
              + (f"{cfg.stats / 'top_images.parquet'}" if cfg.stats else "nothing (no stats: run `cytosae stats`)"),
              "patient enrichment from " + (f"{cfg.patients / 'compare.parquet'}" if cfg.patients
                                            else "nothing (no patients/compare.parquet)"),
