@@ -197,17 +197,19 @@ def _add_classes(tot: Totals, img_max: torch.Tensor, member: np.ndarray, offset:
     tot.add("labelled_sum", s.sum(0))
     tot.members.append(member[keep])
     rows, cols = s.nonzero(as_tuple=True)
-    tot.nonzero.append(((rows + offset).cpu().numpy().astype(np.int64), cols.cpu().numpy().astype(np.int64),
+    # int32 positions: 12 bytes per kept activation (cells and latents stay far below 2^31)
+    tot.nonzero.append(((rows + offset).cpu().numpy().astype(np.int32), cols.cpu().numpy().astype(np.int32),
                         s[rows, cols].cpu().numpy()))
     return int(keep.sum())
 
 
 def accumulate(encode: Encoder, store, name: str, n_latents: int, classes: list[str], label_column: str,
                offset: int = 0, batch_size: int = 8, device: str | torch.device = "cpu",
-               views: Callable | None = None, max_nonzeros: int = 200_000_000) -> Totals:
+               views: Callable | None = None, max_nonzeros: int = 200_000_000, already: int = 0) -> Totals:
     """One pass over `store`: the per-latent sums of the module docstring. `views(image_id) -> (regions (P, 4),
-    lab (P, 3))` gives each image's patches (ImageViews), None for a store without its images; `offset`: the
-    labelled cells of the stores before this one (positions for the pooled AP)."""
+    colours (P, 5, 3))` gives each image's patches (ImageViews), None for a store without its images; `offset`:
+    the labelled cells of the stores before this one (positions for the pooled AP); `max_nonzeros`: the most
+    image-level activations kept over every store, `already` of them by the stores before this one."""
     from cytosae.analysis.stats import _labels_of
 
     tot = Totals(name, n_latents, len(classes), torch.device(device), measured=views is not None)
@@ -216,7 +218,7 @@ def accumulate(encode: Encoder, store, name: str, n_latents: int, classes: list[
     index = {c: i for i, c in enumerate(classes)}
     labels = dict(zip(store.images["image_id"].astype(str), store.images[label_column])) \
         if label_column in store.images.columns else {}
-    kept = 0
+    kept = already
     with torch.inference_mode():
         for ids, tokens in store.iter_images(batch_size):
             b, t, d = tokens.shape
@@ -495,12 +497,13 @@ def describe_latents(sae, stores: dict, top_images: pd.DataFrame | None = None, 
     stats' `top_images` and the patient facts of patients' `compare` when given (module docstring)."""
     n_latents = sae.cfg.n_latents
     classes = store_classes(stores, label_column)
-    totals, offset = [], 0
+    totals, offset, kept = [], 0, 0
     for name, st in stores.items():
         views = ImageViews(st, _grid(st.n_tokens, st.has_cls)) if has_images(st) else None
         totals.append(accumulate(sae.encode, st, name, n_latents, classes, label_column, offset, batch_size, device,
-                                 views, max_nonzeros))
+                                 views, max_nonzeros, kept))
         offset += totals[-1].n_labelled
+        kept += sum(len(p[0]) for p in totals[-1].nonzero)
     names = list(stores)
     fire = np.stack([t.get("fire") for t in totals])  # (n_stores, n_latents) images where it fires
     n_images = sum(t.n_images for t in totals)
