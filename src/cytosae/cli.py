@@ -344,6 +344,31 @@ def sweep(
 
 
 @app.command()
+def describe(
+    ctx: typer.Context,
+    sae_dir: Optional[Path] = typer.Argument(None, help="SAE directory; with --run: RUN/sae."),
+    stores: Optional[list[Path]] = typer.Argument(None, help="Activation stores to describe the latents on; with "
+                                                             "--run: every dataset of the run."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for descriptions.parquet/.json (with --run: "
+                                                          "RUN/concepts)."),
+    run: Optional[Path] = typer.Option(None, "--run", help=RUN_HELP),
+    stats: Optional[Path] = typer.Option(None, "--stats", help="Stats folder whose top_images.parquet gives the top "
+                                                               "classes (with --run: RUN/stats when present)."),
+    patients: Optional[Path] = typer.Option(None, "--patients", help="Patients folder whose compare.parquet gives "
+                                                                     "the enrichment (with --run: RUN/patients when "
+                                                                     "present)."),
+    label_column: str = typer.Option("label", help="Manifest column holding each cell's class."),
+    max_nonzeros: int = typer.Option(200_000_000, help="Most non-zero image-level activations kept in memory (for "
+                                                       "the exact AP of each latent's best class)."),
+    allow_unfinished: bool = ALLOW_UNFINISHED,
+    device: str = typer.Option("auto", help="auto (the GPU when there is one) | cpu | cuda | cuda:N: where tokens are encoded."),
+) -> None:
+    """One line per latent from measured facts: where in the cell it fires, how far, what colour, its classes,
+    datasets and patient enrichment (RUN/concepts/descriptions.parquet, .json)."""
+    _step(ctx, "DescribeSettings", "run_describe")
+
+
+@app.command()
 def classify(
     ctx: typer.Context,
     barcodes: Optional[Path] = typer.Argument(None, help="Patients folder from `cytosae patients` (or its "

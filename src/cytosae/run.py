@@ -8,6 +8,7 @@
     RUN/stats/            per-latent statistics                       `cytosae stats --run RUN`
     RUN/patients/         barcodes, disease comparison                `cytosae patients --run RUN`
     RUN/classify/         patient-level diagnosis                     `cytosae classify --run RUN`
+    RUN/concepts/         one description per latent                  `cytosae describe --run RUN`
     RUN/annotations.sqlite   names given in the explorer
 
 Every command that writes into a run records a step in run.json (command, settings,
@@ -35,6 +36,7 @@ RUN_JSON = "run.json"
 RUN_FORMAT = "cytosae-run"
 RUN_FORMAT_VERSION = 1
 STORES, SAE_DIR, STATS, PATIENTS, CLASSIFY = "stores", "sae", "stats", "patients", "classify"
+CONCEPTS = "concepts"  # descriptions of the latents (`cytosae describe`)
 QUALITY = "quality"  # measurements of how good the SAE is (`cytosae align`)
 SAES = "saes"  # saes/NAME: the SAEs of a sweep other than the primary one (which stays at sae/)
 LAYERS = "layers"  # layers/LAYER/NAME: a layer sweep's stores of dataset NAME at its other layers (not datasets)
@@ -244,6 +246,10 @@ class Run:
     @property
     def classify_dir(self) -> Path:
         return self.path / CLASSIFY
+
+    @property
+    def concepts_dir(self) -> Path:
+        return self.path / CONCEPTS
 
     @property
     def quality_dir(self) -> Path:

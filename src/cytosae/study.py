@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cytosae.run import Run, check_name
-from cytosae.steps import (AlignSettings, ClassifySettings, EvaluateSettings, ExtractSettings, PatientsSettings,
-                           StatsSettings, StepError, StepSettings, TrainSettings, build, run_align, run_classify,
-                           run_evaluate, run_extract, run_patients, run_stats, run_train)
+from cytosae.steps import (AlignSettings, ClassifySettings, DescribeSettings, EvaluateSettings, ExtractSettings,
+                           PatientsSettings, StatsSettings, StepError, StepSettings, TrainSettings, build, run_align,
+                           run_classify, run_describe, run_evaluate, run_extract, run_patients, run_stats, run_train)
 from cytosae.steps.config import SweepSettings
 from cytosae.steps.evaluate import EVAL
 from cytosae.steps.sweep import SWEEP_FILES, SWEPT, run_sweep
 
-SECTIONS = {"run", "backbone", "datasets", "sae", "evaluate", "align", "stats", "patients", "classify"}
+SECTIONS = {"run", "backbone", "datasets", "sae", "evaluate", "align", "stats", "patients", "classify", "describe"}
 STUDY_LOCK = ".study.lock"
 
 
@@ -124,10 +124,12 @@ _PLACED = {ExtractSettings: {"out", "name"}, TrainSettings: {"store", "out"},
            EvaluateSettings: {"sae_dir", "store", "out"}, AlignSettings: {"sae_dir", "store", "out"},
            StatsSettings: {"sae_dir", "stores", "out"},
            PatientsSettings: {"sae_dir", "store", "out", "external"},
-           ClassifySettings: {"barcodes", "out", "store", "sae", "external", "external_store"}}
+           ClassifySettings: {"barcodes", "out", "store", "sae", "external", "external_store"},
+           DescribeSettings: {"sae_dir", "stores", "out", "stats", "patients"}}
 # Keys of the study's own (not step settings): which steps run and on which datasets.
 _OWN = {"sae": {"primary"}, "evaluate": {"enabled"}, "align": {"enabled"}, "stats": {"enabled"},
-        "patients": {"external"}, "classify": {"external"}}
+        "patients": {"external"}, "classify": {"external"},
+        "describe": {"enabled"}}
 
 
 def _settings(cls: type[StepSettings], section: dict, where: str, own: set[str] = frozenset(),
@@ -208,7 +210,20 @@ def plan(study: dict) -> list[Step]:
         steps += _patient_steps(study, run, f)
     elif "classify" in study:
         raise StudyError(f"{f}: [classify] needs a [patients] section (it classifies the patients' barcodes)")
+    if "describe" in study:
+        steps += _describe_step(study, run, f, steps)
     return _keyed(steps, study["_base"])
+
+
+def _describe_step(study: dict, run: str, f: str, planned: list[Step]) -> list[Step]:
+    """[describe]: after stats and patients (it reads their tables when they are made), on every dataset."""
+    ds = dict(study["describe"])
+    if not _flag(ds, "enabled", f"{f} [describe]"):
+        return []
+    before = {s.name for s in planned}
+    needs = ["train", *[f"extract:{n}" for n in study["datasets"]], *[s for s in ("stats", "patients") if s in before]]
+    return [Step("describe", ["describe", "--run", run] + _argv(ds, _OWN["describe"]),
+                 _settings(DescribeSettings, ds, f"{f} [describe]", _OWN["describe"]), needs=needs)]
 
 
 def _check_list(where: str, key: str, values: list) -> None:
@@ -425,7 +440,7 @@ def outputs(run: Run, step: str) -> list[Path]:
             "align": lambda: [run.sae_quality_dir(name or None) / f for f in _align_files()],
             "sweep": lambda: [run.quality_dir / f for f in SWEEP_FILES], "stats": lambda: [run.stats_dir],
             "patients": lambda: [run.external_patients_dir(name) if name else run.patients_dir],
-            "classify": lambda: [run.classify_dir]}[kind]()
+            "classify": lambda: [run.classify_dir], "describe": lambda: [run.concepts_dir]}[kind]()
 
 
 def _dataset_layer(name: str) -> tuple[str, int]:
@@ -456,7 +471,8 @@ def _complete(run: Run, step: str) -> bool:
 
 _RUNNERS = {"extract": run_extract, "extract-layer": _extract_layer, "train": lambda cfg, run, warn, step: run_train(cfg, run=run, step=step),
             "evaluate": run_evaluate, "align": run_align, "sweep": run_sweep, "stats": run_stats,
-            "patients": run_patients, "classify": run_classify}
+            "patients": run_patients, "classify": run_classify,
+            "describe": run_describe}
 _NAMED = {"extract-layer", "train", "evaluate", "align", "sweep"}  # steps told their name: a sweep has one of each per SAE
 
 

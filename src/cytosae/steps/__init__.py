@@ -13,9 +13,10 @@ from cytosae.steps.align import run_align
 from cytosae.steps.analysis import AnalysisResult, run_patients, run_stats
 from cytosae.steps.classify import ClassifyResult, run_classify
 from cytosae.steps.compare import CompareSaesResult, run_compare_saes
-from cytosae.steps.config import (AlignSettings, ClassifySettings, CompareSaesSettings, EvaluateSettings,
-                                  ExtractSettings, PatientsSettings, StatsSettings, StepError, StepSettings,
-                                  SweepSettings, TrainSettings, build)
+from cytosae.steps.config import (AlignSettings, ClassifySettings, CompareSaesSettings, DescribeSettings,
+                                  EvaluateSettings, ExtractSettings, PatientsSettings, StatsSettings, StepError,
+                                  StepSettings, SweepSettings, TrainSettings, build)
+from cytosae.steps.describe import run_describe
 from cytosae.steps.evaluate import EvaluateResult, run_evaluate
 from cytosae.steps.extract import ExtractResult, run_extract
 from cytosae.steps.sweep import run_sweep
@@ -23,6 +24,6 @@ from cytosae.steps.train import TrainResult, run_train
 
 __all__ = ["StepError", "StepSettings", "build",
            "ExtractSettings", "TrainSettings", "EvaluateSettings", "StatsSettings", "PatientsSettings",
-           "ClassifySettings", "AlignSettings", "CompareSaesSettings", "SweepSettings", "run_extract", "run_train", "run_evaluate",
-           "run_stats", "run_patients", "run_classify", "run_align", "run_compare_saes", "run_sweep", "ExtractResult",
+           "ClassifySettings", "AlignSettings", "CompareSaesSettings", "SweepSettings", "DescribeSettings", "run_extract", "run_train", "run_evaluate",
+           "run_stats", "run_patients", "run_classify", "run_align", "run_compare_saes", "run_sweep", "run_describe", "ExtractResult",
            "TrainResult", "EvaluateResult", "AnalysisResult", "ClassifyResult", "CompareSaesResult"]

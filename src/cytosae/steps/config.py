@@ -202,6 +202,18 @@ class PatientsSettings(SaeOnStoreSettings):
     _policy = field_validator("token_policy")(_one_of(TOKEN_POLICIES, " | "))
 
 
+class DescribeSettings(StepSettings):
+    sae_dir: Optional[PathArg] = None
+    stores: Optional[list[PathArg]] = None
+    stats: Optional[PathArg] = None  # the stats folder (top_images.parquet); with a run: RUN/stats when present
+    patients: Optional[PathArg] = None  # the patients folder (compare.parquet); with a run: RUN/patients when present
+    out: Optional[PathArg] = None
+    label_column: str = "label"
+    max_nonzeros: Positive = 200_000_000  # non-zero image-level activations kept for the exact AP
+    allow_unfinished: bool = False
+    device: str = "auto"
+
+
 class ClassifySettings(StepSettings):
     barcodes: Optional[PathArg] = None
     out: Optional[PathArg] = None
