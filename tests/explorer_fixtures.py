@@ -206,3 +206,15 @@ def make_pipeline_run(root: Path, seed: int = 0, picked: bool = False) -> Path:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "cytosae_version": __version__})
     json.loads((run / "run.json").read_text())
     return run
+
+
+def write_descriptions_for(run: Path, latents, text, best_class) -> Path:
+    """RUN/concepts/descriptions.parquet through `cytosae describe`'s writer, with the given lines and best classes
+    and the other facts unmeasured (None): for tests of the readers that need chosen texts, not measured ones."""
+    from cytosae.analysis.describe import CONCEPTS, REQUIRED_COLUMNS, Descriptions, write_descriptions
+
+    latents = [int(j) for j in latents]
+    table = pd.DataFrame({c: [None] * len(latents) for c in REQUIRED_COLUMNS})
+    table["latent"], table["text"], table["best_class"] = latents, text, best_class
+    write_descriptions(Descriptions(table, {"written_by": "tests"}), run / CONCEPTS)
+    return run / CONCEPTS

@@ -20,7 +20,7 @@ from cytosae.explorer import create_app
 from cytosae.explorer.annotations import AnnotationStore
 from cytosae.explorer.validation import DESCRIPTIONS, ValidationStore, sample_latents
 from cytosae.store.format import atomic_write_parquet
-from explorer_fixtures import LOCAL, copy_of, session_run
+from explorer_fixtures import LOCAL, copy_of, session_run, write_descriptions_for
 
 C, N, U = "coherent", "not_coherent", "unsure"
 
@@ -149,9 +149,7 @@ def _texts(obj) -> str:
 
 
 def test_validation_endpoints_never_show_other_experts_or_annotations(run):
-    desc = pd.DataFrame({"latent": _pool(run), "text": "fires on granules", "best_class": "neutrophil"})
-    (run / "concepts").mkdir()
-    atomic_write_parquet(run / DESCRIPTIONS, desc)
+    write_descriptions_for(run, _pool(run), "fires on granules", "neutrophil")
     with TestClient(create_app(run), base_url=LOCAL) as c:
         for expert in ("Ana Secret", "Bea"):
             c.post("/api/validation/session", json={"expert": expert, "n": 4})
@@ -261,9 +259,7 @@ def test_agreement_cli_two_experts(run):
         "mean per-latent agreement (share giving the modal answer): 0.875 over 4 latents with 2 or more answers",
         "judged coherent (by more than half of their experts): 1 of 4 latents (0.250)",
         "names agreeing with the description's best class: 0 of 0 (–) (no description: run cytosae describe)"]
-    (run / "concepts").mkdir()
-    atomic_write_parquet(run / DESCRIPTIONS, pd.DataFrame({"latent": latents, "text": "t",
-                                                           "best_class": ["neutrophil", None, None, None]}))
+    write_descriptions_for(run, latents, "t", ["neutrophil", None, None, None])
     res = CliRunner().invoke(cli, ["annotations", "agreement", str(run), "--json"])
     assert res.exit_code == 0, res.output
     s = json.loads(res.output)

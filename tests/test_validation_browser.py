@@ -108,11 +108,8 @@ def test_two_blinded_experts_resume_and_agree(server, browser):
     assert not errors, errors
 
     # ---- descriptions appear (another step writes them); Bea sees them only when she switches them on
-    from cytosae.explorer.validation import DESCRIPTIONS
-    from cytosae.store.format import atomic_write_parquet
-    (fx.path / "concepts").mkdir(exist_ok=True)
-    atomic_write_parquet(fx.path / DESCRIPTIONS, pd.DataFrame({"latent": latents, "text": "granular cytoplasm",
-                                                               "best_class": "neutrophil"}))
+    from explorer_fixtures import write_descriptions_for
+    write_descriptions_for(fx.path, latents, "granular cytoplasm", "neutrophil")
     ctx, pg, errors, bodies = _context(browser)
     pg.goto(url + "validate")
     pg.fill("#v-expert", "Bea")

@@ -515,22 +515,26 @@ def annotations_export(
     format: str = typer.Option("csv", "--format", help="csv | json"),
     out: Path = typer.Option(..., "--out", help="File to write."),
 ) -> None:
-    """Export every latent annotation (name, tags, note, status, author, time) and the experts' validation answers
-    (JSON: a `validation` list; CSV: a second file, OUT's name + .validation.csv)."""
+    """Export every latent annotation (name, tags, note, status, author, time), its automatic description (when
+    `cytosae describe` ran) and the experts' validation answers (JSON: a `validation` list; CSV: a second file,
+    OUT's name + .validation.csv)."""
     from cytosae.explorer.annotations import AnnotationStore, DamagedAnnotations, export
-    from cytosae.explorer.validation import ValidationStore, answers_csv_path, export_answers_csv
+    from cytosae.explorer.validation import ValidationStore, answers_csv_path, export_answers_csv, read_descriptions
 
     db = _annotations_db(run_dir)
     if format not in ("csv", "json"):
         _fail(f"--format must be csv or json, got {format!r}")
     try:
         answers = ValidationStore(db).all_answers()
-        n = export(AnnotationStore(db), out, format, validation=answers)
+        table = read_descriptions(run_dir)
+        described = None if table is None else {int(j): str(t) for j, t in table["text"].items()}
+        n = export(AnnotationStore(db), out, format, validation=answers, descriptions=described)
         if format == "csv" and answers:
             export_answers_csv(answers, answers_csv_path(out))
-    except DamagedAnnotations as exc:
+    except (DamagedAnnotations, ValueError) as exc:  # ValueError: a damaged descriptions table, named
         _fail(str(exc))
-    typer.echo(f"{n} annotations from {db} -> {out} ({format})")
+    typer.echo(f"{n} annotations from {db} -> {out} ({format})"
+               + (f", with the descriptions of {len(described)} latents" if described is not None else ""))
     if answers:
         typer.echo(f"{len(answers)} validation answers -> "
                    f"{answers_csv_path(out) if format == 'csv' else str(out) + ' (validation)'}")

@@ -292,20 +292,27 @@ def spreadsheet_safe(value):
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
-def export(store: AnnotationStore, out: str | Path, fmt: str = "csv", validation: list[dict] | None = None) -> int:
+def export(store: AnnotationStore, out: str | Path, fmt: str = "csv", validation: list[dict] | None = None,
+           descriptions: dict[int, str] | None = None) -> int:
     """Write every annotation to `out` (atomic) as csv or json; returns the number written. CSV cells that a
     spreadsheet would run as formulas get a leading ' (see spreadsheet_safe); JSON keeps the exact text.
     `validation`: the experts' answers (explorer/validation.py), added to the JSON as a list of their own; a CSV
-    has one table's columns, so the caller writes them to a second file."""
+    has one table's columns, so the caller writes them to a second file. `descriptions`: latent -> the automatic
+    description's line (`cytosae describe`), a `description` column beside each annotation (and in JSON a
+    `descriptions` list of every described latent)."""
     rows = [a.to_dict() for a in store.all()]
+    if descriptions is not None:
+        rows = [{**r, "description": descriptions.get(r["latent"], "")} for r in rows]
     if fmt == "json":
         doc = {"annotations": rows, "statuses": list(STATUSES)}
         if validation is not None:
             doc["validation"] = validation
+        if descriptions is not None:
+            doc["descriptions"] = [{"latent": j, "text": t} for j, t in sorted(descriptions.items())]
         data = (json.dumps(doc, indent=1) + "\n").encode()
     elif fmt == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(FIELDS))
+        w = csv.DictWriter(buf, fieldnames=list(FIELDS) + (["description"] if descriptions is not None else []))
         w.writeheader()
         for r in rows:
             w.writerow({k: spreadsheet_safe(v) for k, v in {**r, "tags": ";".join(r["tags"])}.items()})

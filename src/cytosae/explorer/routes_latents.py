@@ -102,6 +102,7 @@ def latent_page(ex: ExplorerDep, latent: int = PathParam(..., ge=0, le=MAX_LATEN
     cmp_ = run.table("patients/compare")
     out["compare"] = cmp_.records(latent) if cmp_ is not None else []
     out.update(_neighbours(ex, latent, n_neighbours))
+    out["description"] = _description(run, latent)  # None until `cytosae describe` wrote RUN/concepts
     out["class_ap"] = latent_class_ap(run, latent)  # None until `cytosae align` wrote quality/latent_classes.parquet
     out["measured"] = LATENT_MEASURED
     return FastJSON(out)  # already JSON-ready: skip FastAPI's per-value encoder
@@ -160,6 +161,14 @@ def _analyses(run: RunDir) -> dict[str, bool]:
 
 
 # ------------------------------------------------------------------ helpers: /api/latents
+def _description(run, latent: int) -> dict | None:
+    """The latent's automatic description: its one line and the measured facts behind it."""
+    table = run.descriptions()
+    if table is None or latent not in table.index:
+        return None
+    return {"latent": latent, **records(table.loc[[latent]].reset_index().drop(columns="latent"))[0]}
+
+
 def _filter_latents(df: pd.DataFrame, ann: dict[int, dict], cls: str | None, annotated: bool | None,
                     status: str | None, ranges: dict[str, tuple[float | None, float | None]]) -> pd.DataFrame:
     """The overview rows that pass every filter given; `ranges`: column -> (min, max), inclusive, None = open."""

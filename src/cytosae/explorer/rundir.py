@@ -219,6 +219,16 @@ class RunDir:
                       "patients": (patients.SUMMARY, patients.read_patients_summary)}[part]
         return self.cached("summary:" + part, lambda: self.read(self.path / part / file, lambda p: read(p.parent)))
 
+    def descriptions(self) -> pd.DataFrame | None:
+        """RUN/concepts/descriptions.parquet (`cytosae describe`) indexed by latent, through its writer's reader;
+        None when the run has none."""
+        from cytosae.analysis.describe import CONCEPTS, DESCRIPTIONS, read_descriptions
+
+        def load():
+            table = self.read(self.path / CONCEPTS / DESCRIPTIONS, lambda p: read_descriptions(p.parent))
+            return None if table is None else table.drop_duplicates("latent", keep="last").set_index("latent")
+        return self.cached("descriptions", load)
+
     @property
     def classify_results(self) -> dict | None:
         from cytosae.analysis.classify_results import RESULTS, read_classify_results

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import pandas as pd
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -205,7 +206,25 @@ def search_latents(ex: Explorer, q: str, limit: int) -> list[dict]:
         if a.latent not in seen:
             out.append({"latent": a.latent, "name": a.name, "match": "annotation"})
             seen.add(a.latent)
+    out += _description_matches(ex, q, seen, limit - len(out))
     return out[:limit]
+
+
+def _description_matches(ex: Explorer, q: str, seen: set[int], limit: int) -> list[dict]:
+    """Latents whose automatic description (`cytosae describe`) holds every word of q, any case ("nucleus
+    eosinophil"), in latent order."""
+    table = ex.run.descriptions() if limit > 0 else None
+    words = q.lower().split()
+    if table is None or not words:
+        return []
+    text = table["text"].astype(str).str.lower()
+    hit = np.logical_and.reduce([text.str.contains(w, regex=False).to_numpy() for w in words])
+    out = []
+    for j, line in zip(table.index[hit], table["text"][hit]):
+        if int(j) not in seen and len(out) < limit:
+            a = ex.annotations.get(int(j))
+            out.append({"latent": int(j), "name": a.name if a else "", "match": "description", "description": line})
+    return out
 
 
 def safe_image_path(ex: Explorer, dataset: str, image_id: str, recorded: str | None) -> Path:

@@ -222,19 +222,13 @@ def open_validation(path: str | Path) -> ValidationStore | UnavailableValidation
 
 
 def read_descriptions(run_path: Path) -> pd.DataFrame | None:
-    """RUN/concepts/descriptions.parquet (written by `cytosae describe`) indexed by latent; None when absent.
-    ValueError naming the file and column when it is not the table that step writes."""
-    path = Path(run_path) / DESCRIPTIONS
-    if not path.is_file():
+    """RUN/concepts/descriptions.parquet (written by `cytosae describe`, read by its own reader) indexed by latent;
+    None when absent. ValueError naming the file and column when it is not the table that step writes."""
+    from cytosae.analysis.describe import read_descriptions as read
+
+    df = read(run_path)
+    if df is None:
         return None
-    try:
-        df = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises its own types for a damaged file
-        raise ValueError(f"{DESCRIPTIONS} could not be read ({type(exc).__name__}); rerun `cytosae describe`") from None
-    for col in ("latent", "text", "best_class"):
-        if col not in df.columns:
-            raise ValueError(f"{DESCRIPTIONS} has no column {col!r} (columns: {list(df.columns)}); "
-                             "rerun `cytosae describe`")
     if not pd.api.types.is_integer_dtype(df["latent"]):
         raise ValueError(f"{DESCRIPTIONS}: column 'latent' must hold integers, not {df['latent'].dtype}; "
                          "rerun `cytosae describe`")
