@@ -2,6 +2,7 @@
 in the static report), exported with the annotations. Built by the real `cytosae describe` on a pipeline run."""
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -62,3 +63,30 @@ def test_export_carries_each_annotated_latents_description(described, tmp_path):
     assert res.exit_code == 0, res.output
     back = pd.read_csv(tmp_path / "a.csv", keep_default_na=False)
     assert back.description.tolist() == [table.text.iloc[1]] and back.name.tolist() == ["'=cmd|x"]
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")
+def test_the_report_shows_the_description_on_the_latent_page_in_chromium(described, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from cytosae.explorer.report import build_report
+
+    run, table = described
+    res = build_report(run, tmp_path / "site", n_latents=4, n_images=1)
+    j = res["latents"][0]
+    text = pd.read_parquet(run / CONCEPTS / DESCRIPTIONS).set_index("latent").loc[j, "text"]
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run"])
+        try:
+            pg = b.new_page()
+            pg.goto((tmp_path / "site" / "index.html").as_uri() + f"#/latent/{j}")
+            pg.wait_for_selector("#latent-description")
+            assert text in pg.locator("#latent-description").inner_text()
+        finally:
+            b.close()

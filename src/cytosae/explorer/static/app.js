@@ -251,7 +251,8 @@ async function viewLatent(j) {
   const annot = annotationForm(d.latent, a, title);
   const modeSel = h("select", { id: "overlay-mode" }, h("option", { value: "overlay" }, "heatmap overlay"), h("option", { value: "mask" }, "mask (dim where silent)"), h("option", { value: "off" }, "off"));
   const topWrap = h("div", { id: "top-images" });
-  $app.replaceChildren(title, nav, h("div", { class: "row" }, h("div", {}, h("h2", {}, "Statistics"), statsT), h("div", { class: "card" }, h("h2", {}, "Annotation"), annot)),
+  const described = d.description ? h("p", { id: "latent-description", class: "caption" }, "Automatic description (measured facts, `cytosae describe`): ", h("strong", {}, d.description.text)) : "";
+  $app.replaceChildren(title, nav, described, h("div", { class: "row" }, h("div", {}, h("h2", {}, "Statistics"), statsT), h("div", { class: "card" }, h("h2", {}, "Annotation"), annot)),
     h("h2", {}, "Top images ", h("label", { class: "muted" }, " overlay: ", modeSel)),
     h("p", { class: "caption" }, d.measured.top_images + ". Overlay: this latent's activation on each of the 16×16 patches (scaled to the image's maximum), on the image resized as the model saw it."),
     topWrap);
@@ -617,7 +618,7 @@ document.getElementById("global-search").addEventListener("submit", async ev => 
     return;
   }
   try { const r = await api(u("search", { q }));
-    $app.replaceChildren(h("h1", {}, `Search: ${q}`), r.results.length ? h("ul", {}, ...r.results.map(x => h("li", {}, latentLink(x.latent, x.name), ` (${x.match})`))) : h("p", { class: "muted" }, "no latent matches"));
+    $app.replaceChildren(h("h1", {}, `Search: ${q}`), r.results.length ? h("ul", {}, ...r.results.map(x => h("li", {}, latentLink(x.latent, x.name), ` (${x.match})`, x.description ? h("span", { class: "muted" }, " — " + x.description) : ""))) : h("p", { class: "muted" }, "no latent matches"));
   } catch (e) { showError($app, e); }
 });
 (async function start() {
