@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from .checksum import canonical_json, self_checksum  # noqa: F401  (re-exported: the files' one checksum)
 from .schema import FORMAT, FORMAT_VERSION, seal, validate  # noqa: F401  (the schema owns the format's name)
 MANIFEST = "manifest.json"
 IMAGES = "images.parquet"
@@ -70,19 +71,6 @@ def verify_file(path: Path, expected: dict | None, remedy: str, full: bool = Tru
         if actual != expected[algorithm]:
             raise DamagedFile(f"{path} is damaged: its {algorithm} differs from the one recorded when it was "
                               f"written (bit rot, a bad copy or an edit); {remedy}")
-
-
-def canonical_json(obj: dict, without: str) -> bytes:
-    """The bytes a self-checksum is taken over: `obj` less its `without` key, keys sorted, no spaces, ASCII.
-    Never change this form: every sealed manifest.json and config.json would then read as edited."""
-    return json.dumps({k: v for k, v in obj.items() if k != without}, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True).encode()
-
-
-def self_checksum(obj: dict, key: str) -> str:
-    """sha256 of `obj`'s canonical JSON without `key`: what a file records under `key` to detect edits to itself
-    (a store's manifest_sha256, an SAE config's config_sha256)."""
-    return hashlib.sha256(canonical_json(obj, key)).hexdigest()
 
 
 def shard_name(index: int) -> str:

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .checksum import self_checksum
+
 FORMAT = "cytosae-activation-store"
 FORMAT_VERSION = 2  # 2: manifest_sha256, and a checksum on every shard with a file
 SELF_CHECKSUM = "manifest_sha256"
@@ -113,7 +115,6 @@ class StoreManifest(_Strict):
 
 def seal(meta: dict) -> dict:
     """`meta` as the writer stores it: the current format version and its own checksum."""
-    from .format import self_checksum  # here, not at the top: format.py imports this module
 
     meta = {**meta, "format_version": FORMAT_VERSION}
     meta[SELF_CHECKSUM] = self_checksum(meta, SELF_CHECKSUM)
@@ -135,7 +136,6 @@ def validate(meta: Any, path: Path) -> dict:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(the manifest)"
         raise ValueError(f"{path}: field {where}: {err['msg']}; {REMEDY}") from None
-    from .format import self_checksum  # here, not at the top: format.py imports this module
 
     recorded = meta.get(SELF_CHECKSUM)
     if recorded is not None and self_checksum(meta, SELF_CHECKSUM) != recorded:
