@@ -46,16 +46,6 @@ async function api(url, opts) {
 function fileUrl(url) { return STATIC ? "data/" + fnv1a(url) + ".jpg" : url.slice(1); }
 
 // ---------------------------------------------------------------- helpers
-function h(tag, attrs, ...children) {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) {
-    if (k === "class") el.className = v;
-    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-    else if (v !== null && v !== undefined && v !== false) el.setAttribute(k, v === true ? "" : v);
-  }
-  for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c.nodeType ? c : String(c));
-  return el;
-}
 // Image ids are paths relative to the data root and can be long: captions show the file name with its folder when
 // both fit in a tile (cells of different patients are often all cell_000.png), else the file name alone (ellipsised
 // by CSS if still too wide), the full id on hover: tiles never print paths over each other.
@@ -82,10 +72,6 @@ function showTip(ev, text) { tip.hidden = false; tip.textContent = text; tip.sty
 function hideTip() { tip.hidden = true; }
 
 // colour for a value in [0, 1]: transparent -> red -> yellow
-function heatColor(t) {
-  const r = 255, g = Math.round(255 * Math.max(0, t * 1.6 - 0.6)), b = 0;
-  return `rgba(${r},${g},${b},${Math.min(0.75, 0.15 + 0.7 * t)})`;
-}
 function viridis(t) { // short approximation for scatter colouring (label entropy)
   const c = [[68,1,84],[59,82,139],[33,145,140],[94,201,98],[253,231,37]];
   const x = Math.max(0, Math.min(1, t)) * (c.length - 1), i = Math.min(c.length - 2, Math.floor(x)), f = x - i;
@@ -93,24 +79,6 @@ function viridis(t) { // short approximation for scatter colouring (label entrop
 }
 
 // draw per-patch values over an image; mode: overlay | mask | off
-function drawHeat(canvas, values, grid, mode, vmax, selected) {
-  const ctx = canvas.getContext("2d");
-  if (!grid) { ctx.clearRect(0, 0, canvas.width, canvas.height); return; }
-  const W = canvas.width, cell = W / grid;
-  ctx.clearRect(0, 0, W, W);
-  const mx = vmax || Math.max(1e-9, ...values);
-  if (mode !== "off" && values) {
-    for (let p = 0; p < values.length; p++) {
-      const t = values[p] / mx, x = (p % grid) * cell, y = Math.floor(p / grid) * cell;
-      if (mode === "mask") { ctx.fillStyle = `rgba(0,0,0,${0.85 * (1 - Math.min(1, t))})`; ctx.fillRect(x, y, cell, cell); }
-      else if (t > 0) { ctx.fillStyle = heatColor(Math.min(1, t)); ctx.fillRect(x, y, cell, cell); }
-    }
-  }
-  if (selected !== null && selected !== undefined && selected >= 0) {
-    ctx.strokeStyle = "#00e5ff"; ctx.lineWidth = 2;
-    ctx.strokeRect((selected % grid) * cell + 1, Math.floor(selected / grid) * cell + 1, cell - 2, cell - 2);
-  }
-}
 
 // ---------------------------------------------------------------- small SVG charts
 function barChart(items, { width = 320, barH = 16, label, value, valueFmt = v => fmt(v, 2), title }) {

@@ -24,28 +24,6 @@ async function api(url, opts) {
   return body;
 }
 const send = (method, path, body) => api(q(path), { method, headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
-function h(tag, attrs, ...children) {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) {
-    if (k === "class") el.className = v;
-    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-    else if (v !== null && v !== undefined && v !== false) el.setAttribute(k, v === true ? "" : v);
-  }
-  for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c.nodeType ? c : String(c));
-  return el;
-}
-function heatColor(t) {
-  const g = Math.round(255 * Math.max(0, t * 1.6 - 0.6));
-  return `rgba(255,${g},0,${Math.min(0.75, 0.15 + 0.7 * t)})`;
-}
-function drawHeat(canvas, values, grid, selected) {
-  const ctx = canvas.getContext("2d"), W = canvas.width, cell = W / grid;
-  ctx.clearRect(0, 0, W, W);
-  if (!grid || !values) return;
-  const mx = Math.max(1e-9, ...values);
-  values.forEach((v, p) => { if (v > 0) { ctx.fillStyle = heatColor(Math.min(1, v / mx)); ctx.fillRect((p % grid) * cell, Math.floor(p / grid) * cell, cell, cell); } });
-  if (selected >= 0) { ctx.strokeStyle = "#00e5ff"; ctx.lineWidth = 2; ctx.strokeRect((selected % grid) * cell + 1, Math.floor(selected / grid) * cell + 1, cell - 2, cell - 2); }
-}
 function message(text, cls) { return h("p", { id: "v-msg", class: cls || "muted", role: cls === "error" ? "alert" : null }, text); }
 
 // ---------------------------------------------------------------- start: the expert's name, once
@@ -130,7 +108,7 @@ function drawImages(box, d) {
           h("img", { src: q("image/file", { dataset: ds, image_id: it.image_id }), alt: "cell image" }), cv)));
       }
       api(q(`latents/${d.latent}/heatmaps`, { dataset: ds, by, k: list.length })).then(hm => {
-        for (const it of hm.items) if (canv[it.image_id]) drawHeat(canv[it.image_id], it.values, it.grid, by === "patch" ? it.patch : -1);
+        for (const it of hm.items) if (canv[it.image_id]) drawHeat(canv[it.image_id], it.values, it.grid, "overlay", null, by === "patch" ? it.patch : -1);
       }).catch(e => tiles.after(message(e.message, "error")));
     }
   }
