@@ -222,12 +222,12 @@ class RunDir:
     def descriptions(self) -> pd.DataFrame | None:
         """RUN/concepts/descriptions.parquet (`cytosae describe`) indexed by latent, through its writer's reader;
         None when the run has none."""
-        from cytosae.analysis.describe import CONCEPTS, DESCRIPTIONS, read_descriptions
+        from cytosae.analysis.describe import CONCEPTS, DESCRIPTIONS
 
-        def load():
-            table = self.read(self.path / CONCEPTS / DESCRIPTIONS, lambda p: read_descriptions(p.parent))
-            return None if table is None else table.drop_duplicates("latent", keep="last").set_index("latent")
-        return self.cached("descriptions", load)
+        from .validation import read_descriptions  # the one place the table is checked and indexed by latent
+
+        return self.cached("descriptions", lambda: self.read(self.path / CONCEPTS / DESCRIPTIONS,
+                                                             lambda p: read_descriptions(self.path)))
 
     @property
     def classify_results(self) -> dict | None:
