@@ -13,10 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# rows per chunk when forming (M, d) outer products, bounding peak memory
-_CHUNK_PAIRS = 1 << 16
-
-
 class SparseEncoderGather(torch.autograd.Function):
     """vals[m] = ((x - b_dec) @ W_enc + b_enc)[rows[m], cols[m]], with sparse gradients.
 
@@ -37,22 +33,31 @@ class SparseEncoderGather(torch.autograd.Function):
     def backward(ctx, g):
         x_c, w_enc, rows, cols = ctx.saved_tensors
         g = g.to(w_enc.dtype)
-        n, d = ctx.n_latents, x_c.shape[1]
+        n = ctx.n_latents
         grad_b_dec = grad_w = grad_b = None
         per_latent = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         if ctx.needs_input_grad[3]:
             grad_b = per_latent
         if ctx.needs_input_grad[2]:
-            grad_wt = torch.zeros(n, d, dtype=g.dtype, device=g.device)
-            for s in range(0, rows.numel(), _CHUNK_PAIRS):
-                r, c, gg = rows[s:s + _CHUNK_PAIRS], cols[s:s + _CHUNK_PAIRS], g[s:s + _CHUNK_PAIRS]
-                grad_wt.index_add_(0, c, x_c.index_select(0, r).mul_(gg[:, None]))
-            grad_w = grad_wt.t()
+            # row c of W_enc^T's gradient is the g-weighted sum of the tokens that kept latent c: an embedding bag
+            # over x_c with the pairs grouped by latent. It writes (n, d) once; gathering an (M, d) product and
+            # index_add-ing it cost 4x as long (89 vs 22 ms at 65,536 pairs, 49,152 x 768, one thread)
+            by_latent, order = cols.sort()
+            offsets = torch.searchsorted(by_latent, torch.arange(n, device=cols.device, dtype=cols.dtype))
+            grad_wt = F.embedding_bag(rows[order], x_c.to(g.dtype), offsets, mode="sum", per_sample_weights=g[order])
+            grad_w = in_layout_of(w_enc, grad_wt)
         if ctx.needs_input_grad[1]:
             grad_b_dec = -(w_enc @ per_latent)
         if ctx.needs_input_grad[0]:
             raise RuntimeError("SparseEncoderGather does not propagate gradients to the SAE input")
         return None, grad_b_dec, grad_w, grad_b, None, None, None
+
+
+def in_layout_of(w_enc: torch.Tensor, grad_t: torch.Tensor) -> torch.Tensor:
+    """W_enc's gradient from its transpose `grad_t` (n_latents, d_in), in W_enc's own memory layout: autograd copies
+    a gradient whose strides differ from the parameter's (a 150 MB transposed copy per step at 49,152 x 768)."""
+    grad = grad_t.t()
+    return grad if grad.stride() == w_enc.stride() else grad.contiguous()
 
 
 def sparse_decode(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, w_dec: torch.Tensor,
@@ -119,7 +124,7 @@ class EncoderLinear(torch.autograd.Function):
         x_c, w_enc = ctx.saved_tensors
         g_sum = g.sum(0, dtype=w_enc.dtype)
         # the big matmul runs in the gradient's precision (bf16 under autocast), its result in float32
-        grad_w = (x_c.to(g.dtype).t() @ g).to(w_enc.dtype) if ctx.needs_input_grad[2] else None
+        grad_w = in_layout_of(w_enc, (g.t() @ x_c.to(g.dtype)).to(w_enc.dtype)) if ctx.needs_input_grad[2] else None
         grad_b_dec = -(w_enc @ g_sum) if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[0]:
             raise RuntimeError("EncoderLinear does not propagate gradients to the SAE input")

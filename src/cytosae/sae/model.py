@@ -104,7 +104,9 @@ class SAE(nn.Module):
         bound_dec = 1.0 / math.sqrt(d)
         w_dec.uniform_(-bound_dec, bound_dec, generator=gen)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(self._init_encoder(w_dec, gen))
+        # W_enc is the (d_in, n_latents) view of an (n_latents, d_in) block: its gradients are built latent by latent
+        # (kernels.in_layout_of) and land without a transposed copy; the matmuls run at one speed in either layout
+        self.W_enc = nn.Parameter(self._init_encoder(w_dec, gen).t().clone(memory_format=torch.contiguous_format).t())
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.W_dec = nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(d))
@@ -118,8 +120,7 @@ class SAE(nn.Module):
         return values
 
     def _init_encoder(self, w_dec: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        # contiguous: a transposed view would give W_enc (and its Adam state) column-major strides
-        return w_dec.t().contiguous()  # Gao et al.: encoder initialised as the decoder transpose
+        return w_dec.t()  # Gao et al.: encoder initialised as the decoder transpose
 
     def _init_state(self) -> None:
         """Register the architecture's own parameters and buffers."""
@@ -205,8 +206,8 @@ class SAE(nn.Module):
     def remove_parallel_decoder_grad(self) -> None:
         """Drop the gradient component along each decoder row, so the step keeps rows near unit norm."""
         g = self.W_dec.grad
-        if g is not None:
-            g.sub_((g * self.W_dec).sum(1, keepdim=True) * self.W_dec)
+        if g is not None:  # in place: (g * W).sum(1) then g - dot * W built two (n, d) temporaries
+            g.addcmul_(torch.linalg.vecdot(g, self.W_dec).unsqueeze(1), self.W_dec, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from ..allocator import keep_freed_memory
 from ..devices import resolve_device
 from ..distributed import rank_and_world
 from .checkpoint import load_training_state, save_training_state
@@ -61,6 +62,13 @@ def lr_factor(step: int, total_steps: int, warmup: int, decay: int) -> float:
     return f
 
 
+def _like(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A saved optimiser tensor restored on p's device, in p's memory layout where it has p's shape."""
+    if tuple(v.shape) == tuple(p.shape):
+        return torch.empty_like(p).copy_(v)
+    return v.clone().to(p.device)
+
+
 class Trainer:
     """Trains one SAE on a deterministic stream of (N, d_in) tensors; resumable; data-parallel under torch.distributed.
 
@@ -83,6 +91,8 @@ class Trainer:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.cfg, self.total_tokens, self.seed, self.batch_size = cfg, total_tokens, seed, batch_size
         self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # each step's 150 MB blocks reused, not mapped afresh (cytosae/allocator.py)
         self.precision, self.log_every, self.logger, self.progress = precision, log_every, logger, progress
         self.ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every, self.prefetch_batches = checkpoint_every, prefetch_batches
@@ -146,8 +156,8 @@ class Trainer:
         self.sae.load_state_dict(model)
         for name, p in self.sae.named_parameters():
             st = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"adam.{name}.")}
-            if st:  # fused Adam keeps its step counter on the parameter's device
-                self.opt.state[p] = {k: v.clone().to(p.device) for k, v in st.items()}
+            if st:  # fused Adam keeps its step counter on the parameter's device, its moments in its layout
+                self.opt.state[p] = {k: _like(p, v) for k, v in st.items()}
         torch.set_rng_state(tensors["rng.torch"])
         self.since_fired = tensors["counters.since_fired"].clone().to(self.device)
         self._since_fired_bound = int(self.since_fired.max())
@@ -253,8 +263,9 @@ class Trainer:
         for p in self.sae.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad.div_(self.world)
+            flat = p.grad if p.grad.is_contiguous() else p.grad.t()  # collectives want contiguous: W_enc is stored as its transpose
+            dist.all_reduce(flat)
+            flat.div_(self.world)
         f = fired.to(torch.uint8)
         dist.all_reduce(f, op=dist.ReduceOp.MAX)
         return f.bool()

@@ -73,10 +73,15 @@ def open_sae(path: Path, allow_unfinished: bool = False, warn: Warn = None):
 
 
 def device(spec: str):
+    """The command's device, resolved once; on the CPU freed memory is kept for the next batch (allocator.py)."""
+    from cytosae.allocator import keep_freed_memory
     from cytosae.devices import resolve_device
 
     with one_line():
-        return resolve_device(spec)
+        dev = resolve_device(spec)
+    if dev.type == "cpu":
+        keep_freed_memory()
+    return dev
 
 
 def analysis_batch(dev) -> int:
