@@ -75,10 +75,11 @@ def test_sparse_kernels_match_dense_gradients(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_encoder_gradient_lands_in_the_encoders_own_layout(arch):
-    """W_enc is stored as its transpose and every architecture's backward builds its gradient in that layout: a
-    gradient with other strides is copied by autograd (150 MB a step at 49,152 x 768). Values are unchanged."""
+    """The encoder is stored as its transpose and every architecture's backward builds its gradient in that layout:
+    a gradient with other strides is copied by autograd (150 MB a step at 49,152 x 768). Values are unchanged."""
     s = _sae(arch).train()
-    assert s.W_enc.t().is_contiguous() and s.W_enc.data_ptr() != s.W_dec.data_ptr()
+    assert s.W_enc_T.is_contiguous() and s.W_enc_T.data_ptr() != s.W_dec.data_ptr()
+    assert torch.equal(s.W_enc, s.W_enc_T.t()) and s.tensors()["W_enc"].shape == (16, 64)
     torch.manual_seed(1)
     ref = SAE(SAEConfig(arch=arch, d_in=16, n_latents=64, k=4), seed=0)
     assert torch.equal(ref.W_enc, SAE(SAEConfig(arch=arch, d_in=16, n_latents=64, k=4), seed=0).W_enc)
@@ -87,10 +88,7 @@ def test_encoder_gradient_lands_in_the_encoders_own_layout(arch):
     dead = torch.zeros(64, dtype=torch.bool)
     dead[:20] = True
     s(torch.randn(64, 16), dead_mask=dead).loss.backward()
-    assert s.W_enc.grad.stride() == s.W_enc.stride()
-    ref.W_enc.data = ref.W_enc.data.contiguous()  # a user's row-major W_enc gets a row-major gradient
-    ref.train()(torch.randn(64, 16), dead_mask=dead).loss.backward()
-    assert ref.W_enc.grad.is_contiguous()
+    assert s.W_enc_T.grad.is_contiguous()  # autograd kept the gradient the backward built: no copy
 
 
 def test_batchtopk_exports_as_jumprelu():
@@ -186,13 +184,13 @@ def test_ghost_grads_reach_dead_latents_only_when_dead():
     x = torch.randn(64, 16)
     out = s(x)
     out.loss.backward()
-    assert float(out.aux) == 0.0 and torch.all(s.W_enc.grad[:, :10] == 0)  # no dead mask yet
+    assert float(out.aux) == 0.0 and torch.all(s.W_enc_T.grad.t()[:, :10] == 0)  # no dead mask yet
     s.zero_grad()
     dead = torch.zeros(64, dtype=torch.bool)
     dead[:10] = True
     out = s(x, dead_mask=dead)
     out.loss.backward()
-    assert float(out.aux) > 0 and float(s.W_enc.grad[:, :10].abs().sum()) > 0
+    assert float(out.aux) > 0 and float(s.W_enc_T.grad.t()[:, :10].abs().sum()) > 0
 
 
 def test_jumprelu_threshold_gradient_is_rectangle_ste():

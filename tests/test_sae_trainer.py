@@ -103,6 +103,28 @@ def test_epochs_train_and_resume_mid_epoch_equals_uninterrupted(sorted_store, tm
         assert torch.allclose(p, dict(resumed.named_parameters())[name], atol=1e-6), name
 
 
+def test_a_state_saved_before_the_encoder_was_stored_transposed_resumes(sorted_store, tmp_path):
+    """Training states written with the encoder as model.W_enc / adam.W_enc.* (d_in, n_latents) resume as today's
+    (model.W_enc_T, its transpose): rewritten in the old names with the real writer, the run ends where it would."""
+    from cytosae.sae.checkpoint import load_training_state, save_training_state
+
+    st, _ = sorted_store
+    src = store_epochs(st, 1, batch_size=64, seed=4, shuffle_tokens=320)
+    kw = dict(d_in=D, arch="topk", n_latents=32, seed=4, batch_size=64, k=4, progress=False, lr_warmup_steps=2,
+              checkpoint_every=640)
+    for name in ("new", "old"):
+        train_sae(src, checkpoint_dir=tmp_path / name, max_tokens_this_run=1280, **kw)
+    tensors, meta = load_training_state(tmp_path / "old")
+    assert "model.W_enc_T" in tensors and "adam.W_enc_T.exp_avg" in tensors
+    old = {k.replace("W_enc_T", "W_enc"): (v.t() if k.split(".")[-1] in ("W_enc_T", "exp_avg", "exp_avg_sq")
+                                           and "W_enc_T" in k else v) for k, v in tensors.items()}
+    meta.pop("checksum", None)
+    save_training_state(tmp_path / "old", old, meta)
+    a, b = (train_sae(src, checkpoint_dir=tmp_path / name, **kw) for name in ("new", "old"))
+    for name, p in a.named_parameters():
+        assert torch.equal(p, dict(b.named_parameters())[name]), name
+
+
 def test_more_tokens_than_the_data_is_an_error(sorted_store, tmp_path):
     st, _ = sorted_store
     with pytest.raises(ValueError, match="asked for 3,000 tokens but 1 epoch.*2,560"):

@@ -104,14 +104,21 @@ class SAE(nn.Module):
         bound_dec = 1.0 / math.sqrt(d)
         w_dec.uniform_(-bound_dec, bound_dec, generator=gen)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
-        # W_enc is the (d_in, n_latents) view of an (n_latents, d_in) block: its gradients are built latent by latent
-        # (kernels.in_layout_of) and land without a transposed copy; the matmuls run at one speed in either layout
-        self.W_enc = nn.Parameter(self._init_encoder(w_dec, gen).t().clone(memory_format=torch.contiguous_format).t())
+        # the encoder is stored as its transpose (n_latents, d_in), contiguous: its gradients are built latent by
+        # latent (kernels.in_layout_of), and fused Adam copies a non-contiguous parameter in and out every step;
+        # `W_enc` is its (d_in, n_latents) view, as CytoSAE lays it out and as sae.safetensors stores it
+        self.W_enc_T = nn.Parameter(self._init_encoder(w_dec, gen).t().clone(memory_format=torch.contiguous_format))
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.W_dec = nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.register_buffer("input_scale", torch.ones(()))
         self._init_state()
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """(d_in, n_latents) view of the encoder parameter `W_enc_T`: in-place edits reach the parameter, its
+        gradient is `W_enc_T.grad` (transposed)."""
+        return self.W_enc_T.t()
 
     # ------------------------------------------------------------------ what an architecture defines
     @classmethod

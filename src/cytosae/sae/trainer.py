@@ -69,6 +69,18 @@ def _like(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return v.clone().to(p.device)
 
 
+def _with_encoder_transposed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A training state written before the encoder was stored as its transpose (model.W_enc, adam.W_enc.*) in
+    today's names (model.W_enc_T, adam.W_enc_T.*), so that such a run resumes."""
+    out = {}
+    for key, v in tensors.items():
+        if key == "model.W_enc" or key.startswith("adam.W_enc."):
+            key = key.replace("W_enc", "W_enc_T", 1)
+            v = v.t().contiguous() if v.ndim == 2 else v
+        out[key] = v
+    return out
+
+
 class Trainer:
     """Trains one SAE on a deterministic stream of (N, d_in) tensors; resumable; data-parallel under torch.distributed.
 
@@ -149,6 +161,7 @@ class Trainer:
                           if meta.get("run_args", {}).get(k) != run_args.get(k))
             raise ValueError(f"{source} was written by a run with different arguments ({diff}); "
                              f"use another checkpoint_dir or delete it to restart")
+        tensors = _with_encoder_transposed(tensors)
         model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         missing = sorted(set(self.sae.state_dict()) - set(model))
         if missing:
@@ -263,9 +276,8 @@ class Trainer:
         for p in self.sae.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            flat = p.grad if p.grad.is_contiguous() else p.grad.t()  # collectives want contiguous: W_enc is stored as its transpose
-            dist.all_reduce(flat)
-            flat.div_(self.world)
+            dist.all_reduce(p.grad)
+            p.grad.div_(self.world)
         f = fired.to(torch.uint8)
         dist.all_reduce(f, op=dist.ReduceOp.MAX)
         return f.bool()

@@ -88,14 +88,18 @@ class TopKSAE(SAE):
     def _auxk(self, x, x_hat, pre, dead, gather) -> torch.Tensor:
         """Gao et al. AuxK: the top k_aux dead latents reconstruct the residual (normalised MSE).
 
-        k_aux does not depend on how many latents are dead (counting them would wait for the device): where fewer
-        are dead, the picks beyond them are live latents, zeroed by the mask, so the sum is the same."""
+        On a GPU k_aux does not depend on how many latents are dead (counting them would wait for the device): where
+        fewer are dead, the picks beyond them are live latents, zeroed by the mask, so the sum is the same. The CPU
+        picks among the dead columns alone (tests/test_sae_sync.py: both forms give the same step)."""
         k_aux = min(self.cfg.aux_k_effective, self.cfg.n_latents)
         with torch.no_grad():
-            masked = pre.masked_fill(~dead, float("-inf"))
-            idx = masked.topk(k_aux, dim=1).indices
+            if _host_branch(x):  # only the dead columns, topk over them: no (N, n) masked copy, a smaller top-k
+                dead_cols = dead.nonzero().squeeze(1)
+                k_aux = min(k_aux, dead_cols.numel())
+                cols = dead_cols[pre.index_select(1, dead_cols).topk(k_aux, dim=1).indices].flatten()
+            else:
+                cols = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1).indices.flatten()
             rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
-            cols = idx.flatten()
         v = F.relu(gather(rows, cols)) * dead[cols]
         e = (x - x_hat).detach()
         e_hat = sparse_decode(rows, cols, v, self.W_dec, x.shape[0])
