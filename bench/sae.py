@@ -11,8 +11,9 @@ is compared with the fp32 ceiling, bf16 training (CUDA only) with the bf16 one. 
 Trainer.train_step on a batch already on the device, so the figure is the trainer's, not the reader's
 (bench/scale.py measures the reader). One untimed step first; the device is synchronised before each clock.
 Peak memory: torch.cuda.max_memory_allocated per run on CUDA, the process's peak RSS on CPU.
-The TopK family is also compared with the one dense product its step cannot avoid, the encoder's
-(2 * d * n_latents FLOPs per token; issue #21's ceiling, target 0.85); relu-l1 with all five (target 0.7).
+The TopK family is also compared with the one dense product its step cannot avoid, the encoder's, timed
+alone at the step's shape (fraction_of_encoder_product; issue #21's ceiling, target 0.85); relu-l1 with all five
+(target 0.7).
 The ceiling's products write into preallocated outputs, so that it times the arithmetic, not page faults.
 On the CPU the Trainer keeps freed blocks for reuse (cytosae/allocator.py); CYTOSAE_RETURN_FREED_MEMORY=1 runs
 the same bench with glibc's default, to measure what that is worth. --profile adds, per row, the operators that
@@ -36,6 +37,24 @@ REPO = Path(__file__).resolve().parents[1]
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def encoder_product_seconds(batch: int, d: int, n: int, device: torch.device, dtype: torch.dtype,
+                            repeats: int = 3) -> float:
+    """Best time of the TopK step's one unavoidable product, addmm(b_enc, x (batch x d), W_enc (d x n)), with
+    W_enc laid out as the SAE keeps it (the view of its transpose) and a preallocated output."""
+    x = torch.randn(batch, d, device=device, dtype=dtype)
+    w, b = torch.randn(n, d, device=device, dtype=dtype).t(), torch.zeros(n, device=device, dtype=dtype)
+    out = torch.empty(batch, n, device=device, dtype=dtype)
+    torch.addmm(b, x, w, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.addmm(b, x, w, out=out)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def matmul_ceiling(batch: int, d: int, n: int, device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
@@ -119,7 +138,9 @@ def main() -> None:
     out = args.out or REPO / "bench" / "results" / ("sae.json" if device.type == "cpu" else f"sae-{device.type}.json")
 
     precisions = ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]
-    ceilings = {p: matmul_ceiling(b, d, n, device, torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    ceilings = {p: matmul_ceiling(b, d, n, device, dtypes[p]) for p in precisions}
+    encoder_s = {p: encoder_product_seconds(b, d, n, device, dtypes[p]) for p in precisions}
     flops_per_token = 10 * d * n
     runs = [("relu-l1", "relu-l1", {}),
             ("topk sparse", "topk", {"k": args.k, "sparse_kernels": True}),
@@ -136,7 +157,7 @@ def main() -> None:
             rows[key] = {"tokens_per_s": round(rate, 1), "peak_memory_gib": round(peak, 2),
                          "fraction_of_dense_ceiling": round(rate * flops_per_token / 1e9 / ceilings[precision], 3)}
             if arch != "relu-l1":  # the one product a TopK step cannot avoid: the dense encoder
-                rows[key]["fraction_of_encoder_ceiling"] = round(rate * 2 * d * n / 1e9 / ceilings[precision], 3)
+                rows[key]["fraction_of_encoder_product"] = round(encoder_s[precision] * rate / b, 3)
             if ops:
                 rows[key]["self_cpu_ms_of_one_step"] = ops
             print(f"{key:>22}: {rate:10.1f} tokens/s  ({rows[key]['fraction_of_dense_ceiling']:.2f} of the {precision} "
@@ -149,6 +170,9 @@ def main() -> None:
                 f"({args.expansion}x), batch {b}, k={args.k}, random inputs, {args.steps} timed steps after one untimed",
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "matmul_ceiling_gflops": {p: round(c, 1) for p, c in ceilings.items()},
+        "encoder_product_seconds": {p: round(t, 4) for p, t in encoder_s.items()},
+        "fraction_of_encoder_product": "encoder_product_seconds x tokens/s / batch: the step's share spent in "
+                                       "the one dense product a TopK step cannot avoid (1.0 = nothing else)",
         "dense_flops_per_token": flops_per_token,
         "peak_memory": "torch.cuda.max_memory_allocated per run" if device.type == "cuda" else
                        "peak RSS of the whole process so far (monotone across rows)",
@@ -156,7 +180,7 @@ def main() -> None:
         "speedup_sparse_vs_dense": speedups,
         "allocator": allocator,
         "ceiling": "best torch.mm rate over the step's three shapes, into preallocated outputs",
-        "targets": {"relu-l1 fraction_of_dense_ceiling": 0.7, "topk/batchtopk fraction_of_encoder_ceiling": 0.85,
+        "targets": {"relu-l1 fraction_of_dense_ceiling": 0.7, "topk/batchtopk fraction_of_encoder_product": 0.85,
                     "sparse vs dense": 2.0},
     }
     write_result(out, result)
