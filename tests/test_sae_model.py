@@ -91,6 +91,17 @@ def test_encoder_gradient_lands_in_the_encoders_own_layout(arch):
     assert s.W_enc_T.grad.is_contiguous()  # autograd kept the gradient the backward built: no copy
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+def test_encoder_init_scale_scales_the_decoder_transpose(arch, tmp_path):
+    s = SAE(SAEConfig(arch=arch, d_in=16, n_latents=64, k=4, encoder_init_scale=0.5), seed=0)
+    torch.testing.assert_close(s.W_enc, 0.5 * s.W_dec.t())
+    assert SAE(SAEConfig(arch=arch, d_in=16, n_latents=64, k=4)).cfg.encoder_init_scale == 1.0
+    s.save(tmp_path)
+    assert SAE.load(tmp_path).cfg.encoder_init_scale == 0.5
+    with pytest.raises(ValueError, match="encoder_init_scale"):
+        SAEConfig(arch=arch, d_in=16, n_latents=64, k=4, encoder_init_scale=0.0)
+
+
 def test_batchtopk_exports_as_jumprelu():
     s = _sae("batchtopk").eval()
     j = s.to_jumprelu()

@@ -41,6 +41,7 @@ class SAEConfig:
     init_b_dec: str | None = None           # "geometric_median", "mean" or "zeros"
     init_batches: int | None = None
     sparse_kernels: bool | None = None      # topk family: sparse decode + encoder gradient (False: dense, benchmarks)
+    encoder_init_scale: float | None = None  # topk family: W_enc starts as this x W_dec^T
 
     def __post_init__(self) -> None:
         from .archs import resolve_config  # the registry imports the model, which imports this module

@@ -4,8 +4,11 @@ Also the base of batchtopk and matryoshka: they change which (token, latent) pai
 reconstruction term (`_mse`) and what a step updates besides the weights (`_after_forward`)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..kernels import SparseEncoderGather, sparse_decode
 from ..model import SAE, SAEOutput, _host_branch
@@ -18,6 +21,7 @@ class TopKOptions(TokenDeadOptions):
     aux_k: PositiveInt | None = None     # AuxK latents; None -> d_in // 2 (Gao et al. 2024)
     aux_coeff: NonNegative = 1.0 / 32
     sparse_kernels: bool = True          # sparse decode + sparse encoder gradient (False = dense, for benchmarks)
+    encoder_init_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0  # W_enc starts as this x W_dec^T (docs/sae.md)
 
 
 @register
@@ -30,6 +34,9 @@ class TopKSAE(SAE):
         if not 0 < values["k"] <= n_latents:
             raise ConfigError("k", f"must be in 1..n_latents={n_latents}, got {values['k']}")
         return values
+
+    def _init_encoder(self, w_dec: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return w_dec.t() * self.cfg.encoder_init_scale  # Gao et al.: the decoder transpose, optionally scaled
 
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
         vals, idx = pre.topk(self.cfg.k, dim=1)
