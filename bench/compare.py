@@ -245,7 +245,9 @@ def run_child(a, name: str, epochs: int, want_eval: bool) -> dict:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     lines = proc.stdout.splitlines()
     tagged = [ln[len(CHILD_TAG):] for ln in lines if ln.startswith(CHILD_TAG)]
-    print("\n".join(ln for ln in lines if not ln.startswith(CHILD_TAG)), end="", flush=True)
+    for ln in lines:  # the child's own output, passed on
+        if not ln.startswith(CHILD_TAG):
+            print(ln, flush=True)
     if proc.returncode != 0 or not tagged:
         raise SystemExit(f"measured run {name} x {epochs} epochs failed (exit {proc.returncode}): {' '.join(cmd)}")
     return json.loads(tagged[-1])
