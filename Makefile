@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-run
 
-.PHONY: lock fresh-check demo test test-fast browser bench bench-extract bench-sae bench-explorer bench-compare bench-sparsify bench-deepapl clean
+.PHONY: lock fresh-check demo test test-fast browser bench bench-extract bench-sae bench-explorer bench-compare bench-sparsify bench-saelens bench-deepapl clean
 
 # The venv is rebuilt when pyproject.toml or the lock changes. requirements-lock.txt pins every package, transitive
 # ones included, with hashes (`make lock` writes it), so every machine installs the same set: --no-deps installs the
@@ -65,6 +65,13 @@ bench-sparsify:
 	test -x .venv-sparsify/bin/python || $(PYTHON) -m venv .venv-sparsify
 	.venv-sparsify/bin/pip install --quiet -r bench/requirements-sparsify.txt
 	SPARSIFY_DISABLE_TRITON=1 .venv-sparsify/bin/python bench/compare_sparsify.py
+
+# cytosae TopK vs SAELens's TopKTrainingSAE trained by its own SAETrainer (docs/bench-compare.md), in its own venv;
+# BENCH_ARGS passes options through (e.g. BENCH_ARGS="--arch batchtopk --out bench/results/compare-saelens-batchtopk.json").
+bench-saelens:
+	test -x .venv-saelens/bin/python || $(PYTHON) -m venv .venv-saelens
+	.venv-saelens/bin/pip install --quiet -r bench/requirements-saelens.txt
+	.venv-saelens/bin/python bench/compare_saelens.py $(BENCH_ARGS)
 
 # Real patients (../shared/data/deepapl): extract, SAE, concepts, patient-level diagnosis vs baselines.
 bench-deepapl: $(STAMP)

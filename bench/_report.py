@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import resource
 import sys
 from pathlib import Path
 
@@ -16,6 +17,33 @@ def write_result(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+
+
+def _proc_status_gib(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_gib() -> float:
+    """This process's own peak resident memory (VmHWM; ru_maxrss where /proc is missing). ru_maxrss alone is no use
+    in a child: Linux carries the parent's high-water mark across fork + exec."""
+    peak = _proc_status_gib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak_rss() -> float | None:
+    """Set this process's VmHWM to its current RSS (Linux >= 4.0, /proc/self/clear_refs "5") so that a later
+    peak_rss_gib() is the peak of what ran since; returns that RSS, or None where the reset is not available."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _proc_status_gib("VmRSS")
 
 
 # CYTOSAE_SHARED_DATA: the folder holding acevedo/ and deepapl/ when it is not ../shared/data (a GPU machine)

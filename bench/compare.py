@@ -1,4 +1,4 @@
-"""cytosae's TopK/BatchTopK SAE against overcomplete's: same data, same settings, same process.
+"""cytosae's TopK/BatchTopK SAE against overcomplete's: same data, same settings, each run in its own process.
 
     .venv-bench/bin/python bench/compare.py [--arch topk|batchtopk] [--quick] [--tokens N] [--epochs E] [--store STORE]
 
@@ -19,8 +19,14 @@ Each library keeps its own model, loss and training step:
          dictionary, no decoder bias) trained by overcomplete.sae.train_sae with the plain MSE
          criterion of its README, its default clip_grad=1.0 and monitoring=0 (no per-step metrics).
 Training time is wall-clock from model construction to the trained model (data creation
-excluded); one untimed warm-up step per side runs first, then --repeats timed trainings per side
-in ABBA order, the best of which counts (the machine may be shared; all times are recorded). Both are then evaluated by the same
+excluded). Every measured training runs in its own child process of this script (`--child`, started by
+timed_abba): it makes the data, runs one untimed warm-up step, then the timed training, and reports its peak
+RSS (VmHWM, reset after the data was made). Each side trains --epochs E and 2E epochs, --repeats times, in
+ABBA order; the best time of each length counts (the machine may be shared; all times are recorded).
+tokens/s = E x tokens / t_E (start-up included); with start-up removed = E x tokens / (t_2E - t_E). The
+dense encoder product (batch x d) @ (d x n_latents) is timed (torch.addmm) before and after the runs: its
+best rate / (2 d n_latents) is the ceiling tokens/s, and every tokens/s is also given as a fraction of it.
+The first run of each side is evaluated by the same
 function on 8,192 held-out tokens through each model's own encode/decode (inference mode).
 Quality with our *default* schedule is checked too: "ours_defaults" is the same cytosae training with the
 default warm-up (min(500, 5% of the steps)), evaluated on the same held-out tokens, untimed. (A fixed
@@ -42,6 +48,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -179,31 +187,156 @@ def train_theirs(batches: list[torch.Tensor], epochs: int, a) -> tuple[object, f
     return model, time.perf_counter() - t0
 
 
-# ---------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------- measuring (shared by every peer bench)
+CHILD_TAG = "COMPARE_CHILD_RESULT "
+
+
 def loadavg() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def timed_abba(trainers: dict, evaluate_side, batches, a, n_train_tokens: int) -> tuple[dict, dict, dict]:
-    """Train both sides `a.repeats` times in ABBA order (ours, theirs, theirs, ours, ...) so drift in the machine's
-    load hits both alike; the best time of each side is its figure, all times and the load averages before each
-    repeat are recorded. Runs are seeded, so every repeat trains the same model; the first of each side is
-    evaluated with `evaluate_side(name, model)`. Returns (times, loads, evals) by side."""
-    order = [("ours", "theirs") if r % 2 == 0 else ("theirs", "ours") for r in range(a.repeats)]
-    times: dict[str, list[float]] = {"ours": [], "theirs": []}
-    loads: dict[str, list[list[float]]] = {"ours": [], "theirs": []}
-    evals: dict[str, dict] = {}
-    for pair in order:
-        for name in pair:
-            loads[name].append(loadavg())
-            model, secs = trainers[name](batches, a.epochs, a)
-            times[name].append(round(secs, 2))
-            print(f"{name}: {secs:.1f} s ({n_train_tokens / secs:.0f} tokens/s), load {loadavg()}", flush=True)
-            if name not in evals:
-                evals[name] = evaluate_side(name, model)
-                print(f"{name}: {evals[name]}", flush=True)
-            del model
-    return times, loads, evals
+def load_split(a) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    """(train, held-out, split) tokens of the run: the store's (--store) or the synthetic ones."""
+    if a.store is not None:
+        return store_data(a.store, a.tokens, a.test_tokens, a.seed)
+    return (*make_data(a.tokens, a.test_tokens, a.d, a.seed), None)
+
+
+def make_batches(x_train: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    return [x_train[s:s + batch] for s in range(0, x_train.shape[0], batch)]
+
+
+def dense_rate(a, repeats: int = 7) -> float:
+    """GFLOP/s of the one dense product a TopK step cannot avoid, the encoder's (batch x d) @ (d x n_latents):
+    torch.addmm into a preallocated output at the run's thread count, best of `repeats` after one warm-up."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(a.batch, a.d, generator=g), torch.randn(a.d, a.n_latents, generator=g)
+    bias, out = torch.zeros(a.n_latents), torch.empty(a.batch, a.n_latents)
+    torch.addmm(bias, x, w, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.addmm(bias, x, w, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.batch * a.d * a.n_latents / best / 1e9
+
+
+def child_main(a, trainers: dict, evaluate_side) -> None:
+    """One measured training in a fresh process (`--child SIDE:EPOCHS:EVAL`, started by timed_abba), so that its
+    peak memory is that side's alone: data made or read (untimed, before the peak is reset), one untimed warm-up
+    step, the timed training, VmHWM, then the shared evaluation if asked; one tagged JSON line on stdout."""
+    from _report import peak_rss_gib, reset_peak_rss
+
+    name, epochs, want_eval = a.child.split(":")
+    x_train, x_test, split = load_split(a)
+    batches = make_batches(x_train, a.batch)
+    base = reset_peak_rss()
+    trainers[name](batches[:1], 1, a)  # warm-up: allocator, BLAS threads, lazy imports
+    model, secs = trainers[name](batches, int(epochs), a)
+    peak = peak_rss_gib()
+    ev = evaluate_side(name, model, x_test, a) if want_eval == "1" else None
+    print(CHILD_TAG + json.dumps({"seconds": secs, "peak_rss_gib": peak, "start_rss_gib": base, "eval": ev,
+                                  "steps_per_epoch": len(batches), "heldout_tokens": x_test.shape[0],
+                                  "split": split}), flush=True)
+
+
+def run_child(a, name: str, epochs: int, want_eval: bool) -> dict:
+    cmd = [sys.executable, sys.argv[0], *a.argv, "--child", f"{name}:{epochs}:{int(want_eval)}"]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = proc.stdout.splitlines()
+    tagged = [ln[len(CHILD_TAG):] for ln in lines if ln.startswith(CHILD_TAG)]
+    for ln in lines:  # the child's own output, passed on
+        if not ln.startswith(CHILD_TAG):
+            print(ln, flush=True)
+    if proc.returncode != 0 or not tagged:
+        raise SystemExit(f"measured run {name} x {epochs} epochs failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return json.loads(tagged[-1])
+
+
+def timed_abba(a) -> dict:
+    """Each side trains `a.epochs` and 2 x `a.epochs` epochs, `a.repeats` times, in ABBA order (ours, theirs,
+    theirs, ours, ...) so drift in the machine's load hits both alike, every run in its own child process. The best
+    time of each length counts (all are recorded, with the load average before each run); the first run of each
+    side is evaluated. Returns, by side: seconds by epochs, loads, peak and start RSS of every run, its evaluation."""
+    lengths = (a.epochs, 2 * a.epochs)
+    runs = {name: {"seconds": {e: [] for e in lengths}, "loads": [], "peak_rss_gib": [], "start_rss_gib": [],
+                   "eval": None} for name in ("ours", "theirs")}
+    for r in range(a.repeats):
+        for name in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
+            side = runs[name]
+            for e in lengths:
+                side["loads"].append(loadavg())
+                res = run_child(a, name, e, want_eval=side["eval"] is None)
+                side["seconds"][e].append(round(res["seconds"], 3))
+                side["peak_rss_gib"].append(round(res["peak_rss_gib"], 3))
+                side["start_rss_gib"].append(None if res["start_rss_gib"] is None else round(res["start_rss_gib"], 3))
+                side["eval"] = side["eval"] or res["eval"]
+                side["data"] = {k: res[k] for k in ("steps_per_epoch", "heldout_tokens", "split")}
+                print(f"{name} x {e} epochs: {res['seconds']:.1f} s ({e * a.tokens / res['seconds']:.0f} tokens/s), "
+                      f"peak RSS {res['peak_rss_gib']:.2f} GiB, load {loadavg()}", flush=True)
+    return runs
+
+
+def measure(a, trainers: dict, evaluate_side) -> dict | None:
+    """The measured part of every peer bench. In a child (--child): one training, reported on stdout; None.
+    In the parent: the dense encoder-product rate, the ABBA children (timed_abba), the rate again;
+    {"runs": by side, "dense": the rate and the tokens/s it allows}."""
+    if a.child:
+        child_main(a, trainers, evaluate_side)
+        return None
+    before = dense_rate(a)
+    runs = timed_abba(a)
+    after = dense_rate(a)
+    best = max(before, after)
+    dense = {"product": f"torch.addmm, ({a.batch} x {a.d}) @ ({a.d} x {a.n_latents}), float32, "
+                        f"{torch.get_num_threads()} threads, best of 7",
+             "gflops_before_runs": round(before, 1), "gflops_after_runs": round(after, 1),
+             "gflops_best": round(best, 1),
+             "ceiling_tokens_per_second": round(best * 1e9 / (2 * a.d * a.n_latents), 1),
+             "what": "tokens/s if a step cost only the one dense product a TopK step cannot avoid (the encoder's, "
+                     "forward); ceiling = rate / (2 x d x n_latents)"}
+    return {"runs": runs, "dense": dense}
+
+
+def side_summary(run: dict, a, dense: dict) -> dict:
+    """One side's figures: best wall-clock tokens/s at `a.epochs` epochs (start-up included, as before);
+    start-up removed = (t_2E - t_E) / (tokens_2E - tokens_E) over the best times; each also as a fraction of the
+    dense ceiling; held-out FVU/L0/dead fraction; peak RSS of the training process, and above its start."""
+    e1, e2 = a.epochs, 2 * a.epochs
+    t1, t2 = min(run["seconds"][e1]), min(run["seconds"][e2])
+    tps = e1 * a.tokens / t1
+    steady = (e2 - e1) * a.tokens / (t2 - t1) if t2 > t1 else None
+    ceiling = dense["ceiling_tokens_per_second"]
+    ev = run["eval"]
+    above = [p - s for p, s in zip(run["peak_rss_gib"], run["start_rss_gib"]) if s is not None]
+    return {"train_seconds": t1, "tokens_per_second": round(tps, 1),
+            "train_seconds_all_repeats": run["seconds"][e1],
+            "train_seconds_2x_epochs_all_repeats": run["seconds"][e2],
+            "tokens_per_second_startup_removed": None if steady is None else round(steady, 1),
+            "fraction_of_dense_ceiling": round(tps / ceiling, 3),
+            "fraction_of_dense_ceiling_startup_removed": None if steady is None else round(steady / ceiling, 3),
+            "fvu": round(ev["fvu"], 4), "l0": round(ev["l0"], 2), "dead_fraction": round(ev["dead_fraction"], 4),
+            "peak_rss_gib": max(run["peak_rss_gib"]),
+            "training_rss_gib_above_start": round(max(above), 3) if above else None,
+            "loadavg_1_5_15_before_each_run": run["loads"]}
+
+
+def speed_sentence(ours: dict, theirs: dict, dense: dict) -> str:
+    """The verdict's clause on start-up-free speed and the dense ceiling, the same words in every peer bench."""
+    def f(v):
+        return "n/a" if v is None else f"{v:.0f}"
+    return (f"Start-up removed: {f(ours['tokens_per_second_startup_removed'])} vs "
+            f"{f(theirs['tokens_per_second_startup_removed'])} tokens/s; dense encoder product "
+            f"{dense['gflops_best']:.0f} GFLOP/s allows {dense['ceiling_tokens_per_second']:.0f} tokens/s, ours at "
+            f"{ours['fraction_of_dense_ceiling_startup_removed']} of it, theirs at "
+            f"{theirs['fraction_of_dense_ceiling_startup_removed']} (start-up removed). ")
+
+
+TIMING = ("wall-clock, every measured run in its own process (started by the parent; data made and one untimed "
+          "warm-up step there first); best of {repeats} per side and length in ABBA order, at {e1} and {e2} epochs; "
+          "tokens/s includes model construction and each side's own init; start-up removed = "
+          "(t_{e2} - t_{e1}) / (tokens_{e2} - tokens_{e1}); peak RSS = VmHWM of the run's process, reset after its "
+          "data was made")
 
 
 def add_shared_args(ap: argparse.ArgumentParser, out: Path) -> None:
@@ -222,9 +355,11 @@ def add_shared_args(ap: argparse.ArgumentParser, out: Path) -> None:
     ap.add_argument("--quick", action="store_true", help="8,192 training tokens: a smoke run")
     ap.add_argument("--store", type=Path, default=None, help="real tokens from this activation store")
     ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # SIDE:EPOCHS:EVAL, set by timed_abba only
 
 
 def finish_args(a: argparse.Namespace) -> argparse.Namespace:
+    a.argv = [x for x in sys.argv[1:]]  # what each measured child is started with (plus --child)
     if a.quick:
         a.tokens = 8_192
     if a.store is not None:
@@ -234,6 +369,12 @@ def finish_args(a: argparse.Namespace) -> argparse.Namespace:
     return a
 
 
+def evaluate_side(name: str, model, x_test: torch.Tensor, a) -> dict:
+    if name == "ours":
+        return evaluate(model.encode, model.decode, x_test, a.n_latents)
+    return evaluate(lambda x, m=model: m.encode(x)[1], model.decode, x_test, a.n_latents)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", choices=("topk", "batchtopk"), default="topk",
@@ -241,38 +382,14 @@ def main() -> None:
     add_shared_args(ap, REPO / "bench" / "results" / "compare.json")
     a = finish_args(ap.parse_args())
     torch.set_num_threads(a.threads)
-    import_overcomplete()  # imports outside the timed region for both sides
-    import cytosae.sae  # noqa: F401
+    measured = measure(a, {"ours": train_ours, "theirs": train_theirs}, evaluate_side)
+    if measured is None:  # a measured child: done
+        return
+    runs, dense = measured["runs"], measured["dense"]
+    sides = {name: side_summary(runs[name], a, dense) for name in ("ours", "theirs")}
 
-    if a.store is not None:
-        x_train, x_test, split = store_data(a.store, a.tokens, a.test_tokens, a.seed)
-    else:
-        (x_train, x_test), split = make_data(a.tokens, a.test_tokens, a.d, a.seed), None
-    batches = [x_train[s:s + a.batch] for s in range(0, a.tokens, a.batch)]
-    n_train_tokens = a.epochs * a.tokens
-
-    # untimed warm-up (allocator, BLAS threads, lazy imports) on one batch each
-    train_ours(batches[:1], 1, a)
-    train_theirs(batches[:1], 1, a)
-
-    def evaluate_side(name, model):
-        if name == "ours":
-            return evaluate(model.encode, model.decode, x_test, a.n_latents)
-        return evaluate(lambda x, m=model: m.encode(x)[1], model.decode, x_test, a.n_latents)
-
-    times, loads, evals = timed_abba({"ours": train_ours, "theirs": train_theirs}, evaluate_side, batches, a,
-                                     n_train_tokens)
-    sides = {}
-    for name in ("ours", "theirs"):
-        best = min(times[name])
-        ev = evals[name]
-        sides[name] = {"train_seconds": best, "tokens_per_second": round(n_train_tokens / best, 1),
-                       "train_seconds_all_repeats": times[name],
-                       "fvu": round(ev["fvu"], 4), "l0": round(ev["l0"], 2),
-                       "dead_fraction": round(ev["dead_fraction"], 4),
-                       "loadavg_1_5_15_before_each_repeat": loads[name]}
-
-    model, _ = train_ours(batches, a.epochs, a, default_schedule=True)
+    x_train, x_test, split = load_split(a)  # the untimed run with our default schedule
+    model, _ = train_ours(make_batches(x_train, a.batch), a.epochs, a, default_schedule=True)
     ev = evaluate(model.encode, model.decode, x_test, a.n_latents)
     print(f"ours_defaults: {ev}", flush=True)
     sides["ours_defaults"] = {"fvu": round(ev["fvu"], 4), "l0": round(ev["l0"], 2),
@@ -290,23 +407,24 @@ def main() -> None:
                f"L0 {ours['l0']:.2f} vs {theirs['l0']:.2f} ({'ok' if l0_ok else 'HIGHER'} at <= theirs + 0.5); "
                f"with our default schedule FVU {sides['ours_defaults']['fvu']:.4f} "
                f"({'equal or better' if defaults_ok else 'WORSE'} within 0.005). "
+               + speed_sentence(ours, theirs, dense)
                + ("Claim holds: ours is faster at equal-or-better FVU and L0, also with default settings."
                   if faster and fvu_ok and l0_ok and defaults_ok
                   else "Claim does NOT hold on this run."))
 
+    steps_per_epoch = runs["ours"]["data"]["steps_per_epoch"]
     result = {
         "what": f"{a.arch} SAE training, cytosae vs overcomplete, same {'real tokens of ' + str(a.store) if a.store else 'synthetic'} "
-                f"data/order/settings, one process",
+                f"data/order/settings, each measured run in its own process",
         "library": {"name": "overcomplete", "version": metadata.version("overcomplete")},
         "cytosae_version": metadata.version("cytosae"),
         "torch": torch.__version__,
         "settings": {"arch": a.arch, "d_in": a.d, "n_latents": a.n_latents, "expansion": a.expansion, "k": a.k,
                      "batch_size": a.batch, "optimizer": "Adam", "lr": a.lr, "lr_schedule": "constant",
-                     "epochs": a.epochs, "train_tokens": a.tokens, "tokens_trained": n_train_tokens,
-                     "steps": a.epochs * len(batches), "heldout_tokens": x_test.shape[0], "dtype": "float32",
+                     "epochs": a.epochs, "train_tokens": a.tokens, "tokens_trained": a.epochs * a.tokens,
+                     "steps": a.epochs * steps_per_epoch, "heldout_tokens": x_test.shape[0], "dtype": "float32",
                      "device": "cpu", "torch_threads": a.threads, "seed": a.seed, "quick": a.quick,
-                     "timing": f"wall-clock, best of {a.repeats} per side in ABBA order, after one untimed "
-                               f"warm-up step each; includes model construction and each trainer's own init",
+                     "timing": TIMING.format(repeats=a.repeats, e1=a.epochs, e2=2 * a.epochs),
                      "data": f"store {a.store}: held out whole folders (patients) in a seeded order: {split}"
                              if a.store else
                              f"{N_ATOMS} random unit directions, {ACTIVE} active per token (Zipf-like frequency, "
@@ -318,6 +436,7 @@ def main() -> None:
                                         f"{a.k * a.batch}, running threshold at evaluation)")
                                        + " default encoder (Linear+ReLU), train_sae with "
                                        "MSE criterion (README), clip_grad=1.0 (default), monitoring=0"},
+        "dense_encoder_product": dense,
         "ours": ours,
         "ours_defaults": sides["ours_defaults"],
         "theirs": theirs,

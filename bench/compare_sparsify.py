@@ -1,4 +1,4 @@
-"""cytosae's TopK SAE against EleutherAI sparsify's SparseCoder: same data, same settings, same process.
+"""cytosae's TopK SAE against EleutherAI sparsify's SparseCoder: same data, same settings, one process per run.
 
     SPARSIFY_DISABLE_TRITON=1 .venv-sparsify/bin/python bench/compare_sparsify.py [--quick] [--tokens N]
         [--epochs E] [--threads T] [--store STORE]
@@ -17,8 +17,11 @@ Each library keeps its own model, loss and training step:
          default), remove_gradient_parallel_to_decoder_directions(), optimizer step, zero_grad.
          Optimizer: torch Adam, constant lr (its Trainer's Adam path would add a linear warm-up + decay, its
          default is Signum + schedule-free; both differ from ours, so both sides use constant-lr Adam).
-Timing: wall-clock from model construction to the trained model; one untimed warm-up step per side, then
---repeats timed trainings per side in ABBA order, best counts, all recorded. Evaluation: bench/compare.py's
+Timing, peak memory and the dense ceiling are bench/compare.py's (timed_abba, measure, side_summary): every
+measured run in its own child process (one untimed warm-up step there), each side at E and 2E epochs, --repeats
+times in ABBA order, best counts, all recorded; tokens/s with start-up removed from the two lengths; peak RSS
+(VmHWM) of each run's process; the encoder's dense (batch x d) @ (d x n_latents) rate timed in the same run.
+Evaluation: bench/compare.py's
 evaluate() on the held-out tokens through each model's own encode/decode (theirs: SparseCoder.encode's top-k
 scattered into a dense code, decoded by SparseCoder.decode).
 --diagnose: also train ours untimed with one default changed at a time (init_b_dec="mean"; normalize_inputs
@@ -40,8 +43,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import (ACTIVE, N_ATOMS, NOISE, REPO, add_shared_args, evaluate, finish_args, loadavg, make_data,  # noqa: E402
-                     store_data, timed_abba, train_ours)  # noqa: E402
+from compare import (ACTIVE, N_ATOMS, NOISE, REPO, TIMING, add_shared_args, evaluate, finish_args, load_split,  # noqa: E402
+                     loadavg, make_batches, measure, side_summary, speed_sentence, train_ours)  # noqa: E402
 
 
 def import_sparsify():
@@ -121,39 +124,31 @@ def parse() -> argparse.Namespace:
     return finish_args(a)
 
 
+def evaluate_side(name: str, model, x_test: torch.Tensor, a) -> dict:
+    with torch.inference_mode():
+        codec = (model.encode, model.decode) if name == "ours" else theirs_codec(model, a.k)
+        return evaluate(*codec, x_test, a.n_latents)
+
+
 def main() -> None:
     a = parse()
     torch.set_num_threads(a.threads)
-    import_sparsify()  # imports outside the timed region for both sides
-    import cytosae.sae  # noqa: F401
-    if a.store is not None:
-        x_train, x_test, split = store_data(a.store, a.tokens, a.test_tokens, a.seed)
-    else:
-        (x_train, x_test), split = make_data(a.tokens, a.test_tokens, a.d, a.seed), None
-    batches = [x_train[s:s + a.batch] for s in range(0, a.tokens, a.batch)]
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # the children inherit it; the JSON records it
+    measured = measure(a, {"ours": train_ours, "theirs": train_theirs}, evaluate_side)
+    if measured is None:  # a measured child: done
+        return
+    diag = None
+    if a.diagnose:
+        x_train, x_test, _ = load_split(a)
+        diag = diagnose(make_batches(x_train, a.batch), x_test, a)
+    write_result(a, measured["runs"], measured["dense"], diag)
+
+
+def write_result(a, runs: dict, dense: dict, diag) -> None:
+    sides = {name: side_summary(runs[name], a, dense) for name in ("ours", "theirs")}
+    data_info = runs["ours"]["data"]
+    split, n_test, n_batches = data_info["split"], data_info["heldout_tokens"], data_info["steps_per_epoch"]
     n_train_tokens = a.epochs * a.tokens
-
-    train_ours(batches[:1], 1, a)  # untimed warm-up (allocator, BLAS threads, lazy imports)
-    train_theirs(batches[:1], 1, a)
-    def evaluate_side(name, model):
-        with torch.inference_mode():
-            codec = (model.encode, model.decode) if name == "ours" else theirs_codec(model, a.k)
-            return evaluate(*codec, x_test, a.n_latents)
-
-    times, loads, evals = timed_abba({"ours": train_ours, "theirs": train_theirs}, evaluate_side, batches, a,
-                                     n_train_tokens)
-    diag = diagnose(batches, x_test, a) if a.diagnose else None
-    write_result(a, times, loads, evals, n_train_tokens, len(batches), x_test.shape[0], split, diag)
-
-
-def write_result(a, times, loads, evals, n_train_tokens, n_batches, n_test, split, diag) -> None:
-    sides = {}
-    for name in ("ours", "theirs"):
-        best, ev = min(times[name]), evals[name]
-        sides[name] = {"train_seconds": best, "tokens_per_second": round(n_train_tokens / best, 1),
-                       "train_seconds_all_repeats": times[name], "fvu": round(ev["fvu"], 4),
-                       "l0": round(ev["l0"], 2), "dead_fraction": round(ev["dead_fraction"], 4),
-                       "loadavg_1_5_15_before_each_repeat": loads[name]}
     ours, theirs = sides["ours"], sides["theirs"]
     speed = ours["tokens_per_second"] / theirs["tokens_per_second"]
     fvu_ok = ours["fvu"] <= theirs["fvu"] + 0.005
@@ -163,6 +158,7 @@ def write_result(a, times, loads, evals, n_train_tokens, n_batches, n_test, spli
                f"held-out FVU {ours['fvu']:.4f} vs {theirs['fvu']:.4f} "
                f"({'equal or better' if fvu_ok else 'WORSE'} within 0.005); "
                f"L0 {ours['l0']:.2f} vs {theirs['l0']:.2f} ({'ok' if l0_ok else 'HIGHER'} at <= theirs + 0.5). "
+               + speed_sentence(ours, theirs, dense)
                + ("Claim holds: ours is faster at equal-or-better FVU and L0." if speed > 1 and fvu_ok and l0_ok
                   else "Claim does NOT hold on this run."))
     data = (f"store {a.store}: held out whole folders (patients) in a seeded order: {split}" if a.store else
@@ -170,7 +166,7 @@ def write_result(a, times, loads, evals, n_train_tokens, n_batches, n_test, spli
             f"exponential x lognormal coefficients, non-negative) + N(0, {NOISE}^2) noise")
     result = {
         "what": "TopK SAE training throughput (tokens/s) and held-out FVU at equal L0, cytosae vs EleutherAI "
-                f"sparsify, same {'real' if a.store else 'synthetic'} tokens/order/settings, one process, CPU",
+                f"sparsify, same {'real' if a.store else 'synthetic'} tokens/order/settings, one process per run, CPU",
         "library": {"name": "eai-sparsify", "version": metadata.version("eai-sparsify"),
                     "decoder": "eager embedding_bag (SPARSIFY_DISABLE_TRITON="
                                f"{os.environ.get('SPARSIFY_DISABLE_TRITON')})"},
@@ -181,13 +177,13 @@ def write_result(a, times, loads, evals, n_train_tokens, n_batches, n_test, spli
                      "epochs": a.epochs, "train_tokens": a.tokens, "tokens_trained": n_train_tokens,
                      "steps": a.epochs * n_batches, "heldout_tokens": n_test, "dtype": "float32",
                      "device": "cpu", "torch_threads": a.threads, "seed": a.seed, "quick": a.quick, "data": data,
-                     "timing": f"wall-clock, best of {a.repeats} per side in ABBA order, after one untimed warm-up "
-                               "step each; includes model construction and each side's own init",
+                     "timing": TIMING.format(repeats=a.repeats, e1=a.epochs, e2=2 * a.epochs),
                      "ours_options": "train_sae(arch='topk', lr_warmup_steps=0); defaults otherwise",
                      "theirs_options": "SparseCoder(SaeConfig(activation='topk', k, num_latents, "
                                        "normalize_decoder=True)), its Trainer's fvu step replayed in a plain "
                                        "loop (b_dec = first batch mean, unit-norm decoder each step, loss = fvu, "
                                        "auxk_alpha 0, parallel-gradient removal), torch Adam constant lr"},
+        "dense_encoder_product": dense,
         "ours": ours,
         "theirs": theirs,
         "speed_ratio_ours_over_theirs": round(speed, 3),

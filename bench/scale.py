@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _report import write_result
+from _report import peak_rss_gib, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 RSS_LIMIT_GIB = 4.0
@@ -73,17 +72,6 @@ def reader_rate(store_path: Path, batch: int, seconds: float) -> dict:
             break
     dt = time.perf_counter() - t0
     return {"tokens": n, "seconds": round(dt, 2), "tokens_per_s": round(n / dt, 1)}
-
-
-def peak_rss_gib() -> float:
-    """This process's own peak resident memory (VmHWM; ru_maxrss where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def worker(args) -> None:
