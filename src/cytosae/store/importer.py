@@ -8,7 +8,6 @@ same as on `cytosae extract` output.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import math
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from .format import DTYPES, FORMAT, FORMAT_VERSION, IMAGES, MANIFEST, SKIPPED, atomic_write_bytes, atomic_write_parquet, bytes_checksum, shard_name, write_manifest
+from .format import (CHECKSUM_ALGORITHM, DTYPES, FORMAT, FORMAT_VERSION, IMAGES, MANIFEST, SKIPPED, atomic_write_bytes,
+                     atomic_write_parquet, bytes_checksum, file_checksum, shard_name, write_manifest)
 
 
 def _load_array(path: Path, key: str | None) -> np.ndarray:
@@ -57,6 +57,30 @@ def import_embeddings(
     array_path = Path(array_path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    arr, has_cls = _checked_array(array_path, key, manifest, has_cls)
+    n, t, d = arr.shape
+    n_patch = t - int(has_cls)
+    grid = math.isqrt(n_patch) if n_patch > 0 and math.isqrt(n_patch) ** 2 == n_patch else None
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = _write_shards(arr, manifest["image_id"].astype(str).tolist(), out, dtype, shard_size, array_path)
+    atomic_write_parquet(out / IMAGES, manifest.reset_index(drop=True))
+    atomic_write_bytes(out / SKIPPED, b"image_id,path,reason\n")
+    write_manifest(out, {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "complete": True,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"backbone": source, "imported_from": str(array_path),
+                     "source_sha256": file_checksum(array_path)[CHECKSUM_ALGORITHM],
+                     "dtype": dtype, "shard_size": shard_size, "layer": None},
+        "n_tokens": t, "d_model": d, "grid": grid, "has_cls": has_cls,
+        "n_images": n, "n_skipped": 0, "shards": shards,
+    })
+    return out
+
+
+def _checked_array(array_path: Path, key: str | None, manifest: pd.DataFrame, has_cls: bool) -> tuple[np.ndarray, bool]:
+    """The (N, T, D) array, one row per manifest row, floating point; (N, D) arrays as one CLS token per image."""
     arr = _load_array(array_path, key)
     if arr.ndim == 2:
         arr = arr[:, None, :]
@@ -70,16 +94,15 @@ def import_embeddings(
         raise ValueError("the manifest needs an 'image_id' (or 'path') column naming the image of each row")
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"{array_path}: embeddings must be floating point, got {arr.dtype}")
-    n, t, d = arr.shape
-    n_patch = t - int(has_cls)
-    grid = math.isqrt(n_patch) if n_patch > 0 and math.isqrt(n_patch) ** 2 == n_patch else None
+    return arr, has_cls
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ids = manifest["image_id"].astype(str).tolist()
+
+def _write_shards(arr: np.ndarray, ids: list[str], out: Path, dtype: str, shard_size: int,
+                  array_path: Path) -> list[dict]:
+    """The array's rows as shards of `shard_size` images in `dtype`, each written atomically; their manifest entries."""
     shards = []
-    for index, start in enumerate(range(0, n, shard_size)):
-        stop = min(start + shard_size, n)
+    for index, start in enumerate(range(0, len(ids), shard_size)):
+        stop = min(start + shard_size, len(ids))
         block = torch.from_numpy(np.array(arr[start:stop], copy=True)).to(getattr(torch, dtype))
         if not torch.isfinite(block).all():
             bad = start + int((~torch.isfinite(block)).flatten(1).any(1).nonzero()[0, 0])
@@ -89,19 +112,4 @@ def import_embeddings(
         shards.append({"file": shard_name(index), "index": index, "image_ids": ids[start:stop],
                        "rows": list(range(start, stop)), "skipped": [], "n_images": stop - start,
                        "checksum": bytes_checksum(data)})
-
-    atomic_write_parquet(out / IMAGES, manifest.reset_index(drop=True))
-    atomic_write_bytes(out / SKIPPED, b"image_id,path,reason\n")
-    digest = hashlib.sha256()
-    with open(array_path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    write_manifest(out, {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "complete": True,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {"backbone": source, "imported_from": str(array_path), "source_sha256": digest.hexdigest(),
-                     "dtype": dtype, "shard_size": shard_size, "layer": None},
-        "n_tokens": t, "d_model": d, "grid": grid, "has_cls": has_cls,
-        "n_images": n, "n_skipped": 0, "shards": shards,
-    })
-    return out
+    return shards

@@ -202,6 +202,14 @@ def _previous(out: Path, settings: dict) -> tuple[dict | None, dict[int, dict]]:
     return previous, done
 
 
+def _open_manifest(backbone, settings: dict, previous: dict | None, done: dict) -> dict:
+    """manifest.json of a store being written: not complete, listing the intact shards `done` (kept on a resume)."""
+    created = previous["created"] if previous else _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False, "created": created,
+            "settings": settings, "n_tokens": backbone.n_tokens, "d_model": backbone.embed_dim, "grid": backbone.grid,
+            "shards": [done[i] for i in sorted(done)]}
+
+
 def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: ExtractConfig | None = None) -> ExtractResult:
     """Write the tokens of every decodable image in `manifest` to `out_dir`, resuming if possible.
 
@@ -226,17 +234,7 @@ def extract(manifest: pd.DataFrame, backbone, out_dir: str | Path, config: Extra
     done = _intact(out, done)  # a damaged or missing shard is computed again
     reused = len(done)
 
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "complete": False,
-        "created": previous["created"] if previous else _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "settings": settings,
-        "n_tokens": backbone.n_tokens,
-        "d_model": backbone.embed_dim,
-        "grid": backbone.grid,
-        "shards": [done[i] for i in sorted(done)],
-    }
+    meta = _open_manifest(backbone, settings, previous, done)
     if backbone.random_weights and rank == 0:
         log.warning("extracting with RANDOM backbone weights (seed %s): these activations describe no trained model",
                     settings["random_weights_seed"])
@@ -271,20 +269,8 @@ def _compute_shards(manifest: pd.DataFrame, backbone, out: Path, cfg: ExtractCon
     """Compute and write `shards`; list each in manifest.json (`meta`, one process) or in PROGRESS/ (several)."""
     from tqdm.auto import tqdm
 
-    from cytosae.data import ImageDataset, collate_skipping
-
     n = len(manifest)
-    workers = default_workers() if cfg.num_workers is None else cfg.num_workers
-    on_gpu = backbone.device.type == "cuda"
-    loader = DataLoader(
-        ImageDataset(manifest, backbone.preprocess_config, max_pixels=cfg.max_pixels),
-        batch_sampler=_batches_per_shard(n, cfg.shard_size, cfg.batch_size, shards),
-        num_workers=workers,
-        collate_fn=collate_skipping,
-        pin_memory=on_gpu,  # page-locked batches: the host-to-GPU copy runs asynchronously
-        prefetch_factor=4 if workers and on_gpu else None,
-        persistent_workers=False,
-    )
+    loader = _loader(manifest, backbone, cfg, shards)
     dtype = getattr(torch, cfg.dtype)
     ids = manifest["image_id"].tolist()
     todo = sum(min(cfg.shard_size, n - s * cfg.shard_size) for s in shards)
@@ -315,13 +301,7 @@ def _compute_shards(manifest: pd.DataFrame, backbone, out: Path, cfg: ExtractCon
         last_in_shard = min((shard_index + 1) * cfg.shard_size, n) - 1
         if max(list(indices.tolist()) + [i for i, _ in skipped]) == last_in_shard:
             t = time.perf_counter()
-            entry = current.write(out, ids)  # the shard is durable before it is listed
-            if meta is not None:
-                meta["shards"] = sorted(meta["shards"] + [entry], key=lambda s: s["index"])
-                write_manifest(out, meta)
-            else:
-                (out / PROGRESS).mkdir(exist_ok=True)
-                atomic_write_json(out / PROGRESS / f"shard_{entry['index']:05d}.json", entry)
+            _list_shard(out, meta, current.write(out, ids))  # the shard is durable before it is listed
             run["write"] += time.perf_counter() - t
             position = shards.index(shard_index) + 1
             if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds and position < len(shards):
@@ -332,6 +312,33 @@ def _compute_shards(manifest: pd.DataFrame, backbone, out: Path, cfg: ExtractCon
     bar.close()
     run["seconds"] = time.perf_counter() - t0
     return run
+
+
+def _loader(manifest: pd.DataFrame, backbone, cfg: ExtractConfig, shards: list[int]) -> DataLoader:
+    """Decoded, preprocessed batches of `shards`' images; no batch crosses a shard boundary."""
+    from cytosae.data import ImageDataset, collate_skipping
+
+    workers = default_workers() if cfg.num_workers is None else cfg.num_workers
+    on_gpu = backbone.device.type == "cuda"
+    return DataLoader(
+        ImageDataset(manifest, backbone.preprocess_config, max_pixels=cfg.max_pixels),
+        batch_sampler=_batches_per_shard(len(manifest), cfg.shard_size, cfg.batch_size, shards),
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        pin_memory=on_gpu,  # page-locked batches: the host-to-GPU copy runs asynchronously
+        prefetch_factor=4 if workers and on_gpu else None,
+        persistent_workers=False,
+    )
+
+
+def _list_shard(out: Path, meta: dict | None, entry: dict) -> None:
+    """A written shard listed in manifest.json (`meta`: one process) or in PROGRESS/ (one of several ranks)."""
+    if meta is not None:
+        meta["shards"] = sorted(meta["shards"] + [entry], key=lambda s: s["index"])
+        write_manifest(out, meta)
+    else:
+        (out / PROGRESS).mkdir(exist_ok=True)
+        atomic_write_json(out / PROGRESS / f"shard_{entry['index']:05d}.json", entry)
 
 
 def _merge(out: Path, meta: dict, manifest: pd.DataFrame, n_shards: int) -> None:
