@@ -301,28 +301,58 @@ def _expected_colour(factor: str, value: str) -> str | None:
     return colour_name(*rgb2lab(np.array([[rgb]], np.uint8))[0, 0]) if rgb else None
 
 
+def _true_region_shares(run, latents: list[int]) -> dict[int, np.ndarray]:
+    """Per latent, its activation mass split by region of the synthetic sample's TRUE masks (synthetic.true_regions
+    of the demo's sample, make_sample's defaults), instead of segment_cell's: what the latent does, measured
+    without the segmentation."""
+    from cytosae.data.synthetic import true_regions
+    from cytosae.sae import SAE
+    from cytosae.store import ActivationStore
+
+    sae, store = SAE.load(run / "sae"), ActivationStore(run / "stores" / "sample")
+    truth = true_regions(seed=0)
+    mass = np.zeros((len(latents), len(REGIONS)))
+    with torch.inference_mode():
+        for ids, tokens in store.iter_images(16):
+            z = sae.encode(tokens.reshape(-1, tokens.shape[-1])).reshape(*tokens.shape[:2], -1)[:, 1:, latents]
+            regions = np.stack([patch_regions(truth[i]) for i in ids])  # (b, 256, 4); image ids are manifest paths
+            mass += np.einsum("bpl,bpr->lr", z.numpy().astype(np.float64), regions)
+    return dict(zip(latents, mass / mass.sum(1, keepdims=True)))
+
+
 @pytest.mark.slow
 def test_descriptions_name_the_region_and_colour_of_the_generating_factors(demo_run, tmp_path):
     """For each factor value whose best latent reaches 90% purity (stats/factor_purity.csv of `make demo`), does the
     description of that latent name the value's region (its `region`) and, for a colour, its hue (colour_name's
     hue word equal to that of the colour the generator drew it with)? Values that are an absence ("none") have
-    no region and are left out."""
+    no region and are left out. Separately: is the region said the one where the latent's mass lies by the
+    sample's true masks (`true_region`)? A row can fail the first and pass the second: the best latent by purity
+    fires elsewhere than the factor is drawn (the SAE learned that), and the description says so."""
     run, _ = demo_run
     out = tmp_path / "concepts"
     run_describe(DescribeSettings(out=out, device="cpu"), run=run)
     table = pd.read_parquet(out / DESCRIPTIONS).set_index("latent")
     purity = pd.read_csv(run / "stats" / "factor_purity.csv")
     checked = purity[(purity.purity >= 0.9) & purity.factor.isin(FACTOR_REGION) & (purity.value != "none")]
+    truth = _true_region_shares(run, sorted(set(checked.best_latent.astype(int))))
     rows = []
     for r in checked.itertuples():
         d = table.loc[r.best_latent]
         want = _expected_colour(r.factor, r.value)
         ok = d.region == FACTOR_REGION[r.factor] and (want is None or hue_word(d.colour_name) == hue_word(want))
-        rows.append((r.factor, r.value, r.best_latent, FACTOR_REGION[r.factor], want, d.region, d.colour_name, ok))
+        shares = truth[int(r.best_latent)]
+        rows.append((r.factor, r.value, r.best_latent, FACTOR_REGION[r.factor], want, d.region, d.colour_name, ok,
+                     REGIONS[int(np.argmax(shares))], float(shares.max())))
     got = pd.DataFrame(rows, columns=["factor", "value", "latent", "region", "colour", "said_region", "said_colour",
-                                      "ok"])
+                                      "ok", "true_region", "true_share"])
     share = float(got.ok.mean())
+    true_ok = float((got.said_region == got.true_region).mean())
     print(f"\n{got.to_string()}\nground truth: {int(got.ok.sum())} of {len(got)} = {share:.0%} of the descriptions "
-          f"name their factor value's region (and colour)")
+          f"name their factor value's region (and colour); {true_ok:.0%} name the region where the latent's mass "
+          f"lies by the true masks")
     assert len(got) >= 8
-    assert share >= 0.6, got  # measured 6 of 10 (target 80%): see the printed table
+    # measured 6 of 10 (target 80%): of the 4 misses, 3 latents fire where the description says by the true masks
+    # too (nucleus_shape=lobed: cytoplasm 0.80; round: background 0.99; granule_colour=purple: nucleus 0.87); the
+    # 4th (orange granules) is named "pink", the mean of granules and the cytoplasm under them
+    assert share >= 0.6, got
+    assert true_ok >= 0.9, got  # measured 10 of 10
