@@ -41,7 +41,8 @@ def _own_reason(message: str, path: Path) -> str | None:
 
 ANALYSES = ("stats", "patients", "classify", "concepts", "quality")  # folders of one SAE's analyses (Run.analysis_dir)
 # what writes a sweep SAE's analysis (it is not the run's SAE, so `--run RUN` would write the run's own folder)
-_MEMBER_COMMANDS = {"stats": "stats {sae} {stores}", "patients": "patients {sae} {store}", "quality": "align {sae} {store}",
+_MEMBER_COMMANDS = {"stats": "stats {sae} {stores}", "patients": "patients {sae} {store}",
+                    "quality": "align {sae} {store}",
                     "concepts": "describe {sae} {stores} --stats {sae}/stats", "eval": "evaluate {sae} {store}"}
 
 
@@ -103,7 +104,7 @@ class RunDir:
             return Path(path).name
 
     def file(self, name: str) -> Path:
-        """Run file `name` as docs/run-layout.md names it ("stats/top_images.parquet"), in the folders of the SAE shown."""
+        """Run file `name` as docs/run-layout.md names it ("stats/top_images.parquet"), in the shown SAE's folders."""
         part, _, rest = name.partition("/")
         return self.run.analysis_dir(part) / rest if part in ANALYSES and rest else self.path / name
 
@@ -124,6 +125,8 @@ class RunDir:
         if rel.startswith(self.rel(self.sae_dir) + "/"):
             return "cytosae train --run RUN"
         for d in self.datasets:
+            if rel.startswith(self.rel(self.store_dir(d))) and self.run.sae_layer is not None:
+                return f"cytosae run STUDY (the run's study; its extract-layer:{d}:{self.run.sae_layer} step)"
             if rel.startswith(self.rel(self.store_dir(d))):
                 return f"cytosae extract DATA --run RUN --name {d}"
         return "the cytosae command that wrote it"
@@ -140,7 +143,9 @@ class RunDir:
         stores = ["RUN/" + self.rel(self.store_dir(d)) for d in self.datasets]
         command = "cytosae " + _MEMBER_COMMANDS[part].format(sae=sae, stores=" ".join(stores) or "STORE",
                                                               store=(stores or ["STORE"])[0])
-        return command + ("" if part == "eval" else f" --out {sae}/{part}")
+        if part == "eval":  # --spliced writes eval.spliced.json beside the --out given
+            return command + f" --out {sae}/eval.json" + (" --spliced" if "spliced" in rest else "")
+        return command + f" --out {sae}/{part}"
 
     def damaged(self, path: Path, exc: BaseException) -> DamagedData:
         from cytosae.store.format import InvalidFile
@@ -156,7 +161,7 @@ class RunDir:
                            f"version; rebuild it with `{self.rebuild_command(rel)}` (RUN = this run directory)")
 
     def missing(self, name: str) -> MissingData:
-        """`name` (relative to the run, or a run-layout name such as "stats/latents.parquet": the SAE shown's) is absent."""
+        """`name` (relative to the run, or a run-layout name, "stats/latents.parquet": the shown SAE's) is absent."""
         rel = self.rel(self.file(name))
         return MissingData(f"{rel} is missing: write it with `{self.rebuild_command(rel)}` (RUN = this run directory)")
 
