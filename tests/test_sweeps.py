@@ -90,6 +90,13 @@ def test_a_sweep_trains_evaluates_and_compares_each_combination_and_resumes(samp
     with pytest.raises(ValueError, match=r"no SAE named 'k9-x2' in this run \(its sweep has \['k2-x2', 'k4-x2'\]\)"):
         run.named_sae_dir("k9-x2")
     assert run.steps["train:k2-x2"]["settings"]["out"] == str(run_dir / "saes" / "k2-x2")
+    # the run as one sweep SAE sees it: its own folders (where the explorer reads it), the primary's = the run's
+    member = run.for_sae("k2-x2")
+    assert (member.sae_dir, member.stats_dir, member.quality_dir, member.annotations) == (
+        run_dir / "saes" / "k2-x2", run_dir / "saes" / "k2-x2" / "stats", run.sae_quality_dir("k2-x2"),
+        run_dir / "saes" / "k2-x2" / "annotations.sqlite")
+    assert member.store_dir("sample") == run.store_dir("sample") and member.sae_layer is None
+    assert run.for_sae("k4-x2") is run and run.for_sae(None) is run and run.stats_dir == run_dir / "stats"
 
     assert set(run_study(study, say=lines.append).values()) == {"skipped"}
 
@@ -123,6 +130,16 @@ def test_a_layer_sweep_extracts_the_other_layer_outside_the_runs_datasets(sample
     assert table.mean_best_ap.isna().all() and not table.pareto_ap.any()  # no [align]: nothing to rank by
     assert table.fvu_patch.iloc[1] == pytest.approx(ev["patch"]["fvu"])
     assert run.sweep["saes"]["L-4-k4-x2"]["settings"]["layer"] == -4
+    # the explorer of the layer -4 SAE reads the store of its own block (its tokens) and encodes uploads there
+    from cytosae.explorer.rundir import RunDir
+
+    shown = RunDir(run_dir, sae="L-4-k4-x2")
+    assert shown.store_dir("sample") == layer_store.resolve() and shown.backbone_spec()["layer"] == -4
+    assert shown.shown_sae()["layer"] == -4 and shown.sae_dir == run_dir / "saes" / "L-4-k4-x2"
+    assert shown.store("sample").meta["settings"]["layer"] == -4
+    primary = RunDir(run_dir)
+    assert primary.store_dir("sample") == (run_dir / "stores" / "sample").resolve()
+    assert primary.backbone_spec()["layer"] == -2 and primary.shown_sae()["name"] == "L-2-k4-x2"
     assert set(run_study(study, say=lambda s: None).values()) == {"skipped"}
 
 

@@ -436,6 +436,9 @@ def compare_saes(
 DATA_ROOT_HELP = ("Where the images are now, if the data or the run moved: a folder holding the images under their "
                   "image ids, or NAME=FOLDER for dataset NAME (repeatable).")
 
+SAE_NAME_HELP = ("Which SAE of the run's sweep to show (a name in RUN/quality/sweep.json; default: the run's own SAE, "
+                 "at sae/). Its own stats, top images, quality and annotations are shown (RUN/saes/NAME/...).")
+
 annotations_app = typer.Typer(no_args_is_help=True, help="Latent annotations made in the explorer (annotations.sqlite).")
 app.add_typer(annotations_app, name="annotations")
 
@@ -451,6 +454,7 @@ def explore(
                                                         "cuda:N; auto = CUDA when available."),
     allow_host: list[str] = typer.Option([], "--allow-host", help="Another host name the page may be opened under "
                                                                   "(repeatable); loopback names and --host are allowed."),
+    sae_name: Optional[str] = typer.Option(None, "--sae", help=SAE_NAME_HELP),
 ) -> None:
     """Browse, inspect and name the SAE's latents in a web page (JSON API described at /openapi.json)."""
     import uvicorn
@@ -458,30 +462,40 @@ def explore(
     from cytosae.explorer import create_app
     from cytosae.explorer.api import startup_lines
 
-    sae = _check_run_sae(run_dir, allow_unfinished)
+    sae = _check_run_sae(run_dir, allow_unfinished, sae_name)
     lines, token = startup_lines(run_dir.resolve(), host, port)
     try:
         web = create_app(run_dir, data_roots=data_root, preload=True, device=device, host=host, token=token,
-                         allow_hosts=allow_host, sae=sae)
+                         allow_hosts=allow_host, sae=sae, sae_name=sae_name)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     for line in lines:  # the token is printed once, here, and nowhere else
         typer.echo(line)
+    typer.echo("showing " + web.state.explorer.run.shown_sae()["title"])
     uvicorn.run(web, host=host, port=port, log_level="warning")
     # Ctrl-C while the tables still load: interpreter shutdown under a thread inside torch can abort (SIGABRT, exit
     # -6), so the preload stops at its next step and is waited for
     web.state.explorer.stop_preload()
 
 
-def _check_run_sae(run_dir: Path, allow_unfinished: bool):
-    """A run's cytosae SAE, checked like `evaluate` checks it, handed on to the explorer so that it is read once;
-    None where there is none to check (the explorer reports missing ones itself)."""
+def _check_run_sae(run_dir: Path, allow_unfinished: bool, name: str | None = None):
+    """A run's cytosae SAE (or SAE `name` of its sweep: an unknown one is a one-line error listing the sweep's),
+    checked like `evaluate` checks it, handed on to the explorer so that it is read once; None where there is none
+    to check (the explorer reports missing ones itself)."""
     import json
 
     from cytosae.run import Run
 
     try:
-        sae_dir = Run.open(run_dir).sae_dir
+        run = Run.open(run_dir)
+    except (OSError, ValueError):
+        return None  # not a run: create_app says so
+    try:
+        run = run.for_sae(name)
+    except ValueError as exc:
+        _fail(str(exc))
+    try:
+        sae_dir = run.sae_dir
         written_by_cytosae = "format_version" in json.loads((sae_dir / "config.json").read_text())
     except (OSError, ValueError, TypeError):
         return None  # not a run, or no SAE config: create_app says what is missing
@@ -496,17 +510,21 @@ def report(
     images: int = typer.Option(12, help="How many image pages (each with all its patches clickable) to include."),
     data_root: list[str] = typer.Option([], "--data-root", help=DATA_ROOT_HELP),
     allow_unfinished: bool = ALLOW_UNFINISHED,
+    sae_name: Optional[str] = typer.Option(None, "--sae", help=SAE_NAME_HELP),
 ) -> None:
     """Write the explorer's pages as a static site that opens without a server (index.html)."""
     from cytosae.explorer import build_report
 
-    sae = _check_run_sae(run_dir, allow_unfinished)
+    sae = _check_run_sae(run_dir, allow_unfinished, sae_name)
     try:
-        res = build_report(run_dir, out, n_latents=latents, n_images=images, data_roots=data_root, sae=sae)
+        res = build_report(run_dir, out, n_latents=latents, n_images=images, data_roots=data_root, sae=sae,
+                           sae_name=sae_name)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    typer.echo(f"static report of {run_dir}: {res['latent_pages']} latent pages, {res['image_pages']} image pages, "
-               f"{res['files']} files -> {out / 'index.html'}")
+    typer.echo(f"static report of {run_dir} ({res['sae']['title']}): {res['latent_pages']} latent pages, "
+               f"{res['image_pages']} image pages, {res['files']} files -> {out / 'index.html'}")
+    if res["sae"]["note"]:
+        _warn(res["sae"]["note"])
 
 
 @annotations_app.command("export")

@@ -39,10 +39,13 @@ MEASURED_TOP = ("images with the highest activation of this latent (mean over th
 _ERRORS = (MissingData, DamagedData, OSError, ValueError, KeyError, IndexError)  # what one thumbnail may meet
 
 
-def open_run(path: str | Path, data_roots: list | None = None, device: str = "cpu") -> "RunView":
+def open_run(path: str | Path, data_roots: list | None = None, device: str = "cpu",
+             sae: str | None = None) -> "RunView":
     """The run at `path` (docs/run-layout.md). `data_roots`: folders the images are in now, when they moved
-    (PATH, or NAME=PATH for one dataset), as `cytosae explore --data-root`; `device`: where the SAE encodes."""
-    return RunView(path, data_roots, device)
+    (PATH, or NAME=PATH for one dataset), as `cytosae explore --data-root`; `device`: where the SAE encodes;
+    `sae`: the SAE of the run's sweep to read (its own stats, quality, annotations), as `cytosae explore --sae`;
+    None: the run's own SAE."""
+    return RunView(path, data_roots, device, sae)
 
 
 # ---------------------------------------------------------------------- small HTML pieces
@@ -105,8 +108,9 @@ def _badge(annotation: dict | None) -> str:
 class RunView:
     """One run, read lazily through the explorer's RunDir. Open it with `cytosae.open_run(path)`."""
 
-    def __init__(self, path: str | Path, data_roots: list | None = None, device: str = "cpu") -> None:
-        self._dir = RunDir(path, data_roots)
+    def __init__(self, path: str | Path, data_roots: list | None = None, device: str = "cpu",
+                 sae: str | None = None) -> None:
+        self._dir = RunDir(path, data_roots, sae=sae)
         self._device = device
         self._encoder = None
         self._annotation_store: AnnotationStore | None = None
@@ -124,6 +128,11 @@ class RunView:
     @property
     def datasets(self) -> list[str]:
         return list(self._dir.datasets)
+
+    @property
+    def shown_sae(self) -> dict:
+        """Which SAE this view reads (name, arch, k, expansion, layer, n_latents, its sweep; `title` in one line)."""
+        return self._dir.shown_sae()
 
     @property
     def n_latents(self) -> int:
@@ -331,7 +340,7 @@ class RunView:
 
     def __repr__(self) -> str:
         has = [k for k, v in self._has().items() if v]
-        return f"<cytosae run {self.path.name}: datasets {self.datasets}, {self.n_latents} latents, has {has}>"
+        return f"<cytosae run {self.path.name}: {self.shown_sae['title']}; datasets {self.datasets}, has {has}>"
 
     def _repr_html_(self) -> str:
         rows = []
@@ -343,7 +352,7 @@ class RunView:
             rows.append({"dataset": name, "images": n})
         has = ", ".join(k for k, v in self._has().items() if v) or "nothing yet"
         return (f"<div style='font-family:sans-serif'><b>cytosae run {_e(self.path.name)}</b>: "
-                f"{self.n_latents} latents; has {_e(has)}{_table_html(pd.DataFrame(rows))}</div>")
+                f"{_e(self.shown_sae['title'])}; has {_e(has)}{_table_html(pd.DataFrame(rows))}</div>")
 
 
 # ---------------------------------------------------------------------- a latent

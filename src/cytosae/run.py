@@ -4,6 +4,7 @@
     RUN/stores/NAME/      activation store of dataset NAME            `cytosae extract --run RUN`
     RUN/sae/              the SAE (+ eval.json, eval.spliced.json)    `cytosae train|evaluate [--spliced] --run RUN`
     RUN/saes/NAME/        the other SAEs of a sweep (+ eval.json, quality/)   `cytosae run study.toml` ([sae] lists)
+                          and their own analyses (stats/, ...: `Run.for_sae(NAME)` says where)
     RUN/layers/LAYER/NAME/   a layer sweep's stores of the other layers     `cytosae run study.toml` ([backbone] layer list)
     RUN/stats/            per-latent statistics                       `cytosae stats --run RUN`
     RUN/patients/         barcodes, disease comparison                `cytosae patients --run RUN`
@@ -209,9 +210,10 @@ def _json_safe(value):
 class Run:
     """A run directory. Open with `Run.open(path)` (existing) or `Run.open(path, create=True)`."""
 
-    def __init__(self, path: str | Path, meta: dict) -> None:
+    def __init__(self, path: str | Path, meta: dict, sae: str | None = None) -> None:
         self.path = Path(path).absolute()
         self.meta = meta  # inferred from the layout (not written) until a command records a step
+        self.sae_name = sae  # a sweep SAE this Run shows instead of the run's own (`for_sae`); None: the run's SAE
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -230,30 +232,64 @@ class Run:
         raise NotARun(f"{path} is not a cytosae run: it has no run.json and no sae/ + stores/NAME/ folders; "
                       f"make one with `cytosae run study.toml` or commands given `--run {path}`")
 
+    def for_sae(self, name: str | None) -> "Run":
+        """The run as SAE `name` of its sweep sees it: its sae_dir, analysis folders (stats/, patients/, classify/,
+        concepts/, quality/), annotations and, for another layer of a layer sweep, stores are that SAE's (under
+        saes/NAME, layers/LAYER). None or the primary's name: this run. Another name: a one-line ValueError that
+        lists the sweep's SAEs."""
+        self.named_sae_dir(name)
+        if name is None or name == self.sweep.get("primary"):
+            return self
+        return Run(self.path, self.meta, sae=name)
+
     # ------------------------------------------------------------------ layout
     @property
     def sae_dir(self) -> Path:
+        if self.sae_name is not None:
+            return self.named_sae_dir(self.sae_name)
         return self.path / (self.meta.get("sae") or SAE_DIR)
 
     @property
+    def _analyses_root(self) -> Path:
+        """Where the analyses of the SAE this Run shows live: the run itself, or a sweep SAE's own folder."""
+        return self.path if self.sae_name is None else self.sae_dir
+
+    @property
     def stats_dir(self) -> Path:
-        return self.path / STATS
+        return self._analyses_root / STATS
 
     @property
     def patients_dir(self) -> Path:
-        return self.path / PATIENTS
+        return self._analyses_root / PATIENTS
 
     @property
     def classify_dir(self) -> Path:
-        return self.path / CLASSIFY
+        return self._analyses_root / CLASSIFY
 
     @property
     def concepts_dir(self) -> Path:
-        return self.path / CONCEPTS
+        return self._analyses_root / CONCEPTS
 
     @property
     def quality_dir(self) -> Path:
-        return self.path / QUALITY
+        return self._analyses_root / QUALITY
+
+    def analysis_dir(self, part: str) -> Path:
+        """The folder of analysis `part` (stats, patients, classify, concepts, quality) of the SAE this Run shows."""
+        dirs = {STATS: self.stats_dir, PATIENTS: self.patients_dir, CLASSIFY: self.classify_dir,
+                CONCEPTS: self.concepts_dir, QUALITY: self.quality_dir}
+        if part not in dirs:
+            raise KeyError(f"{part!r} is not an analysis folder of a run (they are {sorted(dirs)})")
+        return dirs[part]
+
+    @property
+    def sae_layer(self) -> int | None:
+        """The block a sweep SAE was trained at when it is not the run's (a layer sweep); None otherwise."""
+        if self.sae_name is None:
+            return None
+        layer = ((self.sweep["saes"][self.sae_name].get("settings")) or {}).get("layer")
+        own = (self.meta.get("backbone") or {}).get("layer")
+        return layer if isinstance(layer, int) and layer != own else None
 
     def sweep_sae_dir(self, name: str) -> Path:
         """Where sweep SAE `name` (not the primary one) lives: saes/NAME, with its eval.json and quality/."""
@@ -285,7 +321,8 @@ class Run:
 
     @property
     def annotations(self) -> Path:
-        return self.path / ANNOTATIONS
+        """The names given to the latents of the SAE this Run shows (a sweep SAE's latents are other latents)."""
+        return self._analyses_root / ANNOTATIONS
 
     def external_patients_dir(self, dataset: str) -> Path:
         """Barcodes of a second cohort, used as the external test set of `classify`."""
@@ -296,6 +333,8 @@ class Run:
         return dict(self.meta.get("datasets") or {})
 
     def store_dir(self, dataset: str) -> Path:
+        if self.sae_layer is not None:  # a layer sweep's SAE reads the tokens of its own block
+            return self.layer_store_dir(dataset, self.sae_layer)
         entry = self.datasets.get(dataset)
         if entry is None:
             return self.path / STORES / check_name(dataset)

@@ -96,12 +96,13 @@ def startup_lines(run_dir, host: str, port: int) -> tuple[list[str], str | None]
 
 def create_app(run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTES, static: bool = True,
                preload: bool = False, device: str = "cpu", host: str = "127.0.0.1", token: str | None = None,
-               allow_hosts: list[str] | tuple[str, ...] = (), sae=None) -> FastAPI:
+               allow_hosts: list[str] | tuple[str, ...] = (), sae=None, sae_name: str | None = None) -> FastAPI:
     """The explorer for one run; `data_roots` are extra folders images may be read from; SAE encodes run on `device`
     (auto | cpu | cuda | cuda:N). Requests must name a loopback host, `host` or one of `allow_hosts`; with a
-    `token`, they must also carry it (header, cookie, or ?token= on the first page). `sae`: the run's SAE when the
-    caller has loaded it already (otherwise it is loaded on first use)."""
-    ex = Explorer(run_dir, data_roots, max_upload_bytes, device=device, sae=sae)
+    `token`, they must also carry it (header, cookie, or ?token= on the first page). `sae_name`: the SAE of the run's
+    sweep to show (None: the run's own, at sae/); `sae`: that SAE when the caller has loaded it already (otherwise it
+    is loaded on first use)."""
+    ex = Explorer(run_dir, data_roots, max_upload_bytes, device=device, sae=sae, sae_name=sae_name)
     if preload:
         ex.preload()
     # /docs and /redoc would load Swagger/ReDoc from a CDN: off; the schema itself stays at /openapi.json

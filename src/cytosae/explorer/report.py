@@ -8,6 +8,7 @@ most frequent latents, and a few image pages with every patch clickable.
 """
 from __future__ import annotations
 
+import html
 import io
 import json
 import shutil
@@ -80,11 +81,13 @@ def _choose_latents(overview: dict, annotated: list[int], n: int) -> list[int]:
 
 
 def build_report(run_dir, out, n_latents: int = 200, n_images: int = 12, k: int = 12, data_roots=None,
-                 sae=None) -> dict:
+                 sae=None, sae_name: str | None = None) -> dict:
+    """The static report of the run's SAE, or of SAE `sae_name` of its sweep; its title says which."""
+    # the app first: an unknown SAE name is refused before anything is written
+    app = create_app(run_dir, data_roots=data_roots, static=False, sae=sae, sae_name=sae_name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    client = TestClient(create_app(run_dir, data_roots=data_roots, static=False, sae=sae),
-                        base_url="http://127.0.0.1")  # a loopback Host
+    client = TestClient(app, base_url="http://127.0.0.1")  # a loopback Host
     site = _Site(out, client)
 
     run = site.json("run")
@@ -107,10 +110,10 @@ def build_report(run_dir, out, n_latents: int = 200, n_images: int = 12, k: int 
     images = _render_latents(site, latents, k, n_images, pngs)
     for ds, image_id in images:
         _render_image(site, ds, image_id, pngs)
-    _write_page(out, latents, images)
+    _write_page(out, latents, images, run["shown_sae"]["title"])
     files = sum(1 for _ in out.rglob("*") if _.is_file())
     return {"out": str(out), "latent_pages": len(latents), "image_pages": len(images), "latents": latents,
-            "images": images, "files": files}
+            "images": images, "files": files, "sae": run["shown_sae"]}
 
 
 def _render_latents(site: _Site, latents: list[int], k: int, n_images: int, pngs: set) -> list[tuple[str, str]]:
@@ -150,10 +153,13 @@ def _render_image(site: _Site, ds: str, image_id: str, pngs: set) -> None:
         site.image("image/file", {"dataset": ds, "image_id": image_id})
 
 
-def _write_page(out: Path, latents: list[int], images: list[tuple[str, str]]) -> None:
-    # the same page and scripts as the live explorer, plus a flag that switches app.js to data/*.js
+def _write_page(out: Path, latents: list[int], images: list[tuple[str, str]], sae_title: str) -> None:
+    # the same page and scripts as the live explorer, plus a flag that switches app.js to data/*.js; the title names
+    # the SAE, so a report of one SAE of a sweep is not taken for another's
     shutil.copytree(STATIC_DIR, out / "static", dirs_exist_ok=True)
+    title = html.escape(f"cytosae report: {sae_title}")
     index = (STATIC_DIR / "index.html").read_text().replace(
+        "<title>cytosae explorer</title>", f"<title>{title}</title>").replace(
         '<script src="static/app.js"></script>', '<script src="data/static.js"></script>\n<script src="static/app.js"></script>')
     atomic_write_bytes(out / "index.html", index.encode())
     atomic_write_bytes(out / "data" / "static.js", ("window.CYTOSAE_STATIC = " + json.dumps(

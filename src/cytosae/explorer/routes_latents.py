@@ -45,7 +45,7 @@ def run_info(ex: ExplorerDep):
     return ex.redact_deep(to_json({
         "run": str(run.path.name), "created": run.meta.get("created"),
         "cytosae_version": run.meta.get("cytosae_version"),
-        "datasets": datasets, "n_latents": run.n_latents, "sae": sae,
+        "datasets": datasets, "n_latents": run.n_latents, "sae": sae, "shown_sae": run.shown_sae(),
         "preprocessing": run.preprocessing(), "backbone": backbone,
         "stats_summary": run.summary("stats"), "patients_summary": run.summary("patients"),
         "has": has,
@@ -73,7 +73,7 @@ def latents(ex: ExplorerDep, dataset: str | None = None,
     if q:
         df = df[df["latent"].isin([m["latent"] for m in search_latents(ex, q, len(df) + 1)])]
     # returned as a Response: FastAPI's jsonable_encoder would walk 400k values one by one (~0.7 s at 49k latents)
-    return FastJSON({"dataset": dataset, "n": len(df), "n_latents": ex.run.n_latents,
+    return FastJSON({"dataset": dataset, "sae": ex.run.shown_sae(), "n": len(df), "n_latents": ex.run.n_latents,
                      "columns": _overview_columns(df, ann), "measured": OVERVIEW_MEASURED})
 
 
@@ -154,10 +154,10 @@ def _backbone(run: RunDir) -> dict:
 
 def _analyses(run: RunDir) -> dict[str, bool]:
     # file checks, not loads: the first page should not wait for every table to be read
-    return {"stats": run.latents is not None, "top_images": (run.path / "stats/top_images.parquet").is_file(),
-            "patients": (run.path / "patients/barcodes.parquet").is_file(),
-            "compare": (run.path / "patients/compare.parquet").is_file(),
-            "classify": (run.path / "classify/results.json").is_file()}
+    return {"stats": run.latents is not None, "top_images": run.file("stats/top_images.parquet").is_file(),
+            "patients": run.file("patients/barcodes.parquet").is_file(),
+            "compare": run.file("patients/compare.parquet").is_file(),
+            "classify": run.file("classify/results.json").is_file()}
 
 
 # ------------------------------------------------------------------ helpers: /api/latents

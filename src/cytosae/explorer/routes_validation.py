@@ -162,7 +162,7 @@ def put_answer(body: AnswerIn, vs=Depends(store)):
 def get_description(ex: ExplorerDep, latent: int = PathParam(..., ge=0, le=MAX_LATENT_QUERY)):
     latent = ex.latent(latent)
     try:
-        df = read_descriptions(ex.run.path)
+        df = read_descriptions(ex.run.run.concepts_dir)
     except ValueError as exc:
         raise DamagedData(str(exc)) from None
     if df is None:

@@ -39,11 +39,19 @@ def _own_reason(message: str, path: Path) -> str | None:
     return None if _SERVER_PATH.search(reason) else reason
 
 
+ANALYSES = ("stats", "patients", "classify", "concepts", "quality")  # folders of one SAE's analyses (Run.analysis_dir)
+# what writes a sweep SAE's analysis (it is not the run's SAE, so `--run RUN` would write the run's own folder)
+_MEMBER_COMMANDS = {"stats": "stats {sae} {stores}", "patients": "patients {sae} {store}",
+                    "quality": "align {sae} {store}",
+                    "concepts": "describe {sae} {stores} --stats {sae}/stats", "eval": "evaluate {sae} {store}"}
+
+
 class RunDir:
-    def __init__(self, path: str | Path, data_roots: list | None = None) -> None:
+    def __init__(self, path: str | Path, data_roots: list | None = None, sae: str | None = None) -> None:
         from cytosae.run import Run
 
-        self.run = Run.open(path)  # NotARun (a FileNotFoundError) or ValueError with a one-line reason
+        # NotARun (a FileNotFoundError) or ValueError with a one-line reason (an unknown `sae` lists the sweep's)
+        self.run = Run.open(path).for_sae(sae)
         self.path = self.run.path.resolve()
         self.meta = self.run.meta
         self.datasets: dict[str, dict] = self.run.datasets
@@ -95,8 +103,15 @@ class RunDir:
         except ValueError:
             return Path(path).name
 
+    def file(self, name: str) -> Path:
+        """Run file `name` as docs/run-layout.md names it ("stats/top_images.parquet"), in the shown SAE's folders."""
+        part, _, rest = name.partition("/")
+        return self.run.analysis_dir(part) / rest if part in ANALYSES and rest else self.path / name
+
     def rebuild_command(self, rel: str) -> str:
         """The command that writes the run file `rel` (RUN = this run directory)."""
+        if self.run.sae_name is not None and rel.startswith(self.rel(self.sae_dir) + "/"):
+            return self._member_command(rel[len(self.rel(self.sae_dir)) + 1:])
         if rel.startswith("stats/"):
             return "cytosae stats --run RUN"
         if rel.startswith("patients/"):
@@ -110,9 +125,27 @@ class RunDir:
         if rel.startswith(self.rel(self.sae_dir) + "/"):
             return "cytosae train --run RUN"
         for d in self.datasets:
+            if rel.startswith(self.rel(self.store_dir(d))) and self.run.sae_layer is not None:
+                return f"cytosae run STUDY (the run's study; its extract-layer:{d}:{self.run.sae_layer} step)"
             if rel.startswith(self.rel(self.store_dir(d))):
                 return f"cytosae extract DATA --run RUN --name {d}"
         return "the cytosae command that wrote it"
+
+    def _member_command(self, rest: str) -> str:
+        """The command that writes file `rest` of the sweep SAE shown (rest relative to its folder)."""
+        part = rest.partition("/")[0]
+        part = "eval" if rest.startswith("eval") else part
+        sae = "RUN/" + self.rel(self.sae_dir)
+        if part == "classify":
+            return f"cytosae classify {sae}/patients --sae {sae} --out {sae}/classify"
+        if part not in _MEMBER_COMMANDS:
+            return f"cytosae run STUDY (the study that made this run; its train:{self.run.sae_name} step)"
+        stores = ["RUN/" + self.rel(self.store_dir(d)) for d in self.datasets]
+        command = "cytosae " + _MEMBER_COMMANDS[part].format(sae=sae, stores=" ".join(stores) or "STORE",
+                                                              store=(stores or ["STORE"])[0])
+        if part == "eval":  # --spliced writes eval.spliced.json beside the --out given
+            return command + f" --out {sae}/eval.json" + (" --spliced" if "spliced" in rest else "")
+        return command + f" --out {sae}/{part}"
 
     def damaged(self, path: Path, exc: BaseException) -> DamagedData:
         from cytosae.store.format import InvalidFile
@@ -127,7 +160,9 @@ class RunDir:
         return DamagedData(f"{rel} could not be read ({type(exc).__name__}): the file is damaged or from another "
                            f"version; rebuild it with `{self.rebuild_command(rel)}` (RUN = this run directory)")
 
-    def missing(self, rel: str) -> MissingData:
+    def missing(self, name: str) -> MissingData:
+        """`name` (relative to the run, or a run-layout name, "stats/latents.parquet": the shown SAE's) is absent."""
+        rel = self.rel(self.file(name))
         return MissingData(f"{rel} is missing: write it with `{self.rebuild_command(rel)}` (RUN = this run directory)")
 
     def read(self, path: Path, reader):
@@ -205,11 +240,11 @@ class RunDir:
         """One of stats/top_images, stats/class_profile, stats/histograms, patients/barcodes, patients/compare."""
         order = self._ORDER[name]
         read = self._reader(name)
-        return self.cached(name, lambda: self.read(self.path / f"{name}.parquet",
+        return self.cached(name, lambda: self.read(self.file(f"{name}.parquet"),
                                                    lambda p: LatentIndexed(read(p), order)))
 
     def raw_table(self, name: str) -> pd.DataFrame | None:
-        return self.cached("raw:" + name, lambda: self.read(self.path / f"{name}.parquet", self._reader(name)))
+        return self.cached("raw:" + name, lambda: self.read(self.file(f"{name}.parquet"), self._reader(name)))
 
     def summary(self, part: str) -> dict | None:
         """stats/summary.json or patients/summary.json, checked by its writer's reader (None when absent)."""
@@ -217,17 +252,19 @@ class RunDir:
 
         file, read = {"stats": (stats.SUMMARY, stats.read_stats_summary),
                       "patients": (patients.SUMMARY, patients.read_patients_summary)}[part]
-        return self.cached("summary:" + part, lambda: self.read(self.path / part / file, lambda p: read(p.parent)))
+        return self.cached("summary:" + part, lambda: self.read(self.run.analysis_dir(part) / file,
+                                                                lambda p: read(p.parent)))
 
     def descriptions(self) -> pd.DataFrame | None:
         """RUN/concepts/descriptions.parquet (`cytosae describe`) indexed by latent, through its writer's reader;
         None when the run has none."""
-        from cytosae.analysis.describe import CONCEPTS, DESCRIPTIONS
+        from cytosae.analysis.describe import DESCRIPTIONS
 
         from .validation import read_descriptions  # the one place the table is checked and indexed by latent
 
-        return self.cached("descriptions", lambda: self.read(self.path / CONCEPTS / DESCRIPTIONS,
-                                                             lambda p: read_descriptions(self.path)))
+        folder = self.run.concepts_dir
+        return self.cached("descriptions", lambda: self.read(folder / DESCRIPTIONS,
+                                                             lambda p: read_descriptions(folder)))
 
     @property
     def classify_results(self) -> dict | None:
@@ -238,7 +275,7 @@ class RunDir:
 
     def quality_json(self, name: str) -> dict | None:
         """quality/alignment.json, or the SAE's eval.json / eval.spliced.json (`cytosae evaluate`); None when absent."""
-        path = self.path / "quality" / name if name.startswith("alignment") else self.sae_dir / name
+        path = self.run.quality_dir / name if name.startswith("alignment") else self.sae_dir / name
 
         from cytosae.analysis.alignment import read_alignment
         from cytosae.steps.evaluate import EVAL, read_eval
@@ -320,4 +357,50 @@ class RunDir:
                 spec.setdefault("random_weights_seed", s.get("random_weights_seed"))
                 spec.setdefault("grid", meta.get("grid"))
                 break
+        if self.run.sae_layer is not None:  # a layer sweep's SAE: uploads are encoded at its own block
+            spec["layer"] = self.run.sae_layer
         return spec
+
+    # ------------------------------------------------------------------ which SAE is shown
+    def shown_sae(self) -> dict:
+        """Which SAE this reader shows (name, arch, k, expansion, layer, latents), whether it is the run's own (the
+        default) and the sweep it is one of; `title` is the sentence page headers and report titles show."""
+        from cytosae.sae.archs import arch_options
+
+        sweep = self.run.sweep
+        saes = sweep.get("saes") or {}
+        name = self.run.sae_name or sweep.get("primary") or self.rel(self.sae_dir)
+        recorded = (saes.get(name) or {}).get("settings") or {}
+        try:
+            cfg = self.sae_config
+        except MissingData:
+            cfg = {}
+        arch, d_in, n = cfg.get("arch"), cfg.get("d_in"), cfg.get("n_latents")
+        try:
+            takes_k = arch is None or "k" in arch_options(arch)
+        except (KeyError, ValueError):  # an architecture this version does not know (an imported SAE's)
+            takes_k = "k" in cfg
+        out = {"name": name, "default": self.run.sae_name is None, "dir": self.rel(self.sae_dir), "arch": arch,
+               "k": recorded.get("k", cfg.get("k")) if takes_k else None, "n_latents": n,
+               "expansion": recorded.get("expansion", n // d_in if isinstance(n, int) and d_in else None),
+               "layer": recorded.get("layer", self.backbone_spec().get("layer")),
+               "sweep": {"n": len(saes), "names": list(saes), "primary": sweep.get("primary")} if saes else None,
+               "stats": (self.run.stats_dir / "latents.parquet").is_file()}
+        out["note"] = None if out["stats"] or out["default"] else str(self.missing("stats/latents.parquet"))
+        out["title"] = _sae_title(out)
+        return out
+
+
+def _sae_title(s: dict) -> str:
+    """"SAE k2-x2 (topk, k=2, expansion 2, layer -2, 768 latents), one of 3 in this run's sweep", and for the
+    default one that it is the run's own."""
+    facts = [s["arch"], f"k={s['k']}" if s["k"] is not None else None,
+             f"expansion {s['expansion']}" if s["expansion"] is not None else None,
+             f"layer {s['layer']}" if s["layer"] is not None else None,
+             f"{s['n_latents']} latents" if s["n_latents"] is not None else None]
+    title = f"SAE {s['name']} (" + ", ".join(str(f) for f in facts if f is not None) + ")"
+    if s["sweep"]:
+        title += f", one of {s['sweep']['n']} in this run's sweep"
+        title += (" (the primary one, shown by default; open another with --sae NAME)" if s["default"]
+                  else f" (not the primary {s['sweep']['primary']})")
+    return title

@@ -50,8 +50,8 @@ class Explorer:
     """State shared by the routes: the run, the encoder cache, neighbours, annotations, uploads."""
 
     def __init__(self, run_dir, data_roots=None, max_upload_bytes: int = MAX_UPLOAD_BYTES, device: str = "cpu",
-                 sae=None) -> None:
-        self.run = RunDir(run_dir, data_roots)
+                 sae=None, sae_name: str | None = None) -> None:
+        self.run = RunDir(run_dir, data_roots, sae=sae_name)
         self.annotations = open_store(self.run.run.annotations)
         if self.annotations.error:  # the explorer still starts: the person reads this and restores the file
             print(f"warning: {self.annotations.error}", file=sys.stderr, flush=True)

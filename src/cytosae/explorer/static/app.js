@@ -593,7 +593,12 @@ document.getElementById("global-search").addEventListener("submit", async ev => 
   if (STATIC) document.getElementById("validate-link").remove();  // answers need the server
   try { state.run = await api(u("run", {})); }
   catch (e) { $app.replaceChildren(h("p", { class: "error" }, "cannot read the run: " + e.message)); return; }
-  document.getElementById("run-name").textContent = `${state.run.run} · ${state.run.n_latents} latents · ${state.run.datasets.map(d => d.name).join(", ")}`;
+  const sae = state.run.shown_sae;
+  document.getElementById("run-name").textContent = `${state.run.run} · SAE ${sae.name} · ${state.run.n_latents} latents · ${state.run.datasets.map(d => d.name).join(", ")}`;
+  if (sae.sweep || !sae.default) {  // one SAE of several: say which on every page, and when its own analyses are missing
+    $app.before(h("p", { class: "banner info", id: "sae-banner" }, "Showing " + sae.title + (sae.note ? ". " + sae.note : "")));
+  }
+  if (!STATIC) document.title = "cytosae explorer: " + sae.title;
   if (state.run.annotations_error) {  // damaged annotations.sqlite: say so on every page, the explorer is read-only
     $app.before(h("p", { class: "banner error", id: "annotations-banner", role: "alert" }, "Annotations are read-only: " + state.run.annotations_error));
   }
