@@ -152,25 +152,28 @@ class RunDir:
                            else "sae.safetensors")
             raise self.damaged(culprit, exc) from None
 
-    def _json(self, rel: str):
-        return self.read(self.path / rel, lambda p: json.loads(p.read_text()))
-
     @property
     def sae_config(self) -> dict:
-        def load():
-            cfg = self._json(f"{self.rel(self.sae_dir)}/config.json")
-            if cfg is not None and not (isinstance(cfg, dict) and isinstance(cfg.get("n_latents"), int)):
-                raise self.damaged(self.sae_dir / "config.json", ValueError("no integer n_latents"))
-            return cfg
-        cfg = self.cached("sae_config", load)
+        """The SAE's config.json as SAE.load checks it (typed schema, format version, its own config_sha256), without
+        reading the weights: an edited config is DamagedData naming the field, never shown as the run's SAE."""
+        from cytosae.sae.model import read_config
+
+        cfg = self.cached("sae_config", lambda: self.read(self.sae_dir / "config.json", lambda p: read_config(p.parent)))
         if cfg is None:
             raise self.missing(f"{self.rel(self.sae_dir)}/config.json")
         return cfg
 
     @property
     def n_latents(self) -> int:
+        """config.json's n_latents; without a readable one, the latents stats counted. A damaged config.json (which
+        /api/run and the SAE's readers name) thus leaves the pages that need no SAE usable; with no stats either it
+        is the error."""
         if (self.sae_dir / "config.json").is_file():
-            return int(self.sae_config["n_latents"])
+            try:
+                return int(self.sae_config["n_latents"])
+            except DamagedData:
+                if self.latents is None or not len(self.latents):
+                    raise
         lat = self.latents
         return int(lat["latent"].max()) + 1 if lat is not None and len(lat) else 0
 
