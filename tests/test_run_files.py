@@ -178,3 +178,31 @@ def test_the_explorers_sae_config_is_read_through_the_saes_checked_reader(fx, tm
     with pytest.raises(DamagedData) as err:
         open_run(run).sae_config
     assert str(err.value) == detail
+
+
+@pytest.mark.parametrize("file, change, message", [
+    ("predictions.parquet", lambda df: df.drop(columns=["model"]), "columns: lacks ['model']"),
+    ("predictions.parquet", lambda df: df.drop(columns=["decided"]), "columns: lacks ['decided']"),
+    ("predictions.parquet", lambda df: df.assign(p_AML=df.p_AML.round(3).astype(str)),
+     "p_AML: must hold numbers, it holds str values ("),
+    ("explanations.parquet", lambda df: df.assign(rank=df["rank"] + 0.5), "rank: must hold integers, it holds float64"),
+])
+def test_an_edited_classify_table_is_one_line_naming_file_and_column(fx, tmp_path, file, change, message):
+    """classify/'s tables are read through read_classify_table (columns and their kinds), by notebooks and the
+    explorer alike: a parquet lacking a column or holding text for numbers is named with the column."""
+    import pandas as pd
+
+    from cytosae.analysis.classify_results import read_classify_table
+
+    run = copy_of(fx, tmp_path).path
+    path = run / "classify" / file
+    assert read_classify_table(run / "classify", file).equals(pd.read_parquet(path))
+    change(pd.read_parquet(path)).to_parquet(path, index=False)
+    with pytest.raises(InvalidFile) as err:
+        read_classify_table(run / "classify", file)
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
+    assert str(err.value).endswith("rebuild it with `cytosae classify` (--run RUN: the same command)")
+    with pytest.raises(DamagedData) as err:
+        open_run(run).table(f"classify/{file.removesuffix('.parquet')}")
+    assert str(err.value).startswith(f"classify/{file}: {message}") and "cytosae classify --run RUN" in str(err.value)
+    assert str(tmp_path) not in str(err.value)

@@ -196,11 +196,13 @@ class RunDir:
 
     def _reader(self, name: str):
         """path -> DataFrame for run table `name`: the writer's reader (its required columns) where it has one."""
-        from cytosae.analysis import patients, stats
+        from cytosae.analysis import classify_results, patients, stats
 
         part, _, stem = name.partition("/")
         columns, read = {"stats": (stats.COLUMNS, stats.read_stats_table),
-                         "patients": (patients.COLUMNS, patients.read_patients_table)}.get(part, ({}, None))
+                         "patients": (patients.COLUMNS, patients.read_patients_table),
+                         "classify": (classify_results.COLUMNS, classify_results.read_classify_table)
+                         }.get(part, ({}, None))
         file = f"{stem}.parquet"
         return (lambda p: read(p.parent, file)) if file in columns else pd.read_parquet
 
