@@ -246,12 +246,10 @@ class RunDir:
         path = self.path / "quality" / name if name.startswith("alignment") else self.sae_dir / name
 
         from cytosae.analysis.alignment import read_alignment
-        from cytosae.steps.evaluate import EVAL, read_eval
+        from cytosae.steps.evaluate import EVAL, SPLICED, read_eval, read_spliced
 
-        if name == EVAL or name.startswith("alignment"):  # the files with a typed reader: through it
-            reader = (lambda p: read_alignment(p.parent)) if name.startswith("alignment") else read_eval
-        else:
-            reader = lambda p: json.loads(p.read_text())  # noqa: E731  (eval.spliced.json: an open record)
+        readers = {EVAL: read_eval, SPLICED: read_spliced}  # each file through its writer's typed reader
+        reader = (lambda p: read_alignment(p.parent)) if name.startswith("alignment") else readers[name]
 
         def load():
             doc = self.read(path, reader)
