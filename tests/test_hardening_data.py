@@ -231,3 +231,28 @@ def test_extract_skips_a_thin_image_and_lists_it_in_skipped_csv(tmp_path):
     assert ActivationStore(tmp_path / "s").meta["settings"]["max_aspect"] == 20.0
     with pytest.raises(ValueError, match="max_aspect"):
         ExtractSettings(data=root, out=tmp_path / "t", max_aspect=-1)
+
+
+def test_a_store_written_before_the_aspect_limit_resumes_under_it(tmp_path):
+    """Stores extracted before `max_aspect` existed (settings without it) resume with every shard reused; a store
+    that records a limit refuses a resume under another."""
+    from cytosae import load_backbone
+    from cytosae.store import ExtractConfig, extract
+    from cytosae.store.format import read_manifest, write_manifest
+
+    root = tmp_path / "data"
+    for i in range(3):
+        _png(root / "blast" / f"c{i}.png")
+    m, bb, out = load_manifest(root), load_backbone("dinobloom-s", depth=1), tmp_path / "s"
+    cfg = ExtractConfig(layer=-1, batch_size=2, shard_size=2, progress=False, num_workers=0)
+    extract(m, bb, out, cfg)
+    meta = read_manifest(out)
+    del meta["settings"]["max_aspect"]  # as written before the limit existed (the manifest sealed again, as then)
+    write_manifest(out, {k: v for k, v in meta.items() if k != "manifest_sha256"})
+    assert extract(m, bb, out, cfg).shards_reused == 2
+    assert "max_aspect" not in read_manifest(out)["settings"]  # nothing recomputed: the manifest is left as it was
+    extract(m, bb, tmp_path / "new", cfg)
+    assert read_manifest(tmp_path / "new")["settings"]["max_aspect"] == 20.0
+    with pytest.raises(ValueError, match=r"different settings \(max_aspect\)"):
+        extract(m, bb, tmp_path / "new", ExtractConfig(layer=-1, batch_size=2, shard_size=2, progress=False,
+                                                       num_workers=0, max_aspect=30.0))
