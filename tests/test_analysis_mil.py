@@ -149,15 +149,15 @@ def test_synthetic_diagnostic_cells_are_found_by_mil_attention_and_by_a_concept(
     assert _auc(is_rod, bags.x[:, best].numpy()) > 0.75
 
 
-def test_explorer_lists_a_clicked_patients_cells_by_attention(tmp_path):
-    from fastapi.testclient import TestClient
-
+@pytest.fixture(scope="module")
+def mil_run(tmp_path_factory):
+    """A fixture run whose classify/ holds MIL attention, written by classify_patients + write_classify."""
     from cytosae.analysis.classify import classify_patients, write_classify
-    from cytosae.explorer import create_app
     from explorer_fixtures import make_run
 
+    tmp_path = tmp_path_factory.mktemp("mil-run")
     fx = make_run(tmp_path / "fx")
-    store, planted = _cohort(tmp_path, "A", n_patients=12, cells=10)
+    store, _ = _cohort(tmp_path, "A", n_patients=12, cells=10)
     pats = store.images.drop_duplicates("patient_id")
     bc = pd.DataFrame([(p, d, j, float(d == "APL") * 0.5 + 0.1 * j, 1, 10) for p, d in zip(pats.patient_id, pats.diagnosis)
                        for j in range(3)], columns=["patient_id", "diagnosis", "latent", "frac", "count", "n_cells"])
@@ -165,6 +165,15 @@ def test_explorer_lists_a_clicked_patients_cells_by_attention(tmp_path):
     res = classify_patients(bc, cfg, bags={"embedding": cell_features(store, "embedding")}, dataset="A",
                             mil_cfg=MILConfig(max_epochs=5))
     write_classify(res, fx.path / "classify")
+    return fx
+
+
+def test_explorer_lists_a_clicked_patients_cells_by_attention(mil_run):
+    from fastapi.testclient import TestClient
+
+    from cytosae.explorer import create_app
+
+    fx = mil_run
     att = pd.read_parquet(fx.path / "classify" / "attention.parquet")
     with TestClient(create_app(fx.path), base_url="http://127.0.0.1") as client:
         r = client.get("/api/patients/A00/cells")
@@ -175,3 +184,28 @@ def test_explorer_lists_a_clicked_patients_cells_by_attention(tmp_path):
         assert [c["rank"] for c in d["cells"]] == list(range(10)) and d["dataset"] == "A"
         assert client.get("/api/patients/nobody/cells").status_code == 404
         assert client.get("/api/patients/A00/cells", params={"model": "mil_x"}).status_code == 404
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda df: df.drop(columns=["rank"]), "columns: lacks ['rank']"),
+    (lambda df: df.assign(rank=df["rank"].astype(float)), "rank: must hold integers, it holds float64"),
+    (lambda df: df.assign(attention=df.attention.round(3).astype(str)), "attention: must hold numbers, it holds str"),
+])
+def test_an_edited_attention_table_is_named_with_its_column(mil_run, tmp_path, change, message):
+    """classify/attention.parquet is read through its writer's reader (columns and kinds): the patient-cells page
+    answers 503 naming the file and the column, not a traceback or cells in a wrong order."""
+    from fastapi.testclient import TestClient
+
+    from cytosae.analysis.classify_results import ATTENTION, read_classify_table
+    from cytosae.explorer import create_app
+    from explorer_fixtures import copy_of
+
+    run = copy_of(mil_run, tmp_path).path
+    path = run / "classify" / ATTENTION
+    assert read_classify_table(run / "classify", ATTENTION).equals(pd.read_parquet(path))
+    change(pd.read_parquet(path)).to_parquet(path, index=False)
+    with TestClient(create_app(run), base_url="http://127.0.0.1") as client:
+        r = client.get("/api/patients/A00/cells")
+    detail = r.json()["detail"]
+    assert r.status_code == 503 and detail.startswith(f"classify/{ATTENTION}: {message}"), detail
+    assert "cytosae classify --run RUN" in detail and str(tmp_path) not in r.text

@@ -199,11 +199,13 @@ def big_server(tmp_path_factory):
     import numpy as np
     import pandas as pd
 
+    from cytosae.sae import SAE, SAEConfig
+
     n = 49_152
     run = tmp_path_factory.mktemp("big") / "run"
     (run / "stats").mkdir(parents=True)
-    (run / "sae").mkdir()
-    (run / "sae" / "config.json").write_text(json.dumps({"arch": "relu", "d_in": 768, "n_latents": n}))
+    # the SAE as sae.save writes it (the explorer checks config.json's schema and checksum); d_in 8 keeps it 3 MB
+    SAE(SAEConfig(arch="relu-l1", d_in=8, n_latents=n)).save(run / "sae")
     rng = np.random.default_rng(0)
     pd.DataFrame({"dataset": "mll", "latent": np.arange(n), "freq_image": 10 ** rng.uniform(-5, -0.3, n),
                   "freq_token": 0.01, "mean_act": 10 ** rng.uniform(-1, 1, n), "max_act": 5.0,

@@ -195,6 +195,25 @@ def test_upload_decoding_and_encoding_run_off_the_event_loop(fx, monkeypatch):
     assert on_loop.get("decode_upload") is False, on_loop
 
 
+def test_a_thin_upload_is_refused_before_decoding_or_resizing(fx, monkeypatch):
+    """Issue #20, item 7: the aspect-ratio limit of extraction applies to uploads, from the header (before decoding and
+    before the model's view is resized): a 400 that says the size and the limit."""
+    import cytosae.explorer.routes_images as ri
+    from cytosae.explorer.imaging import InvalidImage, decode_upload
+
+    thin = _png((8, 400_000))
+    with pytest.raises(InvalidImage, match=r"8 x 400000 px has an aspect ratio of 50,000:1, above the limit of 20:1"):
+        decode_upload(thin)
+    assert decode_upload(thin, max_aspect=None).size == (8, 400_000)  # the limit is what refuses it
+    resized = []
+    monkeypatch.setattr(ri, "model_view", lambda img, pre=None: resized.append(img.size))
+    with TestClient(create_app(fx.path), base_url=LOCAL) as c:
+        r = c.post("/api/uploads", files={"file": ("strip.png", thin, "image/png")})
+    detail = r.json()["detail"]
+    assert r.status_code == 400 and resized == [], (r.status_code, detail)
+    assert "aspect ratio of 50,000:1, above the limit of 20:1" in detail and "crop it to the cell" in detail
+
+
 # ------------------------------------------------------------------ 12: OPTIONS and declared responses
 def test_options_lists_every_method_of_the_path(client):
     r = client.options("/api/annotations/3")

@@ -218,6 +218,40 @@ def test_quality_serves_the_spliced_figures_when_evaluate_wrote_them(spliced_run
     assert q["alignment"] is None and not any("eval.spliced.json" in m for m in q["missing"])
 
 
+def _edit_json(path, change):
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["output"]["spliced"]["cls"].update(cosine="0.9"),
+     "output.spliced.cls.cosine: must be a number, got '0.9'"),
+    (lambda c: c["downstream"]["label"].pop("probe"),
+     "downstream.label.folds: knn, probe and folds are recorded unless the column was skipped"),
+    (lambda c: c["backbone"].pop("layer_index"), "backbone.layer_index: is missing"),
+    (lambda c: c.update(n_images=0), "n_images: must be greater than or equal to 1, got 0"),
+])
+def test_an_edited_spliced_json_is_one_line_naming_file_and_field(spliced_run, tmp_path, change, message):
+    """eval.spliced.json is read through SplicedFigures (beside its writer, steps/evaluate.py) by the explorer's
+    quality page and the sweep: an edited one is refused naming the file and the field, never shown."""
+    from cytosae.steps.evaluate import SPLICED, read_spliced
+    from cytosae.store.format import InvalidFile
+
+    run = tmp_path / "run"
+    shutil.copytree(spliced_run, run)
+    path = run / "sae" / SPLICED
+    assert read_spliced(run / "sae") == json.loads(path.read_text())
+    _edit_json(path, change)
+    with pytest.raises(InvalidFile) as err:
+        read_spliced(path)
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
+    r = _client(run).get("/api/quality")
+    detail = r.json()["detail"]
+    assert r.status_code == 503 and detail.startswith(f"sae/{SPLICED}: {message}"), detail
+    assert "cytosae evaluate --run RUN --spliced" in detail and str(tmp_path) not in r.text
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")
 def test_the_live_quality_page_draws_the_spliced_table(spliced_run):

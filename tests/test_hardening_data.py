@@ -1,5 +1,6 @@
 """Hardening of data in (issue #12): odd files reach skipped.csv under their image id, pixel budget, bad manifests."""
 import os
+import re
 import zlib
 import struct
 from pathlib import Path
@@ -181,3 +182,77 @@ def test_extreme_crop_takes_the_centre_of_the_source():
     a[19_996:20_004] = (200, 0, 0)  # the centre 8 x 8 px, all the crop keeps of an 8-px-wide image
     out = np.asarray(Preprocess(resize="crop").resize_image(Image.fromarray(a))).astype(int)
     assert np.abs(out[16:208, 16:208] - [200, 0, 0]).max() <= 6  # bicubic ringing near the white edge
+
+
+def _thin_png(path: Path, size=(8, 400_000)) -> Path:
+    """A one-colour strip (3.2 MP, under the pixel budget; a few KB as PNG)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (200, 100, 150)).save(path)
+    return path
+
+
+THIN = (r"8 x 400000 px has an aspect ratio of 50,000:1, above the limit of 20:1 \(a cell image is about square; .*\); "
+        r"raise the limit with --max-aspect \(0 = no limit\) to include it")
+
+
+def test_the_aspect_ratio_is_checked_before_decoding_or_resizing(tmp_path, monkeypatch):
+    """Issue #20, item 7: an 8 x 400,000 px image is refused from its header, before decoding and before any resize
+    (crop would have resized it to 224 x 11.2 M px); the message names the file, its size, the limit and the fix."""
+    from cytosae.data import ImageDataset, Preprocess
+
+    thin = _thin_png(tmp_path / "thin.png")
+    with pytest.raises(ImageDecodeError, match=THIN) as e:
+        open_rgb(thin)
+    assert e.value.path.endswith("thin.png") and str(e.value).startswith(str(thin))
+    # the limit is what refuses it: lifted, the same file decodes
+    assert open_rgb(thin, max_aspect=None).size == (8, 400_000)
+    assert open_rgb(_thin_png(tmp_path / "edge.png", (8, 160))).size == (8, 160)  # 20:1 is within the limit
+    with pytest.raises(ImageDecodeError, match="aspect ratio of 20:1, above the limit of 19.5:1"):
+        open_rgb(tmp_path / "edge.png", max_aspect=19.5)
+    resized = []
+    monkeypatch.setattr(Preprocess, "resize_image", lambda self, img, source=None: resized.append(img.size))
+    i, x, reason = ImageDataset(pd.DataFrame({"path": [str(thin)]}), Preprocess(resize="crop"))[0]
+    assert (i, x) == (0, None) and resized == [] and "aspect ratio of 50,000:1" in reason
+
+
+def test_extract_skips_a_thin_image_and_lists_it_in_skipped_csv(tmp_path):
+    from cytosae.steps import ExtractSettings, run_extract
+    from cytosae.store import ActivationStore
+
+    root = tmp_path / "data"
+    _png(root / "blast" / "good.png")
+    _thin_png(root / "blast" / "strip.png")
+    res = run_extract(ExtractSettings(data=root, out=tmp_path / "s", backbone="dinobloom-s", resize="crop",
+                                      layer=-1, batch_size=4, shard_size=4, workers=0, device="cpu"))
+    skipped = pd.read_csv(tmp_path / "s" / "skipped.csv").set_index("image_id")
+    assert skipped.index.tolist() == ["blast/strip.png"] and res.n_skipped == 1
+    assert re.search(THIN, skipped.reason["blast/strip.png"]), skipped.reason["blast/strip.png"]
+    assert ActivationStore(tmp_path / "s").image_ids == ["blast/good.png"]
+    assert ActivationStore(tmp_path / "s").meta["settings"]["max_aspect"] == 20.0
+    with pytest.raises(ValueError, match="max_aspect"):
+        ExtractSettings(data=root, out=tmp_path / "t", max_aspect=-1)
+
+
+def test_a_store_written_before_the_aspect_limit_resumes_under_it(tmp_path):
+    """Stores extracted before `max_aspect` existed (settings without it) resume with every shard reused; a store
+    that records a limit refuses a resume under another."""
+    from cytosae import load_backbone
+    from cytosae.store import ExtractConfig, extract
+    from cytosae.store.format import read_manifest, write_manifest
+
+    root = tmp_path / "data"
+    for i in range(3):
+        _png(root / "blast" / f"c{i}.png")
+    m, bb, out = load_manifest(root), load_backbone("dinobloom-s", depth=1), tmp_path / "s"
+    cfg = ExtractConfig(layer=-1, batch_size=2, shard_size=2, progress=False, num_workers=0)
+    extract(m, bb, out, cfg)
+    meta = read_manifest(out)
+    del meta["settings"]["max_aspect"]  # as written before the limit existed (the manifest sealed again, as then)
+    write_manifest(out, {k: v for k, v in meta.items() if k != "manifest_sha256"})
+    assert extract(m, bb, out, cfg).shards_reused == 2
+    assert "max_aspect" not in read_manifest(out)["settings"]  # nothing recomputed: the manifest is left as it was
+    extract(m, bb, tmp_path / "new", cfg)
+    assert read_manifest(tmp_path / "new")["settings"]["max_aspect"] == 20.0
+    with pytest.raises(ValueError, match=r"different settings \(max_aspect\)"):
+        extract(m, bb, tmp_path / "new", ExtractConfig(layer=-1, batch_size=2, shard_size=2, progress=False,
+                                                       num_workers=0, max_aspect=30.0))

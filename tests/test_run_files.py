@@ -154,3 +154,55 @@ def test_an_edited_sae_config_is_refused_by_the_explorers_decoder_reader(fx, tmp
     assert r.status_code == 200 and r.json()["neighbours"] == []
     assert error.startswith("sae/config.json: its content differs from the config_sha256")
     assert "cytosae train --run RUN" in error and str(tmp_path) not in r.text
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(n_latents=4096), "sae/config.json: its content differs from the config_sha256"),
+    (lambda c: c.update(k="16"), "sae/config.json: field 'k' "),
+    (lambda c: c.pop("checksums"), "sae/config.json: field 'checksums' is missing"),
+])
+def test_the_explorers_sae_config_is_read_through_the_saes_checked_reader(fx, tmp_path, edit, message):
+    """/api/run and a notebook's sae_config read config.json as SAE.load does: an edited one is refused in one line
+    naming the file (relative to the run) and the field, never shown as the run's SAE."""
+    from cytosae.sae.model import read_config
+
+    run = copy_of(fx, tmp_path).path
+    with TestClient(create_app(run), base_url=LOCAL) as c:
+        assert c.get("/api/run").json()["sae"] == read_config(run / "sae")
+    _edit(run, "sae/config.json", edit)
+    with TestClient(create_app(run), base_url=LOCAL) as c:
+        r = c.get("/api/run")
+    detail = r.json()["detail"]
+    assert r.status_code == 503 and detail.startswith(message) and "\n" not in detail, detail
+    assert "cytosae train --run RUN" in detail and str(tmp_path) not in r.text
+    with pytest.raises(DamagedData) as err:
+        open_run(run).sae_config
+    assert str(err.value) == detail
+
+
+@pytest.mark.parametrize("file, change, message", [
+    ("predictions.parquet", lambda df: df.drop(columns=["model"]), "columns: lacks ['model']"),
+    ("predictions.parquet", lambda df: df.drop(columns=["decided"]), "columns: lacks ['decided']"),
+    ("predictions.parquet", lambda df: df.assign(p_AML=df.p_AML.round(3).astype(str)),
+     "p_AML: must hold numbers, it holds str values ("),
+    ("explanations.parquet", lambda df: df.assign(rank=df["rank"] + 0.5), "rank: must hold integers, it holds float64"),
+])
+def test_an_edited_classify_table_is_one_line_naming_file_and_column(fx, tmp_path, file, change, message):
+    """classify/'s tables are read through read_classify_table (columns and their kinds), by notebooks and the
+    explorer alike: a parquet lacking a column or holding text for numbers is named with the column."""
+    import pandas as pd
+
+    from cytosae.analysis.classify_results import read_classify_table
+
+    run = copy_of(fx, tmp_path).path
+    path = run / "classify" / file
+    assert read_classify_table(run / "classify", file).equals(pd.read_parquet(path))
+    change(pd.read_parquet(path)).to_parquet(path, index=False)
+    with pytest.raises(InvalidFile) as err:
+        read_classify_table(run / "classify", file)
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
+    assert str(err.value).endswith("rebuild it with `cytosae classify` (--run RUN: the same command)")
+    with pytest.raises(DamagedData) as err:
+        open_run(run).table(f"classify/{file.removesuffix('.parquet')}")
+    assert str(err.value).startswith(f"classify/{file}: {message}") and "cytosae classify --run RUN" in str(err.value)
+    assert str(tmp_path) not in str(err.value)

@@ -141,6 +141,9 @@ def extract(
     seed: int = typer.Option(0, help="Seed of the RANDOM backbone weights used without --weights (recorded in the store)."),
     max_pixels: int = typer.Option(50_000_000, help="Images with more pixels are skipped (read from the header, before "
                                                     "decoding: a 164 KB PNG can decode to 2 GB); 0 = no budget."),
+    max_aspect: float = typer.Option(20.0, help="Images whose long side is more than this many times their short side "
+                                                "are skipped (read from the header, before any resize: an 8 x 400,000 "
+                                                "strip cropped to 224 px would be 224 x 11.2 M px); 0 = no limit."),
     stain: str = typer.Option("none", help="Colour normalisation to --stain-reference before resizing: none | macenko "
                                            "| reinhard (its fitted numbers are recorded in the store)."),
     stain_reference: Optional[Path] = typer.Option(None, help="Reference image whose colours every image is "

@@ -1,5 +1,6 @@
 """classify/results.json as its readers read it (the explorer's diagnosis page, notebooks, `cytosae classify`'s
-summary lines): its name and schema, beside analysis/classify.py, whose write_classify and write_labels write it.
+summary lines): its name and schema, beside analysis/classify.py, whose write_classify and write_labels write it;
+and the tables written beside it (predictions, explanations, MIL attention): their names, columns and kinds.
 
 Two shapes share the file: patient-level diagnosis (`task` = the target column: n_patients, class_counts, per
 model macro_f1 and auroc) and multi-label targets (`task` = "multi-label": labels, n_units, per model macro_auroc
@@ -15,7 +16,20 @@ from pydantic import Field, model_validator
 from cytosae.store.format import Written
 
 RESULTS = "results.json"
+PREDICTIONS = "predictions.parquet"  # per model and patient (or unit, multi-label): out-of-fold probabilities
+EXPLANATIONS = "explanations.parquet"  # per patient: the concepts that pushed its prediction
+ATTENTION = "attention.parquet"  # MIL: per model and cell, its out-of-fold attention
 FIX = "rebuild it with `cytosae classify` (--run RUN: the same command)"
+# per table, the columns its readers use (the explorer's patient cells, notebooks) and the kinds they compute with:
+# `p_*` (one probability column per class or label) and `attention_*` must be numbers wherever they appear. Ids and
+# class labels are compared as text (astype(str)), so any type reads.
+COLUMNS = {PREDICTIONS: ("model",), EXPLANATIONS: ("patient_id", "model", "latent", "contribution", "rank"),
+           ATTENTION: ("model", "patient_id", "image_id", "predicted", "attention", "rank")}
+KINDS = {PREDICTIONS: {"model": "text", "p_*": "number"},
+         EXPLANATIONS: {"model": "text", "latent": "integer", "contribution": "number", "rank": "integer"},
+         ATTENTION: {"model": "text", "attention": "number", "attention_*": "number", "rank": "integer"}}
+# predictions.parquet's two shapes (classify/results.py): patient-level diagnosis, or multi-label units
+PREDICTION_SHAPES = {"diagnosis": ("patient_id", "true", "decided"), "multi-label": ("unit",)}
 Count = Annotated[int, Field(ge=0)]
 Score = Optional[float]
 
@@ -66,3 +80,20 @@ def read_classify_results(classify_dir: str | Path, shown: str | None = None) ->
     from cytosae.store.format import read_json_model
 
     return read_json_model(Path(classify_dir) / RESULTS, ClassifyResults, FIX, shown)
+
+
+def read_classify_table(classify_dir: str | Path, file: str, shown: str | None = None):
+    """One of classify/'s tables (a COLUMNS key) with the columns its readers use, each of its kind (KINDS), or
+    InvalidFile naming the file (`shown`) and the column. predictions.parquet has one of PREDICTION_SHAPES and at
+    least one `p_*` column."""
+    from cytosae.store.format import InvalidFile, check_columns, read_table
+
+    path = Path(classify_dir) / file
+    shown = path if shown is None else shown
+    df = read_table(path, COLUMNS[file], FIX, shown, KINDS[file])
+    if file == PREDICTIONS:
+        shape = "multi-label" if "unit" in df.columns else "diagnosis"
+        check_columns(df, PREDICTION_SHAPES[shape], FIX, shown)
+        if not any(str(c).startswith("p_") for c in df.columns):
+            raise InvalidFile(shown, "columns", f"has no p_CLASS probability column (it has {list(df.columns)})", FIX)
+    return df

@@ -23,6 +23,10 @@ from PIL import Image, UnidentifiedImageError
 
 # A 13000 x 13000 PNG compresses to 164 KB and decodes to 2 GB; a single-cell image is well under 1 MP.
 DEFAULT_MAX_PIXELS = 50_000_000
+# Long side / short side. A cell crop is about square (Acevedo 360 x 363, DeepAPL ~1:1); an image 20 times longer than
+# it is wide is a strip, a scan line or a mislabelled file, and resizing it (crop: 224 x 5,600 px per 8 px of width,
+# 224 x 11.2 M px for 8 x 400,000) would allocate far more than its own pixels.
+DEFAULT_MAX_ASPECT = 20.0
 
 
 def printable_name(name: str | os.PathLike) -> str:
@@ -88,11 +92,24 @@ def _regular_file_size(p: Path) -> int:
     return st.st_size
 
 
-def open_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def aspect_problem(width: int, height: int, max_aspect: float | None = DEFAULT_MAX_ASPECT) -> str | None:
+    """Why a `width` x `height` image is refused before any resize (its long side over `max_aspect` times its short
+    side), or None; the caller adds how to lift the limit. max_aspect None = no limit."""
+    long, short = max(width, height), min(width, height)
+    if max_aspect is None or long <= max_aspect * max(short, 1):
+        return None
+    return (f"{width} x {height} px has an aspect ratio of {long / max(short, 1):,.0f}:1, above the limit of "
+            f"{max_aspect:g}:1 (a cell image is about square; resized it would be a sliver or stretched)")
+
+
+def open_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+             max_aspect: float | None = DEFAULT_MAX_ASPECT) -> Image.Image:
     """Fully decode `path` to 8-bit RGB, or raise ImageDecodeError saying why.
 
     max_pixels: images with more pixels (width x height, read from the header) are refused before decoding;
     None = no budget (PIL's own decompression-bomb limit still applies).
+    max_aspect: images whose long side is more than this many times their short side (header) are refused before
+    decoding, so before any resize; None = no limit.
     """
     p = Path(path)
     if not is_utf8_name(p):  # its name could be written to no table, log or page; the file itself may be fine
@@ -109,6 +126,9 @@ def open_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXEL
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageDecodeError(p, f"{w} x {h} = {w * h / 1e6:.1f} megapixels, above the pixel budget of "
                                           f"{max_pixels / 1e6:g} MP (raise it with --max-pixels to decode it)")
+            thin = aspect_problem(w, h, max_aspect)
+            if thin:
+                raise ImageDecodeError(p, f"{thin}; raise the limit with --max-aspect (0 = no limit) to include it")
             img.load()  # force full decode so truncated files fail here, not later
             return _to_rgb(img).copy()
     except ImageDecodeError:

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, _to_rgb, open_rgb  # noqa: F401  (re-exported)
+from .decode import (DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, ImageDecodeError, _to_rgb,  # noqa: F401  (re-exported)
+                     open_rgb)
 from .stain import Stain, StainError
 
 log = logging.getLogger(__name__)
@@ -130,17 +131,19 @@ class Preprocess:
 class ImageDataset(Dataset):
     """Manifest rows -> (row index, tensor or None, reason or None); a bad image never raises."""
 
-    def __init__(self, manifest, preprocess: Preprocess, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, manifest, preprocess: Preprocess, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 max_aspect: float | None = DEFAULT_MAX_ASPECT) -> None:
         self.paths = list(manifest["path"])
         self.preprocess = preprocess
-        self.max_pixels = max_pixels
+        self.max_pixels, self.max_aspect = max_pixels, max_aspect
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, self.preprocess(open_rgb(self.paths[i], self.max_pixels), str(self.paths[i])), None
+            img = open_rgb(self.paths[i], self.max_pixels, self.max_aspect)  # both budgets before any resize
+            return i, self.preprocess(img, str(self.paths[i])), None
         except ImageDecodeError as exc:
             return i, None, exc.reason
 

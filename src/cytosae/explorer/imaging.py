@@ -8,6 +8,8 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from cytosae.data.decode import DEFAULT_MAX_ASPECT, aspect_problem
+
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 25_000_000
 ALLOWED_FORMATS = {"PNG", "JPEG", "TIFF", "BMP", "WEBP"}
@@ -19,8 +21,10 @@ class InvalidImage(ValueError):
     pass
 
 
-def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS) -> Image.Image:
-    """RGB image from uploaded bytes; the type is decided by decoding, never by the file name."""
+def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS,
+                  max_aspect: float | None = DEFAULT_MAX_ASPECT) -> Image.Image:
+    """RGB image from uploaded bytes; the type is decided by decoding, never by the file name. Its size and aspect
+    ratio are checked from the header, before decoding and before any resize (extraction's own limit)."""
     if len(data) == 0:
         raise InvalidImage("the uploaded file is empty")
     if len(data) > max_bytes:
@@ -36,6 +40,9 @@ def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: in
                 raise InvalidImage(f"the image is {w}x{h} pixels; the limit is {max_pixels} pixels")
             if min(w, h) < 8:
                 raise InvalidImage(f"the image is {w}x{h} pixels; too small to be a cell image")
+            thin = aspect_problem(w, h, max_aspect)
+            if thin:
+                raise InvalidImage(f"the uploaded image: {thin}; crop it to the cell and upload that")
             img.load()
     except InvalidImage:
         raise

@@ -83,7 +83,9 @@ def image_file(ex: ExplorerDep, dataset: str, image_id: str = Query(..., max_len
 # ------------------------------------------------------------------ uploads
 @uploads_router.post("/api/uploads", summary="Upload a cell image (PNG/JPEG/TIFF/BMP/WebP); encode it with the run's "
                                              "backbone + SAE", status_code=201,
-                     responses={413: {"description": "the file is larger than the upload limit"},
+                     responses={400: {"description": "the image is too small, above the pixel budget or too thin "
+                                                     "(aspect ratio above 20:1) to be a cell image"},
+                                413: {"description": "the file is larger than the upload limit"},
                                 415: {"description": "not a readable image of an accepted format"}})
 async def upload(ex: ExplorerDep, file: UploadFile = File(...), k: int = Query(20, ge=1, le=MAX_K)):
     data = await file.read(ex.max_upload_bytes + 1)

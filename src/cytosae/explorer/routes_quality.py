@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 
-from cytosae.steps.evaluate import EVAL
+from cytosae.steps.evaluate import EVAL, SPLICED
 
 from .rundir import RunDir
 from .state import ExplorerDep
@@ -28,7 +28,7 @@ def quality(ex: ExplorerDep):
     run = ex.run
     missing: list[str] = []
     evaluate = _eval_part(run, EVAL, missing)
-    spliced = _eval_part(run, "eval.spliced.json", missing)
+    spliced = _eval_part(run, SPLICED, missing)
     alignment = _alignment_part(run, missing)
     if evaluate is None and alignment is None:
         raise HTTPException(404, "no quality figures in this run: " + "; ".join(missing))

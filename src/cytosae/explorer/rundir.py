@@ -187,25 +187,28 @@ class RunDir:
                            else "sae.safetensors")
             raise self.damaged(culprit, exc) from None
 
-    def _json(self, rel: str):
-        return self.read(self.path / rel, lambda p: json.loads(p.read_text()))
-
     @property
     def sae_config(self) -> dict:
-        def load():
-            cfg = self._json(f"{self.rel(self.sae_dir)}/config.json")
-            if cfg is not None and not (isinstance(cfg, dict) and isinstance(cfg.get("n_latents"), int)):
-                raise self.damaged(self.sae_dir / "config.json", ValueError("no integer n_latents"))
-            return cfg
-        cfg = self.cached("sae_config", load)
+        """The SAE's config.json as SAE.load checks it (typed schema, format version, its own config_sha256), without
+        reading the weights: an edited config is DamagedData naming the field, never shown as the run's SAE."""
+        from cytosae.sae.model import read_config
+
+        cfg = self.cached("sae_config", lambda: self.read(self.sae_dir / "config.json", lambda p: read_config(p.parent)))
         if cfg is None:
             raise self.missing(f"{self.rel(self.sae_dir)}/config.json")
         return cfg
 
     @property
     def n_latents(self) -> int:
+        """config.json's n_latents; without a readable one, the latents stats counted. A damaged config.json (which
+        /api/run and the SAE's readers name) thus leaves the pages that need no SAE usable; with no stats either it
+        is the error."""
         if (self.sae_dir / "config.json").is_file():
-            return int(self.sae_config["n_latents"])
+            try:
+                return int(self.sae_config["n_latents"])
+            except DamagedData:
+                if self.latents is None or not len(self.latents):
+                    raise
         lat = self.latents
         return int(lat["latent"].max()) + 1 if lat is not None and len(lat) else 0
 
@@ -228,11 +231,13 @@ class RunDir:
 
     def _reader(self, name: str):
         """path -> DataFrame for run table `name`: the writer's reader (its required columns) where it has one."""
-        from cytosae.analysis import patients, stats
+        from cytosae.analysis import classify_results, patients, stats
 
         part, _, stem = name.partition("/")
         columns, read = {"stats": (stats.COLUMNS, stats.read_stats_table),
-                         "patients": (patients.COLUMNS, patients.read_patients_table)}.get(part, ({}, None))
+                         "patients": (patients.COLUMNS, patients.read_patients_table),
+                         "classify": (classify_results.COLUMNS, classify_results.read_classify_table)
+                         }.get(part, ({}, None))
         file = f"{stem}.parquet"
         return (lambda p: read(p.parent, file)) if file in columns else pd.read_parquet
 
@@ -278,12 +283,10 @@ class RunDir:
         path = self.run.quality_dir / name if name.startswith("alignment") else self.sae_dir / name
 
         from cytosae.analysis.alignment import read_alignment
-        from cytosae.steps.evaluate import EVAL, read_eval
+        from cytosae.steps.evaluate import EVAL, SPLICED, read_eval, read_spliced
 
-        if name == EVAL or name.startswith("alignment"):  # the files with a typed reader: through it
-            reader = (lambda p: read_alignment(p.parent)) if name.startswith("alignment") else read_eval
-        else:
-            reader = lambda p: json.loads(p.read_text())  # noqa: E731  (eval.spliced.json: an open record)
+        readers = {EVAL: read_eval, SPLICED: read_spliced}  # each file through its writer's typed reader
+        reader = (lambda p: read_alignment(p.parent)) if name.startswith("alignment") else readers[name]
 
         def load():
             doc = self.read(path, reader)

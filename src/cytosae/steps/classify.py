@@ -25,7 +25,7 @@ class ClassifyResult:
         return self._label_lines() if self.labels else self._diagnosis_lines()
 
     def _diagnosis_lines(self) -> list[str]:
-        from cytosae.analysis.classify_results import RESULTS
+        from cytosae.analysis.classify_results import ATTENTION, EXPLANATIONS, RESULTS
 
         res, p, out = self.results, self.results["protocol"], self.out
         lines = [f"{self.target} of {res['n_patients']} patients {res['class_counts']}, {p['repeats']} x "
@@ -43,12 +43,12 @@ class ClassifyResult:
                          f"(drop {m['macro_f1_drop_from_cv']:+.3f}) ({m['n_train']} train / {m['n_test']} test "
                          f"patients)")
         lines.append(f"-> {out / RESULTS}, {out / 'figures' / 'roc.png'}, {out / 'figures' / 'confusion.png'}"
-                     + "".join(f", {out / f}" for f in ("explanations.parquet", "attention.parquet")
+                     + "".join(f", {out / f}" for f in (EXPLANATIONS, ATTENTION)
                                if (out / f).is_file()))
         return lines
 
     def _label_lines(self) -> list[str]:
-        from cytosae.analysis.classify_results import RESULTS
+        from cytosae.analysis.classify_results import PREDICTIONS, RESULTS
 
         res = self.results
         lines = [f"{len(self.labels)} labels of {res['n_units']} {self.level}s, {res['protocol']['cv']}; "
@@ -56,7 +56,7 @@ class ClassifyResult:
         for name, m in res["models"].items():
             lines.append(f"  {name:<30} macro AUROC {m['macro_auroc']:.3f} over {m['macro_auroc_over']}; "
                          + ", ".join(f"{c} {v['auroc']:.2f}" for c, v in m["per_label"].items()))
-        lines.append(f"-> {self.out / RESULTS}, {self.out / 'predictions.parquet'}")
+        lines.append(f"-> {self.out / RESULTS}, {self.out / PREDICTIONS}")
         return lines
 
 

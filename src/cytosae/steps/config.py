@@ -67,6 +67,7 @@ class ExtractSettings(StepSettings):
     max_minutes: Optional[Annotated[float, Field(ge=0)]] = None  # 0: stop after the first shard
     seed: int = 0
     max_pixels: NonNegative = 50_000_000
+    max_aspect: Annotated[float, Field(ge=0)] = 20.0  # long side / short side; 0 = no limit
     stain: str = "none"
     stain_reference: Optional[PathArg] = None
 

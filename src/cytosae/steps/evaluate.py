@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cytosae.run import Run
 from cytosae.steps.common import (Warn, analysis_batch, device, need, one_line, open_run, open_sae, open_store, record,
@@ -14,8 +14,10 @@ from cytosae.steps.common import (Warn, analysis_batch, device, need, one_line, 
 from cytosae.steps.config import EvaluateSettings
 from cytosae.store.format import Written
 
-EVAL = "eval.json"  # in the run: RUN/sae/eval.json (+ eval.spliced.json, spliced_path)
+EVAL = "eval.json"  # in the run: RUN/sae/eval.json (+ SPLICED, spliced_path)
+SPLICED = "eval.spliced.json"  # --spliced: what cytosae.analysis.spliced measured, beside eval.json
 FIX = "rebuild it with `cytosae evaluate` (--run RUN: the same command)"
+SPLICED_FIX = "rebuild it with `cytosae evaluate --spliced` (--run RUN: the same command)"
 
 COLUMNS = ["tokens", "fvu", "explained_variance", "cosine_similarity", "l0", "dead_fraction", "dense_fraction",
            "shrinkage"]
@@ -143,3 +145,80 @@ def read_eval(path: str | Path, shown: str | None = None) -> dict[str, Any]:
 
     path = Path(path)
     return read_json_model(path / EVAL if path.is_dir() else path, EvalFigures, FIX, shown)
+
+
+# ---------------------------------------------------------------- eval.spliced.json as its readers read it
+class Closeness(Written):
+    """One token group's final output against the clean one (analysis.spliced._Output); NaN where undefined."""
+    cosine: float
+    relative_l2: float
+
+
+class GroupCloseness(Written):
+    cls: Closeness
+    patch: Closeness
+
+
+class Accuracies(Written):
+    """A classifier's cross-validated accuracy on the final CLS under each input, and the fraction recovered."""
+    clean: Annotated[float, Field(ge=0, le=1)]
+    spliced: Annotated[float, Field(ge=0, le=1)]
+    control: Annotated[float, Field(ge=0, le=1)]
+    recovered: Optional[float]
+
+
+class Downstream(Written):
+    """One label column: cross-validated (knn, probe, folds) or, where it could not be, why (skipped)."""
+    n_images: Annotated[int, Field(ge=0)]
+    n_classes: Annotated[int, Field(ge=0)]
+    folds: Optional[str] = None
+    knn: Optional[Accuracies] = None
+    probe: Optional[Accuracies] = None
+    skipped: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _measured_or_skipped(self) -> "Downstream":
+        if self.skipped is None and None in (self.folds, self.knn, self.probe):
+            raise ValueError("folds: knn, probe and folds are recorded unless the column was skipped (with why)")
+        return self
+
+
+class GroupFvu(Written):
+    cls: float  # NaN when the stored group has no variance
+    patch: float
+
+
+class Outputs(Written):
+    spliced: GroupCloseness
+    control: GroupCloseness
+
+
+class SplicedBackbone(Written):
+    name: str
+    n_blocks: Annotated[int, Field(ge=1)]
+    layer_index: Annotated[int, Field(ge=0)]
+    remaining_blocks: list[Annotated[int, Field(ge=0)]]
+    weights_sha256: Optional[str] = None
+    random_weights_seed: Optional[int] = None
+
+
+class SplicedFigures(Written):
+    """eval.spliced.json (run_evaluate --spliced, from analysis.spliced.spliced_faithfulness)."""
+    store: str
+    n_images: Annotated[int, Field(ge=1)]
+    backbone: SplicedBackbone
+    fvu: GroupFvu
+    output: Outputs
+    downstream: dict[str, Downstream]
+    definitions: dict[str, str]
+    sae_dir: Optional[str] = None
+    dataset: Optional[str] = None
+
+
+def read_spliced(path: str | Path, shown: str | None = None) -> dict[str, Any]:
+    """eval.spliced.json (a file, or the SAE folder holding it) checked against SplicedFigures; InvalidFile naming
+    the file (`shown`) and field otherwise."""
+    from cytosae.store.format import read_json_model
+
+    path = Path(path)
+    return read_json_model(path / SPLICED if path.is_dir() else path, SplicedFigures, SPLICED_FIX, shown)

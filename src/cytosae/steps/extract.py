@@ -49,6 +49,7 @@ def _store_config(cfg: ExtractSettings):
     with one_line():
         return ExtractConfig(layer=cfg.layer, dtype=cfg.dtype, batch_size=cfg.batch_size, shard_size=cfg.shard_size,
                              num_workers=cfg.workers, precision=cfg.precision, max_pixels=cfg.max_pixels or None,
+                             max_aspect=cfg.max_aspect or None,
                              max_seconds=60 * cfg.max_minutes if cfg.max_minutes is not None else None)
 
 

@@ -16,7 +16,7 @@ from cytosae.run import Run
 from cytosae.steps.analysis import AnalysisResult
 from cytosae.steps.common import Warn, need, one_line, open_run, record
 from cytosae.steps.config import StepError, SweepSettings
-from cytosae.steps.evaluate import EVAL
+from cytosae.steps.evaluate import EVAL, SPLICED, read_eval, read_spliced
 
 SWEPT = ("k", "expansion", "l1_coeff")  # the [sae] keys a study may give as lists
 SWEEP_FILES = ("sweep.json", "sweep.parquet", "figures/sweep_pareto.png")  # what run_sweep writes in RUN/quality
@@ -45,13 +45,14 @@ def sae_folders(rd: Run, cfg: SweepSettings) -> dict[str, tuple[Path, Path, str]
     return out
 
 
-def _read(path: Path, step: str) -> dict:
+def _read(path: Path, step: str, reader=None) -> dict:
+    """`path` through its writer's typed `reader` (a JSON object without one), as a one-line StepError."""
     from cytosae.store.format import read_json_object
 
     if not path.is_file():
         raise StepError(f"{path} not found: the sweep needs it; run the study again (its {step} step writes it)")
     with one_line():
-        return read_json_object(path, f"run the study again (its {step} step writes it)")
+        return reader(path) if reader else read_json_object(path, f"run the study again (its {step} step writes it)")
 
 
 def _store_layer(rd: Run, ev: dict) -> int | None:
@@ -77,11 +78,10 @@ def _alignment_ap(rd: Run, quality: Path, train_step: str) -> float | None:
     return float(sae.mean_best_ap.iloc[0]) if len(sae) else None
 
 
-def _spliced_recovered(sae_dir: Path) -> float | None:
-    path = sae_dir / "eval.spliced.json"
-    if not path.is_file():
+def _spliced_recovered(sae_dir: Path, step: str) -> float | None:
+    if not (sae_dir / SPLICED).is_file():
         return None
-    for entry in (_read(path, "evaluate").get("downstream") or {}).values():
+    for entry in _read(sae_dir / SPLICED, step, read_spliced)["downstream"].values():
         rec = (entry.get("probe") or {}).get("recovered")
         if rec is not None:
             return float(rec)
@@ -90,9 +90,12 @@ def _spliced_recovered(sae_dir: Path) -> float | None:
 
 def sae_row(rd: Run, name: str, folders: tuple[Path, Path, str], primary: bool) -> dict:
     """What the sweep table says of one SAE, from its config.json, eval.json, alignment and training record."""
+    from cytosae.sae.model import read_config
+
     sae_dir, quality, train_step = folders
-    config = _read(sae_dir / "config.json", train_step)
-    ev = _read(sae_dir / EVAL, train_step.replace("train", "evaluate"))
+    evaluate = train_step.replace("train", "evaluate")
+    config = _read(sae_dir / "config.json", train_step, lambda p: read_config(p.parent))
+    ev = _read(sae_dir / EVAL, evaluate, read_eval)
     settings = _swept(rd, train_step)
     nan = float("nan")
     return {"name": name, "primary": primary, "arch": config.get("arch"), "k": settings.get("k"),
@@ -101,7 +104,8 @@ def sae_row(rd: Run, name: str, folders: tuple[Path, Path, str], primary: bool) 
             "dataset": ev.get("dataset"), "layer": _store_layer(rd, ev),
             "fvu_patch": (ev.get("patch") or {}).get("fvu", nan), "fvu_cls": (ev.get("cls") or {}).get("fvu", nan),
             "fvu_all": ev["all"]["fvu"], "l0": ev["all"]["l0"], "dead_fraction": ev["all"]["dead_fraction"],
-            "mean_best_ap": _alignment_ap(rd, quality, train_step), "spliced_recovered": _spliced_recovered(sae_dir),
+            "mean_best_ap": _alignment_ap(rd, quality, train_step),
+            "spliced_recovered": _spliced_recovered(sae_dir, evaluate),
             "sae_dir": rd.portable(sae_dir), "store": ev.get("store")}
 
 

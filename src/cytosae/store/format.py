@@ -172,9 +172,11 @@ def read_json_model(path: Path, model, fix: str, shown: str | Path | None = None
     return obj
 
 
-def read_table(path: Path, columns: tuple[str, ...], fix: str, shown: str | Path | None = None):
-    """The Parquet table in `path` with at least `columns`, or a one-line InvalidFile naming the file: unreadable
-    (truncated, not Parquet) or lacking a column its readers use."""
+def read_table(path: Path, columns: tuple[str, ...], fix: str, shown: str | Path | None = None,
+               kinds: dict[str, str] | None = None):
+    """The Parquet table in `path` with at least `columns`, each column named in `kinds` of its kind (see
+    check_columns), or a one-line InvalidFile naming the file: unreadable (truncated, not Parquet), lacking a
+    column its readers use, or a column of another type."""
     import pandas as pd
 
     shown = path if shown is None else shown
@@ -185,9 +187,33 @@ def read_table(path: Path, columns: tuple[str, ...], fix: str, shown: str | Path
     except Exception as exc:  # pyarrow raises its own types (ArrowInvalid, OSError) for a damaged file
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InvalidFile(shown, "", f"is not a readable Parquet table ({first})", fix) from None
+    return check_columns(df, columns, fix, shown, kinds)
+
+
+# what a reader may ask of a column: the pandas test, and the words of the error
+_KINDS = {"number": ("numbers", lambda s, t: t.is_numeric_dtype(s) and not t.is_bool_dtype(s)),
+          "integer": ("integers", lambda s, t: t.is_integer_dtype(s)),
+          "text": ("text", lambda s, t: t.is_string_dtype(s) or bool(s.isna().all()))}  # str values (nulls allowed)
+
+
+def check_columns(df, columns: tuple[str, ...], fix: str, shown: str | Path, kinds: dict[str, str] | None = None):
+    """`df` (a table read from `shown`) when it has `columns` and every column matched by a `kinds` key (a name, or
+    a pattern such as `p_*` for one column per class) holds that kind: "number", "integer" or "text"; else
+    InvalidFile naming the file and the column. Returns `df`."""
+    from fnmatch import fnmatchcase
+
+    from pandas.api import types
+
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise InvalidFile(shown, "columns", f"lacks {missing} (it has {list(df.columns)})", fix)
+    for pattern, kind in (kinds or {}).items():
+        words, ok = _KINDS[kind]
+        for col in (c for c in df.columns if fnmatchcase(str(c), pattern)):
+            if not ok(df[col], types):
+                sample = df[col].dropna().head(1).tolist()
+                raise InvalidFile(shown, str(col), f"must hold {words}, it holds {df[col].dtype}"
+                                  + (f" values ({sample[0]!r}, ...)" if sample else ""), fix)
     return df
 
 

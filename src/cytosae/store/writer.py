@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch.utils.data import DataLoader
 
-from cytosae.data.decode import DEFAULT_MAX_PIXELS, printable_name
+from cytosae.data.decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, printable_name
 
 from cytosae.distributed import rank_and_world
 
@@ -67,6 +67,7 @@ class ExtractConfig:
     num_workers: int | None = None  # decoding processes; None = default_workers()
     progress: bool = True
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped from their header, before decoding
+    max_aspect: float | None = DEFAULT_MAX_ASPECT  # so are thinner ones (long side / short side), before any resize
     precision: str = "fp32"  # forward pass: fp32 (reference parity) | bf16 | fp16 autocast
     max_seconds: float | None = None  # stop after the shard that crosses this; a rerun resumes
 
@@ -127,6 +128,7 @@ def _settings(backbone, manifest: pd.DataFrame, cfg: ExtractConfig, layer_index:
         "preprocessing": backbone.preprocess_config.to_dict(),
         "dtype": cfg.dtype,
         "max_pixels": cfg.max_pixels,
+        "max_aspect": cfg.max_aspect,
         "precision": cfg.precision,
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
@@ -189,8 +191,10 @@ def _previous(out: Path, settings: dict) -> tuple[dict | None, dict[int, dict]]:
     if not (out / MANIFEST).exists():
         return None, {}  # progress/ is trusted only beside the manifest whose settings it was made with
     previous = read_manifest(out)
-    # stores written before `precision` existed were computed in fp32
-    old = {"precision": "fp32", **previous.get("settings", {})}
+    # stores written before `precision` existed were computed in fp32; those written before `max_aspect` resume under
+    # whatever limit is given now: their shards' bytes do not depend on it, and a thin image not yet extracted is
+    # skipped and listed like any image the limit refuses
+    old = {"precision": "fp32", "max_aspect": settings["max_aspect"], **previous.get("settings", {})}
     if old != settings:
         diff = sorted(k for k in settings if old.get(k) != settings[k])
         raise ValueError(
@@ -321,7 +325,7 @@ def _loader(manifest: pd.DataFrame, backbone, cfg: ExtractConfig, shards: list[i
     workers = default_workers() if cfg.num_workers is None else cfg.num_workers
     on_gpu = backbone.device.type == "cuda"
     return DataLoader(
-        ImageDataset(manifest, backbone.preprocess_config, max_pixels=cfg.max_pixels),
+        ImageDataset(manifest, backbone.preprocess_config, max_pixels=cfg.max_pixels, max_aspect=cfg.max_aspect),
         batch_sampler=_batches_per_shard(len(manifest), cfg.shard_size, cfg.batch_size, shards),
         num_workers=workers,
         collate_fn=collate_skipping,

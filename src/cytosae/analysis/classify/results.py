@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
-from cytosae.analysis.classify_results import RESULTS  # the file name and its reader live together there
+from cytosae.analysis.classify_results import (ATTENTION, EXPLANATIONS, PREDICTIONS,  # names and readers live there
+                                               RESULTS)
 
 
 def _finite(obj):
@@ -71,14 +72,14 @@ def write_classify(results: dict, out_dir: str | Path) -> Path:
     roc, preds = _roc_and_predictions(curves)
     files = {}
     if preds:
-        atomic_write_parquet(out / "predictions.parquet", pd.concat(preds, ignore_index=True))
+        atomic_write_parquet(out / PREDICTIONS, pd.concat(preds, ignore_index=True))
         _write_figures(results, curves, roc, out)
     if extras.get("explanations") is not None and len(extras["explanations"]):
-        atomic_write_parquet(out / "explanations.parquet", extras["explanations"])
+        atomic_write_parquet(out / EXPLANATIONS, extras["explanations"])
         files["explanations"] = ("explanations.parquet: per patient, the top concepts by |coefficient x standardised "
                                  "barcode| of an L2 logistic regression fitted on all patients")
     if extras.get("attention"):
-        atomic_write_parquet(out / "attention.parquet", pd.concat(extras["attention"], ignore_index=True))
+        atomic_write_parquet(out / ATTENTION, pd.concat(extras["attention"], ignore_index=True))
         files["attention"] = ("attention.parquet: per MIL model and cell, its attention for the class its patient was "
                               "predicted (out-of-fold, first repeat); rank 0 = the cell that weighed most")
     if files:
@@ -96,6 +97,6 @@ def write_labels(results: dict, out_dir: str | Path) -> Path:
     oof, y = results.pop("_oof"), results.pop("_y")
     rows = [pd.DataFrame({"model": name, "unit": units, **{f"true_{c}": y.reindex(units)[c].to_numpy() for c in y},
                           **{f"p_{c}": p[:, j] for j, c in enumerate(y.columns)}}) for name, (units, p) in oof.items()]
-    atomic_write_parquet(out / "predictions.parquet", pd.concat(rows, ignore_index=True))
+    atomic_write_parquet(out / PREDICTIONS, pd.concat(rows, ignore_index=True))
     atomic_write_json(out / RESULTS, _finite(results))
     return out
