@@ -19,7 +19,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,9 @@ import torch
 from pydantic import Field
 
 from cytosae.store.format import Written
+
+if TYPE_CHECKING:
+    from cytosae.analysis.encoded import EncodedBatch, EncodedStore
 
 DEFINITIONS = __doc__.split("Definitions (also written to summary.json, so every number says what it is):\n")[1]
 
@@ -57,26 +60,20 @@ def entropy(labels: list[str]) -> float:
     return float(max(0.0, -(p * np.log(p)).sum()))  # max: no -0.0 for a single label
 
 
-def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images: Iterable[tuple[list[str], torch.Tensor]],
-                         manifest: pd.DataFrame, n_latents: int, k: int = 16, label_column: str = "label",
+def compute_latent_stats(encoded: "EncodedStore", manifest: pd.DataFrame, k: int = 16, label_column: str = "label",
                          noisy_threshold: float | None = 0.1, dataset: str = "data", n_bins: int = 20,
-                         device: str | torch.device = "cpu", label_columns: list[str] | None = None) -> LatentStats:
-    """Stream (image_ids, tokens (b, T, D)) with CLS first; `encode` maps (N, D) -> (N, n_latents) >= 0.
+                         label_columns: list[str] | None = None) -> LatentStats:
+    """One pass over `encoded` (analysis.encoded.EncodedStore: the store's images through the SAE on its device).
 
-    Each batch and every running total live on `device` (where `encode`'s SAE must be, e.g.
-    `SAE.load(dir, device=...)`); the tables come back on the CPU.
+    Each batch and every running total live on `encoded.device`; the tables come back on the CPU. A TopK-family
+    SAE's batches are accumulated from their (latent, value) pairs, never as (tokens x n_latents).
     `label_columns`: multi-label targets as one 0/1 column per label (e.g. CT-RATE's abnormalities): an image's
     labels are the columns it has (classify.truthy), and class profiles are per label (replaces label_column)."""
-    from cytosae.devices import resolve_device
-
+    n_latents = encoded.n_latents
     labels_by_id, label_column = _image_labels(manifest, label_column, label_columns)
-    acc = _Totals(n_latents, sorted({c for v in labels_by_id.values() for c in _labels_of(v)}), k,
-                  resolve_device(device))
-    with torch.inference_mode():
-        for batch_ids, tokens in images:
-            b, t, d = tokens.shape
-            z = encode(tokens.to(acc.device, non_blocking=True).reshape(-1, d)).reshape(b, t, n_latents).float()
-            acc.add(list(batch_ids), z, labels_by_id)
+    acc = _Totals(n_latents, sorted({c for v in labels_by_id.values() for c in _labels_of(v)}), k, encoded.device)
+    for batch in encoded.batches():
+        acc.add(batch, labels_by_id)
     if acc.n_images == 0:
         raise ValueError(f"dataset {dataset!r} has no images to compute statistics on")
     acc.to_cpu()
@@ -125,21 +122,19 @@ class _Totals:
         self.ids: list[str] = []
         self.image_acts: list[torch.Tensor] = []
 
-    def add(self, batch_ids: list[str], z: torch.Tensor, labels_by_id: dict) -> None:
-        """One batch of token activations z (b, T, n_latents)."""
-        b, t, _ = z.shape
+    def add(self, batch: "EncodedBatch", labels_by_id: dict) -> None:
+        """One batch of token activations: every total from its (b, n_latents) image-level reductions."""
+        (b, t), batch_ids = batch.shape, batch.ids
         self.grid = math.isqrt(t - 1) if t > 1 else None
-        # one vector per image (imported embeddings): that token stands for the image and its only "patch"
-        patch = z[:, 1:] if t > 1 else z
-        img_act = patch.mean(1)  # (b, n_latents)
-        fires_img = (z > 0).any(1)
-        self.fire_tokens += (z > 0).sum((0, 1)).double()
+        img_act = batch.patch_mean()  # (b, n_latents)
+        fires_img = batch.fires_any()
+        self.fire_tokens += batch.fire_counts()
         self.fire_images += fires_img.sum(0).double()
         self.sum_act_firing += (img_act * fires_img).sum(0).double()
         self.sum_act_all += img_act.sum(0).double()
-        self.max_act = torch.maximum(self.max_act, z.amax((0, 1)))
+        self.max_act = torch.maximum(self.max_act, batch.max_over_tokens())
         self._add_classes(batch_ids, img_act, fires_img, labels_by_id)
-        patch_max, patch_arg = patch.max(1)
+        patch_max, patch_arg = batch.patch_max()
         ranked = (("image", img_act, torch.full_like(patch_arg, -1)), ("patch", patch_max, patch_arg))
         self._add_top(ranked[:1 if t == 1 else 2], torch.arange(self.n_images, self.n_images + b, device=self.device))
         if len(self.image_acts) * b < self.HISTOGRAM_IMAGES:
