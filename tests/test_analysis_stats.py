@@ -138,3 +138,39 @@ def test_a_store_of_one_vector_per_image_goes_through_stats_patients_and_classif
     att = pd.read_parquet(tmp_path / "cl" / "attention.parquet")
     assert len(att) == 2 * 60 and set(att.model) == {"mil_embedding", "mil_concepts"}
     assert (att.groupby(["model", "patient_id"]).attention.sum() <= 1 + 1e-5).all()  # attention sums to 1 per class
+
+
+def test_histograms_of_all_latents_at_once_equal_numpy_per_latent():
+    """_histograms bins every latent in one pass; each row must be np.histogram's (edges and counts), including
+    never-firing latents, constant ones (+-0.5 edges) and values a float32 ulp apart."""
+    from cytosae.analysis.stats import _histograms
+
+    rng = np.random.default_rng(0)
+    for m, n in [(1, 3), (37, 50), (300, 9)]:
+        s = (rng.exponential(size=(m, n)) * (rng.random((m, n)) < 0.4)).astype(np.float32)
+        s[:, 0], s[:, 1] = 0.0, 1.0
+        s[:, 2] = np.float32(1.0) + (np.arange(m) % 2) * np.float32(1.1920929e-07)
+        for n_bins in (20, 7):
+            got = _histograms(s, "d", n_bins)
+            for j in range(n):
+                vals = s[:, j][s[:, j] > 0].astype(np.float64)
+                counts, edges = np.histogram(vals, bins=n_bins) if len(vals) else (np.zeros(n_bins, int),
+                                                                                  np.zeros(n_bins + 1))
+                assert got.bin_edges[j] == edges.tolist() and got.counts[j] == counts.tolist(), (m, j, n_bins)
+            assert got.latent.tolist() == list(range(n)) and set(got.dataset) == {"d"}
+
+
+def test_top_label_and_entropy_follow_rank_order_and_multi_labels():
+    from collections import Counter
+
+    from cytosae.analysis.stats import _labels_of, _top_label_columns
+
+    top = pd.DataFrame({"latent": [2, 0, 0, 0, 2, 2, 1], "by": ["image"] * 6 + ["patch"],
+                        "rank": [0, 0, 1, 2, 1, 2, 0], "label": ["b|a", "x", "y", "y", "a", None, "z"]})
+    ent, best = _top_label_columns(top, 4)
+    for j, labs in {0: ["x", "y", "y"], 2: ["b", "a", "a"]}.items():
+        assert ent[j] == entropy(labs) and best[j] == Counter(labs).most_common(1)[0][0]
+    assert best[:3] == ["y", None, "a"] and math.isnan(ent[1]) and math.isnan(ent[3]) and best[3] is None
+    assert _labels_of("b|a") == ["b", "a"]
+    # a tie goes to the label seen first in rank order
+    assert _top_label_columns(top.assign(label=["p", "x", "y", "x", "q", None, "z"]), 3)[1] == ["x", None, "p"]
