@@ -212,7 +212,8 @@ def _top_label_columns(top_images: pd.DataFrame, n_latents: int) -> tuple[list[f
     rows = top_images[top_images.by == "image"]
     latent = rows.latent.to_numpy()
     order = np.argsort(latent, kind="stable")
-    labels = [rows.label.tolist()[i] for i in order] if len(order) else []
+    every = rows.label.tolist()
+    labels = [every[i] for i in order]
     bounds = np.searchsorted(latent[order], np.arange(n_latents + 1))
     split: dict = {}
     entropy_of: dict = {}
@@ -256,7 +257,7 @@ def _histograms(sample: np.ndarray, dataset: str, n_bins: int) -> pd.DataFrame:
     hi = np.where(fires, np.where(pos, x, -np.inf).max(0, initial=-np.inf), 1.0)
     same = lo == hi
     lo, hi = np.where(same, lo - 0.5, lo), np.where(same, hi + 0.5, hi)
-    edges = np.stack([np.linspace(a, b, n_bins + 1) for a, b in zip(lo, hi)]) if len(lo) else np.zeros((0, n_bins + 1))
+    edges = _edges(lo, hi, n_bins)
     counts = np.zeros((x.shape[1], n_bins), dtype=np.intp)
     image, latent = np.nonzero(pos)
     if len(latent):
@@ -270,6 +271,15 @@ def _histograms(sample: np.ndarray, dataset: str, n_bins: int) -> pd.DataFrame:
     edges[~fires] = 0.0
     return pd.DataFrame({"dataset": dataset, "latent": np.arange(x.shape[1]), "bin_edges": edges.tolist(),
                          "counts": counts.tolist()}, columns=["dataset", "latent", "bin_edges", "counts"])
+
+
+def _edges(lo: np.ndarray, hi: np.ndarray, n_bins: int) -> np.ndarray:
+    """(latents, n_bins + 1) np.linspace(lo_j, hi_j, n_bins + 1) in one call: elementwise the same arithmetic, except
+    where a step underflows to 0 (linspace then takes another path for the whole array), done one by one."""
+    step = (hi - lo) / n_bins
+    if len(lo) == 0 or bool((step == 0).any()):
+        return np.stack([np.linspace(a, b, n_bins + 1) for a, b in zip(lo, hi)]) if len(lo) else np.zeros((0, n_bins + 1))
+    return np.linspace(lo, hi, n_bins + 1, axis=1)
 
 
 def write_stats(stats: list[LatentStats], out_dir: str | Path) -> Path:
