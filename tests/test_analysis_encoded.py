@@ -103,3 +103,14 @@ def test_a_one_vector_store_is_its_own_patch():
     assert b.patch_mean().tolist() == [[0.0, 0.5, 0.0, 2.0], [0.0, 0.0, 1.0, 0.0]]
     assert b.fires_any().tolist() == [[False, True, False, True], [False, False, True, False]]
     assert b.fire_counts().tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu-l1"])
+def test_nonzero_pairs_of_one_image_are_its_dense_nonzeros(store, arch):
+    sparse, dense = _pair(store, arch, batch_size=2)
+    s, d = next(iter(sparse.batches())), next(iter(dense.batches()))
+    for image in (0, 1):
+        tok, lat, val = s.nonzero(image)
+        z = torch.zeros(17, N_LATENTS)
+        z[tok, lat] = val
+        assert torch.equal(z, d.dense[image]) and bool((val > 0).all()) and bool((tok[1:] >= tok[:-1]).all())

@@ -109,6 +109,15 @@ class EncodedBatch:
         out = torch.zeros(self.n_latents, device=self.vals.device)
         return out.scatter_reduce_(0, self.idx.flatten(), self.vals.flatten(), "amax")
 
+    def nonzero(self, image: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token, latent, value) of one image's activations > 0, tokens ascending (a sparse matrix's COO)."""
+        if self.dense is not None:
+            tok, lat = (self.dense[image] > 0).nonzero(as_tuple=True)
+            return tok, lat, self.dense[image][tok, lat]
+        keep = self.vals[image] > 0
+        tok = torch.arange(self.shape[1], device=keep.device)[:, None].expand_as(keep)
+        return tok[keep], self.idx[image][keep], self.vals[image][keep]
+
     def token(self, i: int) -> torch.Tensor:
         """(b, n) activations of token i of every image (0: CLS)."""
         if self.dense is not None:
