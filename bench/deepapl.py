@@ -90,18 +90,20 @@ def main() -> None:
     import pandas as pd
 
     from cytosae.analysis.patients import write_disease_examples
+    from cytosae.analysis.encoded import EncodedStore
+
+    encoded = EncodedStore(store, sae, torch.device("cpu"), batch_size=16)
 
     if not (run / "stats" / "latents.parquet").is_file():
         images = store.images.assign(label=store.images["cell_type"])  # the signed-off cell type is the label here
-        stats = compute_latent_stats(sae.encode, store.iter_images(16), images, sae.cfg.n_latents, dataset="deepapl")
+        stats = compute_latent_stats(encoded, images, dataset="deepapl")
         write_stats([stats], run / "stats")
     if not (run / "patients" / "barcodes.parquet").is_file():
-        bc = patient_barcodes(sae.encode, store.iter_images(16), store.images, sae.cfg.n_latents,
-                              token_policy=args.token_policy)
+        bc = patient_barcodes(encoded, store.images, token_policy=args.token_policy)
         write_patients(bc, run / "patients", summary={"threshold": 0.0, "token_policy": args.token_policy})
     bc = pd.read_parquet(run / "patients" / "barcodes.parquet")
     if not (run / "patients" / "figures" / "examples").is_dir():
-        write_disease_examples(sae.encode, store, run / "patients", per_comparison=5, k=8, label_column="cell_type")
+        write_disease_examples(encoded, run / "patients", per_comparison=5, k=8, label_column="cell_type")
     timings["stats_patients_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -97,6 +97,7 @@ def _write_dataset(root: Path, run: Path, ds: str, n: int, w_dec, rng) -> tuple[
 def make_run(root: Path, n_latents: int = 48, d: int = 32, n_per_dataset=(12, 6), seed: int = 0) -> FixtureRun:
     from cytosae import __version__
     from cytosae.analysis import compute_latent_stats, patient_barcodes, write_patients, write_stats
+    from cytosae.analysis.encoded import EncodedStore
     from cytosae.analysis.classify import ClassifyConfig, classify_patients, write_classify
     from cytosae.store import ActivationStore
     from cytosae.store.format import atomic_write_json
@@ -115,13 +116,13 @@ def make_run(root: Path, n_latents: int = 48, d: int = 32, n_per_dataset=(12, 6)
         manifest, tokens, fx.data[ds] = _write_dataset(root, run, ds, n, w_dec, rng)
         fx.acts[ds] = {manifest.image_id[i]: encode(tokens[i], w_enc, b_enc, b_dec) for i in range(n)}
         store = ActivationStore(run / "stores" / ds)
-        stats.append(compute_latent_stats(sae.encode, store.iter_images(4), store.images, n_latents, k=STATS_K,
+        stats.append(compute_latent_stats(EncodedStore(store, sae, "cpu", 4), store.images, k=STATS_K,
                                           dataset=ds, n_bins=8))
     write_stats(stats, run / "stats")
 
     ds = "acevedo"  # patients and diagnosis from the first dataset
     store = ActivationStore(run / "stores" / ds)
-    bc = patient_barcodes(sae.encode, store.iter_images(4), store.images, n_latents, token_policy="any_patch")
+    bc = patient_barcodes(EncodedStore(store, sae, "cpu", 4), store.images, token_policy="any_patch")
     write_patients(bc, run / "patients", summary={"threshold": 0.0, "token_policy": "any_patch"})
     res = classify_patients(bc, ClassifyConfig(n_splits=2, n_repeats=1, n_bootstrap=20, ablate=(1,), ablation_repeats=1,
                                                n_trees=5, models=("logreg_l2",)), dataset=ds)
@@ -165,6 +166,7 @@ def make_pipeline_run(root: Path, seed: int = 0, picked: bool = False) -> Path:
 
     from cytosae import __version__
     from cytosae.analysis import compute_latent_stats, patient_barcodes, write_patients, write_stats
+    from cytosae.analysis.encoded import EncodedStore
     from cytosae.analysis.classify import ClassifyConfig, classify_patients, write_classify
     from cytosae.backbones import load_backbone
     from cytosae.data import load_manifest
@@ -192,9 +194,9 @@ def make_pipeline_run(root: Path, seed: int = 0, picked: bool = False) -> Path:
     batches = ShuffleBuffer(8192, seed)(store.iter_tokens("all", batch_size=1024), batch_size=1024)
     sae = train_sae(batches, store.d_model, "topk", 2 * store.d_model, total, seed=seed, batch_size=1024, k=8,
                     checkpoint_dir=run / "sae", checkpoint_every=total)
-    stats = compute_latent_stats(sae.encode, store.iter_images(8), store.images, sae.cfg.n_latents, k=4, dataset="sample")
+    stats = compute_latent_stats(EncodedStore(store, sae, "cpu"), store.images, k=4, dataset="sample")
     write_stats([stats], run / "stats")
-    bc = patient_barcodes(sae.encode, store.iter_images(8), store.images, sae.cfg.n_latents, token_policy="any_patch")
+    bc = patient_barcodes(EncodedStore(store, sae, "cpu"), store.images, token_policy="any_patch")
     write_patients(bc, run / "patients", summary={"threshold": 0.0, "token_policy": "any_patch"})
     if int(bc.drop_duplicates("patient_id").diagnosis.value_counts().min()) >= 2:
         write_classify(classify_patients(bc, ClassifyConfig(n_splits=2, n_repeats=1, n_bootstrap=10, ablate=(1,),

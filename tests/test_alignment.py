@@ -15,6 +15,7 @@ from cytosae.run import Run
 from cytosae.sae import SAE
 from cytosae.sae.config import SAEConfig
 from cytosae.store import ActivationStore, import_embeddings
+from cytosae.analysis.encoded import EncodedStore
 
 CLASSES = ["a", "b", "c"]
 D, N_LATENTS, N_PATCHES = 8, 6, 4
@@ -83,7 +84,7 @@ def _planted_sae(out):
 def test_a_latent_equal_to_a_class_indicator_scores_one_and_every_method_is_in_the_table(tmp_path):
     store, _ = _planted_store(tmp_path)
     sae = _planted_sae(tmp_path / "run" / "sae")
-    res = compute_alignment(sae, store, token_policy="any_patch", seed=0, max_clusters=8)
+    res = compute_alignment(EncodedStore(store, sae, "cpu"), token_policy="any_patch", seed=0, max_clusters=8)
     sae_rows = res.per_class[res.per_class.method == "sae"].set_index("class")
     for i, c in enumerate(CLASSES):
         assert sae_rows.loc[c, "best_latent"] == i
@@ -110,7 +111,7 @@ def test_missing_label_column_is_one_line(tmp_path):
     store, _ = _planted_store(tmp_path)
     sae = _planted_sae(tmp_path / "run" / "sae")
     with pytest.raises(ValueError, match="has no 'cell_type' column"):
-        compute_alignment(sae, store, label_column="cell_type")
+        compute_alignment(EncodedStore(store, sae, "cpu"), label_column="cell_type")
 
 
 def test_cli_align_writes_the_tables_under_run_quality_and_records_the_step(tmp_path):
@@ -152,14 +153,14 @@ def test_a_label_column_without_labels_is_refused_before_the_pass(tmp_path):
     store.iter_images = no_pass
     store.images["empty"] = None
     with pytest.raises(ValueError, match="column 'empty' holds no labels"):
-        compute_alignment(sae, store, label_column="empty")
+        compute_alignment(EncodedStore(store, sae, "cpu"), label_column="empty")
 
 
 def test_unlabelled_cells_are_left_out_not_counted_as_negatives(tmp_path):
     store, _ = _planted_store(tmp_path)
     sae = _planted_sae(tmp_path / "run" / "sae")
     store.images.loc[store.images.label == "a", "label"] = None  # class a's cells lose their label
-    res = compute_alignment(sae, store, token_policy="cls", max_clusters=4)
+    res = compute_alignment(EncodedStore(store, sae, "cpu"), token_policy="cls", max_clusters=4)
     assert res.summary["n_labelled"] == 40 and res.summary["classes"] == ["b", "c"]
     rows = res.per_class[res.per_class.method == "sae"].set_index("class")
     assert rows.n_images.tolist() == [20, 20] and (rows.ap == 1.0).all()
@@ -202,7 +203,7 @@ def test_sparse_probing_on_planted_latents_is_perfect_and_equals_a_direct_comput
 
     store, _ = _planted_store(tmp_path)
     sae = _planted_sae(tmp_path / "run" / "sae")
-    res = compute_alignment(sae, store, token_policy="any_patch", seed=0, max_clusters=8)
+    res = compute_alignment(EncodedStore(store, sae, "cpu"), token_policy="any_patch", seed=0, max_clusters=8)
     table = pd.DataFrame(res.summary["probing"]["table"]).set_index(["method", "m"])
     assert set(table.index.get_level_values("method")) == {"sae", "pca", "kmeans", "untrained_sae", "raw"}
     assert sorted(table.loc["sae"].index) == [1, 2, 5, N_LATENTS]  # m capped at the SAE's width
@@ -234,7 +235,7 @@ def test_sparse_probing_folds_are_grouped_by_patient_when_the_store_has_patients
     store, _ = _planted_store(tmp_path)
     sae = _planted_sae(tmp_path / "run" / "sae")
     store.images["patient_id"] = [f"p{i % 6}" for i in range(len(store.images))]
-    res = compute_alignment(sae, store, token_policy="cls", max_clusters=4)
+    res = compute_alignment(EncodedStore(store, sae, "cpu"), token_policy="cls", max_clusters=4)
     assert "grouped by patient_id" in res.summary["probing"]["folds"]
     paths = write_alignment(res, tmp_path / "q")
     assert pd.read_parquet(tmp_path / "q" / "probing.parquet").equals(res.probing.reset_index(drop=True))
@@ -247,7 +248,7 @@ def test_sparse_probing_folds_are_grouped_by_patient_when_the_store_has_patients
 def test_latent_classes_hold_every_sae_latent_and_class_equal_to_sklearn(tmp_path):
     store, _ = _planted_store(tmp_path)
     sae = _planted_sae(tmp_path / "run" / "sae")
-    res = compute_alignment(sae, store, token_policy="any_patch", seed=0, max_clusters=8)
+    res = compute_alignment(EncodedStore(store, sae, "cpu"), token_policy="any_patch", seed=0, max_clusters=8)
     lc = res.latent_classes
     assert list(lc.columns) == ["latent", "class", "ap", "auroc", "prevalence", "best"]
     assert len(lc) == N_LATENTS * len(CLASSES) and lc.latent.is_monotonic_increasing

@@ -9,6 +9,7 @@ from cytosae import load_backbone
 from cytosae.analysis.heatmaps import (CellViewer, mask, overlay, patch_map, top_latents, write_latent_galleries)
 from cytosae.data import load_manifest
 from cytosae.store import ActivationStore, ExtractConfig, extract
+from cytosae.analysis.encoded import EncodedStore
 
 
 def _acts(n_latents=6):
@@ -63,7 +64,7 @@ def test_gallery_of_top_images_from_a_real_store(tmp_path):
     res = extract(load_manifest(tmp_path / "data"), bb, tmp_path / "store", ExtractConfig(layer=-1, progress=False))
     store = ActivationStore(res.out_dir)
     weights = torch.randn(384, 8)
-    viewer = CellViewer(store, lambda x: torch.relu(x @ weights))
+    viewer = CellViewer(EncodedStore.of_function(lambda x: torch.relu(x @ weights), weights.shape[1], store=store))
     image_id = store.image_ids[0]
     assert viewer.image(image_id).size == (224, 224) and viewer.label(image_id) == "blast"
     z = viewer.activations(image_id)
@@ -85,7 +86,7 @@ def test_top_cells_rank_the_mean_patch_activation_of_chosen_latents_within_a_gro
     tokens[2, 0, 2] = 9.0    # cell c: CLS only -> 0, not a top cell
     tokens[3, 1:3, 2] = 3.0  # cell d: mean 1.5
     ids = ["a", "b", "c", "d"]
-    acts = cell_activations(lambda x: x, [(ids[:2], tokens[:2]), (ids[2:], tokens[2:])], [2, 0])
+    acts = cell_activations(EncodedStore.of_function(lambda x: x, 3, [(ids[:2], tokens[:2]), (ids[2:], tokens[2:])]), [2, 0])
     assert acts.shape == (4, 2) and acts.loc["d", 2] == pytest.approx(1.5) and acts.loc["c", 2] == 0.0
     top = top_cells(acts, [2, 0], k=2)
     assert top.image_id.tolist() == ["d", "a"] and top["rank"].tolist() == [0, 1]  # latent 0 never fires: no rows

@@ -9,6 +9,7 @@ import torch
 from cytosae.analysis import compute_latent_stats
 from cytosae.analysis.classify import ClassifyConfig, _auc, classify_labels, classify_multilabel, label_table
 from cytosae.store import ActivationStore, import_embeddings
+from cytosae.analysis.encoded import EncodedStore
 
 LABELS = ["effusion", "nodule", "noise"]
 
@@ -49,7 +50,7 @@ def test_per_label_auroc_finds_the_carried_labels_and_not_the_noise(tmp_path):
 
 def test_stats_class_profiles_per_label(tmp_path):
     store, y = _volumes(tmp_path)
-    s = compute_latent_stats(torch.relu, store.iter_images(16), store.images, 6, k=8, label_columns=LABELS)
+    s = compute_latent_stats(EncodedStore.of_function(torch.relu, 6, store.iter_images(16)), store.images, k=8, label_columns=LABELS)
     prof = s.class_profile.set_index(["latent", "class"])
     assert set(s.class_profile["class"]) == set(LABELS)
     z = torch.relu(torch.cat([t for _, t in store.iter_images(90)])[:, 0]).numpy()

@@ -8,6 +8,7 @@ import torch
 from scipy import stats as sps
 
 from cytosae.analysis import compare_groups, disease_barcodes, patient_barcodes, write_patients
+from cytosae.analysis.encoded import EncodedStore
 
 
 def _cells():
@@ -25,20 +26,20 @@ def _cells():
 
 def test_barcodes_are_fractions_of_the_patients_cells():
     batches, manifest = _cells()
-    bc = patient_barcodes(torch.relu, batches, manifest, 3, threshold=0.0, token_policy="cls").set_index(["patient_id", "latent"])
+    bc = patient_barcodes(EncodedStore.of_function(torch.relu, 3, batches), manifest, threshold=0.0, token_policy="cls").set_index(["patient_id", "latent"])
     assert bc.loc[("P1", 0), "frac"] == 1.0 and bc.loc[("P2", 0), "frac"] == pytest.approx(1 / 3)
     assert bc.loc[("P2", 0), "count"] == 1 and bc.loc[("P2", 0), "n_cells"] == 3
     assert bc.loc[("P2", 1), "frac"] == 0.0  # fires on a patch, not on CLS
     assert bc.loc[("P3", 2), "frac"] == 1.0 and bc.loc[("P3", 0), "diagnosis"] == "AML"
     batches, _ = _cells()
-    anyp = patient_barcodes(torch.relu, batches, manifest, 3, threshold=0.3, token_policy="any_patch").set_index(["patient_id", "latent"])
+    anyp = patient_barcodes(EncodedStore.of_function(torch.relu, 3, batches), manifest, threshold=0.3, token_policy="any_patch").set_index(["patient_id", "latent"])
     assert anyp.loc[("P2", 1), "frac"] == pytest.approx(1 / 3) and anyp.loc[("P3", 2), "frac"] == 0.0
     dis = disease_barcodes(bc.reset_index()).set_index(["diagnosis", "latent"])
     assert dis.loc[("APL", 0), "frac_mean"] == pytest.approx((1 + 1 / 3) / 2)  # mean over patients, not cells
     with pytest.raises(ValueError, match="no patient_id"):
-        patient_barcodes(torch.relu, batches, manifest.drop(columns="patient_id"), 3)
+        patient_barcodes(EncodedStore.of_function(torch.relu, 3, batches), manifest.drop(columns="patient_id"))
     with pytest.raises(ValueError, match="token policy"):
-        patient_barcodes(torch.relu, batches, manifest, 3, token_policy="max")
+        patient_barcodes(EncodedStore.of_function(torch.relu, 3, batches), manifest, token_policy="max")
 
 
 def test_comparison_finds_the_separating_latent_with_bh_q(tmp_path):

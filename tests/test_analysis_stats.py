@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cytosae.analysis import compute_latent_stats, entropy, factor_purity, write_stats
+from cytosae.analysis.encoded import EncodedStore
 
 
 def _identity_batches(acts: torch.Tensor, ids, batch):
@@ -28,7 +29,7 @@ def _data(seed=0, n=23, grid=3, n_latents=5):
 @pytest.mark.parametrize("batch", [1, 4, 23])
 def test_stats_match_brute_force_for_any_batch_size(batch):
     acts, ids, manifest = _data()
-    s = compute_latent_stats(torch.relu, _identity_batches(acts, ids, batch), manifest, 5, k=4, dataset="d")
+    s = compute_latent_stats(EncodedStore.of_function(torch.relu, 5, _identity_batches(acts, ids, batch)), manifest, k=4, dataset="d")
     img = acts[:, 1:].mean(1)
     fires = (acts > 0).any(1)
     lat = s.latents.set_index("latent")
@@ -57,7 +58,7 @@ def test_patch_index_is_row_major_and_skips_cls():
     acts[1, 0, 0] = 100.0  # CLS must not count as a patch
     acts[1, 1 + 3 * 16 + 5, 0] = 2.0  # row 3, col 5
     acts[0, 1, 1] = 1.0
-    s = compute_latent_stats(torch.relu, [(["x", "y"], acts)], pd.DataFrame({"image_id": ["x", "y"], "label": ["p", "q"]}), 2, k=2)
+    s = compute_latent_stats(EncodedStore.of_function(torch.relu, 2, [(["x", "y"], acts)]), pd.DataFrame({"image_id": ["x", "y"], "label": ["p", "q"]}), k=2)
     row = s.top_images[(s.top_images.latent == 0) & (s.top_images.by == "patch")].iloc[0]
     assert (row.image_id, row.patch) == ("y", 3 * 16 + 5)
     assert len(s.top_images[(s.top_images.latent == 1) & (s.top_images.by == "image")]) == 1  # non-firing images are not "top"
@@ -67,7 +68,7 @@ def test_entropy_and_noisy_flag_and_writing(tmp_path):
     assert entropy(["a", "a"]) == 0.0 and entropy(["a", "b"]) == pytest.approx(math.log(2))
     acts, ids, manifest = _data()
     acts[:, 1:, 0] += 1.0  # latent 0 always strongly on: noisy by CytoSAE's rule
-    s = compute_latent_stats(torch.relu, _identity_batches(acts, ids, 5), manifest, 5, noisy_threshold=0.5, dataset="d")
+    s = compute_latent_stats(EncodedStore.of_function(torch.relu, 5, _identity_batches(acts, ids, 5)), manifest, noisy_threshold=0.5, dataset="d")
     assert s.latents.noisy.tolist()[0] and not s.latents.noisy.tolist()[4]
     out = write_stats([s], tmp_path / "stats")
     for name in ["latents", "top_images", "class_profile", "histograms"]:
@@ -77,7 +78,7 @@ def test_entropy_and_noisy_flag_and_writing(tmp_path):
         assert (out / "figures" / fig).stat().st_size > 3000
     assert json.loads((out / "summary.json").read_text())["figures"] == sorted(p.name for p in (out / "figures").iterdir())
     with pytest.raises(ValueError, match="no images"):
-        compute_latent_stats(torch.relu, [], manifest, 5)
+        compute_latent_stats(EncodedStore.of_function(torch.relu, 5, []), manifest)
 
 
 def test_factor_purity_counts_missing_top_images_against_purity():
@@ -92,8 +93,8 @@ def test_histogram_of_a_latent_with_a_range_of_a_few_ulps():
     one = torch.tensor(1.0)
     vals = torch.stack([one, torch.nextafter(one, torch.tensor(2.0))])
     acts = vals.reshape(2, 1, 1).expand(2, 3, 1).clone()  # 2 images x 3 tokens x 1 latent
-    s = compute_latent_stats(torch.relu, [(["x", "y"], acts)], pd.DataFrame({"image_id": ["x", "y"], "label": ["p", "q"]}),
-                             1, k=2)
+    s = compute_latent_stats(EncodedStore.of_function(torch.relu, 1, [(["x", "y"], acts)]),
+                             pd.DataFrame({"image_id": ["x", "y"], "label": ["p", "q"]}), k=2)
     assert sum(s.histograms.counts[0]) == 2
 
 
@@ -137,3 +138,39 @@ def test_a_store_of_one_vector_per_image_goes_through_stats_patients_and_classif
     att = pd.read_parquet(tmp_path / "cl" / "attention.parquet")
     assert len(att) == 2 * 60 and set(att.model) == {"mil_embedding", "mil_concepts"}
     assert (att.groupby(["model", "patient_id"]).attention.sum() <= 1 + 1e-5).all()  # attention sums to 1 per class
+
+
+def test_histograms_of_all_latents_at_once_equal_numpy_per_latent():
+    """_histograms bins every latent in one pass; each row must be np.histogram's (edges and counts), including
+    never-firing latents, constant ones (+-0.5 edges) and values a float32 ulp apart."""
+    from cytosae.analysis.stats import _histograms
+
+    rng = np.random.default_rng(0)
+    for m, n in [(1, 3), (37, 50), (300, 9)]:
+        s = (rng.exponential(size=(m, n)) * (rng.random((m, n)) < 0.4)).astype(np.float32)
+        s[:, 0], s[:, 1] = 0.0, 1.0
+        s[:, 2] = np.float32(1.0) + (np.arange(m) % 2) * np.float32(1.1920929e-07)
+        for n_bins in (20, 7):
+            got = _histograms(s, "d", n_bins)
+            for j in range(n):
+                vals = s[:, j][s[:, j] > 0].astype(np.float64)
+                counts, edges = np.histogram(vals, bins=n_bins) if len(vals) else (np.zeros(n_bins, int),
+                                                                                  np.zeros(n_bins + 1))
+                assert got.bin_edges[j] == edges.tolist() and got.counts[j] == counts.tolist(), (m, j, n_bins)
+            assert got.latent.tolist() == list(range(n)) and set(got.dataset) == {"d"}
+
+
+def test_top_label_and_entropy_follow_rank_order_and_multi_labels():
+    from collections import Counter
+
+    from cytosae.analysis.stats import _labels_of, _top_label_columns
+
+    top = pd.DataFrame({"latent": [2, 0, 0, 0, 2, 2, 1], "by": ["image"] * 6 + ["patch"],
+                        "rank": [0, 0, 1, 2, 1, 2, 0], "label": ["b|a", "x", "y", "y", "a", None, "z"]})
+    ent, best = _top_label_columns(top, 4)
+    for j, labs in {0: ["x", "y", "y"], 2: ["b", "a", "a"]}.items():
+        assert ent[j] == entropy(labs) and best[j] == Counter(labs).most_common(1)[0][0]
+    assert best[:3] == ["y", None, "a"] and math.isnan(ent[1]) and math.isnan(ent[3]) and best[3] is None
+    assert _labels_of("b|a") == ["b", "a"]
+    # a tie goes to the label seen first in rank order
+    assert _top_label_columns(top.assign(label=["p", "x", "y", "x", "q", None, "z"]), 3)[1] == ["x", None, "p"]

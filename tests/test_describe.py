@@ -96,12 +96,13 @@ def _dense(run, table):
     from skimage.color import rgb2lab
 
     from cytosae.analysis.heatmaps import CellViewer
+    from cytosae.analysis.encoded import EncodedStore
     from cytosae.sae import SAE
     from cytosae.store import ActivationStore
 
     sae = SAE.load(run / "sae")
     store = ActivationStore(run / "stores" / "sample")
-    viewer = CellViewer(store, sae.encode)
+    viewer = CellViewer(EncodedStore(store, sae, sae.W_enc.device))
     acts, regions, colours, cell = [], [], [], []
     for image_id in store.image_ids:
         with torch.inference_mode():

@@ -15,6 +15,7 @@ from cytosae.data import load_manifest
 from cytosae.devices import resolve_device
 from cytosae.sae import SAE, SAEConfig
 from cytosae.store import ActivationStore, ExtractConfig, extract
+from cytosae.analysis.encoded import EncodedStore
 
 from test_store import TINY, _write_images
 
@@ -71,7 +72,7 @@ def test_cli_stats_on_cpu_equal_the_api(tmp_path, store, sae_dir):
                                    "--k", "3", "--galleries", "0", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     sae = SAE.load(sae_dir)
-    ref = compute_latent_stats(sae.encode, store.iter_images(8), store.images, 48, k=3, dataset=store.path.name)
+    ref = compute_latent_stats(EncodedStore(store, sae, "cpu"), store.images, k=3, dataset=store.path.name)
     got = pd.read_parquet(tmp_path / "stats" / "latents.parquet")
     assert ref.latents.freq_image.sum() > 0  # the SAE does fire, so the comparison means something
     pd.testing.assert_frame_equal(got, ref.latents.reset_index(drop=True), check_dtype=False)
@@ -84,7 +85,7 @@ def test_cli_patients_on_cpu_equal_the_api(tmp_path, store, sae_dir):
                                    "--token-policy", "any_patch", "--examples", "0", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     sae = SAE.load(sae_dir)
-    ref = patient_barcodes(sae.encode, store.iter_images(8), store.images, 48, token_policy="any_patch")
+    ref = patient_barcodes(EncodedStore(store, sae, "cpu"), store.images, token_policy="any_patch")
     got = pd.read_parquet(tmp_path / "p" / "barcodes.parquet")
     assert ref["count"].sum() > 0
     pd.testing.assert_frame_equal(got, ref, check_dtype=False)
@@ -143,15 +144,16 @@ def test_gpu_extraction_matches_cpu(tmp_path, data, precision, tol):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_gpu_analysis_matches_cpu(store, sae_dir):
     cpu, gpu = SAE.load(sae_dir), SAE.load(sae_dir, device="cuda")
-    s_cpu = compute_latent_stats(cpu.encode, store.iter_images(8), store.images, 48, k=3)
-    s_gpu = compute_latent_stats(gpu.encode, store.iter_images(8), store.images, 48, k=3, device="cuda")
+    on_cpu, on_gpu = EncodedStore(store, cpu, torch.device("cpu")), EncodedStore(store, gpu, resolve_device("cuda"))
+    s_cpu = compute_latent_stats(on_cpu, store.images, k=3)
+    s_gpu = compute_latent_stats(on_gpu, store.images, k=3)
     np.testing.assert_allclose(s_gpu.latents.mean_act, s_cpu.latents.mean_act, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(s_gpu.latents.freq_image, s_cpu.latents.freq_image)
-    b_cpu = patient_barcodes(cpu.encode, store.iter_images(8), store.images, 48, token_policy="cls")
-    b_gpu = patient_barcodes(gpu.encode, store.iter_images(8), store.images, 48, token_policy="cls", device="cuda")
+    b_cpu = patient_barcodes(on_cpu, store.images, token_policy="cls")
+    b_gpu = patient_barcodes(on_gpu, store.images, token_policy="cls")
     pd.testing.assert_frame_equal(b_gpu, b_cpu)
-    a_cpu = cell_activations(cpu.encode, store.iter_images(4), [0, 5, 7])
-    a_gpu = cell_activations(gpu.encode, store.iter_images(4), [0, 5, 7], device="cuda")
+    a_cpu = cell_activations(on_cpu, [0, 5, 7])
+    a_gpu = cell_activations(on_gpu, [0, 5, 7])
     np.testing.assert_allclose(a_gpu.to_numpy(), a_cpu.to_numpy(), rtol=1e-4, atol=1e-6)
 
 

@@ -10,6 +10,7 @@ from cytosae.analysis.classify_results import RESULTS, read_classify_results
 from cytosae.explorer import create_app
 from cytosae.notebook import DamagedData, open_run
 from cytosae.store.format import InvalidFile
+from cytosae.analysis.encoded import EncodedStore
 from explorer_fixtures import LOCAL, copy_of, session_run
 
 
@@ -54,7 +55,8 @@ def test_eval_and_alignment_as_written_pass_their_readers(fx, tmp_path):
     with pytest.raises(InvalidFile, match=r"sae/eval.json: all.tokens: must be an integer, got '216'; rebuild it "
                                           r"with `cytosae evaluate`"):
         read_eval(run / "sae" / EVAL)
-    write_alignment(compute_alignment(SAE.load(run / "sae"), ActivationStore(run / "stores" / "acevedo"),
+    write_alignment(compute_alignment(EncodedStore(ActivationStore(run / "stores" / "acevedo"), SAE.load(run / "sae"),
+                                                   "cpu"),
                                       max_clusters=4, max_fit_tokens=200), run / "quality")
     assert read_alignment(run / "quality")["dataset"] == "acevedo"
     _edit(run, f"quality/{SUMMARY}", lambda c: c["per_class"][0].pop("method"))

@@ -28,12 +28,16 @@ latents is 0.5 GB; larger products are refused up front (max_cells) rather than 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from pathlib import Path
 from typing import Annotated, Callable, Iterable, Optional
 
 import numpy as np
 import pandas as pd
 import torch
+
+if TYPE_CHECKING:
+    from cytosae.analysis.encoded import EncodedStore
 from pydantic import Field
 
 from cytosae.store.format import Written
@@ -141,28 +145,27 @@ def class_alignment(scores: np.ndarray, labels: np.ndarray, classes: list[str], 
 # ---------------------------------------------------------------- image-level scores of several encoders, one pass
 
 
-def image_scores(encoders: dict[str, tuple[Encoder, int]], images: Iterable[tuple[list[str], torch.Tensor]],
-                 token_policy: str, device: str | torch.device = "cpu", max_cells: int = 500_000_000,
-                 pooling: dict[str, str] | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+def image_scores(encoders: dict, images: Iterable[tuple[list[str], torch.Tensor]], token_policy: str,
+                 max_cells: int = 500_000_000, pooling: dict[str, str] | None = None
+                 ) -> tuple[list[str], dict[str, np.ndarray]]:
     """One pass over (ids, tokens (b, T, D)): every encoder's (n_images, L) image-level scores, pooled by
-    `token_policy` (cell_activation) or by its own policy in `pooling`. `encoders`: name -> (encode (N, D) ->
-    (N, L), L)."""
+    `token_policy` (cell_activation) or by its own policy in `pooling`. `encoders`: name -> EncodedStore (the SAE's
+    own, sparse for the TopK family; EncodedStore.of_function for a baseline), all on one device."""
     pooling = pooling or {}
     from cytosae.analysis.patients import cell_activation
 
     ids: list[str] = []
     parts: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
-    width = sum(n for _, n in encoders.values())
+    width = sum(e.n_latents for e in encoders.values())
     with torch.inference_mode():
         for batch_ids, tokens in images:
-            b, t, d = tokens.shape
+            b = tokens.shape[0]
             if (len(ids) + b) * width > max_cells:
                 raise ValueError(f"{len(ids) + b:,}+ images x {width:,} scores exceed max_cells={max_cells:,} "
                                  f"(exact scores are kept in memory); raise --max-cells if the memory is there")
-            x = tokens.to(device, non_blocking=True).reshape(-1, d)
-            for name, (encode, n_out) in encoders.items():
-                z = encode(x).reshape(b, t, n_out).float()
-                parts[name].append(cell_activation(z, pooling.get(name, token_policy)).cpu().numpy())
+            for name, enc in encoders.items():
+                batch = enc.encode_tokens(tokens)
+                parts[name].append(cell_activation(batch, pooling.get(name, token_policy)).cpu().numpy())
             ids += list(batch_ids)
     if not ids:
         raise ValueError("the store has no images to measure alignment on")
@@ -233,11 +236,14 @@ def untrained_like(sae, seed: int):
 # ---------------------------------------------------------------- the whole measurement
 
 
-def compute_alignment(sae, store, label_column: str = "label", token_policy: str = "any_patch", seed: int = 0,
-                      max_clusters: int = 512, max_fit_tokens: int = 20_000, batch_size: int = 8,
-                      device: str | torch.device = "cpu", max_cells: int = 500_000_000,
-                      dataset: str | None = None) -> Alignment:
-    """SAE vs PCA, k-means and the untrained SAE on one labelled ActivationStore (module docstring)."""
+def compute_alignment(encoded: "EncodedStore", label_column: str = "label", token_policy: str = "any_patch",
+                      seed: int = 0, max_clusters: int = 512, max_fit_tokens: int = 20_000,
+                      max_cells: int = 500_000_000, dataset: str | None = None) -> Alignment:
+    """SAE vs PCA, k-means and the untrained SAE on one labelled store (module docstring): `encoded` pairs the
+    store with the SAE on its device (analysis.encoded.EncodedStore); the baselines are built on that device."""
+    from cytosae.analysis.encoded import EncodedStore
+
+    sae, store, device, batch_size = encoded.sae, encoded.store, encoded.device, encoded.batch_size
     images = store.images
     if label_column not in images.columns:
         raise ValueError(f"{store.path}/images.parquet has no {label_column!r} column (the class labels); "
@@ -247,12 +253,13 @@ def compute_alignment(sae, store, label_column: str = "label", token_policy: str
         raise ValueError(f"{store.path}/images.parquet: column {label_column!r} holds no labels")
     n_latents = sae.cfg.n_latents
     sample = fit_sample(store.iter_images(batch_size), store.n_images, token_policy, max_fit_tokens, seed)
-    encoders = {"sae": (sae.encode, n_latents),
-                "pca": pca_encoder(sample, n_latents, seed, device),
-                "kmeans": kmeans_encoder(sample, n_latents, max_clusters, seed, device),
-                "untrained_sae": (untrained_like(sae, seed).encode, n_latents),
-                "raw": (lambda x: x, store.d_model)}  # the embedding itself, for sparse probing only
-    ids, scores = image_scores(encoders, store.iter_images(batch_size), token_policy, device, max_cells,
+    of = lambda pair: EncodedStore.of_function(*pair, device=device)  # noqa: E731
+    encoders = {"sae": encoded,
+                "pca": of(pca_encoder(sample, n_latents, seed, device)),
+                "kmeans": of(kmeans_encoder(sample, n_latents, max_clusters, seed, device)),
+                "untrained_sae": EncodedStore(store, untrained_like(sae, seed), device, batch_size),
+                "raw": of((lambda x: x, store.d_model))}  # the embedding itself, for sparse probing only
+    ids, scores = image_scores(encoders, store.iter_images(batch_size), token_policy, max_cells,
                                pooling={"raw": "cls" if token_policy == "cls" else "mean"})
     labels = np.array([label_of.get(i) for i in ids], dtype=object)
     known = np.array([lab is not None for lab in labels])  # an unlabelled cell is no negative of every class

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 
-
-def token_activations(encode: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
-                      device: str | torch.device = "cpu") -> np.ndarray:
-    """(T, D) tokens of one image -> (T, n_latents) SAE activations, encoded on `device` (where the SAE is)."""
-    with torch.inference_mode():
-        return torch.as_tensor(encode(tokens.float().to(device))).float().cpu().numpy()
+if TYPE_CHECKING:
+    from cytosae.analysis.encoded import EncodedStore
 
 
 def _patches(z: np.ndarray, has_cls: bool = True) -> tuple[np.ndarray, int]:
@@ -83,15 +79,13 @@ def mask(image: Image.Image, amap: np.ndarray, threshold: float = 0.0, dim: floa
 class CellViewer:
     """Images as the backbone saw them, with the SAE's activations, for one activation store."""
 
-    def __init__(self, store, encode: Callable[[torch.Tensor], torch.Tensor], data_root: str | Path | None = None,
-                 device: str | torch.device = "cpu"):
+    def __init__(self, encoded: "EncodedStore", data_root: str | Path | None = None):
+        """`encoded`: the store's images through the SAE on its device (analysis.encoded.EncodedStore)."""
         from cytosae.data.images import Preprocess
-        from cytosae.devices import resolve_device
 
-        self.store, self.encode = store, encode
-        self.device = resolve_device(device)  # where `encode`'s SAE is
-        self.preprocess = Preprocess.from_dict(store.meta["settings"]["preprocessing"])
-        images = store.images
+        self.encoded, self.store = encoded, encoded.store
+        self.preprocess = Preprocess.from_dict(self.store.meta["settings"]["preprocessing"])
+        images = self.store.images
         self._row = {i: r for i, r in zip(images["image_id"], images.to_dict("records"))}
         self.data_root = Path(data_root) if data_root else None
 
@@ -107,7 +101,8 @@ class CellViewer:
         return self.preprocess.resize_image(open_rgb(path))
 
     def activations(self, image_id: str) -> np.ndarray:
-        return token_activations(self.encode, self.store.get_image(image_id), self.device)
+        """(T, n_latents) activations of one stored image."""
+        return self.encoded.image(image_id).numpy()
 
     def label(self, image_id: str, column: str = "label") -> str:
         v = (self._row.get(image_id) or {}).get(column)
@@ -156,22 +151,15 @@ def write_latent_galleries(viewer: CellViewer, top_images: pd.DataFrame, latents
     return written
 
 
-def cell_activations(encode: Callable[[torch.Tensor], torch.Tensor], images, latents: list[int],
-                     device: str | torch.device = "cpu") -> pd.DataFrame:
+def cell_activations(encoded: "EncodedStore", latents: list[int]) -> pd.DataFrame:
     """One streaming pass: image-level activation (mean over patches, as in the statistics) of the chosen latents
     for every cell; cells x chosen latents, so memory stays small whatever the SAE's width. Batches are encoded
-    on `device` (where `encode`'s SAE is)."""
-    from cytosae.devices import resolve_device
-
-    dev = resolve_device(device)
-    cols = torch.as_tensor(latents, dtype=torch.long, device=dev)
+    on `encoded.device`."""
+    cols = torch.as_tensor(latents, dtype=torch.long, device=encoded.device)
     ids_all, parts = [], []
-    with torch.inference_mode():
-        for ids, tokens in images:
-            b, t, d = tokens.shape
-            z = torch.as_tensor(encode(tokens.to(dev, non_blocking=True).reshape(-1, d))).reshape(b, t, -1)
-            ids_all += list(ids)
-            parts.append(z[:, 1:, cols].float().mean(1).cpu().numpy())
+    for batch in encoded.batches():
+        ids_all += batch.ids
+        parts.append(batch.patch_mean()[:, cols].cpu().numpy())
     values = np.concatenate(parts) if parts else np.zeros((0, len(latents)), np.float32)
     return pd.DataFrame(values, index=pd.Index(ids_all, name="image_id"), columns=list(latents))
 

@@ -9,7 +9,7 @@ counts and cell counts are kept beside the fractions.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import numpy as np
 import pandas as pd
@@ -19,34 +19,36 @@ from scipy import stats as sps
 
 from cytosae.store.format import Written
 
+if TYPE_CHECKING:
+    from cytosae.analysis.encoded import EncodedStore
+
 TOKEN_POLICIES = ("cls", "any_patch", "mean")
 
 
-def cell_activation(z: torch.Tensor, policy: str) -> torch.Tensor:
-    """(b, T, n_latents) token activations -> (b, n_latents) per cell, CLS at token 0.
+def cell_activation(z, policy: str) -> torch.Tensor:
+    """Token activations -> (b, n_latents) per cell, CLS at token 0: `z` (b, T, n_latents) or an EncodedBatch
+    (analysis.encoded), whose sparse form is pooled without building (b, T, n_latents).
 
     A store with one vector per image (T = 1, imported embeddings) has no patch tokens: every policy then uses
     that vector, the only view of the cell there is."""
+    from cytosae.analysis.encoded import EncodedBatch
+
     if policy not in TOKEN_POLICIES:
         raise ValueError(f"token policy must be one of {TOKEN_POLICIES}, got {policy!r}")
-    if policy == "cls" or z.shape[1] == 1:
-        return z[:, 0]
+    batch = z if isinstance(z, EncodedBatch) else EncodedBatch([], z.shape[2], dense=z)
+    if policy == "cls" or batch.shape[1] == 1:
+        return batch.token(0)
     if policy == "any_patch":
-        return z[:, 1:].amax(1)
-    if policy == "mean":
-        return z[:, 1:].mean(1)
-    raise ValueError(f"token policy must be one of {TOKEN_POLICIES}, got {policy!r}")
+        return batch.patch_max()[0]
+    return batch.patch_mean()
 
 
-def patient_barcodes(encode: Callable[[torch.Tensor], torch.Tensor], images: Iterable[tuple[list[str], torch.Tensor]],
-                     manifest: pd.DataFrame, n_latents: int, threshold: float = 0.0, token_policy: str = "cls",
-                     target: str = "diagnosis", device: str | torch.device = "cpu") -> pd.DataFrame:
+def patient_barcodes(encoded: "EncodedStore", manifest: pd.DataFrame, threshold: float = 0.0,
+                     token_policy: str = "cls", target: str = "diagnosis") -> pd.DataFrame:
     """Long table: patient_id, <target>, latent, frac, count, n_cells.
 
-    Batches are encoded and counted on `device` (where `encode`'s SAE must be); the table is on the CPU."""
-    from cytosae.devices import resolve_device
-
-    dev = resolve_device(device)
+    One pass over `encoded` (analysis.encoded.EncodedStore), counted on its device; the table is on the CPU."""
+    dev, n_latents = encoded.device, encoded.n_latents
     if "patient_id" not in manifest or manifest["patient_id"].isna().all():
         raise ValueError("the data manifest has no patient_id column: barcodes need patients "
                          "(a patient-per-folder tree with --patients, or a CSV with patient_id)")
@@ -57,15 +59,12 @@ def patient_barcodes(encode: Callable[[torch.Tensor], torch.Tensor], images: Ite
     index = {p: i for i, p in enumerate(patients)}
     counts = torch.zeros(len(patients), n_latents, dtype=torch.long, device=dev)
     n_cells = torch.zeros(len(patients), dtype=torch.long, device=dev)
-    with torch.inference_mode():
-        for ids, tokens in images:
-            b, t, d = tokens.shape
-            z = encode(tokens.to(dev, non_blocking=True).reshape(-1, d)).reshape(b, t, n_latents)
-            fires = cell_activation(z, token_policy) > threshold
-            rows = torch.tensor([index.get(patient_of.get(i), -1) for i in ids], device=dev)
-            keep = rows >= 0
-            counts.index_add_(0, rows[keep], fires[keep].long())
-            n_cells.index_add_(0, rows[keep], torch.ones(int(keep.sum()), dtype=torch.long, device=dev))
+    for batch in encoded.batches():
+        fires = cell_activation(batch, token_policy) > threshold
+        rows = torch.tensor([index.get(patient_of.get(i), -1) for i in batch.ids], device=dev)
+        keep = rows >= 0
+        counts.index_add_(0, rows[keep], fires[keep].long())
+        n_cells.index_add_(0, rows[keep], torch.ones(int(keep.sum()), dtype=torch.long, device=dev))
     counts, n_cells = counts.cpu(), n_cells.cpu()
     if int(n_cells.sum()) == 0:
         raise ValueError("no stored cell belongs to a patient in the manifest")
@@ -177,8 +176,8 @@ def _slug(name) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name))
 
 
-def write_disease_examples(encode, store, out_dir: str | Path, target: str = "diagnosis", per_comparison: int = 5,
-                           k: int = 8, label_column: str = "label", device: str | torch.device = "cpu") -> list[dict]:
+def write_disease_examples(encoded: "EncodedStore", out_dir: str | Path, target: str = "diagnosis",
+                           per_comparison: int = 5, k: int = 8, label_column: str = "label") -> list[dict]:
     """For each comparison in OUT/compare.parquet: its top latents enriched in group_a (smallest q, effect > 0)
     and, for two named groups, in group_b (effect < 0), each shown on the k cells of that group's patients where
     it is strongest, with patch overlays.
@@ -188,8 +187,8 @@ def write_disease_examples(encode, store, out_dir: str | Path, target: str = "di
 
     out = Path(out_dir)
     compare = read_patients_table(out, COMPARE)
-    images = store.images
-    viewer = CellViewer(store, encode, device=device)
+    images = encoded.store.images
+    viewer = CellViewer(encoded)
     sides = []  # (group, other, its enriched latents, sign of their effect)
     for (a, b), fam in compare[compare.group_b != "kruskal_wallis"].groupby(["group_a", "group_b"], sort=True):
         # effect = mean(a) - mean(b): positive effects are a's concepts; for two named groups, negative ones are b's
@@ -199,8 +198,7 @@ def write_disease_examples(encode, store, out_dir: str | Path, target: str = "di
             if not chosen.empty:
                 sides.append((group, other, chosen, sign))
     # one encoding pass over the store serves every side's latents
-    acts = cell_activations(encode, store.iter_images(16), sorted({int(j) for _, _, chosen, _ in sides for j in chosen.latent}),
-                            device=device)
+    acts = cell_activations(encoded, sorted({int(j) for _, _, chosen, _ in sides for j in chosen.latent}))
     drawn = []
     for group, other, chosen, sign in sides:
         keep = set(images.loc[images[target].astype(str) == str(group), "image_id"])

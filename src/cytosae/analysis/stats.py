@@ -19,7 +19,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,9 @@ import torch
 from pydantic import Field
 
 from cytosae.store.format import Written
+
+if TYPE_CHECKING:
+    from cytosae.analysis.encoded import EncodedBatch, EncodedStore
 
 DEFINITIONS = __doc__.split("Definitions (also written to summary.json, so every number says what it is):\n")[1]
 
@@ -57,26 +60,20 @@ def entropy(labels: list[str]) -> float:
     return float(max(0.0, -(p * np.log(p)).sum()))  # max: no -0.0 for a single label
 
 
-def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images: Iterable[tuple[list[str], torch.Tensor]],
-                         manifest: pd.DataFrame, n_latents: int, k: int = 16, label_column: str = "label",
+def compute_latent_stats(encoded: "EncodedStore", manifest: pd.DataFrame, k: int = 16, label_column: str = "label",
                          noisy_threshold: float | None = 0.1, dataset: str = "data", n_bins: int = 20,
-                         device: str | torch.device = "cpu", label_columns: list[str] | None = None) -> LatentStats:
-    """Stream (image_ids, tokens (b, T, D)) with CLS first; `encode` maps (N, D) -> (N, n_latents) >= 0.
+                         label_columns: list[str] | None = None) -> LatentStats:
+    """One pass over `encoded` (analysis.encoded.EncodedStore: the store's images through the SAE on its device).
 
-    Each batch and every running total live on `device` (where `encode`'s SAE must be, e.g.
-    `SAE.load(dir, device=...)`); the tables come back on the CPU.
+    Each batch and every running total live on `encoded.device`; the tables come back on the CPU. A TopK-family
+    SAE's batches are accumulated from their (latent, value) pairs, never as (tokens x n_latents).
     `label_columns`: multi-label targets as one 0/1 column per label (e.g. CT-RATE's abnormalities): an image's
     labels are the columns it has (classify.truthy), and class profiles are per label (replaces label_column)."""
-    from cytosae.devices import resolve_device
-
+    n_latents = encoded.n_latents
     labels_by_id, label_column = _image_labels(manifest, label_column, label_columns)
-    acc = _Totals(n_latents, sorted({c for v in labels_by_id.values() for c in _labels_of(v)}), k,
-                  resolve_device(device))
-    with torch.inference_mode():
-        for batch_ids, tokens in images:
-            b, t, d = tokens.shape
-            z = encode(tokens.to(acc.device, non_blocking=True).reshape(-1, d)).reshape(b, t, n_latents).float()
-            acc.add(list(batch_ids), z, labels_by_id)
+    acc = _Totals(n_latents, sorted({c for v in labels_by_id.values() for c in _labels_of(v)}), k, encoded.device)
+    for batch in encoded.batches():
+        acc.add(batch, labels_by_id)
     if acc.n_images == 0:
         raise ValueError(f"dataset {dataset!r} has no images to compute statistics on")
     acc.to_cpu()
@@ -125,21 +122,19 @@ class _Totals:
         self.ids: list[str] = []
         self.image_acts: list[torch.Tensor] = []
 
-    def add(self, batch_ids: list[str], z: torch.Tensor, labels_by_id: dict) -> None:
-        """One batch of token activations z (b, T, n_latents)."""
-        b, t, _ = z.shape
+    def add(self, batch: "EncodedBatch", labels_by_id: dict) -> None:
+        """One batch of token activations: every total from its (b, n_latents) image-level reductions."""
+        (b, t), batch_ids = batch.shape, batch.ids
         self.grid = math.isqrt(t - 1) if t > 1 else None
-        # one vector per image (imported embeddings): that token stands for the image and its only "patch"
-        patch = z[:, 1:] if t > 1 else z
-        img_act = patch.mean(1)  # (b, n_latents)
-        fires_img = (z > 0).any(1)
-        self.fire_tokens += (z > 0).sum((0, 1)).double()
+        img_act = batch.patch_mean()  # (b, n_latents)
+        fires_img = batch.fires_any()
+        self.fire_tokens += batch.fire_counts()
         self.fire_images += fires_img.sum(0).double()
         self.sum_act_firing += (img_act * fires_img).sum(0).double()
         self.sum_act_all += img_act.sum(0).double()
-        self.max_act = torch.maximum(self.max_act, z.amax((0, 1)))
+        self.max_act = torch.maximum(self.max_act, batch.max_over_tokens())
         self._add_classes(batch_ids, img_act, fires_img, labels_by_id)
-        patch_max, patch_arg = patch.max(1)
+        patch_max, patch_arg = batch.patch_max()
         ranked = (("image", img_act, torch.full_like(patch_arg, -1)), ("patch", patch_max, patch_arg))
         self._add_top(ranked[:1 if t == 1 else 2], torch.arange(self.n_images, self.n_images + b, device=self.device))
         if len(self.image_acts) * b < self.HISTOGRAM_IMAGES:
@@ -200,12 +195,7 @@ def _top_table(acc: _Totals, dataset: str, labels_by_id: dict) -> pd.DataFrame:
 
 def _latent_table(acc: _Totals, top_images: pd.DataFrame, dataset: str, noisy_threshold: float | None) -> pd.DataFrame:
     fire_images, n_images = acc.fire_images, acc.n_images
-    by_image = top_images[top_images.by == "image"].groupby("latent")["label"].apply(list).to_dict()
-    top_labels, entropies = [], []
-    for latent in range(acc.n_latents):
-        labs = [c for v in by_image.get(latent, []) for c in _labels_of(v)]
-        entropies.append(entropy(labs))
-        top_labels.append(Counter(labs).most_common(1)[0][0] if labs else None)
+    entropies, top_labels = _top_label_columns(top_images, acc.n_latents)
     return pd.DataFrame({
         "dataset": dataset, "latent": np.arange(acc.n_latents), "freq_image": (fire_images / n_images).numpy(),
         "freq_token": (acc.fire_tokens / acc.n_tokens).numpy(),
@@ -213,6 +203,35 @@ def _latent_table(acc: _Totals, top_images: pd.DataFrame, dataset: str, noisy_th
         "max_act": acc.max_act.numpy(), "label_entropy": entropies, "top_label": top_labels,
         "noisy": ((acc.sum_act_all / n_images).numpy() > noisy_threshold) if noisy_threshold is not None else False,
     })
+
+
+def _top_label_columns(top_images: pd.DataFrame, n_latents: int) -> tuple[list[float], list]:
+    """Per latent, the entropy and the most common of its top images' labels (by "image", in rank order).
+    One latent's rows are one run of the table once sorted by latent (stable: ranks keep their order); labels
+    and entropies are memoised, as 49,152 latents share few label values and count patterns."""
+    rows = top_images[top_images.by == "image"]
+    latent = rows.latent.to_numpy()
+    order = np.argsort(latent, kind="stable")
+    every = rows.label.tolist()
+    labels = [every[i] for i in order]
+    bounds = np.searchsorted(latent[order], np.arange(n_latents + 1))
+    split: dict = {}
+    entropy_of: dict = {}
+    entropies, top_labels = [], []
+    for j in range(n_latents):
+        labs = []
+        for v in labels[bounds[j]:bounds[j + 1]]:
+            if not isinstance(v, str):
+                labs += _labels_of(v)
+            else:
+                labs += split[v] if v in split else split.setdefault(v, _labels_of(v))
+        counts = Counter(labs)  # insertion order: the first label to reach the top count wins a tie, as before
+        key = tuple(counts.values())
+        if key not in entropy_of:
+            entropy_of[key] = entropy(labs)
+        entropies.append(entropy_of[key])
+        top_labels.append(counts.most_common(1)[0][0] if labs else None)
+    return entropies, top_labels
 
 
 def _class_table(acc: _Totals, dataset: str) -> pd.DataFrame:
@@ -227,13 +246,40 @@ def _class_table(acc: _Totals, dataset: str) -> pd.DataFrame:
 
 
 def _histograms(sample: np.ndarray, dataset: str, n_bins: int) -> pd.DataFrame:
-    hist = []
-    for latent in range(sample.shape[1]):
-        # float64: float32 activations a few ulps apart cannot be cut into n_bins finite bins (numpy raises)
-        vals = sample[:, latent][sample[:, latent] > 0].astype(np.float64)
-        counts, edges = np.histogram(vals, bins=n_bins) if len(vals) else (np.zeros(n_bins, int), np.zeros(n_bins + 1))
-        hist.append((dataset, latent, edges.tolist(), counts.tolist()))
-    return pd.DataFrame(hist, columns=["dataset", "latent", "bin_edges", "counts"])
+    """Per latent, np.histogram(its values > 0, bins=n_bins) for all latents at once: the same edges (linspace
+    from min to max, +-0.5 when they are equal) and the same binning as numpy's uniform-bin path, whose steps are
+    repeated here over (images x latents) instead of one call per latent (49,152 calls took most of a pass)."""
+    # float64: float32 activations a few ulps apart cannot be cut into n_bins finite bins (numpy raises)
+    x = sample.astype(np.float64)
+    pos = x > 0
+    fires = pos.any(0)
+    lo = np.where(fires, np.where(pos, x, np.inf).min(0, initial=np.inf), 0.0)
+    hi = np.where(fires, np.where(pos, x, -np.inf).max(0, initial=-np.inf), 1.0)
+    same = lo == hi
+    lo, hi = np.where(same, lo - 0.5, lo), np.where(same, hi + 0.5, hi)
+    edges = _edges(lo, hi, n_bins)
+    counts = np.zeros((x.shape[1], n_bins), dtype=np.intp)
+    image, latent = np.nonzero(pos)
+    if len(latent):
+        v = x[image, latent]
+        first = lo[latent]
+        idx = ((v - first) / (hi[latent] - first) * n_bins).astype(np.intp)
+        idx[idx == n_bins] -= 1
+        idx[v < edges[latent, idx]] -= 1
+        idx[(v >= edges[latent, idx + 1]) & (idx != n_bins - 1)] += 1
+        counts = np.bincount(latent * n_bins + idx, minlength=x.shape[1] * n_bins).reshape(-1, n_bins)
+    edges[~fires] = 0.0
+    return pd.DataFrame({"dataset": dataset, "latent": np.arange(x.shape[1]), "bin_edges": edges.tolist(),
+                         "counts": counts.tolist()}, columns=["dataset", "latent", "bin_edges", "counts"])
+
+
+def _edges(lo: np.ndarray, hi: np.ndarray, n_bins: int) -> np.ndarray:
+    """(latents, n_bins + 1) np.linspace(lo_j, hi_j, n_bins + 1) in one call: elementwise the same arithmetic, except
+    where a step underflows to 0 (linspace then takes another path for the whole array), done one by one."""
+    step = (hi - lo) / n_bins
+    if len(lo) == 0 or bool((step == 0).any()):
+        return np.stack([np.linspace(a, b, n_bins + 1) for a, b in zip(lo, hi)]) if len(lo) else np.zeros((0, n_bins + 1))
+    return np.linspace(lo, hi, n_bins + 1, axis=1)
 
 
 def write_stats(stats: list[LatentStats], out_dir: str | Path) -> Path:

@@ -101,13 +101,15 @@ class Encoder:
 
     @torch.no_grad()
     def encode_tokens(self, tokens: torch.Tensor, has_cls: bool = True) -> ImageActivations:
-        sae = self.sae
+        from cytosae.analysis.encoded import EncodedStore
+
+        encoded = EncodedStore(None, self.sae, self.device)  # the analyses' encoder: TopK pairs stay sparse
         parts = []
         for s in range(0, tokens.shape[0], self.chunk):  # bounded memory: chunk x n_latents dense at a time
-            z = sae.encode(tokens[s:s + self.chunk].to(self.device, torch.float32)).cpu()
+            chunk = tokens[s:s + self.chunk].float()
             # sparse straight from the non-zeros: a dense->CSR scan of 257 x 49k floats costs more than the encoder
-            rows, cols = (z > 0).nonzero(as_tuple=True)
-            parts.append(sp.csr_matrix((z[rows, cols].numpy(), (rows.numpy(), cols.numpy())), shape=tuple(z.shape)))
+            rows, cols, vals = (t.cpu().numpy() for t in encoded.encode_tokens(chunk[None]).nonzero())
+            parts.append(sp.csr_matrix((vals, (rows, cols)), shape=(chunk.shape[0], encoded.n_latents)))
         acts = sp.vstack(parts).tocsr()
         n_patch = tokens.shape[0] - int(has_cls)
         grid = math.isqrt(n_patch)

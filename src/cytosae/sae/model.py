@@ -167,6 +167,13 @@ class SAE(nn.Module):
         self._check_input(x)
         return self._activate(self._pre(x.float() * self.input_scale))
 
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(N, d_in) raw units -> (values, latent indices), each (N, w): the activations an architecture with a
+        fixed number of active latents per token keeps (every other latent is 0), without the dense (N, n_latents)
+        result; None where the activation has no fixed width (relu-l1, jumprelu, BatchTopK's threshold): use
+        encode(). Analyses accumulate from the pairs (cytosae.analysis.encoded)."""
+        return None
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(N, n_latents) -> (N, d_in) reconstruction in raw store units."""
         return (z @ self.W_dec + self.b_dec) / self.input_scale

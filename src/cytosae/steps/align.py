@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cytosae.run import Run
 from cytosae.steps.analysis import AnalysisResult
-from cytosae.steps.common import Warn, analysis_batch, device, need, one_line, open_run, open_sae, open_store, \
+from cytosae.steps.common import Warn, device, encoded_store, need, one_line, open_run, open_sae, open_store, \
     record, run_dataset
 from cytosae.steps.config import AlignSettings
 
@@ -42,11 +42,10 @@ def run_align(cfg: AlignSettings, run: str | Path | Run | None = None, warn: War
     given, cfg = cfg, _placed(cfg, rd)
     seed = cfg.seed if cfg.seed is not None else _training_seed(rd)
     dev = device(cfg.device)
-    sae, st = open_sae(cfg.sae_dir, cfg.allow_unfinished, warn).to(dev), open_store(cfg.store)
+    encoded = encoded_store(open_store(cfg.store), open_sae(cfg.sae_dir, cfg.allow_unfinished, warn).to(dev), dev)
     with one_line(f"{cfg.store}: "):
-        res = compute_alignment(sae, st, label_column=cfg.label_column, token_policy=cfg.token_policy, seed=seed,
-                                max_clusters=cfg.max_clusters, max_fit_tokens=cfg.fit_tokens,
-                                batch_size=analysis_batch(dev), device=dev, max_cells=cfg.max_cells,
+        res = compute_alignment(encoded, label_column=cfg.label_column, token_policy=cfg.token_policy, seed=seed,
+                                max_clusters=cfg.max_clusters, max_fit_tokens=cfg.fit_tokens, max_cells=cfg.max_cells,
                                 dataset=cfg.dataset or cfg.store.name)
     paths = write_alignment(res, cfg.out)
     s = res.summary

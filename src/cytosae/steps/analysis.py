@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cytosae.run import Run
-from cytosae.steps.common import (Warn, analysis_batch, device, draws_images, need, one_line, open_run, open_sae,
+from cytosae.steps.common import (Warn, device, draws_images, encoded_store, need, one_line, open_run, open_sae,
                                   open_store, record, run_dataset)
 from cytosae.steps.config import PatientsSettings, StatsSettings, StepError
 
@@ -46,42 +46,41 @@ def run_stats(cfg: StatsSettings, run: str | Path | Run | None = None, warn: War
     dev = device(cfg.device)
     sae = open_sae(cfg.sae_dir, cfg.allow_unfinished, warn).to(dev)
     result = AnalysisResult(cfg.out)
-    opened = [open_store(path) for path in cfg.stores]
-    results = [_latent_stats(cfg, sae, path, st, dev, result.said) for path, st in zip(cfg.stores, opened)]
+    opened = [encoded_store(open_store(path), sae, dev) for path in cfg.stores]
+    results = [_latent_stats(cfg, path, enc, result.said) for path, enc in zip(cfg.stores, opened)]
     write_stats(results, cfg.out)
-    _galleries(cfg, sae, opened, results, dev, result.said)
+    _galleries(cfg, opened, results, result.said)
     if cfg.factors:
-        _factor_purity(cfg, sae, opened, results, dev, result.said)
+        _factor_purity(cfg, opened, results, result.said)
     result.said.append(f"tables and figures -> {cfg.out} (definitions in {cfg.out / SUMMARY})")
     record(rd, "stats", given, started)
     return result
 
 
-def _latent_stats(cfg: StatsSettings, sae, path: Path, st, dev, said: list[str]):
+def _latent_stats(cfg: StatsSettings, path: Path, encoded, said: list[str]):
     from cytosae.analysis import compute_latent_stats
 
     with one_line(f"{path}: "):
-        res = compute_latent_stats(sae.encode, st.iter_images(analysis_batch(dev)), st.images, sae.cfg.n_latents,
-                                   k=cfg.k, label_column=cfg.label_column, noisy_threshold=cfg.noisy_threshold,
-                                   dataset=path.name, device=dev, label_columns=cfg.labels)
+        res = compute_latent_stats(encoded, encoded.store.images, k=cfg.k, label_column=cfg.label_column,
+                                   noisy_threshold=cfg.noisy_threshold, dataset=path.name, label_columns=cfg.labels)
     s = res.summary
     said.append(f"{path.name}: {s['n_images']} images, {s['n_latents']} latents; {s['n_dead_on_dataset']} never "
                 f"fire on it; {s['n_noisy']} noisy (mean image activation > {cfg.noisy_threshold})")
     return res
 
 
-def _galleries(cfg: StatsSettings, sae, opened, results, dev, said: list[str]) -> None:
+def _galleries(cfg: StatsSettings, opened, results, said: list[str]) -> None:
     if not cfg.galleries:
         return
-    if not all(draws_images(st) for st in opened):
+    if not all(draws_images(enc.store) for enc in opened):
         said.append("no galleries: a store of imported embeddings has no images or patch grid to draw")
         return
     from cytosae.analysis.heatmaps import CellViewer, write_latent_galleries
 
-    for path, st, res in zip(cfg.stores, opened, results):
+    for path, enc, res in zip(cfg.stores, opened, results):
         chosen = gallery_latents(res.latents, cfg.galleries, cfg.k, res.summary["n_images"])
         folder = cfg.out / "figures" / "galleries" / path.name
-        written = write_latent_galleries(CellViewer(st, sae.encode, device=dev), res.top_images, chosen, folder,
+        written = write_latent_galleries(CellViewer(enc), res.top_images, chosen, folder,
                                          label_column=cfg.label_column)
         said.append(f"{path.name}: galleries of the {len(written)} latents with the lowest label entropy among "
                     f"those firing on >= {cfg.k} images -> {folder}")
@@ -94,7 +93,7 @@ def gallery_latents(latents, n: int, k: int, n_images: int) -> list[int]:
             .latent.head(n)]
 
 
-def _factor_purity(cfg: StatsSettings, sae, opened, results, dev, said: list[str]) -> None:
+def _factor_purity(cfg: StatsSettings, opened, results, said: list[str]) -> None:
     """Known factors (the synthetic sample's are ground truth): how purely the best latent's top-k holds each value."""
     import pandas as pd
 
@@ -103,7 +102,8 @@ def _factor_purity(cfg: StatsSettings, sae, opened, results, dev, said: list[str
     from cytosae.store.format import atomic_write_bytes
 
     tables = []
-    for path, st, res in zip(cfg.stores, opened, results):
+    for path, enc, res in zip(cfg.stores, opened, results):
+        st = enc.store
         missing = [f for f in cfg.factors if f not in st.images.columns]
         if missing:
             raise StepError(f"--factors: {path}/images.parquet has no column(s) {missing}; it has "
@@ -112,7 +112,7 @@ def _factor_purity(cfg: StatsSettings, sae, opened, results, dev, said: list[str
                           ignore_index=True)
         tables.append(table.assign(dataset=path.name))
         best = sorted({int(j) for j in table.sort_values("purity", ascending=False).best_latent.head(6)})
-        write_latent_galleries(CellViewer(st, sae.encode, device=dev), res.top_images, best,
+        write_latent_galleries(CellViewer(enc), res.top_images, best,
                                cfg.out / "figures" / "galleries" / path.name, label_column=cfg.label_column)
         said.append(f"{path.name}: for each value of {len(cfg.factors)} known factors, the purity of the best "
                     f"latent's top-{cfg.k} images (n={len(table)} values): {int((table.purity >= 0.9).sum())} reach "
@@ -148,22 +148,23 @@ def run_patients(cfg: PatientsSettings, run: str | Path | Run | None = None, war
     rd = open_run(run)
     given, cfg = cfg, _placed_patients(cfg, rd)
     dev = device(cfg.device)
-    sae, st = open_sae(cfg.sae_dir, cfg.allow_unfinished, warn).to(dev), open_store(cfg.store)
+    sae = open_sae(cfg.sae_dir, cfg.allow_unfinished, warn).to(dev)
+    encoded = encoded_store(open_store(cfg.store), sae, dev)
     with one_line(f"{cfg.store}: "):
-        bc = patient_barcodes(sae.encode, st.iter_images(analysis_batch(dev)), st.images, sae.cfg.n_latents,
-                              threshold=cfg.threshold, token_policy=cfg.token_policy, target=cfg.target, device=dev)
+        bc = patient_barcodes(encoded, encoded.store.images, threshold=cfg.threshold, token_policy=cfg.token_policy,
+                              target=cfg.target)
     write_patients(bc, cfg.out, cfg.target, {"threshold": cfg.threshold, "token_policy": cfg.token_policy,
                                              "store": rd.portable(cfg.store) if rd else str(cfg.store),
                                              "dataset": cfg.dataset or cfg.store.name})
     result = AnalysisResult(cfg.out, [f"barcodes of {bc.patient_id.nunique()} patients x {sae.cfg.n_latents} latents "
                                       f"(token policy {cfg.token_policy}, threshold {cfg.threshold}) -> {cfg.out}"])
     if (cfg.out / COMPARE).is_file():
-        _comparisons(cfg, sae, st, dev, result.said)
+        _comparisons(cfg, encoded, result.said)
     record(rd, f"patients:{cfg.dataset}" if cfg.external else "patients", given, started, dataset=cfg.dataset)
     return result
 
 
-def _comparisons(cfg: PatientsSettings, sae, st, dev, said: list[str]) -> None:
+def _comparisons(cfg: PatientsSettings, encoded, said: list[str]) -> None:
     from cytosae.analysis.patients import read_patients_summary
 
     with one_line():
@@ -171,11 +172,11 @@ def _comparisons(cfg: PatientsSettings, sae, st, dev, said: list[str]) -> None:
     for c in summary["comparisons"]:
         said.append(f"{cfg.target} {c['group_a']} vs {c['group_b']}: {c['n_q_below_0.05']} of {c['n_latents']} "
                     f"latents with BH q < 0.05 -> {cfg.out / c['figure']}")
-    if cfg.examples and not draws_images(st):
+    if cfg.examples and not draws_images(encoded.store):
         said.append("no example cells: a store of imported embeddings has no images or patch grid to draw")
     elif cfg.examples:
         from cytosae.analysis.patients import write_disease_examples
 
-        drawn = write_disease_examples(sae.encode, st, cfg.out, cfg.target, per_comparison=cfg.examples, device=dev)
+        drawn = write_disease_examples(encoded, cfg.out, cfg.target, per_comparison=cfg.examples)
         said.append(f"example cells with overlays for {sum(len(d['latents']) for d in drawn)} disease-specific "
                     f"latents -> {cfg.out / 'figures' / 'examples'}")

@@ -90,6 +90,15 @@ def analysis_batch(dev) -> int:
     return 32 if dev.type == "cuda" else 8
 
 
+def encoded_store(store, sae, dev):
+    """The store's images through `sae` on `dev` (resolved once by the step), batched by analysis_batch: what
+    every encoding pass of the step reads."""
+    from cytosae.analysis.encoded import EncodedStore
+
+    with one_line(f"{store.path}: "):
+        return EncodedStore(store, sae, dev, analysis_batch(dev))
+
+
 def draws_images(store) -> bool:
     """Galleries need the images as the backbone saw them and patch tokens; imported embeddings have neither."""
     return bool(store.meta.get("settings", {}).get("preprocessing")) and store.grid is not None

@@ -44,6 +44,10 @@ class BatchTopKSAE(TopKSAE):
             return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
         return pre * (pre > self.threshold)
 
+    def encode_sparse(self, x: torch.Tensor) -> None:
+        """Inference is a threshold (a JumpReLU): the count per token varies, so encode() gives it densely."""
+        return None
+
     def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n_rows, n = pre.shape
         if self.training:

@@ -42,6 +42,12 @@ class TopKSAE(SAE):
         vals, idx = pre.topk(self.cfg.k, dim=1)
         return torch.zeros_like(pre).scatter_(1, idx, F.relu(vals))
 
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One top-k of the pre-activations, no dense scatter: encode() is these pairs written into zeros."""
+        self._check_input(x)
+        vals, idx = self._pre(x.float() * self.input_scale).topk(self.cfg.k, dim=1)
+        return F.relu(vals), idx
+
     def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, cols) of the kept (token, latent) pairs, rows ascending."""
         idx = pre.topk(self.cfg.k, dim=1).indices
