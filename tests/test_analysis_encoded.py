@@ -114,3 +114,12 @@ def test_nonzero_pairs_of_one_image_are_its_dense_nonzeros(store, arch):
         z = torch.zeros(17, N_LATENTS)
         z[tok, lat] = val
         assert torch.equal(z, d.dense[image]) and bool((val > 0).all()) and bool((tok[1:] >= tok[:-1]).all())
+
+
+def test_a_pass_left_early_leaves_autograd_on():
+    """batches() must not hold a grad mode across its yields: a caller that stops after one batch (a gallery that
+    has its images) found autograd off in every later computation of its thread (MIL training failed)."""
+    enc = EncodedStore.of_function(torch.relu, 4, batches=[(["a"], torch.randn(1, 3, 4)), (["b"], torch.randn(1, 3, 4))])
+    it = enc.batches()
+    first = next(it)
+    assert torch.is_grad_enabled() and not first.dense.requires_grad  # the generator is suspended, not closed

@@ -181,10 +181,12 @@ class EncodedStore:
         return EncodedBatch(list(ids or []), self.n_latents, dense=z)
 
     def batches(self) -> Iterator[EncodedBatch]:
-        """Every image batch encoded (under inference_mode: nothing is kept for a backward pass)."""
-        with torch.inference_mode():
-            for ids, tokens in self._batches():
-                yield self.encode_tokens(tokens, ids)
+        """Every image batch encoded without autograd. The mode is entered per batch, never across a `yield`: a
+        grad mode held by a suspended generator is the caller's thread's, and stays on if the caller stops early."""
+        for ids, tokens in self._batches():
+            with torch.no_grad():
+                out = self.encode_tokens(tokens, ids)
+            yield out
 
     def image(self, image_id: str) -> torch.Tensor:
         """(T, n_latents) dense activations of one stored image, on the CPU."""
