@@ -332,6 +332,36 @@ def speed_sentence(ours: dict, theirs: dict, dense: dict) -> str:
             f"{theirs['fraction_of_dense_ceiling_startup_removed']} (start-up removed). ")
 
 
+def peer_verdict(ours: dict, theirs: dict, dense: dict, peer: str) -> tuple[str, float]:
+    """(the verdict sentence, the speed ratio ours / theirs) in the same words for every peer: faster at
+    equal-or-better held-out FVU (within 0.005) and L0 (within 0.5)?"""
+    speed = ours["tokens_per_second"] / theirs["tokens_per_second"]
+    fvu_ok = ours["fvu"] <= theirs["fvu"] + 0.005
+    l0_ok = ours["l0"] <= theirs["l0"] + 0.5
+    return ((f"ours is {speed:.2f}x {'faster' if speed > 1 else 'as fast or slower'} than {peer} "
+             f"({ours['tokens_per_second']:.0f} vs {theirs['tokens_per_second']:.0f} tokens/s); "
+             f"held-out FVU {ours['fvu']:.4f} vs {theirs['fvu']:.4f} "
+             f"({'equal or better' if fvu_ok else 'WORSE'} within 0.005); "
+             f"L0 {ours['l0']:.2f} vs {theirs['l0']:.2f} ({'ok' if l0_ok else 'HIGHER'} at <= theirs + 0.5). "
+             + speed_sentence(ours, theirs, dense)
+             + ("Claim holds: ours is faster at equal-or-better FVU and L0." if speed > 1 and fvu_ok and l0_ok
+                else "Claim does NOT hold on this run.")), speed)
+
+
+def run_settings(a, info: dict, optimizer: str, **options: str) -> dict:
+    """The run's settings as every peer bench records them: shape, optimisation, tokens, timing and data (`info`:
+    a measured child's data facts); `options`: how each side was set up (ours_options, theirs_options)."""
+    data = (f"store {a.store}: held out whole folders (patients) in a seeded order: {info['split']}" if a.store
+            else f"synthetic: {N_ATOMS} random unit directions, {ACTIVE} active per token (Zipf-like frequency, "
+                 f"exponential x lognormal coefficients, non-negative) + N(0, {NOISE}^2) noise")
+    return {"arch": a.arch, "d_in": a.d, "n_latents": a.n_latents, "expansion": a.expansion, "k": a.k,
+            "batch_size": a.batch, "optimizer": optimizer, "lr": a.lr, "lr_schedule": "constant",
+            "epochs": a.epochs, "train_tokens": a.tokens, "tokens_trained": a.epochs * a.tokens,
+            "steps": a.epochs * info["steps_per_epoch"], "heldout_tokens": info["heldout_tokens"],
+            "dtype": "float32", "device": "cpu", "torch_threads": a.threads, "seed": a.seed, "quick": a.quick,
+            "data": data, "timing": TIMING.format(repeats=a.repeats, e1=a.epochs, e2=2 * a.epochs), **options}
+
+
 TIMING = ("wall-clock, every measured run in its own process (started by the parent; data made and one untimed "
           "warm-up step there first); best of {repeats} per side and length in ABBA order, at {e1} and {e2} epochs; "
           "tokens/s includes model construction and each side's own init; start-up removed = "
@@ -388,7 +418,7 @@ def main() -> None:
     runs, dense = measured["runs"], measured["dense"]
     sides = {name: side_summary(runs[name], a, dense) for name in ("ours", "theirs")}
 
-    x_train, x_test, split = load_split(a)  # the untimed run with our default schedule
+    x_train, x_test, _ = load_split(a)  # the untimed run with our default schedule
     model, _ = train_ours(make_batches(x_train, a.batch), a.epochs, a, default_schedule=True)
     ev = evaluate(model.encode, model.decode, x_test, a.n_latents)
     print(f"ours_defaults: {ev}", flush=True)
@@ -412,30 +442,20 @@ def main() -> None:
                   if faster and fvu_ok and l0_ok and defaults_ok
                   else "Claim does NOT hold on this run."))
 
-    steps_per_epoch = runs["ours"]["data"]["steps_per_epoch"]
     result = {
         "what": f"{a.arch} SAE training, cytosae vs overcomplete, same {'real tokens of ' + str(a.store) if a.store else 'synthetic'} "
                 f"data/order/settings, each measured run in its own process",
         "library": {"name": "overcomplete", "version": metadata.version("overcomplete")},
         "cytosae_version": metadata.version("cytosae"),
         "torch": torch.__version__,
-        "settings": {"arch": a.arch, "d_in": a.d, "n_latents": a.n_latents, "expansion": a.expansion, "k": a.k,
-                     "batch_size": a.batch, "optimizer": "Adam", "lr": a.lr, "lr_schedule": "constant",
-                     "epochs": a.epochs, "train_tokens": a.tokens, "tokens_trained": a.epochs * a.tokens,
-                     "steps": a.epochs * steps_per_epoch, "heldout_tokens": x_test.shape[0], "dtype": "float32",
-                     "device": "cpu", "torch_threads": a.threads, "seed": a.seed, "quick": a.quick,
-                     "timing": TIMING.format(repeats=a.repeats, e1=a.epochs, e2=2 * a.epochs),
-                     "data": f"store {a.store}: held out whole folders (patients) in a seeded order: {split}"
-                             if a.store else
-                             f"{N_ATOMS} random unit directions, {ACTIVE} active per token (Zipf-like frequency, "
-                             f"exponential x lognormal coefficients, non-negative) + N(0, {NOISE}^2) noise",
-                     "ours_options": f"train_sae(arch='{a.arch}', lr_warmup_steps=0); defaults otherwise "
-                                     "(sparse_kernels=True, normalize_inputs, geometric-median b_dec, AuxK after "
-                                     "10M dead tokens, so inactive in this run)",
-                     "theirs_options": ("TopKSAE" if a.arch == "topk" else f"BatchTopKSAE(top_k=k x batch = "
-                                        f"{a.k * a.batch}, running threshold at evaluation)")
-                                       + " default encoder (Linear+ReLU), train_sae with "
-                                       "MSE criterion (README), clip_grad=1.0 (default), monitoring=0"},
+        "settings": run_settings(a, runs["ours"]["data"], "Adam",
+                                 ours_options=f"train_sae(arch='{a.arch}', lr_warmup_steps=0); defaults otherwise "
+                                              "(sparse_kernels=True, normalize_inputs, geometric-median b_dec, "
+                                              "AuxK after 10M dead tokens, so inactive in this run)",
+                                 theirs_options=("TopKSAE" if a.arch == "topk" else f"BatchTopKSAE(top_k=k x batch "
+                                                 f"= {a.k * a.batch}, running threshold at evaluation)")
+                                 + " default encoder (Linear+ReLU), train_sae with MSE criterion (README), "
+                                 "clip_grad=1.0 (default), monitoring=0"),
         "dense_encoder_product": dense,
         "ours": ours,
         "ours_defaults": sides["ours_defaults"],

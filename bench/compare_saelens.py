@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_result  # noqa: E402
-from compare import (ACTIVE, N_ATOMS, NOISE, REPO, TIMING, add_shared_args, evaluate, finish_args,  # noqa: E402
-                     measure, side_summary, speed_sentence, train_ours)  # noqa: E402
+from compare import (REPO, add_shared_args, evaluate, finish_args, measure, peer_verdict, run_settings,  # noqa: E402
+                     side_summary, train_ours)  # noqa: E402
 
 
 def import_saelens():
@@ -106,21 +106,7 @@ def main() -> None:
         return
     runs, dense = measured["runs"], measured["dense"]
     ours, theirs = (side_summary(runs[name], a, dense) for name in ("ours", "theirs"))
-    info = runs["ours"]["data"]
-    speed = ours["tokens_per_second"] / theirs["tokens_per_second"]
-    fvu_ok = ours["fvu"] <= theirs["fvu"] + 0.005
-    l0_ok = ours["l0"] <= theirs["l0"] + 0.5
-    verdict = (f"ours is {speed:.2f}x {'faster' if speed > 1 else 'as fast or slower'} than SAELens "
-               f"({ours['tokens_per_second']:.0f} vs {theirs['tokens_per_second']:.0f} tokens/s); "
-               f"held-out FVU {ours['fvu']:.4f} vs {theirs['fvu']:.4f} "
-               f"({'equal or better' if fvu_ok else 'WORSE'} within 0.005); "
-               f"L0 {ours['l0']:.2f} vs {theirs['l0']:.2f} ({'ok' if l0_ok else 'HIGHER'} at <= theirs + 0.5). "
-               + speed_sentence(ours, theirs, dense)
-               + ("Claim holds: ours is faster at equal-or-better FVU and L0." if speed > 1 and fvu_ok and l0_ok
-                  else "Claim does NOT hold on this run."))
-    data = (f"store {a.store}: held out whole folders (patients) in a seeded order: {info['split']}" if a.store
-            else f"synthetic: {N_ATOMS} random unit directions, {ACTIVE} active per token (Zipf-like frequency, "
-                 f"exponential x lognormal coefficients, non-negative) + N(0, {NOISE}^2) noise")
+    verdict, speed = peer_verdict(ours, theirs, dense, "SAELens")
     theirs_sae = "TopKTrainingSAE" if a.arch == "topk" else "BatchTopKTrainingSAE"
     result = {
         "what": f"{a.arch} SAE training throughput (tokens/s) and held-out FVU at equal L0, cytosae vs SAELens, "
@@ -128,18 +114,12 @@ def main() -> None:
         "library": {"name": "sae-lens", "version": metadata.version("sae-lens")},
         "cytosae_version": metadata.version("cytosae"),
         "torch": torch.__version__,
-        "settings": {"arch": a.arch, "d_in": a.d, "n_latents": a.n_latents, "expansion": a.expansion, "k": a.k,
-                     "batch_size": a.batch, "optimizer": "Adam (torch)", "lr": a.lr, "lr_schedule": "constant",
-                     "epochs": a.epochs, "train_tokens": a.tokens, "tokens_trained": a.epochs * a.tokens,
-                     "steps": a.epochs * info["steps_per_epoch"], "heldout_tokens": info["heldout_tokens"],
-                     "dtype": "float32", "device": "cpu", "torch_threads": a.threads, "seed": a.seed,
-                     "quick": a.quick, "data": data,
-                     "timing": TIMING.format(repeats=a.repeats, e1=a.epochs, e2=2 * a.epochs),
-                     "ours_options": f"train_sae(arch='{a.arch}', lr_warmup_steps=0); defaults otherwise",
-                     "theirs_options": f"sae_lens.{theirs_sae}(config defaults, k={a.k}) trained by "
-                                       "sae_lens.SAETrainer(SAETrainerConfig(lr, constant scheduler, no warm-up, "
-                                       "wandb off)) on the same batches as its data provider; evaluated as the "
-                                       "inference SAE save_inference_model writes"},
+        "settings": run_settings(a, runs["ours"]["data"], "Adam (torch)",
+                                 ours_options=f"train_sae(arch='{a.arch}', lr_warmup_steps=0); defaults otherwise",
+                                 theirs_options=f"sae_lens.{theirs_sae}(config defaults, k={a.k}) trained by "
+                                                "sae_lens.SAETrainer(SAETrainerConfig(lr, constant scheduler, no "
+                                                "warm-up, wandb off)) on the same batches as its data provider; "
+                                                "evaluated as the inference SAE save_inference_model writes"),
         "dense_encoder_product": dense,
         "ours": ours,
         "theirs": theirs,

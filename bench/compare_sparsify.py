@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import (ACTIVE, N_ATOMS, NOISE, REPO, TIMING, add_shared_args, evaluate, finish_args, load_split,  # noqa: E402
-                     loadavg, make_batches, measure, side_summary, speed_sentence, train_ours)  # noqa: E402
+from compare import (REPO, add_shared_args, evaluate, finish_args, load_split, loadavg, make_batches,  # noqa: E402
+                     measure, peer_verdict, run_settings, side_summary, train_ours)  # noqa: E402
 
 
 def import_sparsify():
@@ -146,24 +146,8 @@ def main() -> None:
 
 def write_result(a, runs: dict, dense: dict, diag) -> None:
     sides = {name: side_summary(runs[name], a, dense) for name in ("ours", "theirs")}
-    data_info = runs["ours"]["data"]
-    split, n_test, n_batches = data_info["split"], data_info["heldout_tokens"], data_info["steps_per_epoch"]
-    n_train_tokens = a.epochs * a.tokens
     ours, theirs = sides["ours"], sides["theirs"]
-    speed = ours["tokens_per_second"] / theirs["tokens_per_second"]
-    fvu_ok = ours["fvu"] <= theirs["fvu"] + 0.005
-    l0_ok = ours["l0"] <= theirs["l0"] + 0.5
-    verdict = (f"ours is {speed:.2f}x {'faster' if speed > 1 else 'as fast or slower'} than sparsify "
-               f"({ours['tokens_per_second']:.0f} vs {theirs['tokens_per_second']:.0f} tokens/s); "
-               f"held-out FVU {ours['fvu']:.4f} vs {theirs['fvu']:.4f} "
-               f"({'equal or better' if fvu_ok else 'WORSE'} within 0.005); "
-               f"L0 {ours['l0']:.2f} vs {theirs['l0']:.2f} ({'ok' if l0_ok else 'HIGHER'} at <= theirs + 0.5). "
-               + speed_sentence(ours, theirs, dense)
-               + ("Claim holds: ours is faster at equal-or-better FVU and L0." if speed > 1 and fvu_ok and l0_ok
-                  else "Claim does NOT hold on this run."))
-    data = (f"store {a.store}: held out whole folders (patients) in a seeded order: {split}" if a.store else
-            f"synthetic: {N_ATOMS} random unit directions, {ACTIVE} active per token (Zipf-like frequency, "
-            f"exponential x lognormal coefficients, non-negative) + N(0, {NOISE}^2) noise")
+    verdict, speed = peer_verdict(ours, theirs, dense, "sparsify")
     result = {
         "what": "TopK SAE training throughput (tokens/s) and held-out FVU at equal L0, cytosae vs EleutherAI "
                 f"sparsify, same {'real' if a.store else 'synthetic'} tokens/order/settings, one process per run, CPU",
@@ -172,17 +156,13 @@ def write_result(a, runs: dict, dense: dict, diag) -> None:
                                f"{os.environ.get('SPARSIFY_DISABLE_TRITON')})"},
         "cytosae_version": metadata.version("cytosae"),
         "torch": torch.__version__,
-        "settings": {"arch": "topk", "d_in": a.d, "n_latents": a.n_latents, "expansion": a.expansion, "k": a.k,
-                     "batch_size": a.batch, "optimizer": "Adam (torch)", "lr": a.lr, "lr_schedule": "constant",
-                     "epochs": a.epochs, "train_tokens": a.tokens, "tokens_trained": n_train_tokens,
-                     "steps": a.epochs * n_batches, "heldout_tokens": n_test, "dtype": "float32",
-                     "device": "cpu", "torch_threads": a.threads, "seed": a.seed, "quick": a.quick, "data": data,
-                     "timing": TIMING.format(repeats=a.repeats, e1=a.epochs, e2=2 * a.epochs),
-                     "ours_options": "train_sae(arch='topk', lr_warmup_steps=0); defaults otherwise",
-                     "theirs_options": "SparseCoder(SaeConfig(activation='topk', k, num_latents, "
-                                       "normalize_decoder=True)), its Trainer's fvu step replayed in a plain "
-                                       "loop (b_dec = first batch mean, unit-norm decoder each step, loss = fvu, "
-                                       "auxk_alpha 0, parallel-gradient removal), torch Adam constant lr"},
+        "settings": run_settings(a, runs["ours"]["data"], "Adam (torch)",
+                                 ours_options="train_sae(arch='topk', lr_warmup_steps=0); defaults otherwise",
+                                 theirs_options="SparseCoder(SaeConfig(activation='topk', k, num_latents, "
+                                                "normalize_decoder=True)), its Trainer's fvu step replayed in a "
+                                                "plain loop (b_dec = first batch mean, unit-norm decoder each step, "
+                                                "loss = fvu, auxk_alpha 0, parallel-gradient removal), torch Adam "
+                                                "constant lr"),
         "dense_encoder_product": dense,
         "ours": ours,
         "theirs": theirs,
