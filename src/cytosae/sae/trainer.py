@@ -62,13 +62,6 @@ def lr_factor(step: int, total_steps: int, warmup: int, decay: int) -> float:
     return f
 
 
-def _like(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """A saved optimiser tensor restored on p's device, in p's memory layout where it has p's shape."""
-    if tuple(v.shape) == tuple(p.shape):
-        return torch.empty_like(p).copy_(v)
-    return v.clone().to(p.device)
-
-
 def _with_encoder_transposed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A training state written before the encoder was stored as its transpose (model.W_enc, adam.W_enc.*) in
     today's names (model.W_enc_T, adam.W_enc_T.*), so that such a run resumes."""
@@ -169,8 +162,8 @@ class Trainer:
         self.sae.load_state_dict(model)
         for name, p in self.sae.named_parameters():
             st = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"adam.{name}.")}
-            if st:  # fused Adam keeps its step counter on the parameter's device, its moments in its layout
-                self.opt.state[p] = {k: _like(p, v) for k, v in st.items()}
+            if st:  # fused Adam keeps its step counter on the parameter's device
+                self.opt.state[p] = {k: v.clone().to(p.device) for k, v in st.items()}
         torch.set_rng_state(tensors["rng.torch"])
         self.since_fired = tensors["counters.since_fired"].clone().to(self.device)
         self._since_fired_bound = int(self.since_fired.max())

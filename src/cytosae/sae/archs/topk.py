@@ -38,15 +38,19 @@ class TopKSAE(SAE):
     def _init_encoder(self, w_dec: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return w_dec.t() * self.cfg.encoder_init_scale  # Gao et al.: the decoder transpose, optionally scaled
 
-    def _activate(self, pre: torch.Tensor) -> torch.Tensor:
+    def _pairs(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, latent indices) each token keeps: its k largest pre-activations, rectified."""
         vals, idx = pre.topk(self.cfg.k, dim=1)
-        return torch.zeros_like(pre).scatter_(1, idx, F.relu(vals))
+        return F.relu(vals), idx
+
+    def _activate(self, pre: torch.Tensor) -> torch.Tensor:
+        vals, idx = self._pairs(pre)
+        return torch.zeros_like(pre).scatter_(1, idx, vals)
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One top-k of the pre-activations, no dense scatter: encode() is these pairs written into zeros."""
         self._check_input(x)
-        vals, idx = self._pre(x.float() * self.input_scale).topk(self.cfg.k, dim=1)
-        return F.relu(vals), idx
+        return self._pairs(self._pre(x.float() * self.input_scale))
 
     def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, cols) of the kept (token, latent) pairs, rows ascending."""
