@@ -18,8 +18,6 @@ from cytosae.explorer import build_report, create_app
 from cytosae.explorer.report import canonical_url, fnv1a
 from cytosae.notebook import open_run
 from cytosae.run import Run
-from cytosae.steps.analysis import run_stats
-from cytosae.steps.config import StatsSettings
 from cytosae.study import run_study
 
 STUDY = """[run]
@@ -45,6 +43,7 @@ max_clusters = 8
 
 [stats]
 galleries = 0
+every_sae = false
 """
 CHROMIUM = Path("/usr/bin/chromium")
 NAMES = ["k4-x2", "k2-x2", "k1-x2"]  # the primary (sae/), one with its own stats, one without
@@ -52,18 +51,20 @@ NAMES = ["k4-x2", "k2-x2", "k1-x2"]  # the primary (sae/), one with its own stat
 
 @pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory):
-    """A 3-SAE sweep made by `cytosae run` on the synthetic sample; k2-x2's stats written by `cytosae stats` into
-    the folder the run layout gives it (a study computes stats for its primary SAE only)."""
+    """A 3-SAE sweep made by `cytosae run` on the synthetic sample, stats for its primary SAE only
+    (`every_sae = false`); k2-x2's written by `cytosae stats --run RUN --sae k2-x2` into its own folder."""
     from cytosae.data.synthetic import make_sample
 
     root = tmp_path_factory.mktemp("sweep_explorer")
     make_sample(root / "data", seed=0, n_patients=4, cells_per_patient=3)
     (root / "study.toml").write_text(STUDY)
     status = run_study(str(root / "study.toml"), say=lambda s: None)
-    assert set(status.values()) == {"done"} and "stats" in status
-    member = Run.open(root / "run").for_sae("k2-x2")
-    run_stats(StatsSettings(sae_dir=member.sae_dir, stores=[member.store_dir("sample")], out=member.stats_dir,
-                            galleries=0))
+    assert set(status.values()) == {"done"} and "stats" in status and "stats:k2-x2" not in status
+    r = CliRunner().invoke(cli, ["stats", "--run", str(root / "run"), "--sae", "k2-x2", "--galleries", "0",
+                                 "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert f"tables and figures -> {root / 'run' / 'saes' / 'k2-x2' / 'stats'}" in r.output
+    assert "stats:k2-x2" in Run.open(root / "run").steps  # recorded apart from the primary's stats step
     return root / "run"
 
 
@@ -129,7 +130,7 @@ def test_the_default_is_the_runs_own_sae_and_the_page_says_it_is_one_of_a_sweep(
 def test_a_sweep_sae_without_stats_says_so_instead_of_showing_the_primarys(sweep_run):
     c = _client(sweep_run, "k1-x2")
     shown = c.get("/api/run").json()["shown_sae"]
-    write = "cytosae stats RUN/saes/k1-x2 RUN/stores/sample --out RUN/saes/k1-x2/stats"
+    write = "cytosae stats --run RUN --sae k1-x2"
     assert not shown["stats"] and shown["note"] == (
         f"saes/k1-x2/stats/latents.parquet is missing: write it with `{write}` (RUN = this run directory)")
     r = c.get("/api/latents", params={"dataset": "sample"})

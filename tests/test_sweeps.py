@@ -112,10 +112,12 @@ def test_a_sweep_trains_evaluates_and_compares_each_combination_and_resumes(samp
 
 def test_a_layer_sweep_extracts_the_other_layer_outside_the_runs_datasets(sample, tmp_path):
     shutil.copytree(sample / "data", tmp_path / "data")
-    study = _study(tmp_path, sae="k = 4", align=None, backbone='name = "dinobloom-s"\nbatch_size = 8\nlayer = [-2, -4]')
+    study = _study(tmp_path, sae="k = 4", align=None, backbone='name = "dinobloom-s"\nbatch_size = 8\nlayer = [-2, -4]',
+                   stats="galleries = 0\ndevice = \"cpu\"")
     status = run_study(study, say=lambda s: None)
     assert status == dict.fromkeys(["extract:sample", "train", "evaluate", "extract-layer:sample:-4",
-                                    "train:L-4-k4-x2", "evaluate:L-4-k4-x2", "sweep"], "done")
+                                    "train:L-4-k4-x2", "evaluate:L-4-k4-x2", "sweep", "stats", "stats:L-4-k4-x2"],
+                                   "done")
     run_dir, run = tmp_path / "run", Run.open(tmp_path / "run")
     layer_store = run_dir / "layers" / "L-4" / "sample"
     assert json.loads((layer_store / "manifest.json").read_text())["settings"]["layer"] == -4
@@ -137,6 +139,15 @@ def test_a_layer_sweep_extracts_the_other_layer_outside_the_runs_datasets(sample
     assert shown.store_dir("sample") == layer_store.resolve() and shown.backbone_spec()["layer"] == -4
     assert shown.shown_sae()["layer"] == -4 and shown.sae_dir == run_dir / "saes" / "L-4-k4-x2"
     assert shown.store("sample").meta["settings"]["layer"] == -4
+    # every SAE of the sweep gets its own stats (every_sae, the default), on the tokens of its own block
+    from cytosae.analysis.stats import LATENTS, read_stats_table
+    from cytosae.steps import StatsSettings, run_stats
+
+    own = read_stats_table(run_dir / "saes" / "L-4-k4-x2" / "stats", LATENTS)
+    run_stats(StatsSettings(sae_dir=run_dir / "saes" / "L-4-k4-x2", stores=[layer_store], out=tmp_path / "direct",
+                            galleries=0, device="cpu"))
+    assert own.equals(read_stats_table(tmp_path / "direct", LATENTS))
+    assert not own.equals(read_stats_table(run_dir / "stats", LATENTS))
     primary = RunDir(run_dir)
     assert primary.store_dir("sample") == (run_dir / "stores" / "sample").resolve()
     assert primary.backbone_spec()["layer"] == -2 and primary.shown_sae()["name"] == "L-2-k4-x2"
@@ -207,3 +218,30 @@ def test_pareto_front_keeps_the_undominated_and_skips_missing_values():
     assert pareto_front(l0, fvu) == [True, True, True, False, False]
     ap = [0.5, 0.7, 0.6, 0.7, None]  # higher is better: (8, 0.6) is beaten by (4, 0.7); equal points both stay
     assert pareto_front(l0, ap, maximize_y=True) == [True, True, False, True, False]
+
+
+def test_stats_run_for_every_sweep_sae_unless_every_sae_is_false(tmp_path):
+    steps = {s.name: s for s in plan(load_study(_study(tmp_path, stats="galleries = 0")))}
+    assert [n for n in steps if n.startswith("stats")] == ["stats", "stats:k2-x2"]
+    member = steps["stats:k2-x2"]
+    assert member.settings.sae_name == "k2-x2" and member.argv[:4] == ["stats", "--run", str(tmp_path / "run"), "--sae"]
+    assert "sweep" in member.needs and "train:k2-x2" in member.needs
+    assert steps["stats"].settings.sae_name is None
+    only = plan(load_study(_study(tmp_path, stats="every_sae = false")))
+    assert [s.name for s in only if s.name.startswith("stats")] == ["stats"]
+    with pytest.raises(StudyError, match=r"\[stats\]: sae_name cannot be set in a study"):
+        plan(load_study(_study(tmp_path, stats='sae_name = "k2-x2"')))
+    with pytest.raises(StudyError, match=r"\[stats\]: every_sae should be true or false, got 'no'"):
+        plan(load_study(_study(tmp_path, stats='every_sae = "no"')))
+
+
+def test_sae_name_needs_a_run_and_a_name_of_its_sweep(tmp_path):
+    r = CliRunner().invoke(app, ["stats", "sae", "store", "--out", str(tmp_path), "--sae", "k2-x2"])
+    assert r.exit_code == 2 and "--sae k2-x2 names an SAE of a run's sweep: give --run RUN too" in r.output
+    run_dir = tmp_path / "run"
+    Run.open(run_dir, create=True).set_sweep("k4-x2", {"k4-x2": {"dir": "sae", "store": "stores/sample",
+                                                                 "settings": {"k": 4}}})
+    for command in ("stats", "patients", "align", "describe", "evaluate"):
+        r = CliRunner().invoke(app, [command, "--run", str(run_dir), "--sae", "k9-x2"])
+        assert r.exit_code == 2 and "no SAE named 'k9-x2' in this run (its sweep has ['k4-x2'])" in r.output, command
+        assert "Traceback" not in r.output

@@ -56,6 +56,10 @@ ALLOW_UNFINISHED = typer.Option(False, "--allow-unfinished",
                                 help="Use an SAE whose training has not finished (saved at an intermediate checkpoint).")
 
 
+SWEEP_SAE = typer.Option(None, "--sae", help="With --run: which SAE of the run's sweep to analyse (a name in "
+                        "RUN/quality/sweep.json); its inputs and outputs default to its own folders, RUN/saes/NAME/... "
+                        "(default: the run's own SAE, at sae/).")
+
 RUN_HELP = "Run directory (docs/run-layout.md): inputs and outputs default to their places in it, and the step is " \
            "recorded in its run.json."
 
@@ -229,6 +233,7 @@ def evaluate(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="With --run: the dataset to measure on (default: the "
                                                                   "one the SAE was trained on, else the only one)."),
     max_images: Optional[int] = typer.Option(None, help="Only the first N images of the store."),
+    sae_name: Optional[str] = SWEEP_SAE,
     allow_unfinished: bool = ALLOW_UNFINISHED,
     device: str = typer.Option("auto", help="auto (CUDA when available) | cpu | cuda | cuda:N."),
     spliced: bool = typer.Option(False, "--spliced", help="Also splice the SAE into the backbone: its reconstruction "
@@ -275,6 +280,7 @@ def stats(
     galleries: int = typer.Option(12, help="Gallery PNGs (top images with overlays) for this many label-specific latents."),
     factors: Optional[str] = typer.Option(None, help="Manifest columns of known per-cell factors (comma-separated): "
                                                      "write the purity of each value's best latent to factor_purity.csv."),
+    sae_name: Optional[str] = SWEEP_SAE,
     allow_unfinished: bool = ALLOW_UNFINISHED,
     device: str = typer.Option("auto", help="auto (the GPU when there is one) | cpu | cuda | cuda:N: where tokens are encoded."),
     labels: Optional[str] = typer.Option(None, help="Multi-label targets: comma list of 0/1 manifest columns (one per "
@@ -300,6 +306,7 @@ def patients(
     token_policy: str = typer.Option("cls", help="cls | any_patch | mean: which tokens decide a cell's activation."),
     target: str = typer.Option("diagnosis", help="Patient column that defines the groups compared."),
     examples: int = typer.Option(5, help="Per comparison, draw example cells with overlays for this many enriched latents."),
+    sae_name: Optional[str] = SWEEP_SAE,
     allow_unfinished: bool = ALLOW_UNFINISHED,
     device: str = typer.Option("auto", help="auto (the GPU when there is one) | cpu | cuda | cuda:N: where tokens are encoded."),
 ) -> None:
@@ -324,6 +331,7 @@ def align(
     max_clusters: int = typer.Option(512, help="Most k-means centroids (n_latents, capped here)."),
     fit_tokens: int = typer.Option(20_000, help="Tokens PCA and k-means are fitted on."),
     max_cells: int = typer.Option(500_000_000, help="Most images x scores kept in memory (exact AP/AUROC)."),
+    sae_name: Optional[str] = SWEEP_SAE,
     allow_unfinished: bool = ALLOW_UNFINISHED,
     device: str = typer.Option("auto", help="auto (the GPU when there is one) | cpu | cuda | cuda:N: where tokens are encoded."),
 ) -> None:
@@ -363,6 +371,7 @@ def describe(
     label_column: str = typer.Option("label", help="Manifest column holding each cell's class."),
     max_nonzeros: int = typer.Option(200_000_000, help="Most non-zero image-level activations kept in memory (for "
                                                        "the exact AP of each latent's best class)."),
+    sae_name: Optional[str] = SWEEP_SAE,
     allow_unfinished: bool = ALLOW_UNFINISHED,
     device: str = typer.Option("auto", help="auto (the GPU when there is one) | cpu | cuda | cuda:N: where tokens are encoded."),
 ) -> None:

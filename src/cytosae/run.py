@@ -326,7 +326,7 @@ class Run:
 
     def external_patients_dir(self, dataset: str) -> Path:
         """Barcodes of a second cohort, used as the external test set of `classify`."""
-        return self.path / EXTERNAL / check_name(dataset)
+        return self._analyses_root / EXTERNAL / check_name(dataset)
 
     @property
     def datasets(self) -> dict[str, dict]:
@@ -339,6 +339,12 @@ class Run:
         if entry is None:
             return self.path / STORES / check_name(dataset)
         return self.path / entry.get("store", f"{STORES}/{dataset}")
+
+    def sae_stores(self) -> list[Path]:
+        """The stores the SAE this Run shows can be analysed on: every dataset's; for another layer of a layer
+        sweep, those extracted at its layer (only the dataset it was trained on)."""
+        stores = [self.store_dir(n) for n in self.datasets]
+        return stores if self.sae_layer is None else [p for p in stores if p.is_dir()]
 
     def dataset(self, name: str | None) -> str:
         """`name`, checked; or the run's only dataset when `name` is None."""
@@ -424,6 +430,11 @@ class Run:
         with self._locked() as meta:
             for s in steps:
                 meta.get("steps", {}).pop(s, None)
+
+    def training_settings(self) -> dict:
+        """The settings the SAE this Run shows was trained with (its `train` or `train:NAME` step; {} if none)."""
+        step = "train" if self.sae_name is None else f"train:{self.sae_name}"
+        return dict((self.steps.get(step) or {}).get("settings") or {})
 
     @property
     def steps(self) -> dict[str, dict]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from cytosae.run import Run, check_name
+from cytosae.run import STATS, Run, check_name
 from cytosae.steps import (AlignSettings, ClassifySettings, DescribeSettings, EvaluateSettings, ExtractSettings,
                            PatientsSettings, StatsSettings, StepError, StepSettings, TrainSettings, build, run_align,
                            run_classify, run_describe, run_evaluate, run_extract, run_patients, run_stats, run_train)
@@ -121,13 +121,14 @@ def _resolve_datasets(study: dict, path: Path, base: Path) -> None:
 
 # Settings a study does not take: a study step's inputs and outputs are the run's.
 _PLACED = {ExtractSettings: {"out", "name"}, TrainSettings: {"store", "out"},
-           EvaluateSettings: {"sae_dir", "store", "out"}, AlignSettings: {"sae_dir", "store", "out"},
-           StatsSettings: {"sae_dir", "stores", "out"},
-           PatientsSettings: {"sae_dir", "store", "out", "external"},
+           EvaluateSettings: {"sae_dir", "store", "out", "sae_name"},
+           AlignSettings: {"sae_dir", "store", "out", "sae_name"},
+           StatsSettings: {"sae_dir", "stores", "out", "sae_name"},
+           PatientsSettings: {"sae_dir", "store", "out", "external", "sae_name"},
            ClassifySettings: {"barcodes", "out", "store", "sae", "external", "external_store"},
-           DescribeSettings: {"sae_dir", "stores", "out", "stats", "patients"}}
+           DescribeSettings: {"sae_dir", "stores", "out", "stats", "patients", "sae_name"}}
 # Keys of the study's own (not step settings): which steps run and on which datasets.
-_OWN = {"sae": {"primary"}, "evaluate": {"enabled"}, "align": {"enabled"}, "stats": {"enabled"},
+_OWN = {"sae": {"primary"}, "evaluate": {"enabled"}, "align": {"enabled"}, "stats": {"enabled", "every_sae"},
         "patients": {"external"}, "classify": {"external"},
         "describe": {"enabled"}}
 
@@ -201,11 +202,7 @@ def plan(study: dict) -> list[Step]:
         steps += _sae_steps(study, run, f, train_on, name, section, store)
     if combos:
         steps.append(_sweep_step(run, combos, [s.name for s in steps if s.kind in ("train", "evaluate", "align")]))
-    st = dict(study.get("stats") or {})
-    if _flag(st, "enabled", f"{f} [stats]"):
-        steps.append(Step("stats", ["stats", "--run", run] + _argv(st, {"enabled"}),
-                          _settings(StatsSettings, st, f"{f} [stats]", {"enabled"}),
-                          needs=["train", *[f"extract:{n}" for n in names]]))
+    steps += _stats_steps(study, run, f, [n for n, *_ in combos[1:]])
     if "patients" in study:
         steps += _patient_steps(study, run, f)
     elif "classify" in study:
@@ -213,6 +210,23 @@ def plan(study: dict) -> list[Step]:
     if "describe" in study:
         steps += _describe_step(study, run, f, steps)
     return _keyed(steps, study["_base"])
+
+
+def _stats_steps(study: dict, run: str, f: str, sweep_saes: list[str]) -> list[Step]:
+    """[stats] for the run's SAE and, with `every_sae = true` (the default), for every other SAE of a sweep into
+    its own folder (`stats:NAME`, after the sweep has recorded where each SAE lives), so that the explorer can
+    show any of them."""
+    st, where = dict(study.get("stats") or {}), f"{f} [stats]"
+    if not _flag(st, "enabled", where):
+        return []
+    own, datasets = _OWN["stats"], [f"extract:{n}" for n in study["datasets"]]
+    steps = [Step("stats", ["stats", "--run", run] + _argv(st, own), _settings(StatsSettings, st, where, own),
+                  needs=["train", *datasets])]
+    if _flag(st, "every_sae", where):
+        steps += [Step(f"stats:{name}", ["stats", "--run", run, "--sae", name] + _argv(st, own),
+                       _settings(StatsSettings, st, where, own, fixed={"sae_name": name}),
+                       needs=["sweep", f"train:{name}", *datasets]) for name in sweep_saes]
+    return steps
 
 
 def _describe_step(study: dict, run: str, f: str, planned: list[Step]) -> list[Step]:
@@ -438,7 +452,7 @@ def outputs(run: Run, step: str) -> list[Path]:
             "extract-layer": lambda: [run.layer_store_dir(*_dataset_layer(name))], "train": lambda: [sae()],
             "evaluate": lambda: [sae() / EVAL],
             "align": lambda: [run.sae_quality_dir(name or None) / f for f in _align_files()],
-            "sweep": lambda: [run.quality_dir / f for f in SWEEP_FILES], "stats": lambda: [run.stats_dir],
+            "sweep": lambda: [run.quality_dir / f for f in SWEEP_FILES], "stats": lambda: [run.sweep_sae_dir(name) / STATS if name else run.stats_dir],
             "patients": lambda: [run.external_patients_dir(name) if name else run.patients_dir],
             "classify": lambda: [run.classify_dir], "describe": lambda: [run.concepts_dir]}[kind]()
 

@@ -41,9 +41,8 @@ def _own_reason(message: str, path: Path) -> str | None:
 
 ANALYSES = ("stats", "patients", "classify", "concepts", "quality")  # folders of one SAE's analyses (Run.analysis_dir)
 # what writes a sweep SAE's analysis (it is not the run's SAE, so `--run RUN` would write the run's own folder)
-_MEMBER_COMMANDS = {"stats": "stats {sae} {stores}", "patients": "patients {sae} {store}",
-                    "quality": "align {sae} {store}",
-                    "concepts": "describe {sae} {stores} --stats {sae}/stats", "eval": "evaluate {sae} {store}"}
+_MEMBER_COMMANDS = {"stats": "stats", "patients": "patients", "quality": "align", "concepts": "describe",
+                    "eval": "evaluate"}
 
 
 class RunDir:
@@ -140,12 +139,8 @@ class RunDir:
             return f"cytosae classify {sae}/patients --sae {sae} --out {sae}/classify"
         if part not in _MEMBER_COMMANDS:
             return f"cytosae run STUDY (the study that made this run; its train:{self.run.sae_name} step)"
-        stores = ["RUN/" + self.rel(self.store_dir(d)) for d in self.datasets]
-        command = "cytosae " + _MEMBER_COMMANDS[part].format(sae=sae, stores=" ".join(stores) or "STORE",
-                                                              store=(stores or ["STORE"])[0])
-        if part == "eval":  # --spliced writes eval.spliced.json beside the --out given
-            return command + f" --out {sae}/eval.json" + (" --spliced" if "spliced" in rest else "")
-        return command + f" --out {sae}/{part}"
+        command = f"cytosae {_MEMBER_COMMANDS[part]} --run RUN --sae {self.run.sae_name}"
+        return command + (" --spliced" if part == "eval" and "spliced" in rest else "")
 
     def damaged(self, path: Path, exc: BaseException) -> DamagedData:
         from cytosae.store.format import InvalidFile

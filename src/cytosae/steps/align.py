@@ -25,7 +25,7 @@ def _placed(cfg: AlignSettings, rd: Run | None) -> AlignSettings:
 
 def _training_seed(rd: Run | None) -> int:
     """The seed the run's SAE was trained (and so initialised) with, as run.json recorded it; 0 otherwise."""
-    seed = ((rd.steps.get("train") or {}).get("settings") or {}).get("seed") if rd is not None else None
+    seed = rd.training_settings().get("seed") if rd is not None else None
     return int(seed) if isinstance(seed, int) else 0
 
 
@@ -38,7 +38,7 @@ def run_align(cfg: AlignSettings, run: str | Path | Run | None = None, warn: War
     from cytosae.analysis.alignment import compute_alignment, write_alignment
 
     started = time.time()
-    rd = open_run(run)
+    rd = open_run(run, sae=cfg.sae_name)
     given, cfg = cfg, _placed(cfg, rd)
     seed = cfg.seed if cfg.seed is not None else _training_seed(rd)
     dev = device(cfg.device)

@@ -27,7 +27,7 @@ class AnalysisResult:
 def _placed_stats(cfg: StatsSettings, rd: Run | None) -> StatsSettings:
     if rd is not None:
         cfg = cfg.model_copy(update={"sae_dir": cfg.sae_dir or rd.sae_dir, "out": cfg.out or rd.stats_dir,
-                                     "stores": cfg.stores or [rd.store_dir(n) for n in rd.datasets]})
+                                     "stores": cfg.stores or rd.sae_stores()})
     need(cfg.sae_dir, "SAE_DIR", "use the run's SAE")
     need(cfg.stores or None, "STORES", "use every dataset of the run")
     need(cfg.out, "--out", "write to RUN/stats")
@@ -41,7 +41,7 @@ def run_stats(cfg: StatsSettings, run: str | Path | Run | None = None, warn: War
     from cytosae.analysis.stats import SUMMARY
 
     started = time.time()
-    rd = open_run(run)
+    rd = open_run(run, sae=cfg.sae_name)
     given, cfg = cfg, _placed_stats(cfg, rd)
     dev = device(cfg.device)
     sae = open_sae(cfg.sae_dir, cfg.allow_unfinished, warn).to(dev)
@@ -145,7 +145,7 @@ def run_patients(cfg: PatientsSettings, run: str | Path | Run | None = None, war
     from cytosae.analysis.patients import COMPARE
 
     started = time.time()
-    rd = open_run(run)
+    rd = open_run(run, sae=cfg.sae_name)
     given, cfg = cfg, _placed_patients(cfg, rd)
     dev = device(cfg.device)
     sae = open_sae(cfg.sae_dir, cfg.allow_unfinished, warn).to(dev)

@@ -30,11 +30,17 @@ def one_line(prefix: str = "") -> Iterator[None]:
         raise StepError(f"{prefix}{exc}") from None
 
 
-def open_run(run: str | Path | Run | None, create: bool = False) -> Run | None:
-    if run is None or isinstance(run, Run):
-        return run
+def open_run(run: str | Path | Run | None, create: bool = False, sae: str | None = None) -> Run | None:
+    """The run (None without one) as the step sees it: with `sae`, as that SAE of its sweep sees it (its own
+    SAE directory, analysis folders and, in a layer sweep, stores)."""
+    if run is None:
+        if sae is not None:
+            raise StepError(f"--sae {sae} names an SAE of a run's sweep: give --run RUN too (or SAE_DIR and --out "
+                            f"without --sae)")
+        return None
     with one_line():
-        return Run.open(run, create=create)
+        rd = run if isinstance(run, Run) else Run.open(run, create=create)
+        return rd.for_sae(sae) if sae is not None else rd
 
 
 def run_dataset(rd: Run, dataset: str | None) -> str:
@@ -115,6 +121,8 @@ def record(rd: Run | None, step: str, cfg: StepSettings, started: float, inputs:
         return
     settings = {**cfg.model_dump(mode="json"), **extra}
     command = f"cytosae {step.partition(':')[0]}"
+    if rd.sae_name is not None and not step.endswith(f":{rd.sae_name}"):  # a sweep SAE's own record (`stats:NAME`)
+        step = f"{step}:{rd.sae_name}"
     rd.record_step(step, command, settings, inputs=inputs, seconds=time.time() - started)
 
 

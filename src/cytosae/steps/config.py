@@ -120,7 +120,14 @@ class TrainSettings(StepSettings):
         return {name: getattr(self, name) for name in ("k", "l1_coeff") if name in own}
 
 
-class SaeOnStoreSettings(StepSettings):
+class OnRunSaeSettings(StepSettings):
+    """A step that analyses one SAE of a run: `sae_name` (`--sae NAME`) picks an SAE of the run's sweep, whose
+    inputs and outputs then default to its own folders (RUN/saes/NAME/stats, ...; `Run.for_sae`); None: the run's
+    own SAE at sae/."""
+    sae_name: Optional[str] = None
+
+
+class SaeOnStoreSettings(OnRunSaeSettings):
     """What every step that encodes one store with the run's SAE names: which SAE, which store (or --dataset of
     the run), where its output goes, whether an unfinished SAE may be used, and the device."""
     sae_dir: Optional[PathArg] = None
@@ -143,7 +150,7 @@ class EvaluateSettings(SaeOnStoreSettings):
         return self
 
 
-class StatsSettings(StepSettings):
+class StatsSettings(OnRunSaeSettings):
     sae_dir: Optional[PathArg] = None
     stores: Optional[list[PathArg]] = None
     out: Optional[PathArg] = None
@@ -203,7 +210,7 @@ class PatientsSettings(SaeOnStoreSettings):
     _policy = field_validator("token_policy")(_one_of(TOKEN_POLICIES, " | "))
 
 
-class DescribeSettings(StepSettings):
+class DescribeSettings(OnRunSaeSettings):
     sae_dir: Optional[PathArg] = None
     stores: Optional[list[PathArg]] = None
     stats: Optional[PathArg] = None  # the stats folder (top_images.parquet); with a run: RUN/stats when present

@@ -14,7 +14,7 @@ def _placed(cfg: DescribeSettings, rd: Run | None) -> DescribeSettings:
     if rd is not None:
         present = lambda p, f: p if (p / f).is_file() else None  # noqa: E731  (an optional input of the run)
         cfg = cfg.model_copy(update={"sae_dir": cfg.sae_dir or rd.sae_dir, "out": cfg.out or rd.concepts_dir,
-                                     "stores": cfg.stores or [rd.store_dir(n) for n in rd.datasets],
+                                     "stores": cfg.stores or rd.sae_stores(),
                                      "stats": cfg.stats or present(rd.stats_dir, "top_images.parquet"),
                                      "patients": cfg.patients or present(rd.patients_dir, "compare.parquet")})
     need(cfg.sae_dir, "SAE_DIR", "use the run's SAE")
@@ -43,7 +43,7 @@ def run_describe(cfg: DescribeSettings, run: str | Path | Run | None = None, war
     from cytosae.analysis.describe import describe_latents, write_descriptions
 
     started = time.time()
-    rd = open_run(run)
+    rd = open_run(run, sae=cfg.sae_name)
     given, cfg = cfg, _placed(cfg, rd)
     dev = device(cfg.device)
     sae = open_sae(cfg.sae_dir, cfg.allow_unfinished, warn).to(dev)

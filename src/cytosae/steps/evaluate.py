@@ -57,7 +57,7 @@ def spliced_path(out: Path) -> Path:
 
 def _placed(cfg: EvaluateSettings, rd: Run | None) -> EvaluateSettings:
     if rd is not None:
-        dataset = run_dataset(rd, cfg.dataset or rd.steps.get("train", {}).get("settings", {}).get("dataset"))
+        dataset = run_dataset(rd, cfg.dataset or rd.training_settings().get("dataset"))
         cfg = cfg.model_copy(update={"dataset": dataset, "sae_dir": cfg.sae_dir or rd.sae_dir,
                                      "store": cfg.store or rd.store_dir(dataset),
                                      "out": cfg.out or rd.sae_dir / EVAL})
@@ -74,7 +74,7 @@ def run_evaluate(cfg: EvaluateSettings, run: str | Path | Run | None = None, war
     from cytosae.store.format import atomic_write_json
 
     started = time.time()
-    rd = open_run(run)
+    rd = open_run(run, sae=cfg.sae_name)
     given, cfg = cfg, _placed(cfg, rd)
     dev = device(cfg.device)
     sae, st = open_sae(cfg.sae_dir, cfg.allow_unfinished, warn), open_store(cfg.store)
