@@ -17,6 +17,11 @@ Definitions (also written to descriptions.json, so every number says what it is)
   patches it fires on (each patch weighted by activation x that region's share of it, so the rest of the
   patch does not dilute it); patch_colour_*: the same of whole patches; colour_name: a coarse name of
   colour_* (colour_name: lightness, chroma and hue angle bins);
+- spots: pixels more than SPOT_DELTA_E CIELAB units from their local background (the per-channel median over
+  about 10 x 10 px): granules, inclusions, thin strands; spot_share: their share of the pixels of the patches it
+  fires on (activation-weighted), spot_enrichment: spot_share over the mean spot share of the images where it
+  fires, spot_L/a/b: their mean colour there; spot_colour_name names it (the text: "pink with orange spots")
+  only from SPOT_MIN_SHARE and SPOT_ENRICHMENT, i.e. where the latent sits on spots more than its cells have;
 - extent: per image where it fires (on at least one patch), the number of patches above half that image's
   maximum, averaged over those images (extent_patches); "one patch" below 1.5, "local (2-4 patches)" below
   4.5, "whole cell" from WHOLE_CELL_SHARE of the cell's patches (patches mostly not background, averaged the
@@ -60,9 +65,13 @@ BACKGROUND_ONLY = 0.9
 EDGE_RING = 0.6
 EVERYTHING = 0.9
 Q_SAID = 0.05  # the text names a patient group only below this q
+SPOT_DELTA_E = 30.0  # CIELAB distance from the local background that makes a pixel a spot
+SPOT_MIN_SHARE = 0.05
+SPOT_ENRICHMENT = 1.5
 THRESHOLDS = {"region_min_share": REGION_MIN_SHARE, "whole_cell_share": WHOLE_CELL_SHARE,
               "background_only": BACKGROUND_ONLY, "edge_ring": EDGE_RING, "fires_on_everything": EVERYTHING,
-              "extent_one_patch_below": 1.5, "extent_local_below": 4.5, "half_max": 0.5, "q_said": Q_SAID}
+              "extent_one_patch_below": 1.5, "extent_local_below": 4.5, "half_max": 0.5, "q_said": Q_SAID,
+              "spot_delta_e": SPOT_DELTA_E, "spot_min_share": SPOT_MIN_SHARE, "spot_enrichment": SPOT_ENRICHMENT}
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -97,6 +106,41 @@ def patch_colours(rgb: np.ndarray, labels: np.ndarray, grid: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def spot_pixels(rgb: np.ndarray) -> np.ndarray:
+    """bool (H, W): pixels that stand out from their surroundings (granules, inclusions, thin strands): more than
+    SPOT_DELTA_E CIELAB units from the local background, the per-channel median over about 10 x 10 px. The median
+    is taken at half resolution (2 x 2 means, a 5 x 5 window): the background is smooth, and the full-resolution
+    window costs four times as much; a straight edge between two flat areas is no spot (the median is its side)."""
+    from skimage.color import rgb2lab
+    from skimage.filters.rank import median
+
+    rgb = np.asarray(rgb, dtype=np.uint8)
+    h, w = rgb.shape[:2]
+    half = rgb if min(h, w) < 2 else \
+        rgb[:h // 2 * 2, :w // 2 * 2].reshape(h // 2, 2, w // 2, 2, 3).mean((1, 3)).round().astype(np.uint8)
+    window = np.ones((5, 5), bool)
+    local = np.stack([median(half[..., c], footprint=window) for c in range(3)], -1)
+    rows, cols = np.minimum(np.arange(h) // 2, local.shape[0] - 1), np.minimum(np.arange(w) // 2, local.shape[1] - 1)
+    background = local[rows][:, cols]
+    return np.linalg.norm(rgb2lab(rgb) - rgb2lab(background), axis=-1) > SPOT_DELTA_E
+
+
+def patch_spots(rgb: np.ndarray, grid: int, spots: np.ndarray | None = None) -> np.ndarray:
+    """float32 (grid * grid, 4): per patch, the share of its pixels that are spots (spot_pixels) and their mean
+    CIELAB colour (0 where it has none); patches in ViT order."""
+    from skimage.color import rgb2lab
+
+    spots = spot_pixels(rgb) if spots is None else spots
+    lab = rgb2lab(np.asarray(rgb)).reshape(-1, 3)
+    n, patch = grid * grid, _patch_index(*rgb.shape[:2], grid)
+    counts = np.bincount(patch, minlength=n)
+    key = patch[spots.ravel()]
+    found = np.bincount(key, minlength=n)
+    sums = np.stack([np.bincount(key, weights=lab[spots.ravel(), c], minlength=n) for c in range(3)], 1)
+    return np.concatenate([(found / np.maximum(counts, 1))[:, None], sums / np.maximum(found, 1)[:, None]],
+                          1).astype(np.float32)
+
+
 class ImageViews:
     """The image each stored token set came from, as the model saw it: region shares and colour per patch."""
 
@@ -106,8 +150,9 @@ class ImageViews:
         self.store, self.grid = store, grid
         self.preprocess = Preprocess.from_dict(store.meta["settings"]["preprocessing"])
 
-    def __call__(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """(region shares (P, 4), colours (P, 5, 3): per region and of the whole patch, patch_colours)."""
+    def __call__(self, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(region shares (P, 4), colours (P, 5, 3): per region and of the whole patch, patch_colours; spots
+        (P, 4): their share and colour, patch_spots)."""
         from cytosae.analysis.segment import patch_regions, segment_cell
         from cytosae.data import open_rgb
 
@@ -118,7 +163,7 @@ class ImageViews:
                                     f"needs the images the model saw: put them back there")
         rgb = np.asarray(self.preprocess.resize_image(open_rgb(path)), dtype=np.uint8)
         labels = segment_cell(rgb)
-        return patch_regions(labels, self.grid), patch_colours(rgb, labels, self.grid)
+        return patch_regions(labels, self.grid), patch_colours(rgb, labels, self.grid), patch_spots(rgb, self.grid)
 
 
 def edge_ring(grid: int) -> np.ndarray:
@@ -176,15 +221,20 @@ def _add_patches(tot: Totals, patch: torch.Tensor, img_max: torch.Tensor, fires:
         r = regions.shape[-1]
         # each region's colour weighted by its share of the patch: summed, then divided by the region's mass
         weighted = torch.cat([regions[..., None] * lab[:, :, :r], lab[:, :, r:]], 2).reshape(b, p, -1)
-        weights += [regions, weighted]
-    sums = torch.bmm(patch.transpose(1, 2), torch.cat(weights, 2)).sum(0)  # (n, 1 [+ 4 + 15])
+        spots = torch.as_tensor(np.stack([v[2] for v in views]), device=tot.device)  # (b, p, 4)
+        weights += [regions, weighted, spots[..., :1], spots[..., :1] * spots[..., 1:]]
+    sums = torch.bmm(patch.transpose(1, 2), torch.cat(weights, 2)).sum(0)  # (n, 1 [+ 4 + 15 + 1 + 3])
     tot.add("ring", sums[:, 0])
     if views is None:
         return
     tot.add("region", sums[:, 1:1 + r])
-    tot.add("lab", sums[:, 1 + r:])
+    end = 1 + r + 3 * (r + 1)
+    tot.add("lab", sums[:, 1 + r:end])
+    tot.add("spot", sums[:, end])
+    tot.add("spot_lab", sums[:, end + 1:])
     f = fires.T.float()  # (n, b): sums over the images where it fires
     tot.add("area", f @ regions.mean(1))
+    tot.add("spot_area", f @ spots[..., 0].mean(1))
     tot.add("cell", f @ (regions[..., 0] < 0.5).sum(1).float())
 
 
@@ -356,6 +406,7 @@ def where_facts(totals: list[Totals], n_latents: int) -> pd.DataFrame:
     colour[~has] = np.nan
     out["colour_L"], out["colour_a"], out["colour_b"] = colour[:, 0], colour[:, 1], colour[:, 2]
     out["colour_name"] = [colour_name(*c) for c in colour]
+    out.update(_spot_facts(measured, msum, mass, fire_measured, n_latents))
     whole = _ratio(lab[:, r], mass[:, None])
     out["patch_colour_L"], out["patch_colour_a"], out["patch_colour_b"] = whole[:, 0], whole[:, 1], whole[:, 2]
     out["extent_patches"] = _ratio(msum(gridded, "above"), fire_gridded)
@@ -363,6 +414,17 @@ def where_facts(totals: list[Totals], n_latents: int) -> pd.DataFrame:
     out["extent"] = [extent_word(p, c, r) for p, c, r in zip(out["extent_patches"], out["cell_patches"], out["region"])]
     out["share_edge_ring"] = _ratio(msum(gridded, "ring"), msum(gridded, "mass"))
     return pd.DataFrame(out)
+
+
+def _spot_facts(measured: list[Totals], msum, mass: np.ndarray, fires: np.ndarray, n_latents: int) -> dict:
+    """Spots under the latent: their activation-weighted share of its patches, that share over the mean share of
+    the images where it fires (enrichment), their colour, and its name where both clear their thresholds."""
+    share = _ratio(msum(measured, "spot"), mass)
+    enrichment = _ratio(share, _ratio(msum(measured, "spot_area"), fires))
+    colour = _ratio(msum(measured, "spot_lab", n_latents, 3), msum(measured, "spot")[:, None])
+    said = (np.nan_to_num(share) >= SPOT_MIN_SHARE) & (np.nan_to_num(enrichment) >= SPOT_ENRICHMENT)
+    return {"spot_share": share, "spot_enrichment": enrichment, "spot_L": colour[:, 0], "spot_a": colour[:, 1],
+            "spot_b": colour[:, 2], "spot_colour_name": [colour_name(*c) if ok else None for c, ok in zip(colour, said)]}
 
 
 def class_facts(totals: list[Totals], classes: list[str], n_latents: int) -> pd.DataFrame:
@@ -459,7 +521,10 @@ def text_of(r: dict, names: list[str]) -> str:
     """The one line: where, how far, what colour; classes; datasets; patients; flags."""
     if r["dead"]:
         return f"dead: fires on no image of {', '.join(names)}"
-    where = [w for w in (r["region"], r["extent"], r["colour_name"]) if w]
+    colour, spots = r["colour_name"], r.get("spot_colour_name")
+    if isinstance(spots, str):  # (a column of names and None reads back None as NaN)
+        colour = f"{colour} with {spots} spots" if colour else f"{spots} spots"
+    where = [w for w in (r["region"], r["extent"], colour) if w]
     parts = [", ".join(where)] if where else []
     ap = f"AP {r['best_class_ap']:.2f}" if np.isfinite(r["best_class_ap"]) else None
     if r["top_class"]:
