@@ -270,3 +270,28 @@ def test_confidence_interval_belongs_to_the_reported_statistic():
     ci = _bootstrap_ci(y, proba, ["A", "B"], "B", 300, 0)["auroc_ci"]
     assert ensemble - point > 0.15  # the two statistics really differ here
     assert ci[0] <= point <= ci[1] and ci[1] < ensemble
+
+
+@pytest.mark.parametrize("n_classes, with_pred", [(2, False), (3, False), (3, True)])
+def test_bootstrap_ci_equals_scoring_each_resampled_array(n_classes, with_pred):
+    """The CI's draws are scored all at once from how often each patient was drawn; they equal `_fast_scores` of
+    each resampled array (itself tested equal to scikit-learn), ties and resamples missing a class included."""
+    from cytosae.analysis.classify import _bootstrap_ci, _fast_scores
+
+    rng = np.random.default_rng(n_classes)
+    classes = [f"c{i}" for i in range(n_classes)]
+    y = np.array(classes)[rng.integers(0, n_classes, 14)]
+    proba = rng.dirichlet(np.ones(n_classes), (3, len(y))).round(1)  # rounded: tied scores
+    pred = np.array(classes)[rng.integers(0, n_classes, (3, len(y)))] if with_pred else None
+    positive = "c1" if n_classes == 2 else None
+    got = _bootstrap_ci(y, proba, classes, positive, 200, 7, pred)
+    draws = []
+    codes = np.searchsorted(classes, y)
+    for idx in np.random.default_rng(7).integers(0, len(y), (200, len(y))):
+        draws.append(np.mean([_fast_scores(codes[idx], proba[r][idx], None if positive is None else 1,
+                                           None if pred is None else np.searchsorted(classes, pred[r])[idx])
+                              for r in range(3)], axis=0))
+    draws = np.array(draws)
+    for key, column in (("macro_f1_ci", 0), ("auroc_ci", 1)):
+        finite = draws[np.isfinite(draws[:, column]), column]
+        np.testing.assert_allclose(got[key], np.percentile(finite, [2.5, 97.5]), rtol=0, atol=1e-12)

@@ -61,11 +61,15 @@ def test_the_wheel_alone_runs_the_demo(dists, tmp_path):
     assert where.startswith(str(venv)), where  # the wheel's copy, not the source tree
     out = tmp_path / "demo"
     # python -m: the console script pip wrote carries the installing interpreter's shebang (the project venv's)
-    r = subprocess.run([py, "-m", "cytosae", "demo", "--out", str(out)], capture_output=True, text=True,
-                       timeout=900, cwd=tmp_path)
+    # a small demo (32 cells): what is checked is that the wheel alone has everything every step needs
+    r = subprocess.run([py, "-m", "cytosae", "demo", "--out", str(out), "--patients", "4", "--cells", "8"],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"run written to {out}" in r.stdout
     from cytosae.run import Run  # the run the wheel wrote reads back with the source tree's reader
     finished = Run.open(out).steps
-    assert {"extract", "train", "stats"} <= {name.split(":")[0] for name in finished}, finished
+    from cytosae.study import load_study, plan
+
+    assert set(finished) == {s.name for s in plan(load_study(out / "study.toml"))}, finished  # every step, classify too
+    assert {"extract", "train", "stats", "classify"} <= {name.split(":")[0] for name in finished}, finished
     assert (out / "study.toml").is_file() and any((out / "data" / "sample").rglob("*.png"))

@@ -90,11 +90,16 @@ def demo(
     out: Path = typer.Option(Path("demo-run"), "--out", help="Run directory to write."),
     weights: Optional[Path] = typer.Option(None, help="DinoBloom-S weights; without them the backbone is random."),
     seed: int = typer.Option(0),
+    patients: int = typer.Option(12, help="Synthetic patients (alternating APL-like / AML-like); diagnosis needs "
+                                          "2 of each."),
+    cells: int = typer.Option(24, help="Cells per patient."),
 ) -> None:
     """The whole pipeline on the built-in synthetic sample (what `make demo` runs)."""
     from cytosae.demo import run_demo
 
-    run_demo(out, seed=seed, weights=weights, say=typer.echo)
+    if patients < 1 or cells < 1:
+        _fail(f"--patients and --cells must be at least 1, got {patients} and {cells}")
+    run_demo(out, seed=seed, weights=weights, n_patients=patients, cells_per_patient=cells, say=typer.echo)
 
 
 @app.command("run")

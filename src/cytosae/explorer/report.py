@@ -87,14 +87,29 @@ def build_report(run_dir, out, n_latents: int = 200, n_images: int = 12, k: int 
     app = create_app(run_dir, data_roots=data_roots, static=False, sae=sae, sae_name=sae_name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    client = TestClient(app, base_url="http://127.0.0.1")  # a loopback Host
-    site = _Site(out, client)
+    # entered once: outside a `with`, every request starts and stops its own event-loop thread (~5 ms each, and a
+    # report makes thousands)
+    with TestClient(app, base_url="http://127.0.0.1") as client:  # a loopback Host
+        site = _Site(out, client)
+        run = site.json("run")
+        if run is None:
+            raise ValueError(f"{run_dir} could not be read as a run")
+        first = _render_run(site, run)
+        latents = _choose_latents(first, [a["latent"] for a in client.get("/api/annotations").json()["annotations"]],
+                                  n_latents) if first else []
+        pngs: set[tuple[str, str]] = set()
+        images = _render_latents(site, latents, k, n_images, pngs)
+        for ds, image_id in images:
+            _render_image(site, ds, image_id, pngs)
+    _write_page(out, latents, images, run["shown_sae"]["title"])
+    files = sum(1 for _ in out.rglob("*") if _.is_file())
+    return {"out": str(out), "latent_pages": len(latents), "image_pages": len(images), "latents": latents,
+            "images": images, "files": files, "sae": run["shown_sae"]}
 
-    run = site.json("run")
-    if run is None:
-        raise ValueError(f"{run_dir} could not be read as a run")
+
+def _render_run(site: _Site, run: dict) -> dict | None:
+    """The run-wide data (overviews, image lists, patients, classify, quality); the first dataset's overview."""
     datasets = [d["name"] for d in run["datasets"]]
-    annotated = [a["latent"] for a in site.client.get("/api/annotations").json()["annotations"]]
     overviews = {ds: site.json("latents", {"dataset": ds}) for ds in datasets}
     for ds in datasets:
         site.json("images", {"dataset": ds, "limit": 200})
@@ -103,17 +118,7 @@ def build_report(run_dir, out, n_latents: int = 200, n_images: int = 12, k: int 
     cmp_ = site.json("patients/compare")
     for a, b in (cmp_ or {}).get("pairs", []):
         site.json("patients/compare", {"group_a": a, "group_b": b})
-
-    first = next((o for o in overviews.values() if o), None)
-    latents = _choose_latents(first, annotated, n_latents) if first else []
-    pngs: set[tuple[str, str]] = set()
-    images = _render_latents(site, latents, k, n_images, pngs)
-    for ds, image_id in images:
-        _render_image(site, ds, image_id, pngs)
-    _write_page(out, latents, images, run["shown_sae"]["title"])
-    files = sum(1 for _ in out.rglob("*") if _.is_file())
-    return {"out": str(out), "latent_pages": len(latents), "image_pages": len(images), "latents": latents,
-            "images": images, "files": files, "sae": run["shown_sae"]}
+    return next((o for o in overviews.values() if o), None)
 
 
 def _render_latents(site: _Site, latents: list[int], k: int, n_images: int, pngs: set) -> list[tuple[str, str]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .metrics import _fast_scores
 
 CI_METHOD = ("95% percentile bootstrap over patients of the reported statistic: in each resample, the mean over "
              "repeats of each repeat's out-of-fold AUROC (calibrated probabilities) and macro-F1 (decisions)")
@@ -29,12 +28,45 @@ def _bootstrap_ci(y: np.ndarray, proba: np.ndarray, classes: list[str], positive
     codes = np.searchsorted(classes, y)
     probas = proba[None] if proba.ndim == 2 else proba
     preds = [None] * len(probas) if pred is None else (np.asarray(pred)[None] if np.ndim(pred) == 1 else pred)
-    pred_codes = [None if p is None else np.searchsorted(classes, np.asarray(p).astype(str)) for p in preds]
+    pred_codes = [pr.argmax(1) if p is None else np.searchsorted(classes, np.asarray(p).astype(str))
+                  for pr, p in zip(probas, preds)]
     pos = classes.index(positive) if positive is not None else None
-    draws = np.array([np.mean([_fast_scores(codes[idx], pr[idx], pos, None if pc is None else pc[idx])
-                               for pr, pc in zip(probas, pred_codes)], axis=0)
-                      for idx in rng.integers(0, len(y), (n, len(y)))])
+    idx = rng.integers(0, len(y), (n, len(y)))
+    step = max(1, 4_000_000 // max(len(y), 1))  # draws x patients counts held at once
+    chunks = []
+    for start in range(0, n, step):
+        w = _counts(idx[start:start + step], len(y))
+        chunks.append(np.mean([weighted_scores(codes, pr, pos, pc, w) for pr, pc in zip(probas, pred_codes)], axis=0))
+    draws = np.concatenate(chunks)
     return {"macro_f1_ci": percentile_ci(draws[:, 0]), "auroc_ci": percentile_ci(draws[:, 1])}
+
+
+def _counts(idx: np.ndarray, n_units: int) -> np.ndarray:
+    """(draws, units) how often each unit is in each resample of indices `idx` (draws, size)."""
+    rows = len(idx)
+    flat = (idx + n_units * np.arange(rows)[:, None]).ravel()
+    return np.bincount(flat, minlength=rows * n_units).reshape(rows, n_units).astype(np.float64)
+
+
+def weighted_scores(codes: np.ndarray, proba: np.ndarray, positive: int | None, pred: np.ndarray,
+                    weights: np.ndarray) -> np.ndarray:
+    """(draws, 2): `_fast_scores` (macro-F1, AUROC) of every resample at once, each resample given by how often it
+    drew each unit (a row of `weights`): a unit drawn twice counts twice in every sum and every pair, which is
+    what scoring the resampled arrays does (tests/test_analysis_classify.py compares them)."""
+    n_classes = proba.shape[1]
+    f1 = []
+    for c in range(n_classes):
+        truth, said = codes == c, pred == c
+        tp, denom = weights[:, truth & said].sum(1), weights[:, said].sum(1) + weights[:, truth].sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1.append(np.where(denom > 0, 2 * tp / denom, 0.0))
+    if positive is not None:
+        auc = weighted_auc(codes == positive, proba[:, positive], weights)
+    else:  # one-vs-rest macro, only in resamples that hold every class
+        present = np.stack([weights[:, codes == c].sum(1) > 0 for c in range(n_classes)], 1).all(1)
+        auc = np.mean([weighted_auc(codes == c, proba[:, c], weights) for c in range(n_classes)], axis=0)
+        auc = np.where(present, auc, np.nan)
+    return np.stack([np.mean(f1, axis=0), auc], 1)
 
 
 def group_weights(groups: np.ndarray, n: int, seed: int, chunk_cells: int = 4_000_000):
@@ -47,9 +79,7 @@ def group_weights(groups: np.ndarray, n: int, seed: int, chunk_cells: int = 4_00
     step = max(1, chunk_cells // max(len(codes), 1))
     for start in range(0, n, step):
         rows = min(step, n - start)
-        drawn = rng.integers(0, n_groups, (rows, n_groups)) + n_groups * np.arange(rows)[:, None]
-        counts = np.bincount(drawn.ravel(), minlength=rows * n_groups).reshape(rows, n_groups)
-        yield counts[:, codes].astype(np.float64)
+        yield _counts(rng.integers(0, n_groups, (rows, n_groups)), n_groups)[:, codes]
 
 
 def weighted_auc(is_pos: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
