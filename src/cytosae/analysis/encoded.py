@@ -13,10 +13,12 @@ never builds the (b x T x n_latents) tensor where the SAE does not need it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
+
+from cytosae.sae.kernels import positive_counts
 
 Batches = Callable[[], Iterable[tuple[list[str], torch.Tensor]]]
 
@@ -30,6 +32,20 @@ class EncodedBatch:
     dense: torch.Tensor | None = None
     vals: torch.Tensor | None = None
     idx: torch.Tensor | None = None
+    # a dense batch's reductions over its tokens, each one pass over (b x T x n) computed once: several of the
+    # asked-for figures are cheap reductions of the same (b, n) maxima
+    _reduced: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def _once(self, key: str, compute: Callable[[], torch.Tensor | tuple]):
+        if key not in self._reduced:
+            self._reduced[key] = compute()
+        return self._reduced[key]
+
+    def _token_max(self) -> torch.Tensor:
+        """(b, n) largest activation over every token of each image (dense batches): CLS and the patch maximum."""
+        if self.shape[1] == 1:
+            return self.dense[:, 0]
+        return self._once("token_max", lambda: torch.maximum(self.dense[:, 0], self.patch_max_values()))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -69,10 +85,18 @@ class EncodedBatch:
         total.index_add_(0, where, vals.double())
         return (total / max(t - 1, 1)).float().view(b, self.n_latents)
 
+    def patch_max_values(self) -> torch.Tensor:
+        """(b, n) strongest patch activation, without its index (amax: a sixth of max()'s time on a dense batch)."""
+        if self.dense is None:
+            return self.patch_max()[0]
+        if "patch_max" in self._reduced:
+            return self._reduced["patch_max"][0]
+        return self._once("patch_amax", lambda: self.dense[:, self._patch_tokens()].amax(1))
+
     def patch_max(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, n) strongest patch activation and its patch index (the first such patch; 0 where none fires)."""
         if self.dense is not None:
-            return self.dense[:, self._patch_tokens()].max(1)
+            return self._once("patch_max", lambda: self.dense[:, self._patch_tokens()].max(1))
         b, t = self.shape
         where, vals = self._flat(self._patch_tokens())
         best = torch.zeros(b * self.n_latents, device=vals.device).scatter_reduce_(0, where, vals, "amax")
@@ -88,7 +112,7 @@ class EncodedBatch:
     def fires_any(self) -> torch.Tensor:
         """(b, n) bool: the latent is > 0 on some token of the image (CLS included)."""
         if self.dense is not None:
-            return (self.dense > 0).any(1)
+            return self._token_max() > 0
         b, _ = self.shape
         where, vals = self._flat(slice(None))
         # the largest value per (image, latent) > 0: values are >= 0, and no boolean index (a device sync)
@@ -98,14 +122,14 @@ class EncodedBatch:
     def fire_counts(self) -> torch.Tensor:
         """(n,) float64: tokens of the batch where each latent is > 0."""
         if self.dense is not None:
-            return (self.dense > 0).sum((0, 1)).double()
+            return positive_counts(self.dense.view(-1, self.n_latents))
         out = torch.zeros(self.n_latents, dtype=torch.float64, device=self.vals.device)
         return out.index_add_(0, self.idx.flatten(), (self.vals > 0).flatten().double())
 
     def max_over_tokens(self) -> torch.Tensor:
         """(n,) largest activation over every token of the batch (0 where none fires)."""
         if self.dense is not None:
-            return self.dense.amax((0, 1))
+            return self._token_max().amax(0)
         out = torch.zeros(self.n_latents, device=self.vals.device)
         return out.scatter_reduce_(0, self.idx.flatten(), self.vals.flatten(), "amax")
 

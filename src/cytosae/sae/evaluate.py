@@ -5,6 +5,7 @@ from typing import Iterable
 
 import torch
 
+from .kernels import positive_counts
 from .model import SAE
 
 DENSE_FIRING_RATE = 0.10  # a latent firing on more than 10% of tokens is counted as dense
@@ -32,8 +33,9 @@ class _Acc:
         self.sse += (x - x_hat).pow(2).sum()
         self.cos += torch.nn.functional.cosine_similarity(x, x_hat, dim=1, eps=1e-12).sum()
         self.shrink += (x_hat.norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).sum()
-        self.l0 += torch.count_nonzero(z)
-        self.fire_counts += (z > 0).sum(0).double()
+        counts = positive_counts(z)  # activations are >= 0: the non-zeros are the positives
+        self.l0 += counts.sum()
+        self.fire_counts += counts
 
     def result(self) -> dict:
         n = self.tokens

@@ -13,6 +13,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pre.topk(k, dim=1)` (values descending, their columns) of an (N, n) matrix, through blocks on the CPU: a row's
+    k largest values all lie in the k blocks of largest maximum (any other block has k blocks of larger maxima
+    beside it), so one pass of block maxima, a top-k over them and a top-k over those k blocks replace the top-k
+    over all n (202 vs 460 ms at 4,112 x 49,152, k = 32, one thread). Equal values where several are tied may come
+    in another order, as torch.topk's own order among ties is unspecified. On a GPU, and where the blocks would not
+    cut the work (n < 4k blocks of 32, or n not a multiple of the block), torch.topk itself."""
+    n_rows, n = pre.shape
+    block = next((b for b in (64, 32) if n % b == 0 and n // b >= 4 * k), None)
+    if pre.device.type != "cpu" or block is None:
+        return pre.topk(k, dim=1)
+    blocks = pre.view(n_rows, n // block, block)
+    top_blocks = blocks.amax(2).topk(k, dim=1).indices  # (N, k)
+    candidates = blocks.gather(1, top_blocks[:, :, None].expand(n_rows, k, block)).view(n_rows, k * block)
+    vals, at = candidates.topk(k, dim=1)
+    return vals, top_blocks.gather(1, at // block) * block + at % block
+
+
+def positive_counts(z: torch.Tensor) -> torch.Tensor:
+    """(n,) float64: how many rows of `z` (N, n), activations >= 0, are > 0 in each column. sign() and a float32
+    sum, exact while N < 2^24: `(z > 0).sum(0)` widens the bools to an (N, n) int64 copy first, three times
+    as long (a 400 MB batch of 8 images x 49,152 latents, one thread)."""
+    rows = z.shape[0]
+    if rows >= 2 ** 24:
+        return sum(positive_counts(z[i:i + 2 ** 23]) for i in range(0, rows, 2 ** 23))
+    return torch.sign(z).sum(0).double()
+
+
 class SparseEncoderGather(torch.autograd.Function):
     """vals[m] = ((x - b_dec) @ W_enc + b_enc)[rows[m], cols[m]], with sparse gradients.
 

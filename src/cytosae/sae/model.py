@@ -133,7 +133,8 @@ class SAE(nn.Module):
         """Register the architecture's own parameters and buffers."""
 
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
-        """(N, n_latents) pre-activations -> latents, inference semantics."""
+        """(N, n_latents) pre-activations -> latents, inference semantics. `pre` is encode()'s own fresh product:
+        an architecture may write the latents into it when no gradient is wanted (one (N, n) tensor fewer)."""
         raise NotImplementedError
 
     def _forward_normalised(self, x: torch.Tensor, dead: torch.Tensor | None,

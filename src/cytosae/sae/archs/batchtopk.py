@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..kernels import topk_rows
 from ..model import SAE, _host_branch
 from . import register
 from .topk import TopKOptions, TopKSAE
@@ -42,7 +43,8 @@ class BatchTopKSAE(TopKSAE):
             flat = F.relu(pre).flatten()
             vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()))
             return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
-        return pre * (pre > self.threshold)
+        below = pre <= self.threshold
+        return pre.masked_fill(below, 0.0) if pre.requires_grad else pre.masked_fill_(below, 0.0)
 
     def encode_sparse(self, x: torch.Tensor) -> None:
         """Inference is a threshold (a JumpReLU): the count per token varies, so encode() gives it densely."""
@@ -73,7 +75,7 @@ class BatchTopKSAE(TopKSAE):
         per_row = min(n, 4 * self.cfg.k)
         if per_row * n_rows <= n_keep or per_row == n:
             return pre.flatten().topk(n_keep).indices
-        cand_vals, cand_idx = pre.topk(per_row, dim=1)
+        cand_vals, cand_idx = topk_rows(pre, per_row)
         top_vals, top_pos = cand_vals.flatten().topk(n_keep)
         over = cand_vals[:, -1] >= top_vals[-1]
         if not bool(over.any()):

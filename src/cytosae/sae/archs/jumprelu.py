@@ -41,7 +41,8 @@ class JumpReLUSAE(SAE):
         return super()._state_target(name, value)
 
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
-        return pre * (pre > self.log_threshold.exp())
+        below = pre <= self.log_threshold.exp()
+        return pre.masked_fill(below, 0.0) if pre.requires_grad else pre.masked_fill_(below, 0.0)
 
     def _forward_normalised(self, x: torch.Tensor, dead: torch.Tensor | None, momentum=None) -> SAEOutput:
         pre = self._pre(x)

@@ -35,7 +35,7 @@ class ReluL1SAE(SAE):
         return w_enc.mul_(math.sqrt(n / d))  # kaiming-uniform on fan_in = d_in
 
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
-        return F.relu(pre)
+        return F.relu(pre, inplace=not pre.requires_grad)
 
     def _forward_normalised(self, x: torch.Tensor, dead: torch.Tensor | None, momentum=None) -> SAEOutput:
         # HugoFry sae_training / CytoSAE loss, term by term (docs/sae.md).

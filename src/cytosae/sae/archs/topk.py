@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..kernels import SparseEncoderGather, sparse_decode
+from ..kernels import SparseEncoderGather, sparse_decode, topk_rows
 from ..model import SAE, SAEOutput, _host_branch
 from ..options import ConfigError, NonNegative, PositiveInt, TokenDeadOptions
 from . import register
@@ -40,7 +40,7 @@ class TopKSAE(SAE):
 
     def _pairs(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, latent indices) each token keeps: its k largest pre-activations, rectified."""
-        vals, idx = pre.topk(self.cfg.k, dim=1)
+        vals, idx = topk_rows(pre, self.cfg.k)
         return F.relu(vals), idx
 
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ class TopKSAE(SAE):
 
     def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, cols) of the kept (token, latent) pairs, rows ascending."""
-        idx = pre.topk(self.cfg.k, dim=1).indices
+        idx = topk_rows(pre, self.cfg.k)[1]
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.cfg.k)
         return rows, idx.flatten()
 
