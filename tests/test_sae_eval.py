@@ -89,6 +89,15 @@ def test_cli_train_then_evaluate(store, tmp_path):
     res = json.loads((tmp_path / "ev.json").read_text())
     assert res["cls"]["tokens"] == 24 and res["all"]["l0"] == pytest.approx(4.0)
     assert "measured on store" in r.output and "patch" in r.output
+    # a group reconstructed worse than its mean token is said in one line, and only then
+    for group in ("cls", "patch"):
+        said = f"warning: the SAE does not represent the {'CLS token' if group == 'cls' else 'patch tokens'} (FVU"
+        assert (said in r.output) == (res[group]["fvu"] > 1), (group, res[group]["fvu"], r.output)
+    from cytosae.sae.evaluate import fvu_warnings
+
+    assert fvu_warnings({"all": 3.0, "cls": 49.8, "patch": 0.2}, "16 images of s") == [
+        "warning: the SAE does not represent the CLS token (FVU 49.8 > 1 on 16 images of s: worse than the "
+        "dataset-mean token)"]
     r = runner.invoke(app, ["evaluate", str(tmp_path / "nope"), str(path)])
     assert r.exit_code == 2 and "config.json" in r.output
 

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cytosae.sae.evaluate import fvu_warnings
+
 GROUPS = ("cls", "patch")
 INPUTS = ("clean", "spliced", "control")
 LABEL_COLUMNS = ("label", "diagnosis")
@@ -275,11 +277,8 @@ def spliced_faithfulness(backbone, store, sae=None, reconstruct: Reconstruct | N
         "fvu": res["fvu"], "output": res["output"], "downstream": downstream(res["cls_out"], store.images),
         "definitions": DEFINITIONS,
     }
-    for g, fvu in res["fvu"].items():
-        if fvu > 1 and warn is not None:
-            what = "CLS token" if g == "cls" else "patch tokens"
-            warn(f"warning: the SAE does not represent the {what} (FVU {fvu:.3g} > 1 on {n} images: worse than "
-                 f"the dataset-mean token)")
+    for line in fvu_warnings(res["fvu"], f"{n} images") if warn is not None else []:
+        warn(line)
     return figures
 
 

@@ -11,6 +11,13 @@ from .model import SAE
 DENSE_FIRING_RATE = 0.10  # a latent firing on more than 10% of tokens is counted as dense
 
 
+def fvu_warnings(fvu: dict[str, float], on: str) -> list[str]:
+    """One line per token group (cls, patch) the SAE reconstructs worse than the dataset-mean token (FVU > 1):
+    its figures there are no concept of that group, however good the other group's are."""
+    return [f"warning: the SAE does not represent the {'CLS token' if g == 'cls' else 'patch tokens'} (FVU {v:.3g} "
+            f"> 1 on {on}: worse than the dataset-mean token)" for g, v in fvu.items() if g in ("cls", "patch") and v > 1]
+
+
 class _Acc:
     """Streaming sums for one token group (exact, in float64)."""
 

@@ -85,12 +85,21 @@ def run_evaluate(cfg: EvaluateSettings, run: str | Path | Run | None = None, war
     if cfg.out is not None:
         atomic_write_json(cfg.out, res)
     result = EvaluateResult(cfg.sae_dir, cfg.store, sae.cfg.arch, sae.cfg.n_latents, res, cfg.out, dataset=cfg.dataset)
-    if cfg.spliced:
+    if cfg.spliced:  # which says the same of its own figures
         _spliced(cfg, rd, sae, st, dev, result, warn)
-    elif cfg.out is not None:  # a spliced JSON from an earlier evaluate would pass for this one's
+    else:
+        _warn_fvu(res, f"{min(st.n_images, cfg.max_images or st.n_images)} images of {st.path.name}", warner(warn))
+    if not cfg.spliced and cfg.out is not None:  # a spliced JSON from an earlier evaluate would pass for this one's
         spliced_path(cfg.out).unlink(missing_ok=True)
     record(rd, step, given, started, dataset=cfg.dataset)
     return result
+
+
+def _warn_fvu(res: dict, on: str, say) -> None:
+    from cytosae.sae.evaluate import fvu_warnings
+
+    for line in fvu_warnings({g: res[g]["fvu"] for g in ("cls", "patch") if g in res}, on):
+        say(line)
 
 
 def _spliced(cfg: EvaluateSettings, rd: Run | None, sae, st, dev, result: EvaluateResult, warn: Warn) -> None:
