@@ -41,3 +41,31 @@ def test_training_steps_reuse_freed_blocks_unless_opted_out():
     assert (kept, off) == ("True", "False")
     assert faults_default > block_pages, faults_default  # glibc maps each freed 64 MB block in again, every step
     assert faults_kept < 0.05 * faults_default, (faults_kept, faults_default)
+
+
+AFTER_FIT = textwrap.dedent("""
+    import resource, torch
+    from cytosae import allocator
+    from cytosae.sae import SAEConfig
+    from cytosae.sae.trainer import Trainer
+    torch.set_num_threads(1)
+    tr = Trainer(SAEConfig(d_in=64, n_latents=32768, arch="topk", k=8), total_tokens=2048, batch_size=512,
+                 progress=False)
+    tr.fit([torch.randn(512, 64) for _ in range(4)])
+    faults = []
+    for _ in range(4):  # a 64 MB block allocated, written and freed, as an encoding pass's batches are
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 << 20)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(allocator._state["kept"], min(faults))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_fit_gives_glibc_its_own_policy_back_for_the_steps_after_it():
+    """After training, a block is mapped afresh and unmapped again (glibc's default), so a later pass of other block
+    sizes in the same process (`cytosae run`) cannot grow a heap fragmented around the training's blocks."""
+    env = {**os.environ, "CYTOSAE_RETURN_FREED_MEMORY": "0"}
+    out = subprocess.run([sys.executable, "-c", AFTER_FIT], capture_output=True, text=True, env=env, check=True)
+    kept, faults = out.stdout.split()
+    assert kept == "False" and int(faults) > 0.9 * (64 << 20) // 4096, out.stdout

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from ..allocator import keep_freed_memory
+from ..allocator import keep_freed_memory, return_freed_memory
 from ..devices import resolve_device
 from ..distributed import rank_and_world
 from .checkpoint import load_training_state, save_training_state
@@ -327,6 +327,8 @@ class Trainer:
                                  f"{data.total_tokens:,}; train more epochs or on fewer tokens")
         if self.total_tokens is None or self.total_tokens <= 0:
             raise ValueError(f"total_tokens must be positive, got {self.total_tokens}")
+        if self.device.type == "cpu":
+            keep_freed_memory()  # until this fit ends (a Trainer may fit again, after return_freed_memory)
         run_args = self._run_args(epochs)
         fresh = not self._resume(run_args)
         stream = self._batches(data, fresh)
@@ -359,6 +361,7 @@ class Trainer:
                 bar.close()
             if hasattr(stream, "close"):
                 stream.close()  # stops the prefetch thread
+            return_freed_memory()  # the next step of a study runs in this process (cytosae/allocator.py)
         self.compute_s = time.perf_counter() - t_start - self.data_wait_s
         self._check_finite("at the end,")
         self.checkpoint(run_args)

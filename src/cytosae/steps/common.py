@@ -79,15 +79,11 @@ def open_sae(path: Path, allow_unfinished: bool = False, warn: Warn = None):
 
 
 def device(spec: str):
-    """The command's device, resolved once; on the CPU freed memory is kept for the next batch (allocator.py)."""
-    from cytosae.allocator import keep_freed_memory
+    """The command's device, resolved once. (Encoding passes leave glibc's allocator as it is: allocator.py.)"""
     from cytosae.devices import resolve_device
 
     with one_line():
-        dev = resolve_device(spec)
-    if dev.type == "cpu":
-        keep_freed_memory()
-    return dev
+        return resolve_device(spec)
 
 
 def analysis_batch(dev) -> int:
