@@ -199,6 +199,25 @@ def test_streaming_pass_equals_a_dense_computation(pipeline_run, described):
     assert table.best_class[~live].isna().all() and table.best_class_ap[~live].isna().all()
 
 
+def test_dense_and_sparse_batches_give_the_same_sums(pipeline_run):
+    """The pass reads a TopK SAE's kept pairs (EncodedBatch vals/idx) and any other SAE's dense activations: both
+    forms of the same activations give the same per-latent sums."""
+    from cytosae.analysis.describe import ImageViews, _grid, accumulate, store_classes
+    from cytosae.analysis.encoded import EncodedStore
+    from cytosae.sae import SAE
+    from cytosae.store import ActivationStore
+
+    sae, st = SAE.load(pipeline_run / "sae"), ActivationStore(pipeline_run / "stores" / "sample")
+    views, classes = ImageViews(st, _grid(st.n_tokens, st.has_cls)), store_classes({"s": st}, "label")
+    sparse = accumulate(EncodedStore(st, sae, torch.device("cpu"), 4), "s", classes, "label", views=views)
+    dense = accumulate(EncodedStore.of_function(sae.encode, sae.cfg.n_latents, store=st, batch_size=4), "s", classes,
+                       "label", views=views)
+    assert set(sparse.sums) == set(dense.sums) and {"above", "region", "spot_lab", "class_sum"} <= set(sparse.sums)
+    for key in sparse.sums:
+        np.testing.assert_allclose(dense.get(key), sparse.get(key), rtol=1e-5, atol=1e-5, err_msg=key)
+    assert (dense.n_images, dense.n_labelled) == (sparse.n_images, sparse.n_labelled) == (16, 16)
+
+
 def test_one_row_per_latent_with_the_columns_readers_rely_on(pipeline_run, described):
     out, res, table = described
     n_latents = json.loads((pipeline_run / "sae" / "config.json").read_text())["n_latents"]

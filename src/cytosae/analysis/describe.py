@@ -73,7 +73,6 @@ THRESHOLDS = {"region_min_share": REGION_MIN_SHARE, "whole_cell_share": WHOLE_CE
               "extent_one_patch_below": 1.5, "extent_local_below": 4.5, "half_max": 0.5, "q_said": Q_SAID,
               "spot_delta_e": SPOT_DELTA_E, "spot_min_share": SPOT_MIN_SHARE, "spot_enrichment": SPOT_ENRICHMENT}
 
-Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------- what one image looks like, per patch
@@ -207,34 +206,68 @@ def _grid(n_tokens: int, has_cls: bool) -> int | None:
     return g if n > 1 and g * g == n else None
 
 
-def _add_patches(tot: Totals, patch: torch.Tensor, img_max: torch.Tensor, fires: torch.Tensor, ring: torch.Tensor,
-                 views: list[tuple[np.ndarray, np.ndarray]] | None) -> None:
-    """Extent, edge ring and (with the images) region mass, area, colour and cell size of one batch. The sums
-    over patches are one batched product of the activations with a (patches x 20) matrix per image: the
-    activations are read once, and never copied (a reshape of the CLS-less slice would copy it)."""
-    b, p, n = patch.shape
-    tot.add("above", (patch > 0.5 * img_max[:, None, :]).sum(1).sum(0))  # 0 where it does not fire
-    weights = [ring.to(patch.dtype)[None, :, None].expand(b, p, 1)]
+def _patch_weights(tot: Totals, ring: torch.Tensor, views: list | None, b: int, p: int) -> torch.Tensor:
+    """(b, p, 1 [+ 4 + 15 + 1 + 3]) per patch: on the edge ring; with the images, its region shares, each region's
+    colour weighted by its share of the patch (summed, then divided by the region's mass) and the whole patch's,
+    its spot share and the spots' colour weighted by that share."""
+    weights = [ring.float()[None, :, None].expand(b, p, 1)]
     if views is not None:
         regions = torch.as_tensor(np.stack([v[0] for v in views]), device=tot.device)  # (b, p, 4)
         lab = torch.as_tensor(np.stack([v[1] for v in views]), device=tot.device)  # (b, p, 5, 3)
         r = regions.shape[-1]
-        # each region's colour weighted by its share of the patch: summed, then divided by the region's mass
         weighted = torch.cat([regions[..., None] * lab[:, :, :r], lab[:, :, r:]], 2).reshape(b, p, -1)
         spots = torch.as_tensor(np.stack([v[2] for v in views]), device=tot.device)  # (b, p, 4)
         weights += [regions, weighted, spots[..., :1], spots[..., :1] * spots[..., 1:]]
-    sums = torch.bmm(patch.transpose(1, 2), torch.cat(weights, 2)).sum(0)  # (n, 1 [+ 4 + 15 + 1 + 3])
+    return torch.cat(weights, 2)
+
+
+def _patch_sums(batch, start: int, img_max: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                             torch.Tensor]:
+    """Per latent: its activation summed over the batch's patches, the patches above half their image's maximum,
+    and the activations times each patch's `weights` (n, c). A dense batch: one batched product (the activations
+    read once, never copied); pairs (the TopK family): sums over the kept pairs alone."""
+    n = batch.n_latents
+    if batch.dense is not None:
+        patch = batch.dense[:, start:]
+        above = (patch > 0.5 * img_max[:, None, :]).sum(1).sum(0)
+        return patch.sum((0, 1)), above, torch.bmm(patch.transpose(1, 2), weights).sum(0)
+    vals, idx = batch.vals[:, start:], batch.idx[:, start:]
+    b, p, w = vals.shape
+    image = torch.arange(b, device=vals.device).view(b, 1, 1).expand(b, p, w).flatten()
+    at = torch.arange(p, device=vals.device).view(1, p, 1).expand(b, p, w).flatten()
+    lat, v = idx.flatten(), vals.flatten()
+    above = torch.zeros(n, dtype=torch.long, device=v.device).index_add_(
+        0, lat, (v > 0.5 * img_max[image, lat]).long())
+    sums = torch.zeros(n, weights.shape[-1], dtype=weights.dtype, device=v.device).index_add_(
+        0, lat, v[:, None].to(weights.dtype) * weights[image, at])
+    return torch.zeros(n, device=v.device).index_add_(0, lat, v), above, sums
+
+
+def _patch_max(batch, start: int) -> torch.Tensor:
+    """(b, n) each image's largest activation over its patch tokens (0 where it does not fire)."""
+    if batch.dense is not None:
+        return batch.dense[:, start:].amax(1)
+    b, n = batch.shape[0], batch.n_latents
+    vals, idx = batch.vals[:, start:], batch.idx[:, start:]
+    where = (torch.arange(b, device=vals.device).view(b, 1, 1) * n + idx).flatten()
+    return torch.zeros(b * n, device=vals.device).scatter_reduce_(0, where, vals.flatten(), "amax").view(b, n)
+
+
+def _add_patches(tot: Totals, sums: torch.Tensor, fires: torch.Tensor, weights: torch.Tensor) -> None:
+    """Edge ring and (with the images) region mass, area, colour, spots and cell size of one batch, from its
+    patch sums (n, 1 [+ 23]) and the (b, p, c) patch weights they were taken with."""
     tot.add("ring", sums[:, 0])
-    if views is None:
+    if not tot.measured:
         return
-    tot.add("region", sums[:, 1:1 + r])
+    regions, r = weights[..., 1:5], 4
     end = 1 + r + 3 * (r + 1)
+    tot.add("region", sums[:, 1:1 + r])
     tot.add("lab", sums[:, 1 + r:end])
     tot.add("spot", sums[:, end])
     tot.add("spot_lab", sums[:, end + 1:])
     f = fires.T.float()  # (n, b): sums over the images where it fires
     tot.add("area", f @ regions.mean(1))
-    tot.add("spot_area", f @ spots[..., 0].mean(1))
+    tot.add("spot_area", f @ weights[..., end].mean(1))
     tot.add("cell", f @ (regions[..., 0] < 0.5).sum(1).float())
 
 
@@ -256,44 +289,49 @@ def _add_classes(tot: Totals, img_max: torch.Tensor, member: np.ndarray, offset:
     return int(keep.sum())
 
 
-def accumulate(encode: Encoder, store, name: str, n_latents: int, classes: list[str], label_column: str,
-               offset: int = 0, batch_size: int = 8, device: str | torch.device = "cpu",
+def accumulate(encoded, name: str, classes: list[str], label_column: str, offset: int = 0,
                views: Callable | None = None, max_nonzeros: int = 200_000_000, already: int = 0) -> Totals:
-    """One pass over `store`: the per-latent sums of the module docstring. `views(image_id) -> (regions (P, 4),
-    colours (P, 5, 3))` gives each image's patches (ImageViews), None for a store without its images; `offset`:
-    the labelled cells of the stores before this one (positions for the pooled AP); `max_nonzeros`: the most
-    image-level activations kept over every store, `already` of them by the stores before this one."""
+    """One pass over the store of `encoded` (an EncodedStore: the store with the SAE on its device): the per-latent
+    sums of the module docstring. `views(image_id) -> (regions (P, 4), colours (P, 5, 3), spots (P, 4))` gives
+    each image's patches (ImageViews), None for a store without its images; `offset`: the labelled cells of the
+    stores before this one (positions for the pooled AP); `max_nonzeros`: the most image-level activations kept
+    over every store, `already` of them by the stores before this one."""
     from cytosae.analysis.stats import _labels_of
 
-    tot = Totals(name, n_latents, len(classes), torch.device(device), measured=views is not None)
+    store, n_latents = encoded.store, encoded.n_latents
+    tot = Totals(name, n_latents, len(classes), encoded.device, measured=views is not None)
     tot.grid = _grid(store.n_tokens, store.has_cls)
     ring = torch.as_tensor(edge_ring(tot.grid) if tot.grid else np.zeros(0, bool), device=tot.device)
     index = {c: i for i, c in enumerate(classes)}
     labels = dict(zip(store.images["image_id"].astype(str), store.images[label_column])) \
         if label_column in store.images.columns else {}
     kept = already
-    with torch.inference_mode():
-        for ids, tokens in store.iter_images(batch_size):
-            b, t, d = tokens.shape
-            z = encode(tokens.to(tot.device, non_blocking=True).reshape(-1, d)).reshape(b, t, n_latents).float()
-            patch = z[:, int(store.has_cls and t > 1):]
-            img_max = patch.amax(1)
+    for batch in encoded.batches():
+        (b, t), ids = batch.shape, batch.ids
+        start = int(store.has_cls and t > 1)
+        with torch.inference_mode():
+            img_max = _patch_max(batch, start)
             fires = img_max > 0
             tot.add("fire", fires.sum(0))
-            tot.add("mass", patch.sum((0, 1)))
             if tot.grid:
-                _add_patches(tot, patch, img_max, fires, ring, [views(i) for i in ids] if views else None)
+                weights = _patch_weights(tot, ring, [views(i) for i in ids] if views else None, b, t - start)
+                mass, above, sums = _patch_sums(batch, start, img_max, weights)
+                tot.add("above", above)
+                _add_patches(tot, sums, fires, weights)
+            else:
+                mass = _patch_sums(batch, start, img_max, torch.zeros(b, t - start, 1, device=tot.device))[0]
+            tot.add("mass", mass)
             member = np.zeros((b, len(classes)), bool)
             for row, image_id in enumerate(ids):
                 for c in _labels_of(labels.get(str(image_id))):
                     member[row, index[c]] = True
             n_lab = _add_classes(tot, img_max, member, offset + tot.n_labelled)
-            tot.n_labelled += n_lab
-            kept += len(tot.nonzero[-1][0]) if n_lab else 0
-            if kept > max_nonzeros:
-                raise ValueError(f"{kept:,}+ non-zero image-level activations exceed max_nonzeros={max_nonzeros:,} "
-                                 f"(kept for the exact AP); raise --max-nonzeros if the memory is there")
-            tot.n_images += b
+        tot.n_labelled += n_lab
+        kept += len(tot.nonzero[-1][0]) if n_lab else 0
+        if kept > max_nonzeros:
+            raise ValueError(f"{kept:,}+ non-zero image-level activations exceed max_nonzeros={max_nonzeros:,} "
+                             f"(kept for the exact AP); raise --max-nonzeros if the memory is there")
+        tot.n_images += b
     return tot
 
 
@@ -573,11 +611,13 @@ def describe_latents(sae, stores: dict, top_images: pd.DataFrame | None = None, 
     stats' `top_images` and the patient facts of patients' `compare` when given (module docstring)."""
     n_latents = sae.cfg.n_latents
     classes = store_classes(stores, label_column)
+    from cytosae.analysis.encoded import EncodedStore
+
     totals, offset, kept = [], 0, 0
     for name, st in stores.items():
         views = ImageViews(st, _grid(st.n_tokens, st.has_cls)) if has_images(st) else None
-        totals.append(accumulate(sae.encode, st, name, n_latents, classes, label_column, offset, batch_size, device,
-                                 views, max_nonzeros, kept))
+        totals.append(accumulate(EncodedStore(st, sae, torch.device(device), batch_size), name, classes,
+                                 label_column, offset, views, max_nonzeros, kept))
         offset += totals[-1].n_labelled
         kept += sum(len(p[0]) for p in totals[-1].nonzero)
     names = list(stores)
