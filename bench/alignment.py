@@ -13,6 +13,8 @@ classes: the best score's AP and AUROC (exact), Purity@16, Coverage@0.3, sparse 
 5, 20; definitions in cytosae.analysis.alignment / probing and in each alignment.json).
 
     python bench/alignment.py [--per-class 50] [--ks 16,32,64] [--weights DINOBLOOM_S.pth] [--big-latents 0]
+    python bench/alignment.py --dataset deepapl --per-class 100 --big-latents 0 --work /tmp/align-deepapl \
+        --out bench/results/alignment-deepapl.json     # cell types, folds grouped by patient
 
 Writes bench/results/alignment.json (or --out). About 25 min on one core for 650 cells.
 """
@@ -25,17 +27,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from _report import ACEVEDO, write_result
+from _report import SHARED_DATA, write_result
+
+DATASETS = {"acevedo": "label", "deepapl": "cell_type"}  # each one's class column
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _subset(per_class: int, work: Path) -> Path:
-    """A manifest CSV of `per_class` cells per class (seed 0), by absolute path."""
-    table = pd.read_csv(ACEVEDO / "manifest.csv")
-    picked = (table.sample(frac=1.0, random_state=0).groupby("label").head(per_class).sort_values("path")
-              .assign(path=lambda t: [str(ACEVEDO / p) for p in t.path]))
-    csv = work / "data" / "acevedo.csv"
+def _subset(dataset: str, per_class: int, work: Path) -> Path:
+    """A manifest CSV of `per_class` cells per class (seed 0; 0 = every cell, unlabelled ones too), by absolute
+    path."""
+    root = SHARED_DATA / dataset
+    table = pd.read_csv(root / "manifest.csv")
+    if per_class:
+        table = table.sample(frac=1.0, random_state=0).groupby(DATASETS[dataset]).head(per_class)
+    picked = table.sort_values("path").assign(path=lambda t: [str(root / p) for p in t.path])
+    csv = work / "data" / f"{dataset}.csv"
     csv.parent.mkdir(parents=True, exist_ok=True)
     picked.to_csv(csv, index=False)
     return csv
@@ -50,7 +57,7 @@ name = "{backbone}"
 seed = 0
 device = "{device}"
 
-[datasets.acevedo]
+[datasets.{dataset}]
 data = "{csv}"
 
 [sae]
@@ -69,6 +76,7 @@ device = "{device}"
 
 [align]
 token_policy = "any_patch"
+label_column = "{label}"
 device = "{device}"
 
 [stats]
@@ -114,7 +122,7 @@ def _big_alignment(args, run: Path, seconds: dict) -> dict:
 
     from cytosae.steps import AlignSettings, TrainSettings, run_align, run_train
 
-    store = run / "stores" / "acevedo"
+    store = run / "stores" / args.dataset
     d = json.loads((store / "manifest.json").read_text())["d_model"]
     expansion = max(1, args.big_latents // d)
     big = args.work / "big"
@@ -124,7 +132,8 @@ def _big_alignment(args, run: Path, seconds: dict) -> dict:
     seconds["train_big"] = round(time.time() - t, 1)
     before = reset_peak_rss()
     t = time.time()
-    res = run_align(AlignSettings(sae_dir=big / "sae", store=store, out=big / "quality", device=args.device))
+    res = run_align(AlignSettings(sae_dir=big / "sae", store=store, out=big / "quality", device=args.device,
+                                  label_column=DATASETS[args.dataset]))
     seconds["align_big"] = round(time.time() - t, 1)
     print("\n".join(res.lines()))
     alignment = json.loads((big / "quality" / "alignment.json").read_text())
@@ -135,7 +144,9 @@ def _big_alignment(args, run: Path, seconds: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="acevedo",
+                    help="acevedo (13 classes) or deepapl (82 patients: cell_type classes, folds grouped by patient)")
+    ap.add_argument("--per-class", type=int, default=50, help="cells per class (0: every cell)")
     ap.add_argument("--backbone", default="dinobloom-s")
     ap.add_argument("--weights", type=Path, default=None)
     ap.add_argument("--expansion", type=int, default=16)
@@ -147,18 +158,19 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "alignment.json")
     args = ap.parse_args()
-    if not (ACEVEDO / "manifest.csv").is_file():
-        raise SystemExit(f"real images not found at {ACEVEDO}; this benchmark needs ../shared/data/acevedo "
-                         f"(or CYTOSAE_SHARED_DATA)")
+    if not (SHARED_DATA / args.dataset / "manifest.csv").is_file():
+        raise SystemExit(f"real images not found at {SHARED_DATA / args.dataset}; this benchmark needs "
+                         f"../shared/data/{args.dataset} (or CYTOSAE_SHARED_DATA)")
     from cytosae.steps import AlignSettings, run_align
     from cytosae.study import run_study
 
     args.work.mkdir(parents=True, exist_ok=True)
-    csv = _subset(args.per_class, args.work)
+    csv = _subset(args.dataset, args.per_class, args.work)
     weights = f'weights = "{args.weights.resolve()}"\n' if args.weights else ""
     (args.work / "study.toml").write_text(STUDY.format(backbone=args.backbone, weights=weights, csv=csv,
                                                        device=args.device, expansion=args.expansion, ks=args.ks,
-                                                       epochs=args.epochs))
+                                                       epochs=args.epochs, dataset=args.dataset,
+                                                       label=DATASETS[args.dataset]))
     t = time.time()
     run_study(args.work / "study.toml")
     run = args.work / "run"
@@ -168,7 +180,8 @@ def main() -> None:
     sweep = json.loads((run / "quality" / "sweep.json").read_text())
     saes = [_sae_figures(run, r["name"], r["name"] == sweep["primary"]) for r in sweep["saes"]]
     t = time.time()
-    cls = run_align(AlignSettings(token_policy="cls", out=run / "quality" / "cls", device=args.device), run=run)
+    cls = run_align(AlignSettings(token_policy="cls", out=run / "quality" / "cls", device=args.device,
+                                  label_column=DATASETS[args.dataset]), run=run)
     print("\n".join(cls.lines()))
     seconds["align_cls_primary"] = round(time.time() - t, 1)
     cls_doc = json.loads((run / "quality" / "cls" / "alignment.json").read_text())
@@ -177,10 +190,12 @@ def main() -> None:
     write_result(args.out, {
         "what": f"label alignment (mean over classes of the best score's AP, AUROC, Purity@16, Coverage@0.3), sparse "
                 f"probing, spliced faithfulness and a k sweep of TopK SAEs vs PCA, k-means and the untrained SAE, "
-                f"on {summary['n_images']} real Acevedo cells ({len(summary['classes'])} classes, up to "
-                f"{args.per_class} each, seed 0), block -2 tokens of {args.backbone} with "
+                f"on {summary['n_images']} real {args.dataset} cells ({summary['n_labelled']} labelled by "
+                f"{DATASETS[args.dataset]}, {len(summary['classes'])} classes, "
+                f"{f'up to {args.per_class} each' if args.per_class else 'every cell'}, seed 0), block -2 tokens of "
+                f"{args.backbone} with "
                 f"{'weights ' + args.weights.name if args.weights else 'RANDOM weights'}",
-        "dataset": "acevedo", "n_images": summary["n_images"], "classes": summary["classes"],
+        "dataset": args.dataset, "n_images": summary["n_images"], "classes": summary["classes"],
         "backbone": args.backbone, "pretrained": args.weights is not None,
         "sae": {"arch": "topk", "expansion": args.expansion, "ks": [int(k) for k in args.ks.split(",")],
                 "epochs": args.epochs, "d_in": summary["d_model"], "primary": sweep["primary"]},
