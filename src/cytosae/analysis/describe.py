@@ -3,8 +3,9 @@ spreads, the colour it fires on, the classes and datasets it fires on, the patie
 
 Definitions (also written to descriptions.json, so every number says what it is):
 - one streaming pass over every store's images: each batch's patch tokens are encoded by the SAE, and every
-  measure below is a per-latent sum (matrix products over the batch's patches), so memory is O(n_latents x a
-  few) whatever the number of images, plus the non-zero image-level activations kept for the AP (below);
+  measure below is a per-latent sum (matrix products over the batch's patches; for the TopK family, sums over
+  each token's kept latents alone), so memory is O(n_latents x a few) whatever the number of images, plus the
+  non-zero image-level activations kept for the AP (below);
 - a patch's regions: the share of its pixels in each of background, cytoplasm, nucleus and border
   (cytosae.analysis.segment.segment_cell of the 224 px image the model saw, Preprocess.resize_image of the
   stored image file; patch_regions in ViT patch order); a patch's colour: the mean CIELAB of its pixels;
