@@ -418,3 +418,27 @@ def test_descriptions_name_the_region_and_colour_of_the_generating_factors(demo_
     # until the description named spots (6 of 10 before)
     assert share >= 0.7, got
     assert true_ok >= 0.9, got  # measured 10 of 10
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu-l1"])
+def test_imported_embeddings_without_a_patch_grid_get_classes_and_flags(tmp_path, arch):
+    """One vector per image (no images, no grid): the pass still sums each latent's activation and image counts,
+    from the kept pairs (TopK) or the dense activations, and names no region."""
+    from cytosae.analysis.describe import describe_latents
+    from cytosae.sae import SAE, SAEConfig
+    from cytosae.store import ActivationStore, import_embeddings
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    manifest = pd.DataFrame({"image_id": [f"c{i}" for i in range(40)], "label": ["a", "b"] * 20})
+    import_embeddings(tmp_path / "x.npy", manifest, tmp_path / "store", dtype="float32")
+    st = ActivationStore(tmp_path / "store")
+    sae = SAE(SAEConfig(arch=arch, d_in=16, n_latents=64, **({"k": 4} if arch == "topk" else {})), seed=0).eval()
+    desc = describe_latents(sae, {"s": st}, batch_size=7)
+    with torch.inference_mode():
+        z = sae.encode(torch.as_tensor(x)).numpy()
+    table = desc.table
+    np.testing.assert_allclose(table.freq_image, (z > 0).mean(0), atol=1e-12)
+    assert table.region.isna().all() and table.share_edge_ring.isna().all()
+    assert (table.dead == ~(z > 0).any(0)).all() and table.text.str.len().gt(0).all()

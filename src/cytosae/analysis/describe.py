@@ -222,26 +222,37 @@ def _patch_weights(tot: Totals, ring: torch.Tensor, views: list | None, b: int, 
     return torch.cat(weights, 2)
 
 
-def _patch_sums(batch, start: int, img_max: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                             torch.Tensor]:
-    """Per latent: its activation summed over the batch's patches, the patches above half their image's maximum,
-    and the activations times each patch's `weights` (n, c). A dense batch: one batched product (the activations
-    read once, never copied); pairs (the TopK family): sums over the kept pairs alone."""
-    n = batch.n_latents
+def _patch_sums(batch, start: int, img_max: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per latent: the patches above half their image's maximum, and the activations times each patch's `weights`
+    (n, c). A dense batch: one batched product (the activations read once, never copied); pairs (the TopK family):
+    sums over the kept pairs alone."""
     if batch.dense is not None:
         patch = batch.dense[:, start:]
         above = (patch > 0.5 * img_max[:, None, :]).sum(1).sum(0)
-        return patch.sum((0, 1)), above, torch.bmm(patch.transpose(1, 2), weights).sum(0)
+        return above, torch.bmm(patch.transpose(1, 2), weights).sum(0)
+    image, at, lat, v = _pairs(batch, start)
+    above = torch.zeros(batch.n_latents, dtype=torch.long, device=v.device).index_add_(
+        0, lat, (v > 0.5 * img_max[image, lat]).long())
+    sums = torch.zeros(batch.n_latents, weights.shape[-1], dtype=weights.dtype, device=v.device).index_add_(
+        0, lat, v[:, None].to(weights.dtype) * weights[image, at])
+    return above, sums
+
+
+def _pairs(batch, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image, patch, latent, value) of every kept pair of a sparse batch's patch tokens, flattened."""
     vals, idx = batch.vals[:, start:], batch.idx[:, start:]
     b, p, w = vals.shape
     image = torch.arange(b, device=vals.device).view(b, 1, 1).expand(b, p, w).flatten()
     at = torch.arange(p, device=vals.device).view(1, p, 1).expand(b, p, w).flatten()
-    lat, v = idx.flatten(), vals.flatten()
-    above = torch.zeros(n, dtype=torch.long, device=v.device).index_add_(
-        0, lat, (v > 0.5 * img_max[image, lat]).long())
-    sums = torch.zeros(n, weights.shape[-1], dtype=weights.dtype, device=v.device).index_add_(
-        0, lat, v[:, None].to(weights.dtype) * weights[image, at])
-    return torch.zeros(n, device=v.device).index_add_(0, lat, v), above, sums
+    return image, at, idx.flatten(), vals.flatten()
+
+
+def _patch_mass(batch, start: int) -> torch.Tensor:
+    """(n,) each latent's activation summed over the batch's patch tokens."""
+    if batch.dense is not None:
+        return batch.dense[:, start:].sum((0, 1))
+    _, _, lat, v = _pairs(batch, start)
+    return torch.zeros(batch.n_latents, device=v.device).index_add_(0, lat, v)
 
 
 def _patch_max(batch, start: int) -> torch.Tensor:
@@ -249,9 +260,8 @@ def _patch_max(batch, start: int) -> torch.Tensor:
     if batch.dense is not None:
         return batch.dense[:, start:].amax(1)
     b, n = batch.shape[0], batch.n_latents
-    vals, idx = batch.vals[:, start:], batch.idx[:, start:]
-    where = (torch.arange(b, device=vals.device).view(b, 1, 1) * n + idx).flatten()
-    return torch.zeros(b * n, device=vals.device).scatter_reduce_(0, where, vals.flatten(), "amax").view(b, n)
+    image, _, lat, v = _pairs(batch, start)
+    return torch.zeros(b * n, device=v.device).scatter_reduce_(0, image * n + lat, v, "amax").view(b, n)
 
 
 def _add_patches(tot: Totals, sums: torch.Tensor, fires: torch.Tensor, weights: torch.Tensor) -> None:
@@ -314,14 +324,12 @@ def accumulate(encoded, name: str, classes: list[str], label_column: str, offset
             img_max = _patch_max(batch, start)
             fires = img_max > 0
             tot.add("fire", fires.sum(0))
+            tot.add("mass", _patch_mass(batch, start))
             if tot.grid:
                 weights = _patch_weights(tot, ring, [views(i) for i in ids] if views else None, b, t - start)
-                mass, above, sums = _patch_sums(batch, start, img_max, weights)
+                above, sums = _patch_sums(batch, start, img_max, weights)
                 tot.add("above", above)
                 _add_patches(tot, sums, fires, weights)
-            else:
-                mass = _patch_sums(batch, start, img_max, torch.zeros(b, t - start, 1, device=tot.device))[0]
-            tot.add("mass", mass)
             member = np.zeros((b, len(classes)), bool)
             for row, image_id in enumerate(ids):
                 for c in _labels_of(labels.get(str(image_id))):
@@ -610,10 +618,10 @@ def describe_latents(sae, stores: dict, top_images: pd.DataFrame | None = None, 
                      max_nonzeros: int = 200_000_000) -> Descriptions:
     """Every latent of `sae` on every store of `stores` (name -> ActivationStore), with the class facts of
     stats' `top_images` and the patient facts of patients' `compare` when given (module docstring)."""
-    n_latents = sae.cfg.n_latents
-    classes = store_classes(stores, label_column)
     from cytosae.analysis.encoded import EncodedStore
 
+    n_latents = sae.cfg.n_latents
+    classes = store_classes(stores, label_column)
     totals, offset, kept = [], 0, 0
     for name, st in stores.items():
         views = ImageViews(st, _grid(st.n_tokens, st.has_cls)) if has_images(st) else None
