@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cytosae.sae.kernels import positive_counts, topk_rows
+from cytosae.sae.kernels import batch_topk_flat, positive_counts, topk_rows
 
 
 @pytest.mark.parametrize("n_rows, n, k", [(64, 12288, 32), (33, 49152, 64), (50, 4096, 16), (7, 6144, 128),
@@ -37,3 +37,33 @@ def test_positive_counts_count_rows_above_zero_per_column():
     got = positive_counts(z)
     assert got.dtype == torch.float64 and torch.equal(got, (z > 0).sum(0).double())
     assert got[5] == 0
+
+
+def _batch_cases() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    pre = torch.randn(512, 4096, generator=g)
+    one = pre.clone()
+    one[3] += 100.0  # one token owns every winner
+    spread = pre * torch.linspace(0.1, 10.0, 512)[:, None]  # token norms over two decades
+    fooled = pre.clone()
+    fooled.view(-1)[::(pre.numel() // 2 ** 16) | 1] += 50.0  # every sampled value huge: the threshold is too high
+    return {"random": pre, "one token": one, "norms spread": spread, "sample misled": fooled}
+
+
+@pytest.mark.parametrize("case", ["random", "one token", "norms spread", "sample misled"])
+def test_batch_topk_flat_equals_the_full_topk(case):
+    """BatchTopK's selection through the sampled threshold (small `samples` so these shapes take that path): the
+    same set as the full top-k, whoever owns the winners, and also where the sample misjudges the batch."""
+    pre = _batch_cases()[case]
+    n_keep = 8 * pre.shape[0]
+    got = batch_topk_flat(pre, n_keep, samples=2 ** 16)
+    assert got.shape == (n_keep,) and got.dtype == torch.long
+    assert set(got.tolist()) == set(pre.flatten().topk(n_keep).indices.tolist())
+
+
+def test_batch_topk_flat_with_ties_keeps_the_values_once():
+    pre = torch.randint(0, 50, (512, 4096), generator=torch.Generator().manual_seed(3)).float()
+    n_keep = 8 * 512
+    got = batch_topk_flat(pre, n_keep, samples=2 ** 16)
+    assert len(set(got.tolist())) == n_keep
+    assert torch.equal(pre.flatten()[got].sort().values, pre.flatten().topk(n_keep).values.sort().values)
