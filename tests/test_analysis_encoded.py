@@ -123,3 +123,36 @@ def test_a_pass_left_early_leaves_autograd_on():
     it = enc.batches()
     first = next(it)
     assert torch.is_grad_enabled() and not first.dense.requires_grad  # the generator is suspended, not closed
+
+
+def test_dense_patch_max_is_torch_max_with_the_first_patch_among_ties():
+    z = torch.relu(torch.randn(3, 9, 40, generator=torch.Generator().manual_seed(4)))
+    z[0, 3:6, 7] = 5.0  # tied maxima: the first patch is said
+    got_v, got_i = EncodedBatch(["a", "b", "c"], 40, dense=z).patch_max()
+    want_v, want_i = z[:, 1:].max(1)
+    assert torch.equal(got_v, want_v) and got_i[0, 7] == 2  # patch 2 is token 3
+    fires = want_v > 0
+    assert torch.equal(got_i[fires], want_i[fires]) and bool((got_i[~fires] == 0).all())
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu-l1"])
+def test_a_patch_only_store_keeps_its_first_patch_and_its_grid(tmp_path, arch):
+    """Tokens imported with has_cls=False (a 4 x 4 grid, no CLS): token 0 is a patch, counted in the patch mean
+    and the strongest patch, and the grid is 4, not isqrt(15)."""
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "t.npy", rng.normal(size=(6, 16, 32)).astype(np.float32))
+    manifest = pd.DataFrame({"image_id": [f"c{i}" for i in range(6)], "label": ["a", "b"] * 3})
+    import_embeddings(tmp_path / "t.npy", manifest, tmp_path / "store", dtype="float32", has_cls=False)
+    st = ActivationStore(tmp_path / "store")
+    sae = _sae(arch)
+    batch = next(iter(EncodedStore(st, sae, torch.device("cpu"), 6).batches()))
+    z = sae.encode(torch.from_numpy(np.load(tmp_path / "t.npy")).reshape(-1, 32)).reshape(6, 16, -1)
+    assert not batch.has_cls and batch.n_patches == 16
+    torch.testing.assert_close(batch.patch_mean(), z.mean(1), rtol=1e-6, atol=1e-7)
+    best, patch = batch.patch_max()
+    assert torch.equal(best, z.amax(1)) and bool((patch == 0).any())
+    assert torch.equal(batch.fires_any(), z.amax(1) > 0)
+    stats = compute_latent_stats(EncodedStore(st, sae, torch.device("cpu"), 4), st.images, k=3)
+    assert stats.summary["grid"] == 4
+    first = stats.top_images[(stats.top_images.by == "patch") & (stats.top_images.patch == 0)]
+    assert len(first) > 0  # some latent is strongest on token 0, which a CLS-first reading dropped

@@ -125,7 +125,7 @@ class _Totals:
     def add(self, batch: "EncodedBatch", labels_by_id: dict) -> None:
         """One batch of token activations: every total from its (b, n_latents) image-level reductions."""
         (b, t), batch_ids = batch.shape, batch.ids
-        self.grid = math.isqrt(t - 1) if t > 1 else None
+        self.grid = math.isqrt(batch.n_patches) if t > 1 else None
         img_act = batch.patch_mean()  # (b, n_latents)
         fires_img = batch.fires_any()
         self.fire_tokens += batch.fire_counts()

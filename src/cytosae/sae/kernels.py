@@ -70,14 +70,16 @@ def batch_topk_flat(pre: torch.Tensor, n_keep: int, block: int = 32, samples: in
     return blocks[hit[winners, 0]] * block + hit[winners, 1]
 
 
-def positive_counts(z: torch.Tensor) -> torch.Tensor:
-    """(n,) float64: how many rows of `z` (N, n), activations >= 0, are > 0 in each column. sign() and a float32
-    sum, exact while N < 2^24: `(z > 0).sum(0)` widens the bools to an (N, n) int64 copy first, three times
-    as long (a 400 MB batch of 8 images x 49,152 latents, one thread)."""
-    rows = z.shape[0]
-    if rows >= 2 ** 24:
-        return sum(positive_counts(z[i:i + 2 ** 23]) for i in range(0, rows, 2 ** 23))
-    return torch.sign(z).sum(0).double()
+def positive_counts(z: torch.Tensor, rows: int = 32) -> torch.Tensor:
+    """(n,) float64: how many rows of `z` (N, n), activations >= 0, are > 0 in each column. sign() and a sum over
+    `rows` rows at a time, whose (rows, n) signs stay in the cache: one sign() of the whole batch wrote a fresh
+    (N, n) tensor first (26 vs 202 ms for 2,056 x 49,152, one thread), and `(z > 0).sum(0)` widens the bools to
+    an int64 copy. Each chunk's float32 sum of at most `rows` ones is exact. A GPU sums 2^23 rows at a time."""
+    step = rows if z.device.type == "cpu" else 2 ** 23
+    out = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device)
+    for start in range(0, z.shape[0], step):
+        out += torch.sign(z[start:start + step]).sum(0)
+    return out
 
 
 class SparseEncoderGather(torch.autograd.Function):
