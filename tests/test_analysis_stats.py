@@ -86,6 +86,17 @@ def test_factor_purity_counts_missing_top_images_against_purity():
     manifest = pd.DataFrame({"image_id": ["a", "b", "c"], "colour": ["red", "red", "blue"]})
     p = factor_purity(tops, manifest, "colour", k=2).set_index("value")
     assert p.loc["red", "purity"] == 1.0 and p.loc["blue", "purity"] == 0.5
+    assert p.loc["red", "n_tied"] == 1 and p.loc["blue", "n_tied"] == 1
+
+
+def test_factor_purity_says_how_many_latents_tie_for_best():
+    """Latents 1 and 2 both see only red images: equally pure, the lowest-numbered is named, and 2 tie."""
+    tops = pd.DataFrame({"by": "image", "rank": [0, 1] * 3, "latent": [0, 0, 1, 1, 2, 2],
+                         "image_id": ["a", "c", "a", "b", "b", "a"]})
+    manifest = pd.DataFrame({"image_id": ["a", "b", "c"], "colour": ["red", "red", "blue"]})
+    p = factor_purity(tops, manifest, "colour", k=2).set_index("value")
+    assert p.loc["red", "best_latent"] == 1 and p.loc["red", "n_tied"] == 2
+    assert p.loc["blue", "best_latent"] == 0 and p.loc["blue", "purity"] == 0.5 and p.loc["blue", "n_tied"] == 1
 
 
 def test_histogram_of_a_latent_with_a_range_of_a_few_ulps():

@@ -353,7 +353,10 @@ def read_stats_table(stats_dir: str | Path, file: str, shown: str | None = None)
 
 
 def factor_purity(top_images: pd.DataFrame, manifest: pd.DataFrame, factor: str, k: int = 16) -> pd.DataFrame:
-    """For each value of a generating factor: the best latent's purity (share of its top-k images with that value)."""
+    """For each value of a generating factor: the best latent's purity (share of its top-k images with that value)
+    and `n_tied`, how many latents reach that same purity. A factor carried by one cell class (the synthetic
+    sample's nucleus shape, granule colour) is as pure in any latent of that class: 56 latents tie at 1.0 for
+    "round" in `make demo`, a third of them on the nucleus, and `best_latent` is the lowest-numbered one."""
     value_of = dict(zip(manifest["image_id"], manifest[factor].astype(str)))
     tops = top_images[(top_images.by == "image") & (top_images["rank"] < k)].copy()
     tops["value"] = tops.image_id.map(value_of)
@@ -363,5 +366,7 @@ def factor_purity(top_images: pd.DataFrame, manifest: pd.DataFrame, factor: str,
     for v in sorted(manifest[factor].astype(str).unique()):
         if v in full.columns:
             best = full[v].idxmax()
-            rows.append({"factor": factor, "value": v, "best_latent": int(best), "purity": float(full.loc[best, v])})
+            top = float(full.loc[best, v])
+            rows.append({"factor": factor, "value": v, "best_latent": int(best), "purity": top,
+                         "n_tied": int((full[v] == top).sum())})
     return pd.DataFrame(rows)
