@@ -183,7 +183,7 @@ def report(work: Path, state: dict, n_images: int, a) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "study_file": str(work / "study.toml"),
     }
-    if "stats" in state["seconds"]:
+    if "stats" in steps:  # finished: a slice killed inside the pass would give a part of its time
         out["stats_encoder_product"] = stats_product(n_images, a.expansion * 768, device, state["seconds"]["stats"])
     if done and n_images != MLL23_IMAGES:
         per_step = {k: round(v * scale, 0) for k, v in state["seconds"].items()}

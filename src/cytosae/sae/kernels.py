@@ -55,14 +55,14 @@ def batch_topk_flat(pre: torch.Tensor, n_keep: int, block: int = 32, samples: in
     all among them (exact), else (a sample that misjudged the batch) the full top-k runs. 114 vs 1,337 ms at
     4,096 x 49,152, k = 64, one thread, where the per-token candidate search it replaces stalled on tokens of
     large norm. On a GPU, or where the matrix is small or the blocks do not divide it, torch.topk itself."""
-    n_rows, n = pre.shape
     flat = pre.reshape(-1)
-    if pre.device.type != "cpu" or n % block or flat.numel() < 8 * samples or n_keep * 8 > flat.numel():
+    if pre.device.type != "cpu" or pre.shape[1] % block or flat.numel() < 8 * samples or n_keep * 8 > flat.numel():
         return flat.topk(n_keep).indices
-    sample = flat[::max(1, flat.numel() // samples) | 1]  # odd stride: it walks through every column
+    sample = flat[::max(1, flat.numel() // samples) | 1]  # odd stride: the sample does not stay on even columns
     t = sample.topk(math.ceil(margin * n_keep * sample.numel() / flat.numel()) + 16).values[-1]
-    blocks = torch.nonzero(pre.view(n_rows, n // block, block).amax(2).view(-1) >= t).squeeze(1)
-    vals = flat.view(-1, block)[blocks]  # (blocks reaching t, block)
+    by_block = flat.view(-1, block)  # blocks never cross rows: the width is a multiple of the block
+    blocks = torch.nonzero(by_block.amax(1) >= t).squeeze(1)
+    vals = by_block[blocks]  # (blocks reaching t, block)
     hit = torch.nonzero(vals >= t)
     if hit.shape[0] < n_keep:
         return flat.topk(n_keep).indices
